@@ -1,0 +1,320 @@
+/* gcpolicy.c — collect or skip, and why.
+ *
+ * Owns the Policy type: threshold, low-VRAM mode, the ZLUDA exception, hysteresis and the
+ * OOM/retry counter baselines.  A collection costs ~0.1 s and deoptimises JIT paths, so the
+ * common answer must be a cheap "skip": check() reads the device without building Python
+ * objects unless it decides to collect.
+ *
+ * Order of the rules (first match wins):
+ *   forced -> oom / retries grew -> hysteresis (skip) -> budget < need -> used% >= threshold
+ * Low-VRAM mode sets the effective threshold to 0, except on ZLUDA where forced collection
+ * is known to misbehave; the reason says so. */
+#include "vg.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock; /* hooks may fire from several host threads */
+    double threshold, min_interval, last_collect;
+    int low_vram, zluda;
+    int64_t base_oom, base_retry; /* -1 until first seen */
+    int64_t decisions, collections;
+} Policy;
+
+typedef enum {
+    R_FORCED, R_OOM, R_RETRY, R_BUDGET, R_THRESHOLD, R_LOWVRAM,
+    R_HYSTERESIS, R_BELOW, R_BELOW_ZLUDA, R_NREASONS
+} vg_reason;
+
+static const char *reason_text[R_NREASONS] = {
+    "forced", "oom", "retries", "budget", "threshold", "low-vram",
+    "hysteresis", "below-threshold", "below-threshold (low-VRAM not applied: ZLUDA)"};
+
+/* The decision itself; caller holds p->lock.  Updates counter baselines as it sees them. */
+static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, double now)
+{
+    vg_reason r;
+    int oom_grew = s->oom_count >= 0 && p->base_oom >= 0 && s->oom_count > p->base_oom;
+    int retry_grew = s->retry_count >= 0 && p->base_retry >= 0 && s->retry_count > p->base_retry;
+    if (p->base_oom < 0 || s->oom_count < p->base_oom) /* first sight, or counters were reset */
+        p->base_oom = s->oom_count;
+    if (p->base_retry < 0 || s->retry_count < p->base_retry)
+        p->base_retry = s->retry_count;
+    double thr = (p->low_vram && !p->zluda) ? 0.0 : p->threshold;
+    double used_pct = s->total > 0 ? 100.0 * (double)s->used / (double)s->total : 0.0;
+
+    if (forced)
+        r = R_FORCED;
+    else if (oom_grew)
+        r = R_OOM;
+    else if (retry_grew)
+        r = R_RETRY;
+    else if (p->last_collect > 0 && now - p->last_collect < p->min_interval)
+        r = R_HYSTERESIS;
+    else if (need > 0 && s->budget < need)
+        r = R_BUDGET;
+    else if (used_pct >= thr)
+        r = (thr == 0.0 && p->low_vram) ? R_LOWVRAM : R_THRESHOLD;
+    else
+        r = (p->low_vram && p->zluda) ? R_BELOW_ZLUDA : R_BELOW;
+    p->decisions++;
+    return r;
+}
+
+static int collects(vg_reason r) { return r < R_HYSTERESIS; }
+
+/* ---------------------------------------------------------------- type */
+
+static int parse_threshold(PyObject *v, double *out)
+{
+    if (PyBool_Check(v) || !(PyLong_Check(v) || PyFloat_Check(v))) {
+        PyErr_Format(PyExc_TypeError, "threshold must be a number (percent), got %.80s %R",
+                     Py_TYPE(v)->tp_name, v);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!isfinite(x) || x < 0 || x > 100) {
+        PyErr_Format(PyExc_ValueError, "threshold must be 0..100 (percent), got %R", v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static PyObject *Policy_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"threshold", "low_vram", "min_interval", "zluda", NULL};
+    PyObject *thr = NULL, *mi = NULL;
+    int low = 0, zluda = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OpOp:Policy", kwlist, &thr, &low, &mi, &zluda))
+        return NULL;
+    double threshold = 70.0, min_interval = 1.0;
+    if (thr && parse_threshold(thr, &threshold) < 0)
+        return NULL;
+    if (mi && vg_parse_double(mi, "min_interval", -1e-300, 86400, &min_interval) < 0)
+        return NULL;
+    Policy *p = (Policy *)type->tp_alloc(type, 0);
+    if (p == NULL)
+        return NULL;
+    if (pthread_mutex_init(&p->lock, NULL) != 0) {
+        Py_DECREF(p);
+        PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_init failed");
+        return NULL;
+    }
+    p->threshold = threshold, p->min_interval = min_interval;
+    p->low_vram = low, p->zluda = zluda;
+    p->base_oom = p->base_retry = -1;
+    return (PyObject *)p;
+}
+
+static int Policy_traverse(Policy *p, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(p));
+    return 0;
+}
+
+static void Policy_dealloc(Policy *p)
+{
+    PyTypeObject *tp = Py_TYPE(p);
+    PyObject_GC_UnTrack(p);
+    pthread_mutex_destroy(&p->lock);
+    tp->tp_free((PyObject *)p);
+    Py_DECREF(tp);
+}
+
+static int parse_now(PyObject *o, double *now)
+{
+    if (o == NULL || o == Py_None) {
+        *now = vg_now();
+        return 0;
+    }
+    return vg_parse_double(o, "now", -1e-300, 1e12, now);
+}
+
+/* decide(snapshot, forced=False, need=0, now=None) -> (collect, reason) */
+static PyObject *Policy_decide(Policy *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"snapshot", "forced", "need", "now", NULL};
+    PyObject *snap, *needo = NULL, *nowo = NULL;
+    int forced = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|pOO:decide", kwlist, &snap, &forced, &needo, &nowo))
+        return NULL;
+    vg_state *st = vg_state_from_type(Py_TYPE(p));
+    vg_snap s;
+    int64_t need = 0;
+    double now;
+    if (st == NULL || vg_snap_from_py(st, snap, &s) < 0 ||
+        (needo && needo != Py_None && vg_parse_bytes(needo, "need", 1, &need) < 0) ||
+        parse_now(nowo, &now) < 0)
+        return NULL;
+    pthread_mutex_lock(&p->lock);
+    vg_reason r = decide(p, &s, forced, need, now);
+    pthread_mutex_unlock(&p->lock);
+    return Py_BuildValue("(Os)", collects(r) ? Py_True : Py_False, reason_text[r]);
+}
+
+/* check(device, forced=False, need=0) -> (collect, reason, snapshot_or_None)
+ * The hot path: reads the device itself and builds a Snapshot only when collecting. */
+static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn)
+{
+    if (kwn != NULL || nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "check(device, forced=False, need=0): positional only");
+        return NULL;
+    }
+    vg_state *st = vg_state_from_type(Py_TYPE(p));
+    if (st == NULL)
+        return NULL;
+    int index, forced = 0;
+    int64_t need = 0;
+    if (vg_parse_index(st, args[0], &index) < 0)
+        return NULL;
+    if (nargs > 1 && (forced = PyObject_IsTrue(args[1])) < 0)
+        return NULL;
+    if (nargs > 2 && args[2] != Py_None && vg_parse_bytes(args[2], "need", 1, &need) < 0)
+        return NULL;
+    vg_snap s;
+    if (vg_snapshot(st, index, &s) < 0)
+        return NULL;
+    pthread_mutex_lock(&p->lock);
+    vg_reason r = decide(p, &s, forced, need, s.timestamp);
+    pthread_mutex_unlock(&p->lock);
+    PyObject *snap = collects(r) ? vg_snap_to_py(st, &s) : Py_NewRef(Py_None);
+    if (snap == NULL)
+        return NULL;
+    return Py_BuildValue("(OsN)", collects(r) ? Py_True : Py_False, reason_text[r], snap);
+}
+
+/* collected(snapshot_after=None, now=None): a collection happened; restart hysteresis and
+ * take the counters as the new baseline. */
+static PyObject *Policy_collected(Policy *p, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"snapshot", "now", NULL};
+    PyObject *snap = Py_None, *nowo = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO:collected", kwlist, &snap, &nowo))
+        return NULL;
+    vg_state *st = vg_state_from_type(Py_TYPE(p));
+    vg_snap s;
+    double now;
+    s.oom_count = s.retry_count = -1;
+    if (st == NULL || (snap != Py_None && vg_snap_from_py(st, snap, &s) < 0) || parse_now(nowo, &now) < 0)
+        return NULL;
+    pthread_mutex_lock(&p->lock);
+    p->last_collect = now > 0 ? now : 1e-9;
+    if (s.oom_count >= 0)
+        p->base_oom = s.oom_count;
+    if (s.retry_count >= 0)
+        p->base_retry = s.retry_count;
+    p->collections++;
+    pthread_mutex_unlock(&p->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Policy_get_threshold(Policy *p, void *c)
+{
+    (void)c;
+    return PyFloat_FromDouble(p->threshold);
+}
+static int Policy_set_threshold(Policy *p, PyObject *v, void *c)
+{
+    (void)c;
+    double x;
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete threshold");
+        return -1;
+    }
+    if (parse_threshold(v, &x) < 0)
+        return -1;
+    pthread_mutex_lock(&p->lock);
+    p->threshold = x;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+static PyObject *Policy_get_effective(Policy *p, void *c)
+{
+    (void)c;
+    return PyFloat_FromDouble((p->low_vram && !p->zluda) ? 0.0 : p->threshold);
+}
+static PyObject *Policy_get_min_interval(Policy *p, void *c)
+{
+    (void)c;
+    return PyFloat_FromDouble(p->min_interval);
+}
+static int Policy_set_min_interval(Policy *p, PyObject *v, void *c)
+{
+    (void)c;
+    double x;
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete min_interval");
+        return -1;
+    }
+    if (vg_parse_double(v, "min_interval", -1e-300, 86400, &x) < 0)
+        return -1;
+    pthread_mutex_lock(&p->lock);
+    p->min_interval = x;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+static int set_flag(Policy *p, PyObject *v, int *field, const char *name)
+{
+    if (v == NULL || !PyBool_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be True or False, got %R", name, v ? v : Py_None);
+        return -1;
+    }
+    pthread_mutex_lock(&p->lock);
+    *field = (v == Py_True);
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+static PyObject *Policy_get_low(Policy *p, void *c) { (void)c; return PyBool_FromLong(p->low_vram); }
+static int Policy_set_low(Policy *p, PyObject *v, void *c) { (void)c; return set_flag(p, v, &p->low_vram, "low_vram"); }
+static PyObject *Policy_get_zluda(Policy *p, void *c) { (void)c; return PyBool_FromLong(p->zluda); }
+static int Policy_set_zluda(Policy *p, PyObject *v, void *c) { (void)c; return set_flag(p, v, &p->zluda, "zluda"); }
+static PyObject *Policy_get_counts(Policy *p, void *c)
+{
+    (void)c;
+    return Py_BuildValue("{s:L,s:L}", "decisions", (long long)p->decisions, "collections",
+                         (long long)p->collections);
+}
+
+static PyMethodDef Policy_methods[] = {
+    {"decide", (PyCFunction)(void (*)(void))Policy_decide, METH_VARARGS | METH_KEYWORDS,
+     "decide(snapshot, forced=False, need=0, now=None) -> (collect, reason)"},
+    {"check", (PyCFunction)(void (*)(void))Policy_check, METH_FASTCALL | METH_KEYWORDS,
+     "check(device, forced=False, need=0) -> (collect, reason, snapshot_or_None)"},
+    {"collected", (PyCFunction)(void (*)(void))Policy_collected, METH_VARARGS | METH_KEYWORDS,
+     "collected(snapshot=None, now=None): record that a collection ran"},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef Policy_getset[] = {
+    {"threshold", (getter)Policy_get_threshold, (setter)Policy_set_threshold, "percent 0..100", NULL},
+    {"effective_threshold", (getter)Policy_get_effective, NULL, "0 in low-VRAM mode (not on ZLUDA)", NULL},
+    {"min_interval", (getter)Policy_get_min_interval, (setter)Policy_set_min_interval, "seconds", NULL},
+    {"low_vram", (getter)Policy_get_low, (setter)Policy_set_low, NULL, NULL},
+    {"zluda", (getter)Policy_get_zluda, (setter)Policy_set_zluda, NULL, NULL},
+    {"counts", (getter)Policy_get_counts, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyType_Slot Policy_slots[] = {
+    {Py_tp_doc, "Policy(threshold=70.0, low_vram=False, min_interval=1.0, zluda=False)"},
+    {Py_tp_new, Policy_new},
+    {Py_tp_dealloc, Policy_dealloc},
+    {Py_tp_traverse, Policy_traverse},
+    {Py_tp_methods, Policy_methods},
+    {Py_tp_getset, Policy_getset},
+    {0, NULL}};
+
+static PyType_Spec Policy_spec = {"vramguard._native.Policy", sizeof(Policy), 0,
+                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, Policy_slots};
+
+int vg_policy_add_type(PyObject *m, vg_state *st)
+{
+    st->PolicyType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Policy_spec, NULL);
+    if (st->PolicyType == NULL)
+        return -1;
+    return PyModule_AddObjectRef(m, "Policy", (PyObject *)st->PolicyType);
+}

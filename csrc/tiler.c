@@ -1,0 +1,792 @@
+/* tiler.c — plan the largest tile that fits, and blend results into the output.
+ *
+ * Owns the planner (plan(), layout()) and the Canvas type.
+ *
+ * Blending: along each axis, neighbouring tiles overlap by L >= overlap input pixels.  The
+ * two tiles' weights in that band are s(t) and 1 - s(t) (s = smoothstep) over its middle
+ * `feather` fraction, 0 and 1 outside it.  Weights of a tile are products of such 1-D ramps,
+ * so they sum to exactly one everywhere: no weight buffer, no final division pass.  A ramp
+ * never reaches a tile's outer (1 - feather) * L / 2 pixels, so an operator whose receptive
+ * radius fits in that margin reproduces the untiled result.
+ *
+ * Writes: the first tile to cover a pixel stores w*v, later ones add.  Which pixels are
+ * already covered is tracked per output row as a prefix ("covered up to x"), which holds for
+ * row-major tile order and for the back-off's re-planned sub-regions; a gap, should one ever
+ * appear, is zeroed before adding.  So the floor — one read of every tile result and one
+ * write of the output — is what it costs, plus read-modify-write in the overlaps. */
+#include "vg.h"
+#include "vg_numpy.h"
+
+#include <math.h>
+#include <string.h>
+#include <unistd.h>
+
+#define VG_MAX_RAMPS 32
+#define VG_MAX_THREADS 16
+
+/* ================================================================ planner */
+
+static int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+/* Positions of n tiles of size t over [0, len): even spread, multiples of `align`, first at
+ * 0, last ending at len.  Returns 0 when every neighbour overlap is >= ov and no pixel is
+ * covered by three tiles (ramps stay disjoint). */
+static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t align, int64_t *pos)
+{
+    if (n == 1) {
+        pos[0] = 0;
+        return t >= len ? 0 : -1;
+    }
+    if (t > len)
+        return -1;
+    int64_t span = len - t;
+    for (int64_t i = 0; i < n; i++) {
+        double ideal = (double)span * (double)i / (double)(n - 1);
+        int64_t p = (int64_t)llround(ideal / (double)align) * align;
+        if (p > span)
+            p = span;
+        pos[i] = p;
+    }
+    pos[n - 1] = span;
+    for (int64_t i = 1; i < n; i++)
+        if (pos[i] <= pos[i - 1] || pos[i - 1] + t - pos[i] < ov)
+            return -1;
+    for (int64_t i = 2; i < n; i++)
+        if (pos[i] < pos[i - 2] + t)
+            return -1;
+    return 0;
+}
+
+/* Smallest tile (multiple of align, or the whole length) that covers len with n tiles. */
+static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, int64_t tmax, int64_t *pos)
+{
+    if (n == 1)
+        return len <= tmax ? len : -1;
+    int64_t t = align_up((len + (n - 1) * ov + n - 1) / n, align);
+    if (t < 2 * ov)
+        t = align_up(2 * ov, align);
+    for (; t <= tmax && t < len; t += align)
+        if (axis_positions(len, t, n, ov, align, pos) == 0)
+            return t;
+    return -1;
+}
+
+typedef struct {
+    int64_t w, h, overlap, align, min_tile, max_tile;
+    double fixed, per_px; /* bytes; per input pixel of a tile, per image */
+    int64_t batch, budget;
+} plan_in;
+
+typedef struct {
+    int fits;
+    int64_t tw, th, nx, ny, batch;
+    double peak;
+    char why[VG_REASON];
+} plan_out;
+
+static double tile_cost(const plan_in *in, int64_t tw, int64_t th, int64_t b)
+{
+    return in->fixed + in->per_px * (double)tw * (double)th * (double)b;
+}
+
+/* Fewest tiles whose size fits the budget; ties go to the smaller tile (less redundant
+ * overlap work), then the squarer one.  O(W/align * H/align) at worst, microseconds in
+ * practice because both loops stop as soon as tiles get too small. */
+static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys)
+{
+    memset(out, 0, sizeof *out);
+    double room = (double)in->budget - in->fixed;
+    double amax = in->per_px > 0 ? room / in->per_px : INFINITY;
+    int64_t best = -1, bw = 0, bh = 0, bnx = 0, bny = 0;
+    int64_t tmin = in->min_tile;
+    for (int64_t nx = 1; nx <= in->w; nx++) {
+        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->max_tile, xs);
+        if (tw < 0) {
+            if (nx > 1 && align_up((in->w + (nx - 1) * in->overlap) / nx, in->align) < tmin)
+                break;
+            continue;
+        }
+        if (tw < tmin && tw < in->w)
+            break;
+        if (best > 0 && nx > best)
+            break;
+        double hmax = amax / (double)tw;
+        if (hmax < 1)
+            continue;
+        for (int64_t ny = 1; ny <= in->h; ny++) {
+            if (best > 0 && nx * ny > best)
+                break;
+            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->max_tile, ys);
+            if (th < 0) {
+                if (ny > 1 && align_up((in->h + (ny - 1) * in->overlap) / ny, in->align) < tmin)
+                    break;
+                continue;
+            }
+            if (th < tmin && th < in->h)
+                break;
+            if ((double)th > hmax)
+                continue;
+            int64_t n = nx * ny, area = tw * th, barea = bw * bh;
+            int better = best < 0 || n < best ||
+                         (n == best && (area < barea ||
+                                        (area == barea && llabs(tw - th) < llabs(bw - bh))));
+            if (better)
+                best = n, bw = tw, bh = th, bnx = nx, bny = ny;
+            break; /* larger ny only adds tiles */
+        }
+    }
+    if (best < 0) {
+        double need = tile_cost(in, tmin < in->w ? tmin : in->w, tmin < in->h ? tmin : in->h, 1);
+        snprintf(out->why, VG_REASON,
+                 "no tile fits: the smallest tile (%lld px, overlap %lld) needs %.0f bytes, "
+                 "budget is %lld",
+                 (long long)tmin, (long long)in->overlap, need, (long long)in->budget);
+        return;
+    }
+    out->fits = 1;
+    out->tw = bw, out->th = bh, out->nx = bnx, out->ny = bny;
+    int64_t b = 1;
+    if (in->per_px > 0) {
+        double per_tile = in->per_px * (double)bw * (double)bh;
+        double fitb = floor(room / per_tile);
+        b = fitb < 1 ? 1 : (fitb > (double)in->batch ? in->batch : (int64_t)fitb);
+    } else {
+        b = in->batch;
+    }
+    out->batch = b;
+    out->peak = tile_cost(in, bw, bh, b);
+    axis_tile(in->w, bnx, in->overlap, in->align, in->max_tile, xs);
+    axis_tile(in->h, bny, in->overlap, in->align, in->max_tile, ys);
+}
+
+static int64_t get_pos_int(PyObject *kw_or_val, const char *what, int64_t lo, int64_t hi, int *err)
+{
+    if (PyBool_Check(kw_or_val) || !PyLong_Check(kw_or_val)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.80s %R", what,
+                     Py_TYPE(kw_or_val)->tp_name, kw_or_val);
+        *err = 1;
+        return 0;
+    }
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(kw_or_val, &overflow);
+    if (overflow || v < lo || v > hi) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "%s must be %lld..%lld, got %R", what, (long long)lo,
+                         (long long)hi, kw_or_val);
+        *err = 1;
+        return 0;
+    }
+    return (int64_t)v;
+}
+
+static PyObject *list_from(const int64_t *v, int64_t n)
+{
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    for (int64_t i = 0; l && i < n; i++) {
+        PyObject *x = PyLong_FromLongLong(v[i]);
+        if (x == NULL) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, x);
+    }
+    return l;
+}
+
+#define VG_MAX_SIDE ((int64_t)1 << 20) /* 1 Mpx per side: beyond any real image */
+
+/* plan(width, height, *, overlap, align, fixed_bytes, per_px_bytes, budget, batch=1,
+ *      min_tile=0, max_tile=0) -> dict */
+static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"width", "height", "overlap", "align", "fixed_bytes", "per_px_bytes",
+                             "budget", "batch", "min_tile", "max_tile", NULL};
+    PyObject *o[10] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOO:plan", kwlist, &o[0], &o[1], &o[2],
+                                     &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+        return NULL;
+    plan_in in = {.overlap = 0, .align = 1, .batch = 1};
+    int err = 0;
+    in.w = get_pos_int(o[0], "width", 1, VG_MAX_SIDE, &err);
+    if (!err)
+        in.h = get_pos_int(o[1], "height", 1, VG_MAX_SIDE, &err);
+    if (!err && o[2])
+        in.overlap = get_pos_int(o[2], "overlap", 0, VG_MAX_SIDE, &err);
+    if (!err && o[3])
+        in.align = get_pos_int(o[3], "align", 1, 4096, &err);
+    if (!err && o[7])
+        in.batch = get_pos_int(o[7], "batch", 1, 1 << 20, &err);
+    if (!err && o[8])
+        in.min_tile = get_pos_int(o[8], "min_tile", 0, VG_MAX_SIDE, &err);
+    in.max_tile = VG_MAX_SIDE;
+    if (!err && o[9] && o[9] != Py_None)
+        in.max_tile = get_pos_int(o[9], "max_tile", 1, VG_MAX_SIDE, &err);
+    if (err)
+        return NULL;
+    int64_t fixed = 0, per = 0, budget = 0;
+    if ((o[4] && vg_parse_bytes(o[4], "fixed_bytes", 1, &fixed) < 0) ||
+        (o[5] && vg_parse_bytes(o[5], "per_px_bytes", 1, &per) < 0) ||
+        (o[6] == NULL && (PyErr_SetString(PyExc_TypeError, "plan() needs budget="), 1)) ||
+        vg_parse_bytes(o[6], "budget", 1, &budget) < 0)
+        return NULL;
+    in.fixed = (double)fixed;
+    in.per_px = o[5] && PyFloat_Check(o[5]) ? PyFloat_AS_DOUBLE(o[5]) : (double)per;
+    in.budget = budget;
+    if (in.w % in.align || in.h % in.align) {
+        PyErr_Format(PyExc_ValueError, "image %lldx%lld is not a multiple of align %lld",
+                     (long long)in.w, (long long)in.h, (long long)in.align);
+        return NULL;
+    }
+    if (in.overlap % in.align) {
+        PyErr_Format(PyExc_ValueError, "overlap %lld is not a multiple of align %lld",
+                     (long long)in.overlap, (long long)in.align);
+        return NULL;
+    }
+    if (in.min_tile < 2 * in.overlap + in.align)
+        in.min_tile = 2 * in.overlap + in.align;
+    in.min_tile = align_up(in.min_tile, in.align);
+    if (in.max_tile < in.min_tile && in.max_tile < in.w && in.max_tile < in.h) {
+        PyErr_Format(PyExc_ValueError,
+                     "max_tile %lld is below the smallest tile %lld that overlap %lld allows",
+                     (long long)in.max_tile, (long long)in.min_tile, (long long)in.overlap);
+        return NULL;
+    }
+    int64_t *xs = PyMem_Malloc(sizeof(int64_t) * (size_t)(in.w + in.h + 2));
+    if (xs == NULL)
+        return PyErr_NoMemory();
+    int64_t *ys = xs + in.w + 1;
+    plan_out out;
+    Py_BEGIN_ALLOW_THREADS
+    plan_core(&in, &out, xs, ys);
+    Py_END_ALLOW_THREADS
+    PyObject *r;
+    if (!out.fits) {
+        r = Py_BuildValue("{s:O,s:s,s:L,s:L,s:L}", "fits", Py_False, "why", out.why,
+                          "budget_bytes", (long long)in.budget, "min_tile", (long long)in.min_tile,
+                          "overlap", (long long)in.overlap);
+    } else {
+        PyObject *lx = list_from(xs, out.nx), *ly = list_from(ys, out.ny);
+        r = (lx && ly) ? Py_BuildValue(
+                             "{s:O,s:(LL),s:(LL),s:L,s:N,s:N,s:d,s:L,s:L,s:L,s:L}", "fits", Py_True,
+                             "tile", (long long)out.tw, (long long)out.th, "grid",
+                             (long long)out.nx, (long long)out.ny, "tiles",
+                             (long long)(out.nx * out.ny), "xs", lx, "ys", ly,
+                             "predicted_peak_bytes", out.peak, "budget_bytes",
+                             (long long)in.budget, "batch", (long long)out.batch, "overlap",
+                             (long long)in.overlap, "min_tile", (long long)in.min_tile)
+                       : NULL;
+        if (r == NULL) {
+            Py_XDECREF(lx);
+            Py_XDECREF(ly);
+        }
+    }
+    PyMem_Free(xs);
+    return r;
+}
+
+/* ================================================================ half floats */
+
+static float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, f;
+    if (exp == 0) {
+        if (man == 0) {
+            f = sign;
+        } else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400))
+                man <<= 1, exp--;
+            f = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        f = sign | 0x7f800000 | (man << 13);
+    } else {
+        f = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+static uint16_t float_to_half(float v)
+{
+    uint32_t f;
+    memcpy(&f, &v, 4);
+    uint32_t sign = (f >> 16) & 0x8000;
+    int32_t exp = (int32_t)((f >> 23) & 0xff) - 127 + 15;
+    uint32_t man = f & 0x7fffff;
+    if (((f >> 23) & 0xff) == 0xff) /* inf / nan */
+        return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    if (exp >= 31)
+        return (uint16_t)(sign | 0x7c00);
+    if (exp <= 0) {
+        if (exp < -10)
+            return (uint16_t)sign;
+        man |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - exp);
+        uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1)))
+            half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)exp << 10) | (man >> 13), rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1)))
+        half++; /* may carry into the exponent: that is the correct rounding */
+    return (uint16_t)half;
+}
+
+/* ================================================================ Canvas */
+
+typedef struct {
+    double p, q;
+    int rising;
+} vg_ramp;
+
+typedef struct {
+    PyObject_HEAD
+    PyArrayObject *out;
+    int nchw, is_half;
+    npy_intp B, C, H, W;
+    int64_t *covered; /* B x H: output row covered up to x (exclusive) */
+    int nthreads;
+    int busy; /* a put() is running with the GIL released */
+    int64_t puts;
+} Canvas;
+
+static double ramp_weight(const vg_ramp *r, int n, double x)
+{
+    double w = 1.0;
+    for (int i = 0; i < n; i++) {
+        double t;
+        if (r[i].q <= r[i].p)
+            t = x >= r[i].p ? 1.0 : 0.0;
+        else {
+            t = (x - r[i].p) / (r[i].q - r[i].p);
+            t = t < 0 ? 0 : (t > 1 ? 1 : t);
+            t = t * t * (3.0 - 2.0 * t);
+        }
+        w *= r[i].rising ? t : 1.0 - t;
+    }
+    return w;
+}
+
+typedef struct {
+    Canvas *cv;
+    const char *src;
+    int src_half;
+    npy_intp nb, b0, h, w, ox, oy;
+    const float *wx, *wy;
+    npy_intp row_lo, row_hi; /* rows of the (nb x h) work this thread owns */
+} put_job;
+
+static inline float load(const char *base, int half, npy_intp i)
+{
+    return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* One output row segment: dst[X*stride + c] for X in [x0, x1) of the tile-local x. */
+static void blend_row(char *dst, int dst_half, const char *src, int src_half, const float *wx,
+                      float wy, npy_intp x0, npy_intp x1, npy_intp C, int add)
+{
+    if (!dst_half && !src_half) {
+        float *d = (float *)dst;
+        const float *s = (const float *)src;
+        if (!add && wy == 1.0f) {
+            /* store: copy runs where the weight is exactly one */
+            npy_intp x = x0;
+            while (x < x1) {
+                if (wx[x] == 1.0f) {
+                    npy_intp e = x;
+                    while (e < x1 && wx[e] == 1.0f)
+                        e++;
+                    memcpy(d + x * C, s + x * C, (size_t)((e - x) * C) * sizeof(float));
+                    x = e;
+                } else {
+                    float w = wx[x];
+                    for (npy_intp c = 0; c < C; c++)
+                        d[x * C + c] = w * s[x * C + c];
+                    x++;
+                }
+            }
+            return;
+        }
+        for (npy_intp x = x0; x < x1; x++) {
+            float w = wy * wx[x];
+            if (add)
+                for (npy_intp c = 0; c < C; c++)
+                    d[x * C + c] += w * s[x * C + c];
+            else
+                for (npy_intp c = 0; c < C; c++)
+                    d[x * C + c] = w * s[x * C + c];
+        }
+        return;
+    }
+    for (npy_intp x = x0; x < x1; x++) {
+        float w = wy * wx[x];
+        for (npy_intp c = 0; c < C; c++) {
+            npy_intp i = x * C + c;
+            float v = w * load(src, src_half, i);
+            if (add)
+                v += load(dst, dst_half, i);
+            if (dst_half)
+                ((uint16_t *)dst)[i] = float_to_half(v);
+            else
+                ((float *)dst)[i] = v;
+        }
+    }
+}
+
+static void zero_row(char *dst, int half, npy_intp n)
+{
+    memset(dst, 0, (size_t)n * (half ? 2 : 4));
+}
+
+static void *put_worker(void *arg)
+{
+    put_job *j = arg;
+    Canvas *cv = j->cv;
+    size_t es = cv->is_half ? 2 : 4, ses = j->src_half ? 2 : 4;
+    char *out = PyArray_BYTES(cv->out);
+    for (npy_intp r = j->row_lo; r < j->row_hi; r++) {
+        npy_intp n = r / j->h, y = r % j->h, b = j->b0 + n, Y = j->oy + y;
+        int64_t *cov = &cv->covered[b * cv->H + Y];
+        npy_intp a = (npy_intp)*cov - j->ox; /* tile-local x where "store" starts */
+        if (a < 0) {
+            /* a gap left of this tile: zero it so later tiles can add there */
+            npy_intp gap0 = (npy_intp)*cov, gap1 = j->ox;
+            if (!cv->nchw)
+                zero_row(out + ((b * cv->H + Y) * cv->W + gap0) * cv->C * es, cv->is_half,
+                         (gap1 - gap0) * cv->C);
+            else
+                for (npy_intp c = 0; c < cv->C; c++)
+                    zero_row(out + (((b * cv->C + c) * cv->H + Y) * cv->W + gap0) * es,
+                             cv->is_half, gap1 - gap0);
+            a = 0;
+        }
+        if (a > j->w)
+            a = j->w;
+        float wy = j->wy[y];
+        if (!cv->nchw) {
+            char *d = out + ((b * cv->H + Y) * cv->W + j->ox) * cv->C * es;
+            const char *s = j->src + ((n * j->h + y) * j->w) * cv->C * ses;
+            blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, 0, a, cv->C, 1);
+            blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, cv->C, 0);
+        } else {
+            for (npy_intp c = 0; c < cv->C; c++) {
+                char *d = out + (((b * cv->C + c) * cv->H + Y) * cv->W + j->ox) * es;
+                const char *s = j->src + (((n * cv->C + c) * j->h + y) * j->w) * ses;
+                blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, 0, a, 1, 1);
+                blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, 1, 0);
+            }
+        }
+        if (j->ox + j->w > *cov)
+            *cov = j->ox + j->w;
+    }
+    return NULL;
+}
+
+static int parse_ramps(PyObject *obj, const char *what, vg_ramp *r, int *n)
+{
+    PyObject *seq = PySequence_Fast(obj, "ramps must be a sequence of (p, q, rising)");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    if (len > VG_MAX_RAMPS) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d ramps, got %zd", what, VG_MAX_RAMPS, len);
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        PyObject *e = PySequence_Fast_GET_ITEM(seq, i);
+        int rising;
+        if (!PyTuple_Check(e) || !PyArg_ParseTuple(e, "ddp", &r[i].p, &r[i].q, &rising)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool), got %R",
+                         what, i, e);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (!isfinite(r[i].p) || !isfinite(r[i].q)) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] has a non-finite bound: %R", what, i, e);
+            Py_DECREF(seq);
+            return -1;
+        }
+        r[i].rising = rising;
+    }
+    *n = (int)len;
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"out", "layout", "threads", NULL};
+    PyObject *arr;
+    const char *layout = "nhwc";
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|si:Canvas", kwlist, &arr, &layout, &threads))
+        return NULL;
+    if (!PyArray_Check(arr)) {
+        PyErr_Format(PyExc_TypeError, "out must be a numpy.ndarray, got %.80s", Py_TYPE(arr)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)arr;
+    int nchw = strcmp(layout, "nchw") == 0;
+    if (!nchw && strcmp(layout, "nhwc") != 0) {
+        PyErr_Format(PyExc_ValueError, "layout must be 'nhwc' or 'nchw', got '%s'", layout);
+        return NULL;
+    }
+    int t = PyArray_TYPE(a);
+    if (t != NPY_FLOAT32 && t != NPY_FLOAT16) {
+        PyErr_Format(PyExc_TypeError, "out must be float32 or float16, got %R",
+                     (PyObject *)PyArray_DESCR(a));
+        return NULL;
+    }
+    if (PyArray_NDIM(a) != 4 || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a) ||
+        !PyArray_ISALIGNED(a) || PyArray_ISBYTESWAPPED(a)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "out must be a 4-D, C-contiguous, aligned, writeable native-endian array");
+        return NULL;
+    }
+    if (threads < 0 || threads > VG_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be 0 (auto)..%d, got %d", VG_MAX_THREADS, threads);
+        return NULL;
+    }
+    npy_intp *d = PyArray_DIMS(a);
+    Canvas *cv = (Canvas *)type->tp_alloc(type, 0);
+    if (cv == NULL)
+        return NULL;
+    cv->nchw = nchw;
+    cv->is_half = t == NPY_FLOAT16;
+    cv->B = d[0];
+    cv->H = nchw ? d[2] : d[1];
+    cv->W = nchw ? d[3] : d[2];
+    cv->C = nchw ? d[1] : d[3];
+    if (threads == 0) {
+        long nc = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = nc < 1 ? 1 : (nc > VG_MAX_THREADS ? VG_MAX_THREADS : (int)nc);
+    }
+    cv->nthreads = threads;
+    size_t rows = (size_t)cv->B * (size_t)cv->H;
+    cv->covered = PyMem_Calloc(rows ? rows : 1, sizeof(int64_t));
+    if (cv->covered == NULL) {
+        Py_DECREF(cv);
+        return PyErr_NoMemory();
+    }
+    cv->out = (PyArrayObject *)Py_NewRef(arr);
+    return (PyObject *)cv;
+}
+
+static int Canvas_traverse(Canvas *cv, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(cv));
+    Py_VISIT(cv->out);
+    return 0;
+}
+
+static int Canvas_clear(Canvas *cv)
+{
+    Py_CLEAR(cv->out);
+    return 0;
+}
+
+static void Canvas_dealloc(Canvas *cv)
+{
+    PyTypeObject *tp = Py_TYPE(cv);
+    PyObject_GC_UnTrack(cv);
+    Canvas_clear(cv);
+    PyMem_Free(cv->covered);
+    tp->tp_free((PyObject *)cv);
+    Py_DECREF(tp);
+}
+
+/* put(result, b0, ox, oy, xramps, yramps): blend result ([nb,h,w,C] or [nb,C,h,w], float32
+ * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox). */
+static PyObject *Canvas_put(Canvas *cv, PyObject *args)
+{
+    PyObject *res, *xr, *yr;
+    Py_ssize_t b0, ox, oy;
+    if (!PyArg_ParseTuple(args, "OnnnOO:put", &res, &b0, &ox, &oy, &xr, &yr))
+        return NULL;
+    if (cv->out == NULL || cv->busy) {
+        PyErr_SetString(PyExc_RuntimeError, cv->out ? "canvas is in use by another thread"
+                                                    : "canvas is closed");
+        return NULL;
+    }
+    vg_ramp rx[VG_MAX_RAMPS], ry[VG_MAX_RAMPS];
+    int nrx, nry;
+    if (parse_ramps(xr, "xramps", rx, &nrx) < 0 || parse_ramps(yr, "yramps", ry, &nry) < 0)
+        return NULL;
+    if (!PyArray_Check(res)) {
+        PyErr_Format(PyExc_TypeError, "result must be a numpy.ndarray, got %.80s", Py_TYPE(res)->tp_name);
+        return NULL;
+    }
+    int t = PyArray_TYPE((PyArrayObject *)res);
+    if (t != NPY_FLOAT32 && t != NPY_FLOAT16) {
+        PyErr_Format(PyExc_TypeError, "result must be float32 or float16, got %R",
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)res));
+        return NULL;
+    }
+    PyArrayObject *src = (PyArrayObject *)PyArray_FROM_OTF(res, t, NPY_ARRAY_IN_ARRAY);
+    if (src == NULL)
+        return NULL;
+    PyObject *ret = NULL;
+    float *wx = NULL;
+    if (PyArray_NDIM(src) != 4) {
+        PyErr_Format(PyExc_ValueError, "result must be 4-D, got %d-D", PyArray_NDIM(src));
+        goto done;
+    }
+    npy_intp *d = PyArray_DIMS(src);
+    npy_intp nb = d[0], c = cv->nchw ? d[1] : d[3], h = cv->nchw ? d[2] : d[1],
+             w = cv->nchw ? d[3] : d[2];
+    if (c != cv->C || nb < 1 || b0 < 0 || b0 + nb > cv->B || ox < 0 || oy < 0 || w < 1 || h < 1 ||
+        ox + w > cv->W || oy + h > cv->H) {
+        PyErr_Format(PyExc_ValueError,
+                     "result of %zd image(s) %zdx%zd px x %zd ch at (x=%zd, y=%zd, image %zd) does "
+                     "not fit the output %zd image(s) %zdx%zd px x %zd ch",
+                     nb, w, h, c, ox, oy, b0, cv->B, cv->W, cv->H, cv->C);
+        goto done;
+    }
+    wx = PyMem_Malloc(sizeof(float) * (size_t)(w + h));
+    if (wx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *wy = wx + w;
+    for (npy_intp x = 0; x < w; x++)
+        wx[x] = (float)ramp_weight(rx, nrx, (double)(ox + x) + 0.5);
+    for (npy_intp y = 0; y < h; y++)
+        wy[y] = (float)ramp_weight(ry, nry, (double)(oy + y) + 0.5);
+
+    put_job jobs[VG_MAX_THREADS];
+    npy_intp rows = nb * h;
+    int nt = cv->nthreads;
+    /* threads pay off only on big tiles (~1 ms of work per extra thread) */
+    npy_intp work = rows * w * c;
+    if (work < (npy_intp)nt * 262144)
+        nt = (int)(work / 262144) + 1;
+    if (nt > rows)
+        nt = (int)rows;
+    for (int i = 0; i < nt; i++) {
+        jobs[i] = (put_job){cv, PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w, ox, oy, wx, wy,
+                            rows * i / nt, rows * (i + 1) / nt};
+    }
+    pthread_t th[VG_MAX_THREADS];
+    int started = 0;
+    cv->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 1; i < nt; i++) {
+        if (pthread_create(&th[i], NULL, put_worker, &jobs[i]) != 0)
+            break;
+        started = i;
+    }
+    put_worker(&jobs[0]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(th[i], NULL);
+    for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
+        put_worker(&jobs[i]);
+    Py_END_ALLOW_THREADS
+    cv->busy = 0;
+    cv->puts++;
+    ret = Py_NewRef(Py_None);
+done:
+    PyMem_Free(wx);
+    Py_DECREF(src);
+    return ret;
+}
+
+/* weights(length_origin, n, ramps) -> float32 array: the 1-D weight profile (for tests). */
+static PyObject *Canvas_weights(PyObject *Py_UNUSED(cls), PyObject *args)
+{
+    Py_ssize_t o, n;
+    PyObject *r;
+    if (!PyArg_ParseTuple(args, "nnO:weights", &o, &n, &r))
+        return NULL;
+    if (n < 0 || n > VG_MAX_SIDE * 16) {
+        PyErr_Format(PyExc_ValueError, "n must be 0..%lld, got %zd", (long long)(VG_MAX_SIDE * 16), n);
+        return NULL;
+    }
+    vg_ramp rr[VG_MAX_RAMPS];
+    int nr;
+    if (parse_ramps(r, "ramps", rr, &nr) < 0)
+        return NULL;
+    npy_intp dim = n;
+    PyObject *a = PyArray_SimpleNew(1, &dim, NPY_FLOAT64);
+    if (a == NULL)
+        return NULL;
+    double *p = PyArray_DATA((PyArrayObject *)a);
+    for (npy_intp i = 0; i < n; i++)
+        p[i] = ramp_weight(rr, nr, (double)(o + i) + 0.5);
+    return a;
+}
+
+/* finish() -> out: only when every pixel of every image has been written. */
+static PyObject *Canvas_finish(Canvas *cv, PyObject *Py_UNUSED(a))
+{
+    if (cv->out == NULL || cv->busy) {
+        PyErr_SetString(PyExc_RuntimeError, cv->out ? "canvas is in use by another thread"
+                                                    : "canvas is closed");
+        return NULL;
+    }
+    for (npy_intp r = 0; r < cv->B * cv->H; r++)
+        if (cv->covered[r] < cv->W) {
+            PyErr_Format(PyExc_RuntimeError,
+                         "output incomplete: image %zd row %zd covered to x=%lld of %zd; refusing "
+                         "to return a half-written result",
+                         r / cv->H, r % cv->H, (long long)cv->covered[r], cv->W);
+            return NULL;
+        }
+    PyObject *o = (PyObject *)cv->out;
+    cv->out = NULL;
+    return o;
+}
+
+static PyObject *Canvas_coverage(Canvas *cv, PyObject *Py_UNUSED(a))
+{
+    npy_intp dims[2] = {cv->B, cv->H};
+    PyObject *a = PyArray_SimpleNew(2, dims, NPY_INT64);
+    if (a)
+        memcpy(PyArray_DATA((PyArrayObject *)a), cv->covered, (size_t)(cv->B * cv->H) * sizeof(int64_t));
+    return a;
+}
+
+static PyObject *Canvas_get_puts(Canvas *cv, void *Py_UNUSED(c)) { return PyLong_FromLongLong(cv->puts); }
+
+static PyMethodDef Canvas_methods[] = {
+    {"put", (PyCFunction)Canvas_put, METH_VARARGS, "put(result, b0, ox, oy, xramps, yramps)"},
+    {"finish", (PyCFunction)Canvas_finish, METH_NOARGS, "Return the output if complete; close."},
+    {"coverage", (PyCFunction)Canvas_coverage, METH_NOARGS, "Per-row covered-to x (B x H)."},
+    {"weights", (PyCFunction)Canvas_weights, METH_VARARGS | METH_STATIC,
+     "weights(origin, n, ramps) -> float64 weight profile"},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef Canvas_getset[] = {
+    {"puts", (getter)Canvas_get_puts, NULL, "tiles blended so far", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyType_Slot Canvas_slots[] = {
+    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0): blends tile results into out."},
+    {Py_tp_new, Canvas_new},
+    {Py_tp_dealloc, Canvas_dealloc},
+    {Py_tp_traverse, Canvas_traverse},
+    {Py_tp_clear, Canvas_clear},
+    {Py_tp_methods, Canvas_methods},
+    {Py_tp_getset, Canvas_getset},
+    {0, NULL}};
+
+static PyType_Spec Canvas_spec = {"vramguard._native.Canvas", sizeof(Canvas), 0,
+                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, Canvas_slots};
+
+int vg_tiler_add_types(PyObject *m, vg_state *st)
+{
+    st->CanvasType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Canvas_spec, NULL);
+    if (st->CanvasType == NULL)
+        return -1;
+    return PyModule_AddObjectRef(m, "Canvas", (PyObject *)st->CanvasType);
+}
+
+PyMethodDef vg_tiler_methods[] = {
+    {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
+     "plan(width, height, *, overlap=0, align=1, fixed_bytes=0, per_px_bytes=0, budget, batch=1, "
+     "min_tile=0, max_tile=None) -> dict"},
+    {NULL, NULL, 0, NULL}};

@@ -1,0 +1,27 @@
+"""vramguard: a GPU-memory guard for node-graph image pipelines.
+
+    import vramguard
+    vramguard.snapshot(0).budget          # bytes this process may still allocate
+    with vramguard.stage("vae_decode"):   # per-stage peaks, GC after the stage
+        ...
+    out = vramguard.tiled(fn, image, scale=4)   # largest tiles that fit, seamless
+
+Importing vramguard never needs a GPU, torch or ComfyUI.
+"""
+from __future__ import annotations
+
+from ._units import GiB, MiB, fmt_bytes, parse_size
+from .accounting import (Host, Snapshot, budget_of, clear_limits, device_count, gpu_status, host,
+                         limits, probe, register_probe, set_cap, set_reserve, simulate,
+                         simulate_clear, snapshot, snapshot_dict, snapshots, update_simulated)
+from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GiB", "MiB", "fmt_bytes", "parse_size",
+    "Host", "Snapshot", "budget_of", "clear_limits", "device_count", "gpu_status", "host", "limits",
+    "probe", "register_probe", "set_cap", "set_reserve", "simulate", "simulate_clear", "snapshot",
+    "snapshot_dict", "snapshots", "update_simulated",
+    "Sampler", "peaks", "reset_sampler", "sampler", "stages", "timeline",
+]

@@ -1,0 +1,191 @@
+"""Memory accounting: devices, snapshots, the host, reserves and caps, probes, simulation.
+
+The C core (vramguard._native) does the reading and computes the budget; this module
+validates input and adapts.  It imports neither torch nor ComfyUI: when the host has already
+imported torch and initialised CUDA, a torch probe is registered on first use.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Callable, Iterable, Mapping
+
+from . import _native
+from ._units import parse_size
+
+__all__ = ["Snapshot", "Host", "device_count", "gpu_status", "snapshot", "snapshots", "host",
+           "set_reserve", "set_cap", "limits", "clear_limits", "register_probe", "probe",
+           "simulate", "simulate_clear", "snapshot_dict", "budget_of"]
+
+log = logging.getLogger("vramguard")
+
+Snapshot = _native.Snapshot
+Host = _native.Host
+Probe = Callable[[int], "Mapping[str, Any] | None"]
+
+_probe_lock = threading.Lock()
+_probe_origin: str | None = None  # "user", "torch", "comfyui"
+_probe_failed_once = False
+
+
+def device_count() -> int:
+    """Visible devices (simulated ones while a simulation is on); 0 without a GPU."""
+    return _native.device_count()
+
+
+def gpu_status() -> dict:
+    """Why NVML / CUDA are (un)available, e.g. {'nvml': 'unavailable: cannot load ...'}."""
+    return _native.gpu_status()
+
+
+def _auto_probe() -> None:
+    # Cheap enough for every snapshot: two dict lookups until torch has CUDA up.
+    if _probe_origin is not None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        ready = torch.cuda.is_available() and torch.cuda.is_initialized()
+    except Exception:  # a broken torch install must not break accounting
+        return
+    if ready:
+        from .adapters import torch_adapter
+
+        register_probe(torch_adapter.probe, origin="torch")
+
+
+def snapshot(device: int = 0) -> Snapshot:
+    """Memory of one device right now.  Raises RuntimeError('no GPU: <reason>') without one."""
+    _auto_probe()
+    return _native.snapshot(device)
+
+
+def snapshots() -> list[Snapshot]:
+    """A snapshot of every visible device (empty without a GPU)."""
+    _auto_probe()
+    return [_native.snapshot(i) for i in range(_native.device_count())]
+
+
+def host() -> Host:
+    """Host RAM (cgroup-aware) and this process's RSS."""
+    return _native.host()
+
+
+def snapshot_dict(s: Snapshot | Host) -> dict:
+    """A Snapshot or Host as a plain dict (JSON-ready)."""
+    return dict(zip(type(s).__match_args__, s))
+
+
+def budget_of(fields: Mapping[str, Any] | Snapshot) -> int:
+    """The budget formula applied to hand-written fields (see README, 'The budget')."""
+    return _native.budget(fields)
+
+
+def _device_arg(device: int | None) -> int | None:
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, int):
+        raise TypeError(f"device must be an int or None, got {type(device).__name__} {device!r}")
+    return device
+
+
+def set_reserve(reserve: int | float | str, device: int | None = None) -> None:
+    """Keep `reserve` bytes free on the device (all devices when device is None).
+
+    Accepts bytes or a string with a unit ('1.5GB').  The effective reserve is the larger of
+    this and the host's own (ComfyUI's --reserve-vram / --vram-headroom, via its probe)."""
+    _native.set_limits(_device_arg(device), parse_size(reserve, "reserve"), None)
+
+
+def set_cap(cap: int | float | str, device: int | None = None) -> None:
+    """Never let this process's live bytes exceed `cap` (0 = no cap)."""
+    _native.set_limits(_device_arg(device), None, parse_size(cap, "cap"))
+
+
+def limits(device: int | None = None) -> dict:
+    """{'reserve': bytes, 'cap': bytes} in force for `device` (or the default)."""
+    return _native.get_limits(_device_arg(device))
+
+
+def clear_limits() -> None:
+    """Reset every reserve and cap to 0."""
+    _native.clear_limits()
+
+
+def _safe(fn: Probe, origin: str) -> Probe:
+    def wrapped(index: int):
+        global _probe_failed_once
+        try:
+            return fn(index)
+        except Exception as e:  # the user's run matters more than one probe reading
+            if not _probe_failed_once:
+                _probe_failed_once = True
+                log.warning("vramguard: %s probe failed (%s: %s); using driver figures", origin,
+                            type(e).__name__, e)
+            return None
+
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapped
+
+
+def register_probe(fn: Probe | None, *, origin: str = "user", safe: bool = True) -> None:
+    """Register the framework probe: fn(device_index) -> dict or None.
+
+    Keys (bytes / counts, all optional): reserved, allocated, active, oom_count,
+    retry_count, free (the host's own free figure, e.g. ComfyUI's evictable-aware one),
+    evictable, reserve (the host's own reserve).  With safe=True a raising probe is logged
+    once and ignored.  None unregisters (and lets the torch probe register again)."""
+    global _probe_origin
+    if fn is not None and not callable(fn):
+        raise TypeError(f"probe must be callable or None, got {type(fn).__name__}")
+    with _probe_lock:
+        _native.set_probe(None if fn is None else (_safe(fn, origin) if safe else fn))
+        _probe_origin = None if fn is None else origin
+
+
+def probe() -> tuple[str | None, Probe | None]:
+    """(origin, callable) of the registered probe."""
+    return _probe_origin, _native.get_probe()
+
+
+def simulate(total: int | str, used: int | str = 0, *, device: int | None = None,
+             process_used: int | str | None = None, name: str | None = None,
+             reserved: int | str | None = None, allocated: int | str | None = None,
+             oom_count: int | None = None, retry_count: int | None = None,
+             script: Iterable[tuple] | None = None) -> int:
+    """Add a simulated device (or update `device`).  While any exists, simulated devices
+    replace real ones — plan on a card you don't have.  Returns the device index.
+
+    script: [(t_seconds, used[, process_used]), ...], piecewise constant from now."""
+    n = _native.device_count() if _native.gpu_status()["simulated"] else 0
+    index = n if device is None else device
+    kw: dict[str, Any] = {}
+    if total is not None:
+        kw["total"] = parse_size(total, "total")
+    if used is not None:
+        kw["used"] = parse_size(used, "used")
+    for key, val in (("process_used", process_used), ("reserved", reserved), ("allocated", allocated)):
+        if val is not None:
+            kw[key] = parse_size(val, key)
+    for key, val in (("oom_count", oom_count), ("retry_count", retry_count)):
+        if val is not None:
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {val!r}")
+            kw[key] = val
+    if script is not None:
+        kw["script"] = [tuple(parse_size(v, "script value") if i else v for i, v in enumerate(e))
+                        for e in script]
+    _native.simulate(index, name=name, **kw)
+    return index
+
+
+def update_simulated(device: int = 0, **fields: Any) -> None:
+    """Change fields of an existing simulated device (used=, process_used=, oom_count=, ...)."""
+    simulate(None, None, device=device, **fields)  # type: ignore[arg-type]
+
+
+def simulate_clear() -> None:
+    """Remove simulated devices; real ones (if any) come back."""
+    _native.simulate_clear()

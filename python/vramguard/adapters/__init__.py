@@ -1,0 +1,1 @@
+"""Host adapters.  Each imports its host (torch, ComfyUI) only when used."""
