@@ -150,40 +150,48 @@ def probe() -> tuple[str | None, Probe | None]:
     return _probe_origin, _native.get_probe()
 
 
+def _sim_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for key, val in fields.items():
+        if val is None:
+            continue
+        if key in ("total", "used", "process_used", "reserved", "allocated"):
+            kw[key] = parse_size(val, key)
+        elif key in ("oom_count", "retry_count"):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {val!r}")
+            kw[key] = val
+        elif key == "script":
+            kw[key] = [tuple(parse_size(v, "script value") if i else v for i, v in enumerate(e))
+                       if isinstance(e, (tuple, list)) else e for e in val]
+        elif key == "name":
+            kw[key] = val
+        else:
+            raise TypeError(f"unknown simulated-device field {key!r}")
+    return kw
+
+
 def simulate(total: int | str, used: int | str = 0, *, device: int | None = None,
              process_used: int | str | None = None, name: str | None = None,
              reserved: int | str | None = None, allocated: int | str | None = None,
              oom_count: int | None = None, retry_count: int | None = None,
              script: Iterable[tuple] | None = None) -> int:
-    """Add a simulated device (or update `device`).  While any exists, simulated devices
+    """Add a simulated device (or replace `device`).  While any exists, simulated devices
     replace real ones — plan on a card you don't have.  Returns the device index.
 
     script: [(t_seconds, used[, process_used]), ...], piecewise constant from now."""
     n = _native.device_count() if _native.gpu_status()["simulated"] else 0
     index = n if device is None else device
-    kw: dict[str, Any] = {}
-    if total is not None:
-        kw["total"] = parse_size(total, "total")
-    if used is not None:
-        kw["used"] = parse_size(used, "used")
-    for key, val in (("process_used", process_used), ("reserved", reserved), ("allocated", allocated)):
-        if val is not None:
-            kw[key] = parse_size(val, key)
-    for key, val in (("oom_count", oom_count), ("retry_count", retry_count)):
-        if val is not None:
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"{key} must be an int >= 0, got {val!r}")
-            kw[key] = val
-    if script is not None:
-        kw["script"] = [tuple(parse_size(v, "script value") if i else v for i, v in enumerate(e))
-                        for e in script]
-    _native.simulate(index, name=name, **kw)
+    _native.simulate(index, **_sim_fields(dict(
+        total=total, used=used, process_used=process_used, name=name, reserved=reserved,
+        allocated=allocated, oom_count=oom_count, retry_count=retry_count, script=script)))
     return index
 
 
 def update_simulated(device: int = 0, **fields: Any) -> None:
-    """Change fields of an existing simulated device (used=, process_used=, oom_count=, ...)."""
-    simulate(None, None, device=device, **fields)  # type: ignore[arg-type]
+    """Change fields of an existing simulated device (used=, process_used=, oom_count=, ...).
+    Setting used= also sets process_used= unless that is given too."""
+    _native.simulate(device, **_sim_fields(fields))
 
 
 def simulate_clear() -> None:
