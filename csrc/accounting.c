@@ -175,9 +175,20 @@ static int64_t meminfo_field(const char *buf, const char *key)
     return (int64_t)strtoll(p, NULL, 10) * 1024;
 }
 
-int vg_host_read_nogil(vg_state *st, vg_host *h, char *reason)
+int vg_host_read_nogil(vg_state *st, vg_host *h, int fresh, char *reason)
 {
     ensure_fds(st);
+    double now = vg_now();
+    pthread_mutex_lock(&st->lock);
+    int cached = !fresh && st->host_at > 0 && now - st->host_at < st->host_interval;
+    if (cached)
+        *h = st->host_cache;
+    pthread_mutex_unlock(&st->lock);
+    if (cached) {
+        h->process_rss = vg_process_rss_nogil(st); /* always fresh: it is ours and cheap */
+        h->timestamp = now;
+        return 0;
+    }
     /* MemTotal and MemAvailable are the first and third lines: 256 bytes is plenty and
      * keeps the kernel's formatting work (the real cost here) to one short read. */
     char buf[512];
@@ -209,7 +220,11 @@ int vg_host_read_nogil(vg_state *st, vg_host *h, char *reason)
         }
     }
     h->process_rss = vg_process_rss_nogil(st);
-    h->timestamp = vg_now();
+    h->timestamp = now;
+    pthread_mutex_lock(&st->lock);
+    st->host_cache = *h;
+    st->host_at = now;
+    pthread_mutex_unlock(&st->lock);
     return 0;
 }
 
@@ -856,14 +871,18 @@ static PyObject *py_snapshot(PyObject *m, PyObject *arg)
     return vg_snap_to_py(st, &s);
 }
 
-static PyObject *py_host(PyObject *m, PyObject *Py_UNUSED(a))
+static PyObject *py_host(PyObject *m, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"fresh", NULL};
+    int fresh = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:host", kwlist, &fresh))
+        return NULL;
     vg_state *st = vg_get_state(m);
     vg_host h;
     char reason[VG_REASON];
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = vg_host_read_nogil(st, &h, reason);
+    rc = vg_host_read_nogil(st, &h, fresh, reason);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_SetString(PyExc_OSError, reason);
@@ -1144,6 +1163,18 @@ static PyObject *py_set_proc_interval(PyObject *m, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_host_interval(PyObject *m, PyObject *arg)
+{
+    double x;
+    if (vg_parse_double(arg, "host interval", -1e-300, 60, &x) < 0)
+        return NULL;
+    vg_state *st = vg_get_state(m);
+    pthread_mutex_lock(&st->lock);
+    st->host_interval = x;
+    pthread_mutex_unlock(&st->lock);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_refresh_devices(PyObject *m, PyObject *Py_UNUSED(a))
 {
     vg_state *st = vg_get_state(m);
@@ -1159,7 +1190,9 @@ PyMethodDef vg_accounting_methods[] = {
     {"device_count", py_device_count, METH_NOARGS, "Number of visible (or simulated) devices."},
     {"gpu_status", py_gpu_status, METH_NOARGS, "Why NVML / CUDA are (un)available."},
     {"snapshot", py_snapshot, METH_O, "snapshot(index) -> Snapshot"},
-    {"host", py_host, METH_NOARGS, "host() -> Host"},
+    {"host", (PyCFunction)(void (*)(void))py_host, METH_VARARGS | METH_KEYWORDS,
+     "host(fresh=False) -> Host; system figures are reused for host_interval s unless fresh"},
+    {"set_host_interval", py_set_host_interval, METH_O, "seconds system RAM figures are reused (0 = never)"},
     {"budget", py_budget, METH_O, "budget(snapshot_or_mapping) -> int: the budget formula."},
     {"set_limits", (PyCFunction)(void (*)(void))py_set_limits, METH_VARARGS | METH_KEYWORDS,
      "set_limits(device=None, reserve=None, cap=None)"},
@@ -1198,6 +1231,7 @@ int vg_accounting_init(vg_state *st)
     for (int i = 0; i < VG_MAX_DEV; i++)
         st->cfg[i].reserve = st->cfg[i].cap = -1;
     st->proc_interval = 1.0;
+    st->host_interval = 0.010;
     st->fd_pid = -1;
     st->fd_meminfo = st->fd_statm = st->fd_cg_max = st->fd_cg_cur = -1;
     return 0;

@@ -114,6 +114,10 @@ typedef struct vg_state {
     double proc_at[VG_MAX_DEV];
     int64_t proc_used[VG_MAX_DEV];
 
+    /* system RAM figures change slowly and cost ~5 us to format: reused for host_interval s */
+    double host_interval, host_at;
+    vg_host host_cache;
+
     /* /proc files kept open (pread is cheap; open is not), reopened after fork */
     pid_t fd_pid;
     int fd_meminfo, fd_statm, fd_cg_max, fd_cg_cur;
@@ -129,7 +133,7 @@ void vg_accounting_free(vg_state *st);
 /* GIL-free readers.  Return 0, or -1 with `reason` filled. */
 int vg_device_count_nogil(vg_state *st, int *n, char *reason);
 int vg_device_read_nogil(vg_state *st, int index, vg_snap *s, char *reason);
-int vg_host_read_nogil(vg_state *st, vg_host *h, char *reason);
+int vg_host_read_nogil(vg_state *st, vg_host *h, int fresh, char *reason);
 int64_t vg_process_rss_nogil(vg_state *st);
 
 /* The budget: computed here and nowhere else (see README "The budget"). */

@@ -68,9 +68,13 @@ def snapshots() -> list[Snapshot]:
     return [_native.snapshot(i) for i in range(_native.device_count())]
 
 
-def host() -> Host:
-    """Host RAM (cgroup-aware) and this process's RSS."""
-    return _native.host()
+def host(fresh: bool = False) -> Host:
+    """Host RAM (cgroup-aware) and this process's RSS.
+
+    RSS is read on every call; the system-wide figures are reused for 10 ms
+    (_native.set_host_interval) because formatting /proc/meminfo costs the kernel ~5 us.
+    fresh=True reads everything now."""
+    return _native.host(fresh=fresh)
 
 
 def snapshot_dict(s: Snapshot | Host) -> dict:
