@@ -14,6 +14,8 @@ from ._units import GiB, MiB, fmt_bytes, parse_size
 from .accounting import (Host, Snapshot, budget_of, clear_limits, device_count, gpu_status, host,
                          limits, probe, register_probe, set_cap, set_reserve, simulate,
                          simulate_clear, snapshot, snapshot_dict, snapshots, update_simulated)
+from .gcguard import (STAGES, Decision, GCGuard, after_stage, configure_gc, gc_check, gc_stats,
+                      guard, parse_log_line, register_stage, run, set_log_file, stage)
 from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
 
 __version__ = "0.1.0"
@@ -24,4 +26,6 @@ __all__ = [
     "probe", "register_probe", "set_cap", "set_reserve", "simulate", "simulate_clear", "snapshot",
     "snapshot_dict", "snapshots", "update_simulated",
     "Sampler", "peaks", "reset_sampler", "sampler", "stages", "timeline",
+    "STAGES", "Decision", "GCGuard", "after_stage", "configure_gc", "gc_check", "gc_stats", "guard",
+    "parse_log_line", "register_stage", "run", "set_log_file", "stage",
 ]

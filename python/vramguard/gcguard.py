@@ -1,0 +1,441 @@
+"""GC triggers: release memory after the stages that leave garbage, only when it pays.
+
+The decision is made in C (vramguard._native.Policy); this module runs the actions, keeps
+stats, writes the log and offers the host-agnostic hooks:
+
+    @vramguard.after_stage("vae_decode")
+    def decode(latent): ...
+
+    with vramguard.stage("unet"):
+        samples = sample(...)
+
+    vramguard.gc_check("upscale", forced=True)
+
+A collection is: Python's gc.collect() (optional), the framework's cache release, and in
+low-VRAM mode unloading models until the budget covers the reserve.  Each action that raises
+is logged once and never breaks the user's run.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc as _pygc
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+from . import _native
+from . import accounting as acc
+from . import sampling
+from ._units import parse_size
+
+__all__ = ["STAGES", "GCGuard", "guard", "gc_check", "stage", "after_stage", "gc_stats",
+           "configure_gc", "set_log_file", "run", "parse_log_line", "Decision", "register_stage"]
+
+log = logging.getLogger("vramguard")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The stages that leave garbage, in pipeline order.
+STAGES: tuple[str, ...] = ("text_encode", "unet", "vae_decode", "vae_encode", "controlnet",
+                           "lora_load", "lora_unload", "ipadapter", "upscale")
+_GB = float(1 << 30)
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,63}$")
+
+
+@dataclass
+class Decision:
+    collect: bool
+    reason: str
+    stage: str
+    saved: int = 0          # device bytes, before - after
+    seconds: float = 0.0
+    record: dict | None = None  # the log record when a collection ran
+
+
+@dataclass
+class StageStats:
+    checks: int = 0
+    collections: int = 0
+    seconds: float = 0.0
+    saved: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"checks": self.checks, "collections": self.collections, "seconds": self.seconds,
+                "saved": self.saved, "skipped": dict(self.skipped)}
+
+
+def _gb(n: int | None) -> float:
+    return round((n or 0) / _GB, 2)
+
+
+class GCGuard:
+    """Policy + actions + stats + log.  One per process is usual (see guard())."""
+
+    def __init__(self, threshold: float = 70.0, low_vram: bool = False, min_interval: float = 1.0,
+                 python_gc: bool = True, device: int | None = None):
+        self.policy = _native.Policy(threshold, low_vram, min_interval, False)
+        self.python_gc = bool(python_gc)
+        self.enabled = True
+        self.device = device
+        self._stage_on: dict[str, bool] = {s: True for s in STAGES}
+        self._lock = threading.Lock()
+        self._stats: dict[str, StageStats] = {}
+        self._run_stats: dict[str, StageStats] = {}
+        self._failed_actions: set[str] = set()
+        self._jsonl: str | None = None
+        # Host actions; adapters replace them (ComfyUI: soft_empty_cache, free_memory).
+        self.release_cache: Callable[[], None] | None = None
+        self.unload_models: Callable[[int, int], None] | None = None
+        self.zluda_reason: str | None = None
+
+    # ---------------------------------------------------------------- configuration
+    @property
+    def low_vram(self) -> bool:
+        return self.policy.low_vram
+
+    @low_vram.setter
+    def low_vram(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"low_vram must be True or False, got {on!r}")
+        self.policy.low_vram = on
+        if on:
+            self._detect_zluda()
+
+    def _detect_zluda(self) -> None:
+        """ZLUDA: forced collection misbehaves there, so low-VRAM keeps the threshold."""
+        name = ""
+        torch = sys.modules.get("torch")
+        try:
+            if torch is not None and torch.cuda.is_available():
+                name = torch.cuda.get_device_name(self._device() or 0)
+            elif acc.device_count() > 0:
+                name = acc.snapshot(self._device() or 0).name
+        except Exception:
+            name = ""
+        z = name.endswith("[ZLUDA]") or "ZLUDA" in name
+        self.policy.zluda = z
+        self.zluda_reason = f"ZLUDA device {name!r}: low-VRAM mode keeps threshold {self.policy.threshold:g}%" if z else None
+        if z:
+            log.info("vramguard: %s", self.zluda_reason)
+
+    def enable_stage(self, name: str, on: bool = True) -> None:
+        _check_stage(name)
+        self._stage_on[name] = bool(on)
+
+    def stage_enabled(self, name: str) -> bool:
+        return self.enabled and self._stage_on.get(name, False)
+
+    def set_log_file(self, path: str | os.PathLike | None) -> None:
+        """Append one JSON object per collection to `path` (None stops)."""
+        if path is not None:
+            path = os.fspath(path)
+            d = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(d):
+                raise ValueError(f"log file directory does not exist: {d!r}")
+        self._jsonl = path
+
+    # ---------------------------------------------------------------- the check
+    def _device(self) -> int | None:
+        if self.device is not None:
+            return self.device
+        return 0 if _native.device_count() > 0 else None
+
+    def check(self, stage: str, *, forced: bool = False, need: int = 0,
+              device: int | None = None) -> Decision:
+        """Run the policy for `stage`; collect when it says so.  Never raises for the
+        host's sake once the arguments are valid."""
+        _check_stage(stage)
+        if not self.stage_enabled(stage) and not forced:
+            return Decision(False, "disabled", stage)
+        dev = self._device() if device is None else device
+        if dev is not None:
+            acc._auto_probe()
+            collect, reason, snap = self.policy.check(dev, forced, need)
+        else:  # no GPU: apply the same rules to host RAM
+            snap = _host_as_snapshot()
+            collect, reason = self.policy.decide(snap, forced, need)
+        with self._lock:
+            for table in (self._stats, self._run_stats):
+                st = table.setdefault(stage, StageStats())
+                st.checks += 1
+                if not collect:
+                    st.skipped[reason] = st.skipped.get(reason, 0) + 1
+        if not collect:
+            return Decision(False, reason, stage)
+        return self._collect(stage, reason, dev, snap, need)
+
+    def _run_action(self, name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            if name not in self._failed_actions:
+                self._failed_actions.add(name)
+                log.warning("vramguard: GC action %s failed once (%s: %s); carrying on", name,
+                            type(e).__name__, e)
+            return None
+
+    def _collect(self, stage: str, reason: str, dev: int | None, before: Any, need: int) -> Decision:
+        t0 = time.perf_counter()
+        hb = acc.host()
+        collected = 0
+        if self.python_gc:
+            collected = self._run_action("gc.collect", _pygc.collect) or 0
+        release = self.release_cache or _default_release
+        self._run_action("release_cache", release)
+        if self.policy.low_vram and self.unload_models is not None and dev is not None:
+            after = acc.snapshot(dev)
+            want = max(need, 0)
+            if after.budget < max(want, 1):
+                self._run_action("unload_models", lambda: self.unload_models(dev, want + after.reserve))  # type: ignore[misc]
+                self._run_action("release_cache", release)
+        after = acc.snapshot(dev) if dev is not None else _host_as_snapshot()
+        ha = acc.host()
+        self.policy.collected(after)
+        dt = time.perf_counter() - t0
+        b_used = before["used"] if isinstance(before, dict) else before.used
+        a_used = after["used"] if isinstance(after, dict) else after.used
+        total = before["total"] if isinstance(before, dict) else before.total
+        saved = b_used - a_used
+        rec = {
+            "utilization": {"gpu": int(round(100 * b_used / total)) if dev is not None and total else 0,
+                            "ram": int(round(100 * (hb.total - hb.available) / hb.total)) if hb.total else 0,
+                            "threshold": int(round(self.policy.effective_threshold))},
+            "gc": {"collected": int(collected), "saved": _gb(saved)},
+            "before": {"gpu": _gb(b_used) if dev is not None else 0.0, "ram": _gb(hb.total - hb.available)},
+            "after": {"gpu": _gb(a_used) if dev is not None else 0.0, "ram": _gb(ha.total - ha.available),
+                      "retries": _get(after, "retry_count"), "oom": _get(after, "oom_count")},
+            "device": "cuda" if dev is not None else "cpu",
+            "fn": stage, "time": round(dt, 2), "reason": reason,
+        }
+        log.debug("%s", format_log_line(rec))
+        if self._jsonl:
+            try:
+                with open(self._jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({**rec, "ts": time.time(), "saved_bytes": saved}) + "\n")
+            except OSError as e:
+                if "jsonl" not in self._failed_actions:
+                    self._failed_actions.add("jsonl")
+                    log.warning("vramguard: cannot write GC log %s (%s)", self._jsonl, e)
+        with self._lock:
+            for table in (self._stats, self._run_stats):
+                st = table.setdefault(stage, StageStats())
+                st.collections += 1
+                st.seconds += dt
+                st.saved += saved
+        return Decision(True, reason, stage, saved, dt, rec)
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> dict[str, dict]:
+        with self._lock:
+            return {k: v.as_dict() for k, v in self._stats.items()}
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats.clear()
+            self._run_stats.clear()
+
+    def run_summary(self, label: str = "run") -> dict:
+        """Stats since the last summary, plus per-stage peaks; logged at INFO and reset."""
+        with self._lock:
+            table, self._run_stats = self._run_stats, {}
+        s = {
+            "label": label,
+            "collections": sum(v.collections for v in table.values()),
+            "checks": sum(v.checks for v in table.values()),
+            "seconds": round(sum(v.seconds for v in table.values()), 3),
+            "saved_gb": _gb(sum(v.saved for v in table.values())),
+            "stages": {k: v.as_dict() for k, v in table.items()},
+            "peaks_gb": {k: _gb(v["peak_used"]) for k, v in sampling.peaks().items() if v["peak_used"] >= 0},
+        }
+        log.info("vramguard %s: %d GC of %d checks, %.2f s, saved %.2f GB; peaks %s", label,
+                 s["collections"], s["checks"], s["seconds"], s["saved_gb"], s["peaks_gb"])
+        return s
+
+
+def _get(snap: Any, key: str) -> int:
+    v = snap.get(key) if isinstance(snap, dict) else getattr(snap, key)
+    return int(v) if v is not None else 0
+
+
+def _host_as_snapshot() -> dict:
+    h = acc.host()
+    return {"total": h.total, "free": h.available, "used": h.total - h.available}
+
+
+def _default_release() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        from .adapters import torch_adapter
+
+        torch_adapter.release_cache()
+
+
+def _check_stage(name: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"stage name must be str, got {type(name).__name__} {name!r}")
+    if name not in _known:
+        raise ValueError(f"unknown GC stage {name!r}; known: {', '.join(sorted(_known))} "
+                         "(vramguard.register_stage adds one)")
+
+
+_known: set[str] = set(STAGES)
+
+
+def register_stage(name: str) -> None:
+    """Allow a custom stage name in the GC hooks."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"stage name must be 1-63 chars of [A-Za-z0-9_.:-], got {name!r}")
+    _known.add(name)
+
+
+def format_log_line(rec: dict) -> str:
+    """SD.Next's one-line GC log, plus the reason."""
+    def d(x: dict) -> str:
+        return "{" + ", ".join(f"'{k}': {v}" for k, v in x.items()) + "}"
+    return (f"GC: utilization={d(rec['utilization'])} gc={d(rec['gc'])} before={d(rec['before'])} "
+            f"after={d(rec['after'])} device={rec['device']} fn={rec['fn']} time={rec['time']} "
+            f"reason={rec['reason']}")
+
+
+_LINE = re.compile(r"^GC: utilization=(\{.*?\}) gc=(\{.*?\}) before=(\{.*?\}) after=(\{.*?\}) "
+                   r"device=(\S+) fn=(\S+) time=(\S+)(?: reason=(.+))?$")
+
+
+def parse_log_line(line: str) -> dict:
+    """The inverse of format_log_line (for tools that read the log)."""
+    import ast
+
+    m = _LINE.match(line.strip())
+    if not m:
+        raise ValueError(f"not a vramguard GC line: {line!r}")
+    return {"utilization": ast.literal_eval(m.group(1)), "gc": ast.literal_eval(m.group(2)),
+            "before": ast.literal_eval(m.group(3)), "after": ast.literal_eval(m.group(4)),
+            "device": m.group(5), "fn": m.group(6), "time": float(m.group(7)), "reason": m.group(8)}
+
+
+# -------------------------------------------------------------------- process-wide guard
+_guard: GCGuard | None = None
+_guard_lock = threading.Lock()
+
+
+def guard() -> GCGuard:
+    global _guard
+    if _guard is None:
+        with _guard_lock:
+            if _guard is None:
+                _guard = GCGuard()
+    return _guard
+
+
+def configure_gc(*, threshold: float | None = None, low_vram: bool | None = None,
+                 min_interval: float | None = None, python_gc: bool | None = None,
+                 enabled: bool | None = None, stages: dict[str, bool] | None = None,
+                 log_file: str | None | bool = False) -> GCGuard:
+    """Change the process-wide GC settings; validates every value before changing any."""
+    g = guard()
+    if threshold is not None:
+        _native.Policy(threshold)  # validates: 0..100, finite, numeric
+    if min_interval is not None:
+        _native.Policy(70.0, False, min_interval)
+    for name, val in (("low_vram", low_vram), ("python_gc", python_gc), ("enabled", enabled)):
+        if val is not None and not isinstance(val, bool):
+            raise TypeError(f"{name} must be True or False, got {val!r}")
+    for name in (stages or {}):
+        _check_stage(name)
+    if threshold is not None:
+        g.policy.threshold = threshold
+    if min_interval is not None:
+        g.policy.min_interval = min_interval
+    if low_vram is not None:
+        g.low_vram = low_vram
+    if python_gc is not None:
+        g.python_gc = python_gc
+    if enabled is not None:
+        g.enabled = enabled
+    for name, on in (stages or {}).items():
+        g.enable_stage(name, bool(on))
+    if log_file is not False:
+        g.set_log_file(log_file or None)  # type: ignore[arg-type]
+    return g
+
+
+def set_log_file(path: str | os.PathLike | None) -> None:
+    guard().set_log_file(path)
+
+
+def gc_check(stage: str, *, forced: bool = False, need: int | str = 0, device: int | None = None) -> Decision:
+    """Run the GC policy for `stage` now (what the hooks call after a stage)."""
+    return guard().check(stage, forced=forced, need=parse_size(need, "need"), device=device)
+
+
+def gc_stats() -> dict[str, dict]:
+    """Per stage: checks, collections, seconds, saved (bytes), skipped reasons."""
+    return guard().stats()
+
+
+@contextlib.contextmanager
+def stage(name: str, *, gc: bool | None = None, need: int | str = 0, device: int | None = None) -> Iterator[None]:
+    """Mark a stage on the sampler; on a normal exit run the GC policy for it.
+
+    gc=None runs the policy only for GC stages (STAGES and registered ones); any other name
+    is just a mark.  On an exception nothing is collected here: the exception's frames still
+    hold the stage's tensors, and the host's own handler runs first."""
+    if gc and (not isinstance(name, str) or name not in _known):
+        _check_stage(name)
+    need_b = parse_size(need, "need")
+    s = sampling.sampler()
+    token = s.begin(name)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        s.end(token)
+    if ok and (gc if gc is not None else name in _known):
+        guard().check(name, need=need_b, device=device)
+
+
+def after_stage(name: str, *, need: int | str = 0, device: int | None = None) -> Callable[[F], F]:
+    """Decorator: mark `fn` as stage `name` and run the GC policy after it returns."""
+    _check_stage(name)
+    need_b = parse_size(need, "need")
+
+    def deco(fn: F) -> F:
+        if getattr(fn, "__vramguard_stage__", None) == name:
+            return fn  # already wrapped for this stage: no double wrapping
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            s = sampling.sampler()
+            token = s.begin(name)
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                s.end(token)
+            guard().check(name, need=need_b, device=device)
+            return result
+
+        wrapper.__vramguard_stage__ = name  # type: ignore[attr-defined]
+        wrapper.__vramguard_original__ = fn  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+@contextlib.contextmanager
+def run(label: str = "run") -> Iterator[GCGuard]:
+    """Scope a run (a prompt, a script): logs the INFO summary at the end."""
+    g = guard()
+    with g._lock:
+        g._run_stats = {}
+    try:
+        yield g
+    finally:
+        g.run_summary(label)
