@@ -6,7 +6,11 @@
  * objects unless it decides to collect.
  *
  * Order of the rules (first match wins):
- *   forced -> oom / retries grew -> hysteresis (skip) -> budget < need -> used% >= threshold
+ *   forced -> oom / retries grew -> hysteresis (skip) -> budget < need -> growth -> used% >= threshold
+ * Growth: a steady workflow comes back to the same live bytes at the same stage boundary every
+ * run; live bytes above that stage's baseline by more than `growth` x total are garbage that
+ * only a collection frees (tensors held by reference cycles).  Cache the allocator can reuse
+ * is not live, so it never triggers this rule.
  * Low-VRAM mode sets the effective threshold to 0, except on ZLUDA where forced collection
  * is known to misbehave; the reason says so. */
 #include "vg.h"
@@ -14,26 +18,37 @@
 #include <math.h>
 #include <string.h>
 
+#define VG_POLICY_STAGES 64
+
 typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock; /* hooks may fire from several host threads */
-    double threshold, min_interval, last_collect;
+    double threshold, min_interval, last_collect, growth;
+    int64_t base_live[VG_POLICY_STAGES]; /* live bytes at each stage's boundary; -1 = unseen */
     int low_vram, zluda;
     int64_t base_oom, base_retry; /* -1 until first seen */
     int64_t decisions, collections;
 } Policy;
 
 typedef enum {
-    R_FORCED, R_OOM, R_RETRY, R_BUDGET, R_THRESHOLD, R_LOWVRAM,
+    R_FORCED, R_OOM, R_RETRY, R_BUDGET, R_GROWTH, R_THRESHOLD, R_LOWVRAM,
     R_HYSTERESIS, R_BELOW, R_BELOW_ZLUDA, R_NREASONS
 } vg_reason;
 
 static const char *reason_text[R_NREASONS] = {
-    "forced", "oom", "retries", "budget", "threshold", "low-vram",
+    "forced", "oom", "retries", "budget", "growth", "threshold", "low-vram",
     "hysteresis", "below-threshold", "below-threshold (low-VRAM not applied: ZLUDA)"};
 
 /* The decision itself; caller holds p->lock.  Updates counter baselines as it sees them. */
-static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, double now)
+static int64_t live_bytes(const vg_snap *s)
+{
+    if (s->framework_allocated >= 0)
+        return s->framework_allocated;
+    int64_t l = s->used - s->evictable;
+    return l > 0 ? l : 0;
+}
+
+static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, double now, int stage)
 {
     vg_reason r;
     int oom_grew = s->oom_count >= 0 && p->base_oom >= 0 && s->oom_count > p->base_oom;
@@ -55,10 +70,18 @@ static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, d
         r = R_HYSTERESIS;
     else if (need > 0 && s->budget < need)
         r = R_BUDGET;
+    else if (stage >= 0 && p->growth > 0 && p->base_live[stage] >= 0 &&
+             (double)(live_bytes(s) - p->base_live[stage]) > p->growth * (double)s->total)
+        r = R_GROWTH;
     else if (used_pct >= thr)
         r = (thr == 0.0 && p->low_vram) ? R_LOWVRAM : R_THRESHOLD;
     else
         r = (p->low_vram && p->zluda) ? R_BELOW_ZLUDA : R_BELOW;
+    if (stage >= 0) { /* learn the baseline: first sight, or a lower level than before */
+        int64_t l = live_bytes(s);
+        if (p->base_live[stage] < 0 || l < p->base_live[stage])
+            p->base_live[stage] = l;
+    }
     p->decisions++;
     return r;
 }
@@ -87,15 +110,17 @@ static int parse_threshold(PyObject *v, double *out)
 
 static PyObject *Policy_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"threshold", "low_vram", "min_interval", "zluda", NULL};
-    PyObject *thr = NULL, *mi = NULL;
+    static char *kwlist[] = {"threshold", "low_vram", "min_interval", "zluda", "growth", NULL};
+    PyObject *thr = NULL, *mi = NULL, *gr = NULL;
     int low = 0, zluda = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OpOp:Policy", kwlist, &thr, &low, &mi, &zluda))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OpOpO:Policy", kwlist, &thr, &low, &mi, &zluda, &gr))
         return NULL;
-    double threshold = 70.0, min_interval = 1.0;
+    double threshold = 70.0, min_interval = 1.0, growth = 0.02;
     if (thr && parse_threshold(thr, &threshold) < 0)
         return NULL;
     if (mi && vg_parse_double(mi, "min_interval", -1e-300, 86400, &min_interval) < 0)
+        return NULL;
+    if (gr && vg_parse_double(gr, "growth", -1e-300, 1.0, &growth) < 0)
         return NULL;
     Policy *p = (Policy *)type->tp_alloc(type, 0);
     if (p == NULL)
@@ -108,6 +133,9 @@ static PyObject *Policy_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     p->threshold = threshold, p->min_interval = min_interval;
     p->low_vram = low, p->zluda = zluda;
     p->base_oom = p->base_retry = -1;
+    p->growth = growth;
+    for (int i = 0; i < VG_POLICY_STAGES; i++)
+        p->base_live[i] = -1;
     return (PyObject *)p;
 }
 
@@ -126,6 +154,23 @@ static void Policy_dealloc(Policy *p)
     Py_DECREF(tp);
 }
 
+static int parse_stage(PyObject *o, int *stage)
+{
+    *stage = -1;
+    if (o == NULL || o == Py_None)
+        return 0;
+    long v = PyLong_Check(o) && !PyBool_Check(o) ? PyLong_AsLong(o) : -2;
+    if (v == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    if (v < 0 || v >= VG_POLICY_STAGES) {
+        PyErr_Format(PyExc_ValueError, "stage id must be an int 0..%d or None, got %R",
+                     VG_POLICY_STAGES - 1, o);
+        return -1;
+    }
+    *stage = (int)v;
+    return 0;
+}
+
 static int parse_now(PyObject *o, double *now)
 {
     if (o == NULL || o == Py_None) {
@@ -135,13 +180,15 @@ static int parse_now(PyObject *o, double *now)
     return vg_parse_double(o, "now", -1e-300, 1e12, now);
 }
 
-/* decide(snapshot, forced=False, need=0, now=None) -> (collect, reason) */
+/* decide(snapshot, forced=False, need=0, now=None, stage=None) -> (collect, reason) */
 static PyObject *Policy_decide(Policy *p, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"snapshot", "forced", "need", "now", NULL};
-    PyObject *snap, *needo = NULL, *nowo = NULL;
-    int forced = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|pOO:decide", kwlist, &snap, &forced, &needo, &nowo))
+    static char *kwlist[] = {"snapshot", "forced", "need", "now", "stage", NULL};
+    PyObject *snap, *needo = NULL, *nowo = NULL, *sto = NULL;
+    int forced = 0, stage;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|pOOO:decide", kwlist, &snap, &forced, &needo,
+                                     &nowo, &sto) ||
+        parse_stage(sto, &stage) < 0)
         return NULL;
     vg_state *st = vg_state_from_type(Py_TYPE(p));
     vg_snap s;
@@ -152,17 +199,18 @@ static PyObject *Policy_decide(Policy *p, PyObject *args, PyObject *kw)
         parse_now(nowo, &now) < 0)
         return NULL;
     pthread_mutex_lock(&p->lock);
-    vg_reason r = decide(p, &s, forced, need, now);
+    vg_reason r = decide(p, &s, forced, need, now, stage);
     pthread_mutex_unlock(&p->lock);
     return Py_BuildValue("(Os)", collects(r) ? Py_True : Py_False, reason_text[r]);
 }
 
-/* check(device, forced=False, need=0) -> (collect, reason, snapshot_or_None)
+/* check(device, forced=False, need=0, stage=None) -> (collect, reason, snapshot_or_None)
  * The hot path: reads the device itself and builds a Snapshot only when collecting. */
 static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn)
 {
-    if (kwn != NULL || nargs < 1 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "check(device, forced=False, need=0): positional only");
+    if (kwn != NULL || nargs < 1 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "check(device, forced=False, need=0, stage=None): positional only");
         return NULL;
     }
     vg_state *st = vg_state_from_type(Py_TYPE(p));
@@ -176,11 +224,14 @@ static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     if (nargs > 2 && args[2] != Py_None && vg_parse_bytes(args[2], "need", 1, &need) < 0)
         return NULL;
+    int stage = -1;
+    if (nargs > 3 && parse_stage(args[3], &stage) < 0)
+        return NULL;
     vg_snap s;
     if (vg_snapshot(st, index, &s) < 0)
         return NULL;
     pthread_mutex_lock(&p->lock);
-    vg_reason r = decide(p, &s, forced, need, s.timestamp);
+    vg_reason r = decide(p, &s, forced, need, s.timestamp, stage);
     pthread_mutex_unlock(&p->lock);
     PyObject *snap = collects(r) ? vg_snap_to_py(st, &s) : Py_NewRef(Py_None);
     if (snap == NULL)
@@ -208,6 +259,8 @@ static PyObject *Policy_collected(Policy *p, PyObject *args, PyObject *kw)
         p->base_oom = s.oom_count;
     if (s.retry_count >= 0)
         p->base_retry = s.retry_count;
+    for (int i = 0; i < VG_POLICY_STAGES; i++) /* garbage is gone: re-learn the baselines */
+        p->base_live[i] = -1;
     p->collections++;
     pthread_mutex_unlock(&p->lock);
     Py_RETURN_NONE;
@@ -274,6 +327,26 @@ static PyObject *Policy_get_low(Policy *p, void *c) { (void)c; return PyBool_Fro
 static int Policy_set_low(Policy *p, PyObject *v, void *c) { (void)c; return set_flag(p, v, &p->low_vram, "low_vram"); }
 static PyObject *Policy_get_zluda(Policy *p, void *c) { (void)c; return PyBool_FromLong(p->zluda); }
 static int Policy_set_zluda(Policy *p, PyObject *v, void *c) { (void)c; return set_flag(p, v, &p->zluda, "zluda"); }
+static PyObject *Policy_get_growth(Policy *p, void *c)
+{
+    (void)c;
+    return PyFloat_FromDouble(p->growth);
+}
+static int Policy_set_growth(Policy *p, PyObject *v, void *c)
+{
+    (void)c;
+    double x;
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete growth");
+        return -1;
+    }
+    if (vg_parse_double(v, "growth", -1e-300, 1.0, &x) < 0)
+        return -1;
+    pthread_mutex_lock(&p->lock);
+    p->growth = x;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
 static PyObject *Policy_get_counts(Policy *p, void *c)
 {
     (void)c;
@@ -283,9 +356,9 @@ static PyObject *Policy_get_counts(Policy *p, void *c)
 
 static PyMethodDef Policy_methods[] = {
     {"decide", (PyCFunction)(void (*)(void))Policy_decide, METH_VARARGS | METH_KEYWORDS,
-     "decide(snapshot, forced=False, need=0, now=None) -> (collect, reason)"},
+     "decide(snapshot, forced=False, need=0, now=None, stage=None) -> (collect, reason)"},
     {"check", (PyCFunction)(void (*)(void))Policy_check, METH_FASTCALL | METH_KEYWORDS,
-     "check(device, forced=False, need=0) -> (collect, reason, snapshot_or_None)"},
+     "check(device, forced=False, need=0, stage=None) -> (collect, reason, snapshot_or_None)"},
     {"collected", (PyCFunction)(void (*)(void))Policy_collected, METH_VARARGS | METH_KEYWORDS,
      "collected(snapshot=None, now=None): record that a collection ran"},
     {NULL, NULL, 0, NULL}};
@@ -294,13 +367,15 @@ static PyGetSetDef Policy_getset[] = {
     {"threshold", (getter)Policy_get_threshold, (setter)Policy_set_threshold, "percent 0..100", NULL},
     {"effective_threshold", (getter)Policy_get_effective, NULL, "0 in low-VRAM mode (not on ZLUDA)", NULL},
     {"min_interval", (getter)Policy_get_min_interval, (setter)Policy_set_min_interval, "seconds", NULL},
+    {"growth", (getter)Policy_get_growth, (setter)Policy_set_growth,
+     "live-byte growth over a stage's baseline, as a fraction of total, that counts as garbage (0 = off)", NULL},
     {"low_vram", (getter)Policy_get_low, (setter)Policy_set_low, NULL, NULL},
     {"zluda", (getter)Policy_get_zluda, (setter)Policy_set_zluda, NULL, NULL},
     {"counts", (getter)Policy_get_counts, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Policy_slots[] = {
-    {Py_tp_doc, "Policy(threshold=70.0, low_vram=False, min_interval=1.0, zluda=False)"},
+    {Py_tp_doc, "Policy(threshold=70.0, low_vram=False, min_interval=1.0, zluda=False, growth=0.02)"},
     {Py_tp_new, Policy_new},
     {Py_tp_dealloc, Policy_dealloc},
     {Py_tp_traverse, Policy_traverse},

@@ -18,7 +18,8 @@
 #include <time.h>
 
 #define VG_STAGE_NAME 64
-#define VG_MAX_STAGES 4096
+#define VG_MAX_STAGES 4096 /* ring of stage records: the oldest are dropped */
+#define VG_MAX_OPEN 64      /* stages open at once (nesting depth x threads) */
 
 typedef struct {
     int64_t id;
@@ -43,15 +44,17 @@ typedef struct {
     double *t;
     int64_t *used, *proc, *rss;
 
-    vg_stage *stages;
-    Py_ssize_t nstages;
+    vg_stage *stages;             /* ring of VG_MAX_STAGES records */
+    Py_ssize_t shead, nstages;    /* next slot, records held */
+    Py_ssize_t open[VG_MAX_OPEN]; /* ring slots of open stages: samples fold into these only */
+    int nopen;
     int64_t next_id;
 
     /* device-reading state, touched only by the sampling code under `lock` */
     vg_CUcontext ctx; /* retained primary context, or NULL */
     int ctx_dev;
-    double last_slow;
-    int64_t last_used, last_proc;
+    double last_slow, last_rss_at;
+    int64_t last_used, last_proc, last_rss;
     char last_error[VG_REASON];
 } Sampler;
 
@@ -102,21 +105,27 @@ static void fold_stage(vg_stage *g, int64_t used, int64_t proc, int64_t rss)
         g->peak_rss = rss;
 }
 
-/* Take one sample and record it.  Caller holds s->lock. */
-static void sample_locked(Sampler *s, int in_thread, double *t_out, int64_t *u_out,
+/* Take one sample and record it.  Caller holds s->lock.  Stage marks (mark=1) reuse an RSS
+ * reading younger than one interval: /proc/self/statm costs ~1.5 us, a mark should not. */
+static void sample_locked(Sampler *s, int in_thread, int mark, double *t_out, int64_t *u_out,
                           int64_t *p_out, int64_t *r_out)
 {
     double now = vg_now();
-    int64_t used, proc, rss = vg_process_rss_nogil(s->st);
+    int64_t used, proc, rss;
+    if (mark && s->last_rss_at > 0 && now - s->last_rss_at < s->interval) {
+        rss = s->last_rss;
+    } else {
+        rss = vg_process_rss_nogil(s->st);
+        s->last_rss = rss, s->last_rss_at = now;
+    }
     read_device(s, now, &used, &proc, in_thread);
     Py_ssize_t i = s->head;
     s->t[i] = now, s->used[i] = used, s->proc[i] = proc, s->rss[i] = rss;
     s->head = (s->head + 1) % s->capacity;
     if (s->count < s->capacity)
         s->count++;
-    for (Py_ssize_t k = s->nstages - 1; k >= 0; k--)
-        if (s->stages[k].t1 < 0)
-            fold_stage(&s->stages[k], used, proc, rss);
+    for (int k = 0; k < s->nopen; k++)
+        fold_stage(&s->stages[s->open[k]], used, proc, rss);
     if (t_out)
         *t_out = now, *u_out = used, *p_out = proc, *r_out = rss;
 }
@@ -131,7 +140,7 @@ static void *sampler_main(void *arg)
     struct timespec next;
     clock_gettime(CLOCK_MONOTONIC, &next);
     while (!s->stopping) {
-        sample_locked(s, 1, NULL, NULL, NULL, NULL);
+        sample_locked(s, 1, 0, NULL, NULL, NULL, NULL);
         double ns = (double)next.tv_nsec + s->interval * 1e9;
         next.tv_sec += (time_t)(ns / 1e9);
         next.tv_nsec = (long)fmod(ns, 1e9);
@@ -336,12 +345,16 @@ static PyObject *Sampler_reset(Sampler *s, PyObject *Py_UNUSED(a))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
     s->head = s->count = 0;
-    /* open stages stay open: a `with stage()` around a reset must still be able to end */
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = 0; i < s->nstages; i++)
-        if (s->stages[i].t1 < 0)
-            s->stages[k++] = s->stages[i];
-    s->nstages = k;
+    /* open stages stay open: a `with stage()` around a reset must still be able to end.
+     * Compact them to the front of the ring, in order. */
+    vg_stage keep[VG_MAX_OPEN];
+    for (int k = 0; k < s->nopen; k++)
+        keep[k] = s->stages[s->open[k]];
+    for (int k = 0; k < s->nopen; k++) {
+        s->stages[k] = keep[k];
+        s->open[k] = k;
+    }
+    s->nstages = s->shead = s->nopen;
     pthread_mutex_unlock(&s->lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -353,7 +366,7 @@ static PyObject *Sampler_sample(Sampler *s, PyObject *Py_UNUSED(a))
     int64_t u, p, r;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
-    sample_locked(s, 0, &t, &u, &p, &r);
+    sample_locked(s, 0, 0, &t, &u, &p, &r);
     pthread_mutex_unlock(&s->lock);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(dLLL)", t, (long long)u, (long long)p, (long long)r);
@@ -391,27 +404,30 @@ static PyObject *Sampler_begin(Sampler *s, PyObject *name)
     int64_t id = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
-    if (s->nstages == VG_MAX_STAGES) { /* drop the oldest closed record */
-        Py_ssize_t i = 0;
-        while (i < s->nstages && s->stages[i].t1 < 0)
-            i++;
-        if (i < s->nstages) {
-            memmove(&s->stages[i], &s->stages[i + 1], (size_t)(s->nstages - i - 1) * sizeof(vg_stage));
-            s->nstages--;
-        }
-    }
-    if (s->nstages == VG_MAX_STAGES) {
+    if (s->nopen == VG_MAX_OPEN) {
         full = 1;
     } else {
         double t;
         int64_t u, p, r;
-        vg_stage *g = &s->stages[s->nstages++];
+        Py_ssize_t slot = s->shead;
+        /* The ring may wrap onto a stage that is still open (open across 4096 others): it is
+         * dropped from the open list, and its end() returns None. */
+        for (int k = 0; k < s->nopen; k++)
+            if (s->open[k] == slot) {
+                s->open[k] = s->open[--s->nopen];
+                break;
+            }
+        vg_stage *g = &s->stages[slot];
+        s->shead = (slot + 1) % VG_MAX_STAGES;
+        if (s->nstages < VG_MAX_STAGES)
+            s->nstages++;
         memset(g, 0, sizeof *g);
         memcpy(g->name, c, (size_t)len);
         g->id = id = ++s->next_id;
         g->t1 = -1;
         g->peak_used = g->peak_proc = g->peak_rss = -1;
-        sample_locked(s, 0, &t, &u, &p, &r); /* folds into g too */
+        s->open[s->nopen++] = slot;
+        sample_locked(s, 0, 1, &t, &u, &p, &r); /* folds into g too */
         g->t0 = t;
         g->start_used = u;
     }
@@ -419,7 +435,7 @@ static PyObject *Sampler_begin(Sampler *s, PyObject *name)
     Py_END_ALLOW_THREADS
     if (full) {
         PyErr_Format(PyExc_RuntimeError, "%d stages open at once: is something never ending them?",
-                     VG_MAX_STAGES);
+                     VG_MAX_OPEN);
         return NULL;
     }
     return PyLong_FromLongLong(id);
@@ -434,25 +450,30 @@ static PyObject *Sampler_end(Sampler *s, PyObject *arg)
     int found = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
-    for (Py_ssize_t k = s->nstages - 1; k >= 0; k--) {
-        vg_stage *g = &s->stages[k];
-        if (g->id == id && g->t1 < 0) {
+    for (int k = 0; k < s->nopen; k++) {
+        vg_stage *g = &s->stages[s->open[k]];
+        if (g->id == id) {
             double t;
             int64_t u, p, r;
-            sample_locked(s, 0, &t, &u, &p, &r);
+            sample_locked(s, 0, 1, &t, &u, &p, &r);
             g->t1 = t;
             g->end_used = u;
             copy = *g;
             found = 1;
+            s->open[k] = s->open[--s->nopen];
             break;
         }
     }
+    if (!found && id > 0 && id <= s->next_id)
+        found = -1; /* issued, but dropped by the ring or already ended */
     pthread_mutex_unlock(&s->lock);
     Py_END_ALLOW_THREADS
-    if (!found) {
+    if (found == 0) {
         PyErr_Format(PyExc_ValueError, "no open stage with id %lld", id);
         return NULL;
     }
+    if (found < 0)
+        Py_RETURN_NONE;
     return stage_dict(&copy);
 }
 
@@ -463,8 +484,11 @@ static PyObject *Sampler_stages(Sampler *s, PyObject *Py_UNUSED(a))
     pthread_mutex_lock(&s->lock);
     n = s->nstages;
     copy = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(vg_stage));
-    if (copy)
-        memcpy(copy, s->stages, (size_t)n * sizeof(vg_stage));
+    if (copy) {
+        Py_ssize_t start = (s->shead - n + VG_MAX_STAGES) % VG_MAX_STAGES;
+        for (Py_ssize_t i = 0; i < n; i++)
+            copy[i] = s->stages[(start + i) % VG_MAX_STAGES];
+    }
     pthread_mutex_unlock(&s->lock);
     if (copy == NULL)
         return PyErr_NoMemory();
@@ -544,7 +568,7 @@ static PyMethodDef Sampler_methods[] = {
     {"reset", (PyCFunction)Sampler_reset, METH_NOARGS, "Forget samples and closed stages."},
     {"sample", (PyCFunction)Sampler_sample, METH_NOARGS, "Record one sample now: (t, used, process_used, rss)."},
     {"begin", (PyCFunction)Sampler_begin, METH_O, "begin(name) -> id: open a stage."},
-    {"end", (PyCFunction)Sampler_end, METH_O, "end(id) -> dict: close a stage."},
+    {"end", (PyCFunction)Sampler_end, METH_O, "end(id) -> dict, or None if the record was dropped: close a stage."},
     {"stages", (PyCFunction)Sampler_stages, METH_NOARGS, "All stage records."},
     {"timeline", (PyCFunction)Sampler_timeline, METH_NOARGS, "Samples as NumPy arrays."},
     {NULL, NULL, 0, NULL}};

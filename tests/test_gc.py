@@ -347,3 +347,21 @@ def test_after_stage_decorator_with_torch(g):
     assert out.shape == (3, 10)
     assert vg.gc_stats()["text_encode"]["collections"] == 1
     assert any(s["name"] == "text_encode" and s["end"] is not None for s in vg.stages())
+
+
+def test_growth_rule_targets_garbage_not_cache():
+    p = _native.Policy(threshold=100, min_interval=0, growth=0.02)
+    def s(alloc_gb, used_gb=6):
+        return {**snap(used_gb), "framework_allocated": int(alloc_gb * GiB)}
+    assert p.decide(s(2.0), stage=3, now=1) == (False, "below-threshold")   # learns the baseline
+    assert p.decide(s(2.1), stage=3, now=2) == (False, "below-threshold")   # +0.1 GiB < 2 % of 8
+    assert p.decide(s(2.1), stage=4, now=2) == (False, "below-threshold")   # another stage: own baseline
+    assert p.decide(s(2.2, used_gb=7.9), stage=3, now=3) == (True, "growth")  # +0.2 GiB > 0.16
+    p.collected(s(2.0), now=3)
+    assert p.decide(s(2.2), stage=3, now=4) == (False, "below-threshold")   # baselines re-learnt
+    assert p.decide(s(2.0, used_gb=7.9), stage=4, now=5) == (False, "below-threshold")  # cache growth is not garbage
+    assert p.decide(s(9.0), now=6) == (False, "below-threshold")            # no stage: no growth rule
+    with pytest.raises(ValueError, match="stage id"):
+        p.decide(s(2), stage=64)
+    with pytest.raises(ValueError, match="growth"):
+        _native.Policy(growth=1.5)

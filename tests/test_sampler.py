@@ -164,3 +164,24 @@ def test_thread_hammer():
     assert not alive, "deadlock: threads still running"
     assert errors == []
     assert len(s.timeline()["t"]) == 1024
+
+
+def test_stage_ring_keeps_newest_and_open_stages():
+    vg.simulate("8GB")
+    s = vg.Sampler(0, interval=10.0)
+    long_open = s.begin("long")
+    for i in range(5000):
+        s.end(s.begin(f"s{i % 10}"))
+    recs = s.stages()
+    assert len(recs) == 4096
+    assert recs[-1]["name"] == "s9" and recs[-1]["end"] is not None
+    assert s.end(long_open) is None        # wrapped over while open: dropped, not an error
+    with pytest.raises(ValueError):
+        s.end(10 ** 9)                      # never issued
+    held = [s.begin(f"o{i}") for i in range(64)]
+    with pytest.raises(RuntimeError, match="open at once"):
+        s.begin("one too many")
+    for h in held:
+        assert s.end(h)["end"] is not None
+    s.reset()
+    assert s.stages() == []

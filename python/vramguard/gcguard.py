@@ -79,8 +79,8 @@ class GCGuard:
     """Policy + actions + stats + log.  One per process is usual (see guard())."""
 
     def __init__(self, threshold: float = 70.0, low_vram: bool = False, min_interval: float = 1.0,
-                 python_gc: bool = True, device: int | None = None):
-        self.policy = _native.Policy(threshold, low_vram, min_interval, False)
+                 python_gc: bool = True, device: int | None = None, growth: float = 0.02):
+        self.policy = _native.Policy(threshold, low_vram, min_interval, False, growth)
         self.python_gc = bool(python_gc)
         self.enabled = True
         self.device = device
@@ -155,12 +155,13 @@ class GCGuard:
         if not self.stage_enabled(stage) and not forced:
             return Decision(False, "disabled", stage)
         dev = self._device() if device is None else device
+        sid = _known[stage]
         if dev is not None:
             acc._auto_probe()
-            collect, reason, snap = self.policy.check(dev, forced, need)
+            collect, reason, snap = self.policy.check(dev, forced, need, sid)
         else:  # no GPU: apply the same rules to host RAM
             snap = _host_as_snapshot()
-            collect, reason = self.policy.decide(snap, forced, need)
+            collect, reason = self.policy.decide(snap, forced, need, None, sid)
         with self._lock:
             for table in (self._stats, self._run_stats):
                 st = table.setdefault(stage, StageStats())
@@ -285,14 +286,18 @@ def _check_stage(name: Any) -> None:
                          "(vramguard.register_stage adds one)")
 
 
-_known: set[str] = set(STAGES)
+# stage name -> id; the C policy keeps a live-byte baseline per id (64 at most)
+_known: dict[str, int] = {name: i for i, name in enumerate(STAGES)}
 
 
 def register_stage(name: str) -> None:
     """Allow a custom stage name in the GC hooks."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"stage name must be 1-63 chars of [A-Za-z0-9_.:-], got {name!r}")
-    _known.add(name)
+    if name not in _known:
+        if len(_known) >= 64:
+            raise ValueError(f"at most 64 GC stages; cannot add {name!r}")
+        _known[name] = len(_known)
 
 
 def format_log_line(rec: dict) -> str:
@@ -335,7 +340,8 @@ def guard() -> GCGuard:
 
 
 def configure_gc(*, threshold: float | None = None, low_vram: bool | None = None,
-                 min_interval: float | None = None, python_gc: bool | None = None,
+                 min_interval: float | None = None, growth: float | None = None,
+                 python_gc: bool | None = None,
                  enabled: bool | None = None, stages: dict[str, bool] | None = None,
                  log_file: str | None | bool = False) -> GCGuard:
     """Change the process-wide GC settings; validates every value before changing any."""
@@ -344,6 +350,8 @@ def configure_gc(*, threshold: float | None = None, low_vram: bool | None = None
         _native.Policy(threshold)  # validates: 0..100, finite, numeric
     if min_interval is not None:
         _native.Policy(70.0, False, min_interval)
+    if growth is not None:
+        _native.Policy(growth=growth)
     for name, val in (("low_vram", low_vram), ("python_gc", python_gc), ("enabled", enabled)):
         if val is not None and not isinstance(val, bool):
             raise TypeError(f"{name} must be True or False, got {val!r}")
@@ -353,6 +361,8 @@ def configure_gc(*, threshold: float | None = None, low_vram: bool | None = None
         g.policy.threshold = threshold
     if min_interval is not None:
         g.policy.min_interval = min_interval
+    if growth is not None:
+        g.policy.growth = growth
     if low_vram is not None:
         g.low_vram = low_vram
     if python_gc is not None:
