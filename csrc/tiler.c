@@ -29,9 +29,12 @@
 static int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 /* Positions of n tiles of size t over [0, len): even spread, multiples of `align`, first at
- * 0, last ending at len.  Returns 0 when every neighbour overlap is >= ov and no pixel is
- * covered by three tiles (ramps stay disjoint). */
-static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t align, int64_t *pos)
+ * 0, last ending at len.  Returns 0 when every neighbour overlap is >= ov and the feather
+ * bands of neighbouring pairs do not intersect (each band is the middle `feather` of its
+ * overlap), which is what keeps the weights a partition of unity.  A pixel may lie under a
+ * third tile, but only where that tile's weight is exactly zero. */
+static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t align, double feather,
+                          int64_t *pos)
 {
     if (n == 1) {
         pos[0] = 0;
@@ -51,28 +54,36 @@ static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t
     for (int64_t i = 1; i < n; i++)
         if (pos[i] <= pos[i - 1] || pos[i - 1] + t - pos[i] < ov)
             return -1;
-    for (int64_t i = 2; i < n; i++)
-        if (pos[i] < pos[i - 2] + t)
+    for (int64_t i = 1; i + 1 < n; i++) {
+        double l1 = (double)(pos[i - 1] + t - pos[i]), l2 = (double)(pos[i] + t - pos[i + 1]);
+        double band1_end = (double)(pos[i - 1] + t) - l1 * (1 - feather) / 2;
+        double band2_start = (double)pos[i + 1] + l2 * (1 - feather) / 2;
+        if (band1_end > band2_start)
             return -1;
+    }
     return 0;
 }
 
 /* Smallest tile (multiple of align, or the whole length) that covers len with n tiles. */
-static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, int64_t tmax, int64_t *pos)
+static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, double feather, int64_t tmax,
+                         int64_t *pos)
 {
-    if (n == 1)
+    if (n == 1) {
+        pos[0] = 0;
         return len <= tmax ? len : -1;
+    }
     int64_t t = align_up((len + (n - 1) * ov + n - 1) / n, align);
     if (t < 2 * ov)
         t = align_up(2 * ov, align);
     for (; t <= tmax && t < len; t += align)
-        if (axis_positions(len, t, n, ov, align, pos) == 0)
+        if (axis_positions(len, t, n, ov, align, feather, pos) == 0)
             return t;
     return -1;
 }
 
 typedef struct {
     int64_t w, h, overlap, align, min_tile, max_tile;
+    double feather;
     double fixed, per_px; /* bytes; per input pixel of a tile, per image */
     int64_t batch, budget;
 } plan_in;
@@ -100,7 +111,7 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
     int64_t best = -1, bw = 0, bh = 0, bnx = 0, bny = 0;
     int64_t tmin = in->min_tile;
     for (int64_t nx = 1; nx <= in->w; nx++) {
-        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->max_tile, xs);
+        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->feather, in->max_tile, xs);
         if (tw < 0) {
             if (nx > 1 && align_up((in->w + (nx - 1) * in->overlap) / nx, in->align) < tmin)
                 break;
@@ -116,7 +127,7 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
         for (int64_t ny = 1; ny <= in->h; ny++) {
             if (best > 0 && nx * ny > best)
                 break;
-            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->max_tile, ys);
+            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->feather, in->max_tile, ys);
             if (th < 0) {
                 if (ny > 1 && align_up((in->h + (ny - 1) * in->overlap) / ny, in->align) < tmin)
                     break;
@@ -155,8 +166,8 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
     }
     out->batch = b;
     out->peak = tile_cost(in, bw, bh, b);
-    axis_tile(in->w, bnx, in->overlap, in->align, in->max_tile, xs);
-    axis_tile(in->h, bny, in->overlap, in->align, in->max_tile, ys);
+    axis_tile(in->w, bnx, in->overlap, in->align, in->feather, in->max_tile, xs);
+    axis_tile(in->h, bny, in->overlap, in->align, in->feather, in->max_tile, ys);
 }
 
 static int64_t get_pos_int(PyObject *kw_or_val, const char *what, int64_t lo, int64_t hi, int *err)
@@ -200,12 +211,14 @@ static PyObject *list_from(const int64_t *v, int64_t n)
 static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"width", "height", "overlap", "align", "fixed_bytes", "per_px_bytes",
-                             "budget", "batch", "min_tile", "max_tile", NULL};
-    PyObject *o[10] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOO:plan", kwlist, &o[0], &o[1], &o[2],
-                                     &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
+                             "budget", "batch", "min_tile", "max_tile", "feather", NULL};
+    PyObject *o[11] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOO:plan", kwlist, &o[0], &o[1], &o[2],
+                                     &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10]))
         return NULL;
-    plan_in in = {.overlap = 0, .align = 1, .batch = 1};
+    plan_in in = {.overlap = 0, .align = 1, .batch = 1, .feather = 0.5};
+    if (o[10] && (vg_parse_double(o[10], "feather", -1e-300, 1.0, &in.feather) < 0))
+        return NULL;
     int err = 0;
     in.w = get_pos_int(o[0], "width", 1, VG_MAX_SIDE, &err);
     if (!err)
@@ -242,8 +255,11 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
                      (long long)in.overlap, (long long)in.align);
         return NULL;
     }
-    if (in.min_tile < 2 * in.overlap + in.align)
-        in.min_tile = 2 * in.overlap + in.align;
+    /* two strides must span a tile (no pixel three deep): tile >= 2 * overlap */
+    if (in.min_tile < 2 * in.overlap)
+        in.min_tile = 2 * in.overlap;
+    if (in.min_tile < in.align)
+        in.min_tile = in.align;
     in.min_tile = align_up(in.min_tile, in.align);
     if (in.max_tile < in.min_tile && in.max_tile < in.w && in.max_tile < in.h) {
         PyErr_Format(PyExc_ValueError,
@@ -788,5 +804,5 @@ int vg_tiler_add_types(PyObject *m, vg_state *st)
 PyMethodDef vg_tiler_methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
      "plan(width, height, *, overlap=0, align=1, fixed_bytes=0, per_px_bytes=0, budget, batch=1, "
-     "min_tile=0, max_tile=None) -> dict"},
+     "min_tile=0, max_tile=None, feather=0.5) -> dict"},
     {NULL, NULL, 0, NULL}};

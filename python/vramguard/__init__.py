@@ -17,6 +17,8 @@ from .accounting import (Host, Snapshot, budget_of, clear_limits, device_count, 
 from .gcguard import (STAGES, Decision, GCGuard, after_stage, configure_gc, gc_check, gc_stats,
                       guard, parse_log_line, register_stage, run, set_log_file, stage)
 from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
+from .tiling import (Cancelled, CostModel, Plan, TilingError, calibrate, cost_model, default_cost,
+                     plan_tiles, tiled, tiled_many)
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,6 @@ __all__ = [
     "Sampler", "peaks", "reset_sampler", "sampler", "stages", "timeline",
     "STAGES", "Decision", "GCGuard", "after_stage", "configure_gc", "gc_check", "gc_stats", "guard",
     "parse_log_line", "register_stage", "run", "set_log_file", "stage",
+    "Cancelled", "CostModel", "Plan", "TilingError", "calibrate", "cost_model", "default_cost",
+    "plan_tiles", "tiled", "tiled_many",
 ]

@@ -118,6 +118,73 @@ def cmd_watch(a: argparse.Namespace) -> int:
     return 0
 
 
+def _wxh(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be WIDTHxHEIGHT, got {text!r}") from None
+    if w < 1 or h < 1 or w > (1 << 20) or h > (1 << 20):
+        raise argparse.ArgumentTypeError(f"--size sides must be 1..{1 << 20}, got {text!r}")
+    return w, h
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from . import tiling
+
+    w, h = a.size
+    elem = {"float32": 4, "float16": 2, "bfloat16": 2}[a.dtype]
+    cost = None
+    if a.per_px is not None or a.fixed is not None:
+        cost = tiling.CostModel(float(a.fixed or 0), float(a.per_px or 0), "given")
+    if a.simulate is not None or a.cap is not None:
+        _apply_device_options(a)
+    p = tiling.plan_tiles(w, h, scale=a.scale, overlap=a.overlap, align=a.align, channels=a.channels,
+                          elem_size=elem, batch=a.batch, cost=cost, model_bytes=a.model_mb << 20,
+                          budget=a.budget, card=a.card, reserve=a.reserve, max_tile=a.max_tile)
+    d = p.as_dict()
+    if a.json:
+        print(json.dumps(d))
+        return 0 if p.fits else 1
+    if not p.fits:
+        print(f"does not fit: {p.why}")
+        return 1
+    ow, oh = int(w * a.scale), int(h * a.scale)
+    print(f"{w}x{h} -> {ow}x{oh} (x{a.scale:g}), overlap {a.overlap}, align {a.align}")
+    print(f"budget            {fmt_bytes(p.budget_bytes)}")
+    print(f"tile              {p.tile[0]}x{p.tile[1]} px (input)")
+    print(f"grid              {p.grid[0]}x{p.grid[1]} = {p.tiles} tiles")
+    print(f"batch             {p.batch}")
+    print(f"predicted peak    {fmt_bytes(int(p.predicted_peak_bytes))}")
+    c = p.cost
+    if c is not None:
+        print(f"cost model        {fmt_bytes(int(c.fixed))} + {c.per_px:.0f} B per input px ({c.source})")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError as e:
+        print(f"vramguard demo needs torch and Pillow ({e}); `bash scripts/demo.sh` installs them",
+              file=sys.stderr)
+        return 1
+    from .demo import run_demo
+
+    run_demo(a.out, size=a.size, reserve=a.reserve_text, budget=a.budget, device=a.device)
+    return 0
+
+
+def cmd_install_comfyui(a: argparse.Namespace) -> int:
+    from .comfy_install import install_loader, uninstall_loader
+
+    if a.uninstall:
+        print(uninstall_loader(a.comfyui))
+    else:
+        print(install_loader(a.comfyui))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vramguard",
                                 description="GPU-memory guard: accounting, GC triggers, reserve-aware tiling.")
@@ -134,12 +201,37 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--count", type=int, default=None, help="stop after N refreshes")
     w.set_defaults(fn=cmd_watch)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    pl = sub.add_parser("plan", help="the largest tile that fits a budget (real, simulated or a card size)")
+    pl.add_argument("--size", type=_wxh, required=True, help="input WIDTHxHEIGHT, e.g. 4096x4096")
+    pl.add_argument("--scale", type=_pos_float("--scale"), default=1.0, help="output/input size, e.g. 4 or 0.125")
+    pl.add_argument("--overlap", type=int, default=32, help="input px shared by neighbouring tiles (default 32)")
+    pl.add_argument("--align", type=int, default=1, help="tile sizes and positions are multiples of this")
+    pl.add_argument("--channels", type=int, default=3)
+    pl.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    pl.add_argument("--batch", type=int, default=1, help="images in the batch")
+    pl.add_argument("--model-mb", type=int, default=0, help="model weights on the device (MiB)")
+    pl.add_argument("--per-px", type=float, default=None, help="measured bytes per input pixel (overrides the default model)")
+    pl.add_argument("--fixed", type=float, default=None, help="measured fixed bytes per tile")
+    pl.add_argument("--card", type=_size_arg("--card"), default=None, help="plan for a card of this size (bare number = GB)")
+    pl.add_argument("--budget", type=_size_arg("--budget"), default=None, help="plan for exactly this budget")
+    pl.add_argument("--max-tile", type=int, default=None, help="never use tiles larger than this")
+    _add_device_options(pl)
+    pl.add_argument("--json", action="store_true", help="one JSON object (keys tile, tiles, predicted_peak_bytes, budget_bytes, ...)")
+    pl.set_defaults(fn=cmd_plan)
+
+    dm = sub.add_parser("demo", help="tiled x4 upscale of a built-in image under a reserve, GC hooks on")
+    dm.add_argument("--out", default="vramguard_out", help="output folder (default ./vramguard_out)")
+    dm.add_argument("--size", type=int, default=384, help="built-in image side in px (default 384)")
+    dm.add_argument("--reserve", dest="reserve_text", default="1.5GB", help="VRAM (or RAM) to keep free")
+    dm.add_argument("--budget", default=None, help="use exactly this budget instead")
+    dm.add_argument("--device", default=None, help="cuda or cpu (default: the best present)")
+    dm.set_defaults(fn=cmd_demo)
+
+    ic = sub.add_parser("install-comfyui", help="write a loader folder into ComfyUI/custom_nodes")
+    ic.add_argument("comfyui", help="path to the ComfyUI folder")
+    ic.add_argument("--uninstall", action="store_true", help="remove the loader folder again")
+    ic.set_defaults(fn=cmd_install_comfyui)
     return p
-
-
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

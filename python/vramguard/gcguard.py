@@ -253,7 +253,9 @@ class GCGuard:
             "seconds": round(sum(v.seconds for v in table.values()), 3),
             "saved_gb": _gb(sum(v.saved for v in table.values())),
             "stages": {k: v.as_dict() for k, v in table.items()},
-            "peaks_gb": {k: _gb(v["peak_used"]) for k, v in sampling.peaks().items() if v["peak_used"] >= 0},
+            # device peaks where a device is sampled, host RSS peaks otherwise
+            "peaks_gb": {k: _gb(v["peak_used"] if v["peak_used"] >= 0 else v["peak_rss"])
+                         for k, v in sampling.peaks().items()},
         }
         log.info("vramguard %s: %d GC of %d checks, %.2f s, saved %.2f GB; peaks %s", label,
                  s["collections"], s["checks"], s["seconds"], s["saved_gb"], s["peaks_gb"])
