@@ -391,52 +391,54 @@ typedef struct {
     const char *src;
     int src_half;
     npy_intp nb, b0, h, w, ox, oy;
+    npy_intp sb, sc, sy; /* source strides in bytes: image, channel (NCHW), row */
     const float *wx, *wy;
     npy_intp row_lo, row_hi; /* rows of the (nb x h) work this thread owns */
 } put_job;
+
+/* ---- half-float rows: F16C where the CPU has it (checked once), portable code elsewhere */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define VG_HAVE_F16C_PATH 1
+static pthread_once_t f16c_once = PTHREAD_ONCE_INIT;
+static int f16c_ok; /* written once under f16c_once */
+static void detect_f16c(void) { f16c_ok = __builtin_cpu_supports("f16c"); }
+
+__attribute__((target("f16c"))) static void half_row_f16c(char *dst, int dst_half, const char *src,
+                                                          int src_half, const float *wx, float wy,
+                                                          npy_intp x0, npy_intp x1, npy_intp C, int add)
+{
+    for (npy_intp x = x0; x < x1; x++) {
+        float w = wy * wx[x];
+        for (npy_intp c = 0; c < C; c++) {
+            npy_intp i = x * C + c;
+            float v = w * (src_half ? _cvtsh_ss(((const uint16_t *)src)[i]) : ((const float *)src)[i]);
+            if (add)
+                v += dst_half ? _cvtsh_ss(((const uint16_t *)dst)[i]) : ((const float *)dst)[i];
+            if (dst_half)
+                ((uint16_t *)dst)[i] = _cvtss_sh(v, 0);
+            else
+                ((float *)dst)[i] = v;
+        }
+    }
+}
+#endif
 
 static inline float load(const char *base, int half, npy_intp i)
 {
     return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
-/* One output row segment: dst[X*stride + c] for X in [x0, x1) of the tile-local x. */
-static void blend_row(char *dst, int dst_half, const char *src, int src_half, const float *wx,
-                      float wy, npy_intp x0, npy_intp x1, npy_intp C, int add)
+static void half_row(char *dst, int dst_half, const char *src, int src_half, const float *wx, float wy,
+                     npy_intp x0, npy_intp x1, npy_intp C, int add)
 {
-    if (!dst_half && !src_half) {
-        float *d = (float *)dst;
-        const float *s = (const float *)src;
-        if (!add && wy == 1.0f) {
-            /* store: copy runs where the weight is exactly one */
-            npy_intp x = x0;
-            while (x < x1) {
-                if (wx[x] == 1.0f) {
-                    npy_intp e = x;
-                    while (e < x1 && wx[e] == 1.0f)
-                        e++;
-                    memcpy(d + x * C, s + x * C, (size_t)((e - x) * C) * sizeof(float));
-                    x = e;
-                } else {
-                    float w = wx[x];
-                    for (npy_intp c = 0; c < C; c++)
-                        d[x * C + c] = w * s[x * C + c];
-                    x++;
-                }
-            }
-            return;
-        }
-        for (npy_intp x = x0; x < x1; x++) {
-            float w = wy * wx[x];
-            if (add)
-                for (npy_intp c = 0; c < C; c++)
-                    d[x * C + c] += w * s[x * C + c];
-            else
-                for (npy_intp c = 0; c < C; c++)
-                    d[x * C + c] = w * s[x * C + c];
-        }
+#ifdef VG_HAVE_F16C_PATH
+    pthread_once(&f16c_once, detect_f16c);
+    if (f16c_ok) {
+        half_row_f16c(dst, dst_half, src, src_half, wx, wy, x0, x1, C, add);
         return;
     }
+#endif
     for (npy_intp x = x0; x < x1; x++) {
         float w = wy * wx[x];
         for (npy_intp c = 0; c < C; c++) {
@@ -452,6 +454,51 @@ static void blend_row(char *dst, int dst_half, const char *src, int src_half, co
     }
 }
 
+/* One output row segment: pixels [x0, x1) of the tile, C values each, contiguous. */
+static void blend_row(char *dst, int dst_half, const char *src, int src_half, const float *wx,
+                      float wy, npy_intp x0, npy_intp x1, npy_intp C, int add)
+{
+    if (!add && wy == 1.0f && dst_half == src_half) {
+        /* store: copy runs where the weight is exactly one (most of every tile) */
+        size_t es = dst_half ? 2 : 4;
+        npy_intp x = x0;
+        while (x < x1) {
+            npy_intp e = x;
+            while (e < x1 && wx[e] == 1.0f)
+                e++;
+            if (e > x) {
+                memcpy(dst + (size_t)(x * C) * es, src + (size_t)(x * C) * es, (size_t)((e - x) * C) * es);
+                x = e;
+                continue;
+            }
+            while (e < x1 && wx[e] != 1.0f)
+                e++;
+            if (dst_half)
+                half_row(dst, 1, src, 1, wx, 1.0f, x, e, C, 0);
+            else
+                for (npy_intp k = x * C; k < e * C; k++)
+                    ((float *)dst)[k] = wx[k / C] * ((const float *)src)[k];
+            x = e;
+        }
+        return;
+    }
+    if (!dst_half && !src_half) {
+        float *d = (float *)dst;
+        const float *s = (const float *)src;
+        for (npy_intp x = x0; x < x1; x++) {
+            float w = wy * wx[x];
+            if (add)
+                for (npy_intp c = 0; c < C; c++)
+                    d[x * C + c] += w * s[x * C + c];
+            else
+                for (npy_intp c = 0; c < C; c++)
+                    d[x * C + c] = w * s[x * C + c];
+        }
+        return;
+    }
+    half_row(dst, dst_half, src, src_half, wx, wy, x0, x1, C, add);
+}
+
 static void zero_row(char *dst, int half, npy_intp n)
 {
     memset(dst, 0, (size_t)n * (half ? 2 : 4));
@@ -461,7 +508,7 @@ static void *put_worker(void *arg)
 {
     put_job *j = arg;
     Canvas *cv = j->cv;
-    size_t es = cv->is_half ? 2 : 4, ses = j->src_half ? 2 : 4;
+    size_t es = cv->is_half ? 2 : 4;
     char *out = PyArray_BYTES(cv->out);
     for (npy_intp r = j->row_lo; r < j->row_hi; r++) {
         npy_intp n = r / j->h, y = r % j->h, b = j->b0 + n, Y = j->oy + y;
@@ -484,13 +531,13 @@ static void *put_worker(void *arg)
         float wy = j->wy[y];
         if (!cv->nchw) {
             char *d = out + ((b * cv->H + Y) * cv->W + j->ox) * cv->C * es;
-            const char *s = j->src + ((n * j->h + y) * j->w) * cv->C * ses;
+            const char *s = j->src + n * j->sb + y * j->sy;
             blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, 0, a, cv->C, 1);
             blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, cv->C, 0);
         } else {
             for (npy_intp c = 0; c < cv->C; c++) {
                 char *d = out + (((b * cv->C + c) * cv->H + Y) * cv->W + j->ox) * es;
-                const char *s = j->src + (((n * cv->C + c) * j->h + y) * j->w) * ses;
+                const char *s = j->src + n * j->sb + c * j->sc + y * j->sy;
                 blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, 0, a, 1, 1);
                 blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, 1, 0);
             }
@@ -643,7 +690,15 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
                      (PyObject *)PyArray_DESCR((PyArrayObject *)res));
         return NULL;
     }
-    PyArrayObject *src = (PyArrayObject *)PyArray_FROM_OTF(res, t, NPY_ARRAY_IN_ARRAY);
+    /* Rows must be contiguous (the kernel walks a row with memcpy); image/channel/row strides
+     * may be anything, so a sliced view of a bigger result is read in place, not copied. */
+    PyArrayObject *ra = (PyArrayObject *)res;
+    npy_intp esz = t == NPY_FLOAT16 ? 2 : 4;
+    int rows_ok = PyArray_NDIM(ra) == 4 && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra) &&
+                  PyArray_STRIDE(ra, 3) == esz &&
+                  (cv->nchw || PyArray_STRIDE(ra, 2) == esz * PyArray_DIM(ra, 3));
+    PyArrayObject *src = rows_ok ? (PyArrayObject *)Py_NewRef(res)
+                                 : (PyArrayObject *)PyArray_FROM_OTF(res, t, NPY_ARRAY_IN_ARRAY);
     if (src == NULL)
         return NULL;
     PyObject *ret = NULL;
@@ -684,7 +739,9 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     if (nt > rows)
         nt = (int)rows;
     for (int i = 0; i < nt; i++) {
-        jobs[i] = (put_job){cv, PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w, ox, oy, wx, wy,
+        jobs[i] = (put_job){cv, PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w, ox, oy,
+                            PyArray_STRIDE(src, 0), cv->nchw ? PyArray_STRIDE(src, 1) : 0,
+                            PyArray_STRIDE(src, cv->nchw ? 2 : 1), wx, wy,
                             rows * i / nt, rows * (i + 1) / nt};
     }
     pthread_t th[VG_MAX_THREADS];

@@ -274,6 +274,16 @@ def test_tiled_bad_arguments(kw, exc, match):
         vg.tiled(lambda t: t, x, **args)
 
 
+def test_out_buffer_is_written_in_place_and_checked():
+    x = rng.random((1, 40, 40, 3), dtype=np.float32)
+    buf = np.full((1, 80, 80, 3), -7, np.float32)
+    res = vg.tiled(lambda t: up2(t), x, scale=2, overlap=8, tile=24, min_tile=16, out=buf)
+    assert res is buf
+    np.testing.assert_allclose(buf, up2(x), atol=1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        vg.tiled(lambda t: up2(t), x, scale=2, overlap=8, tile=24, min_tile=16, out=np.empty((1, 80, 81, 3), np.float32))
+
+
 def test_output_larger_than_host_memory_is_refused_up_front():
     calls = []
     with pytest.raises(ValueError, match="host memory"):
