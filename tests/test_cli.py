@@ -58,3 +58,48 @@ def test_watch_refreshes():
     r = cli("watch", "--simulate", "8GB", "--count", "3", "--interval", "0.05")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Simulated GPU 0") == 3
+
+
+def test_plan_json_keys_and_numbers():
+    r = cli("plan", "--size", "4096x4096", "--scale", "4", "--model-mb", "64", "--card", "8GB",
+            "--reserve", "1.5", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert set(d) >= {"tile", "tiles", "predicted_peak_bytes", "budget_bytes"}
+    assert d["budget_bytes"] == int(6.5 * GiB)
+    assert d["predicted_peak_bytes"] <= d["budget_bytes"]
+    assert d["tiles"] == d["grid"][0] * d["grid"][1] > 1
+    bigger = json.loads(cli("plan", "--size", "4096x4096", "--scale", "4", "--model-mb", "64", "--card", "24GB",
+                            "--reserve", "1.5", "--json").stdout)
+    assert bigger["tiles"] < d["tiles"]
+
+
+def test_plan_text_and_no_fit():
+    r = cli("plan", "--size", "2048x2048", "--scale", "4", "--card", "8GB", "--reserve", "1")
+    assert r.returncode == 0 and "tile" in r.stdout and "predicted peak" in r.stdout
+    r = cli("plan", "--size", "2048x2048", "--scale", "4", "--card", "1GB", "--reserve", "1")
+    assert r.returncode == 1 and "does not fit" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["plan", "--size", "0x10", "--card", "8GB"], ["plan", "--size", "abc"],
+                                  ["plan", "--size", "10x10", "--scale", "nan"],
+                                  ["plan", "--size", "10x10", "--card", "-3GB"]])
+def test_plan_bad_arguments(args):
+    r = cli(*args)
+    assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_demo_writes_its_files(tmp_path):
+    pytest.importorskip("torch", reason="the demo runs a torch network")
+    pytest.importorskip("PIL", reason="the demo writes PNGs")
+    from PIL import Image
+    r = cli("demo", "--out", str(tmp_path), "--size", "128", timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in ("upscaled.png", "input.png", "timeline.png", "gc.log", "gc.jsonl", "plan.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert Image.open(tmp_path / "upscaled.png").size == (512, 512)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["run"]["tiles"] >= 1 and plan["run"]["retries"] == 0
+    gc_lines = [l for l in (tmp_path / "gc.log").read_text().splitlines() if " GC: " in l]
+    assert gc_lines and "fn=upscale" in gc_lines[-1]
+    assert str(tmp_path) in r.stdout
