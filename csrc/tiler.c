@@ -28,6 +28,13 @@
 
 static int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
+/* The tile n evenly spread tiles would need with exactly `ov` overlap (rounded up). */
+static int64_t natural_tile(int64_t len, int64_t n, int64_t ov, int64_t align)
+{
+    return align_up((len + (n - 1) * ov + n - 1) / n, align);
+}
+
+
 /* Positions of n tiles of size t over [0, len): even spread, multiples of `align`, first at
  * 0, last ending at len.  Returns 0 when every neighbour overlap is >= ov and the feather
  * bands of neighbouring pairs do not intersect (each band is the middle `feather` of its
@@ -64,17 +71,20 @@ static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t
     return 0;
 }
 
-/* Smallest tile (multiple of align, or the whole length) that covers len with n tiles. */
-static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, double feather, int64_t tmax,
-                         int64_t *pos)
+/* Smallest tile in [tmin, tmax] (a multiple of align, or the whole length) that covers len
+ * with n tiles. */
+static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, double feather, int64_t tmin,
+                         int64_t tmax, int64_t *pos)
 {
     if (n == 1) {
         pos[0] = 0;
         return len <= tmax ? len : -1;
     }
-    int64_t t = align_up((len + (n - 1) * ov + n - 1) / n, align);
+    int64_t t = natural_tile(len, n, ov, align);
     if (t < 2 * ov)
         t = align_up(2 * ov, align);
+    if (t < tmin)
+        t = align_up(tmin, align);
     for (; t <= tmax && t < len; t += align)
         if (axis_positions(len, t, n, ov, align, feather, pos) == 0)
             return t;
@@ -111,14 +121,13 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
     int64_t best = -1, bw = 0, bh = 0, bnx = 0, bny = 0;
     int64_t tmin = in->min_tile;
     for (int64_t nx = 1; nx <= in->w; nx++) {
-        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->feather, in->max_tile, xs);
+        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->feather, tmin, in->max_tile, xs);
         if (tw < 0) {
-            if (nx > 1 && align_up((in->w + (nx - 1) * in->overlap) / nx, in->align) < tmin)
+            /* more tiles only shrink the stride further once tiles are at their minimum */
+            if (nx > 1 && natural_tile(in->w, nx, in->overlap, in->align) < tmin)
                 break;
             continue;
         }
-        if (tw < tmin && tw < in->w)
-            break;
         if (best > 0 && nx > best)
             break;
         double hmax = amax / (double)tw;
@@ -127,14 +136,12 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
         for (int64_t ny = 1; ny <= in->h; ny++) {
             if (best > 0 && nx * ny > best)
                 break;
-            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->feather, in->max_tile, ys);
+            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->feather, tmin, in->max_tile, ys);
             if (th < 0) {
-                if (ny > 1 && align_up((in->h + (ny - 1) * in->overlap) / ny, in->align) < tmin)
+                if (ny > 1 && natural_tile(in->h, ny, in->overlap, in->align) < tmin)
                     break;
                 continue;
             }
-            if (th < tmin && th < in->h)
-                break;
             if ((double)th > hmax)
                 continue;
             int64_t n = nx * ny, area = tw * th, barea = bw * bh;
@@ -166,8 +173,8 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
     }
     out->batch = b;
     out->peak = tile_cost(in, bw, bh, b);
-    axis_tile(in->w, bnx, in->overlap, in->align, in->feather, in->max_tile, xs);
-    axis_tile(in->h, bny, in->overlap, in->align, in->feather, in->max_tile, ys);
+    axis_tile(in->w, bnx, in->overlap, in->align, in->feather, in->min_tile, in->max_tile, xs);
+    axis_tile(in->h, bny, in->overlap, in->align, in->feather, in->min_tile, in->max_tile, ys);
 }
 
 static int64_t get_pos_int(PyObject *kw_or_val, const char *what, int64_t lo, int64_t hi, int *err)

@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check "setuptools>=64" wheel "numpy>=2" \
-    "pytest>=7" "hypothesis>=6" "pillow>=9"
+    "pytest>=7" "hypothesis>=6" "pillow>=9" "aiohttp>=3.9"
 # torch (CPU) for the GC-hook, adapter and tiler tests; they skip with a reason without it.
 "$venv/bin/pip" install -q --disable-pip-version-check "torch==2.13.0" 2>/dev/null \
   || echo "vramguard: torch not installed; torch tests will be skipped"

@@ -286,7 +286,7 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
           card: Any = None, device: int | None = None, cost: CostModel | None = None, model_key: Any = None,
           min_tile: int = 64, feather: float = 0.5, progress: Callable[[int, int], Any] | None = None,
           cancel: Callable[[], bool] | None = None, max_batch: int | None = None,
-          stats: dict | None = None, out: np.ndarray | None = None) -> Any:
+          stats: dict | None = None, out: np.ndarray | None = None, max_tile: int | None = None) -> Any:
     """Apply `fn` to `image` in the largest tiles that fit, blended seamlessly.
 
     image: NumPy array or torch tensor, [B,H,W,C] (layout="nhwc", ComfyUI's IMAGE) or
@@ -361,7 +361,7 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
     else:
         p = plan_tiles(W, H, scale=scale, overlap=overlap, align=align, channels=C, batch=B, cost=c,
                        budget=budget, card=card, reserve=reserve, device=device, min_tile=floor,
-                       feather=feather)
+                       feather=feather, max_tile=max_tile)
         if not p.fits:
             raise TilingError(f"{p.why}; cost model {c.source}: {fmt_bytes(int(c.fixed))} + "
                               f"{c.per_px:.0f} B/px")

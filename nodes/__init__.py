@@ -1,0 +1,35 @@
+"""vramguard's ComfyUI node pack.
+
+Loaded two ways: from a git clone in custom_nodes/ (the repository's __init__.py imports
+this package) or, after `pip install vramguard`, from the loader folder that
+`python -m vramguard install-comfyui` writes.  Importing registers the nodes, the settings
+routes and the web extension, applies saved settings (defaults for those never changed) and
+installs the stage hooks when that setting is on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .pack import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+log = logging.getLogger("vramguard")
+# absolute, so the pip route's loader folder can re-export it unchanged
+WEB_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+
+def _setup() -> None:
+    from . import settings
+
+    in_comfyui = settings.register_routes()
+    if not in_comfyui:
+        return  # imported outside ComfyUI (tests, tools): registration only
+    try:
+        settings.load_saved()
+    except Exception as e:  # a bad settings file must not stop ComfyUI from loading
+        log.warning("vramguard: settings not applied: %s", e)
+
+
+_setup()

@@ -1,0 +1,299 @@
+"""The ComfyUI node pack without ComfyUI: schemas, execution on ComfyUI-shaped data, the
+settings route's validation, saved settings, the loader writer."""
+import asyncio
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the nodes exchange torch tensors")
+
+import vramguard as vg  # noqa: E402
+import vramguard_nodes  # noqa: E402
+from vramguard_nodes import pack, settings  # noqa: E402
+from vramguard import comfy_install  # noqa: E402
+
+GiB = 1 << 30
+
+
+# ------------------------------------------------------------------ schemas
+def test_mappings_and_schemas():
+    m, names = vramguard_nodes.NODE_CLASS_MAPPINGS, vramguard_nodes.NODE_DISPLAY_NAME_MAPPINGS
+    assert set(m) == set(names) and len(m) == 9
+    assert set(names.values()) >= {"Memory Snapshot", "GC Checkpoint", "Unload Models", "Set Reserve",
+                                   "Upscale Image (tiled, auto)", "VAE Decode (tiled, auto)",
+                                   "VAE Encode (tiled, auto)", "Memory Guard", "Memory Timeline"}
+    for key, cls in m.items():
+        it = cls.INPUT_TYPES()
+        assert set(it) <= {"required", "optional", "hidden"} and "required" in it, key
+        for section in ("required", "optional"):
+            for name, spec in it.get(section, {}).items():
+                assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (key, name)
+                assert spec[1].get("tooltip"), f"{key}.{name} has no tooltip"
+                if spec[0] in ("INT", "FLOAT"):
+                    assert spec[1]["min"] <= spec[1]["default"] <= spec[1]["max"], (key, name)
+        assert isinstance(cls.RETURN_TYPES, tuple) and callable(getattr(cls, cls.FUNCTION))
+        assert cls.CATEGORY == "vramguard" and cls.DESCRIPTION
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
+    assert os.path.isfile(os.path.join(vramguard_nodes.WEB_DIRECTORY, "vramguard.js"))
+    assert not (pack.ANY != "IMAGE") and not (pack.ANY != "LATENT")  # matches every socket type
+
+
+# ------------------------------------------------------------------ execution with ComfyUI-shaped data
+def test_memory_snapshot_node():
+    vg.simulate("8GB", "3GB")
+    vg.set_reserve("1GB")
+    out = pack.MemorySnapshot().execute(0)
+    text, free_mb, budget_mb, used = out["result"]
+    assert "Simulated GPU 0" in text and out["ui"]["text"] == [text]
+    assert free_mb == 5 * 1024 and budget_mb == 4 * 1024 and abs(used - 37.5) < 1e-6
+
+
+def test_gc_checkpoint_and_unload_pass_through():
+    vg.simulate("8GB", "7GB")
+    img = torch.rand(1, 8, 8, 3)
+    (v,) = pack.GCCheckpoint().execute(img, "forced", "vae_decode")
+    assert v is img and vg.gc_stats()["vae_decode"]["collections"] >= 1
+    lat = {"samples": torch.zeros(1, 4, 8, 8)}
+    assert pack.UnloadModels().execute(lat)[0] is lat
+
+
+def test_set_reserve_node():
+    vg.simulate("8GB", "2GB")
+    p, budget = pack.SetReserve().execute(1.5, 0.0, -1, passthrough="x")
+    assert p == "x" and vg.limits()["reserve"] == int(1.5 * GiB) and budget == int(4.5 * 1024)
+    _, budget = pack.SetReserve().execute(0.0, 3.0, 0)
+    assert budget == 1024  # cap 3 GiB - 2 GiB held
+
+
+class FakeUpscaleModel:
+    """Shaped like spandrel's ImageModelDescriptor: .scale, .model, __call__(NCHW) -> NCHW."""
+
+    def __init__(self, scale=2):
+        torch.manual_seed(0)
+        self.scale = scale
+        self.model = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.patcher = None
+        self.calls = 0
+
+    def to(self, dev):
+        self.model.to(dev)
+        return self
+
+    def __call__(self, x):
+        self.calls += 1
+        y = self.model(x)
+        return torch.nn.functional.interpolate(y, scale_factor=self.scale, mode="nearest")
+
+
+def test_upscale_node_matches_untiled_and_keeps_alpha():
+    model = FakeUpscaleModel(2)
+    img = torch.rand(2, 70, 90, 3)
+    (out,) = pack.UpscaleImageTiled().execute(model, img, overlap=8, reserve_gb=-1.0, max_tile=64)
+    assert out.shape == (2, 140, 180, 3) and out.dtype == torch.float32
+    with torch.no_grad():
+        ref = torch.clamp(model(img.movedim(-1, 1)).movedim(1, -1), 0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert model.calls > 2  # it really tiled (max_tile 64)
+    rgba = torch.rand(1, 32, 32, 4)
+    (out4,) = pack.UpscaleImageTiled().execute(FakeUpscaleModel(2), rgba, overlap=8)
+    assert out4.shape == (1, 64, 64, 4)
+
+
+class FakeVAE:
+    """Shaped like comfy.sd.VAE for a 2-D latent VAE with downscale 8."""
+
+    def __init__(self):
+        torch.manual_seed(1)
+        self.upscale_ratio = self.downscale_ratio = 8
+        self.latent_dim = 2
+        self.extra_1d_channel = None
+        self.device, self.vae_dtype = torch.device("cpu"), torch.float32
+        self.memory_used_decode = lambda shape, dtype: 2178 * shape[2] * shape[3] * 64 * 4
+        self.memory_used_encode = lambda shape, dtype: 1767 * shape[2] * shape[3] * 4
+        self.patcher = None
+        dec, enc = torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Conv2d(3, 4, 1)
+
+        class FSM:
+            def decode(_, z):
+                return torch.nn.functional.interpolate(dec(z), scale_factor=8, mode="nearest")
+
+            def encode(_, x):
+                return enc(torch.nn.functional.avg_pool2d(x, 8))
+
+        self.first_stage_model = FSM()
+        self.process_output = lambda im: torch.clamp((im + 1.0) / 2.0, 0.0, 1.0)
+        self.process_input = lambda im: im * 2.0 - 1.0
+
+    def vae_encode_crop_pixels(self, px):
+        h, w = px.shape[1] // 8 * 8, px.shape[2] // 8 * 8
+        return px[:, :h, :w]
+
+
+def test_vae_decode_node_matches_untiled():
+    vae = FakeVAE()
+    z = torch.randn(1, 4, 24, 20)
+    (img,) = pack.VAEDecodeTiled().execute({"samples": z}, vae, overlap=4, reserve_gb=-1)
+    assert img.shape == (1, 192, 160, 3)
+    with torch.no_grad():
+        ref = vae.process_output(vae.first_stage_model.decode(z)).movedim(1, -1)
+    torch.testing.assert_close(img, ref, atol=1e-5, rtol=0)
+
+
+def test_vae_encode_node_matches_untiled():
+    vae = FakeVAE()
+    px = torch.rand(2, 100, 130, 3)          # cropped to 96 x 128 like ComfyUI
+    (lat,) = pack.VAEEncodeTiled().execute(px, vae, overlap=16, reserve_gb=-1)
+    assert lat["samples"].shape == (2, 4, 12, 16)
+    with torch.no_grad():
+        ref = vae.first_stage_model.encode(vae.process_input(px[:, :96, :128].movedim(-1, 1)))
+    torch.testing.assert_close(lat["samples"], ref, atol=1e-5, rtol=0)
+
+
+def test_memory_guard_without_comfyui_returns_a_clone():
+    class M:
+        def clone(self):
+            return M()
+
+    m = M()
+    (out,) = pack.MemoryGuard().execute(m, "policy")
+    assert isinstance(out, M) and out is not m
+
+
+def test_memory_timeline_node():
+    vg.simulate("8GB", "1GB")
+    vg.reset_sampler()
+    with vg.stage("vae_decode", gc=False):
+        vg.update_simulated(0, used="5GB")
+    (img,) = pack.MemoryTimeline().execute(400, 200, True)
+    assert img.shape == (1, 200, 400, 3) and img.dtype == torch.float32
+    assert 0 <= float(img.min()) and float(img.max()) <= 1 and float(img.std()) > 0.01
+    assert vg.stages() == []  # reset=True cleared it
+    with pytest.raises(ValueError):
+        pack.MemoryTimeline().execute(10, 10)
+
+
+# ------------------------------------------------------------------ settings
+@pytest.mark.parametrize("key,value", [("LowVRAM", "yes"), ("ReserveGB", -1), ("ReserveGB", float("nan")),
+                                       ("ReserveGB", 1000), ("GCThreshold", 101), ("GCThreshold", "70"),
+                                       ("LogLevel", "LOUD"), ("MonitorRefresh", -0.5), ("Nope", 1),
+                                       ("JsonLogPath", "../../etc/passwd"), ("JsonLogPath", "/tmp/x.jsonl"),
+                                       ("MonitorWarn", True)])
+def test_setting_validation_rejects(key, value, tmp_path, monkeypatch):
+    monkeypatch.setenv("VRAMGUARD_USER_DIR", str(tmp_path))
+    with pytest.raises(settings.SettingError):
+        settings.validate(key, value)
+
+
+class FakeRequest:
+    def __init__(self, body):
+        self.body = body
+
+    async def json(self):
+        if isinstance(self.body, Exception):
+            raise self.body
+        return self.body
+
+
+def _post(body):
+    web = pytest.importorskip("aiohttp.web", reason="aiohttp (ComfyUI's server) not installed")
+    resp = asyncio.run(settings.handle_post(FakeRequest(body), web))
+    return resp.status, json.loads(resp.body)
+
+
+def test_settings_route_validates_and_applies(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRAMGUARD_USER_DIR", str(tmp_path))
+    vg.configure_gc(threshold=70)
+    status, body = _post({"id": "vramguard.GCThreshold", "value": 150})
+    assert status == 400 and "GCThreshold must be 0..100" in body["error"]
+    assert vg.guard().policy.threshold == 70
+    status, body = _post({"vramguard.GCThreshold": 40, "vramguard.ReserveGB": "two"})  # all or nothing
+    assert status == 400 and vg.guard().policy.threshold == 70
+    status, body = _post({"id": "vramguard.GCThreshold", "value": 40})
+    assert status == 200 and body["vramguard.GCThreshold"] == 40 and vg.guard().policy.threshold == 40
+    status, _ = _post({"vramguard.ReserveGB": 2.5, "vramguard.LowVRAM": True})
+    assert status == 200 and vg.limits()["reserve"] == int(2.5 * GiB) and vg.guard().low_vram
+    status, _ = _post({"id": "vramguard.JsonLogPath", "value": "logs/gc.jsonl"})
+    assert status == 200 and vg.guard()._jsonl == str(tmp_path / "logs" / "gc.jsonl")
+    for bad in (ValueError("not json"), [1, 2], {}, {"id": 5, "value": 1}):
+        assert _post(bad)[0] == 400
+    settings.load_saved(str(tmp_path / "missing.json"))  # back to defaults for other tests
+
+
+def test_saved_settings_and_defaults(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VRAMGUARD_USER_DIR", str(tmp_path))
+    f = tmp_path / "comfy.settings.json"
+    f.write_text(json.dumps({"vramguard.GCThreshold": 55, "vramguard.ReserveGB": -3,
+                             "Comfy.SomethingElse": 1}))
+    vals = settings.load_saved(str(f))
+    assert vals["vramguard.GCThreshold"] == 55 and vg.guard().policy.threshold == 55
+    assert vals["vramguard.ReserveGB"] == 1.0 and vg.limits()["reserve"] == GiB  # bad saved -> default
+    assert vals["vramguard.LowVRAM"] is False and vals["vramguard.MonitorRefresh"] == 2.0
+    assert any("ReserveGB ignored" in r.getMessage() for r in caplog.records)
+    f.write_text("{not json")
+    vals = settings.load_saved(str(f))
+    assert vals["vramguard.GCThreshold"] == 70.0
+    schema = settings.schema_for_web()
+    assert {s["id"] for s in schema} == set(vals) and all(s["tooltip"] for s in schema)
+
+
+def test_monitor_idles_when_hidden_or_off():
+    sent = []
+    settings.apply("MonitorRefresh", 0.2)
+    settings.monitor.visible(True, lambda ev, data: sent.append((ev, data)))
+    import time
+    time.sleep(0.6)
+    assert sent and sent[0][0] == "vramguard.monitor" and "ram" in sent[0][1]
+    settings.monitor.visible(False, None)
+    n = len(sent)
+    time.sleep(0.5)
+    assert len(sent) <= n + 1
+    settings.apply("MonitorRefresh", 2.0)
+
+
+# ------------------------------------------------------------------ the pip route's loader
+def _fake_comfyui(root):
+    (root / "comfy").mkdir(parents=True)
+    (root / "custom_nodes").mkdir()
+    (root / "main.py").write_text("# fake\n")
+    return root
+
+
+def test_loader_writer_install_idempotent_uninstall(tmp_path):
+    root = _fake_comfyui(tmp_path / "ComfyUI")
+    msg = comfy_install.install_loader(str(root))
+    init = root / "custom_nodes" / "vramguard_loader" / "__init__.py"
+    assert msg.startswith("installed") and init.read_text().startswith(comfy_install.MARKER)
+    assert "from vramguard_nodes import NODE_CLASS_MAPPINGS" in init.read_text()
+    assert comfy_install.install_loader(str(root)).startswith("already installed")
+    assert comfy_install.uninstall_loader(str(root)).startswith("removed")
+    assert not init.parent.exists()
+    assert comfy_install.uninstall_loader(str(root)).startswith("not installed")
+
+
+def test_loader_writer_refuses_foreign_folders_and_bad_paths(tmp_path):
+    root = _fake_comfyui(tmp_path / "ComfyUI")
+    foreign = root / "custom_nodes" / "vramguard_loader"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("# someone else's\n")
+    with pytest.raises(ValueError, match="not written by vramguard"):
+        comfy_install.install_loader(str(root))
+    with pytest.raises(ValueError, match="not written by vramguard"):
+        comfy_install.uninstall_loader(str(root))
+    assert (foreign / "__init__.py").read_text() == "# someone else's\n"
+    with pytest.raises(ValueError, match="does not look like ComfyUI"):
+        comfy_install.install_loader(str(tmp_path))
+    with pytest.raises(ValueError, match="not a folder"):
+        comfy_install.install_loader(str(tmp_path / "nope"))
+
+
+def test_install_comfyui_cli(tmp_path):
+    import subprocess
+    import sys
+    root = _fake_comfyui(tmp_path / "ComfyUI")
+    r = subprocess.run([sys.executable, "-m", "vramguard", "install-comfyui", str(root)], capture_output=True, text=True)
+    assert r.returncode == 0 and "installed" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "vramguard", "install-comfyui", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not a folder" in r.stderr
