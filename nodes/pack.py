@@ -219,13 +219,16 @@ class UpscaleImageTiled:
             cost = vg.calibrate(fn, image[:1].to(dev), key=key)
         budget = _budget_for(dev, reserve_gb)
         _, H, W, _ = image.shape
+        # back-off stops at 64 px, or lower when the user capped tiles below that
+        floor = max(2 * overlap, min(64, max_tile) if max_tile else 64)
+        if max_tile and max_tile < floor:
+            raise ValueError(f"max_tile {max_tile} is below 2 x overlap ({2 * overlap}); lower the overlap")
         total = vg.plan_tiles(W, H, scale=scale, overlap=overlap, batch=image.shape[0],
-                              cost=cost, budget=budget, min_tile=max(64, 2 * overlap),
-                              max_tile=max_tile or None)
+                              cost=cost, budget=budget, min_tile=floor, max_tile=max_tile or None)
         steps = total.tiles * image.shape[0] if total.fits else 1
         with vg.stage("upscale"):
             out = vg.tiled(fn, image, scale=scale, overlap=overlap, cost=cost, budget=budget,
-                           min_tile=max(64, 2 * overlap), progress=host.progress(steps), max_batch=1,
+                           min_tile=floor, progress=host.progress(steps), max_batch=1,
                            max_tile=max_tile or None)
         out = torch.clamp(out, 0.0, 1.0)
         if alpha is not None:

@@ -289,6 +289,14 @@ def register_routes() -> bool:
     async def get_status(request):
         return web.json_response(payload())
 
+    @routes.get("/vramguard/hooks")
+    async def get_hooks(request):
+        from vramguard.adapters import comfyui
+
+        rep = comfyui.hook_report()
+        return web.json_response({"installed": [list(p) for p in rep["installed"]], "missing": rep["missing"],
+                                  "gc_stats": vg.gc_stats()})
+
     return True
 
 

@@ -365,3 +365,20 @@ def test_growth_rule_targets_garbage_not_cache():
         p.decide(s(2), stage=64)
     with pytest.raises(ValueError, match="growth"):
         _native.Policy(growth=1.5)
+
+
+def test_hook_predicate_decides_per_call(g):
+    class Patcher:
+        def __init__(self, patches):
+            self.patches = patches
+
+        def unpatch_model(self):
+            return "ok"
+
+    hs = HookSet("test")
+    hs.wrap(Patcher, "unpatch_model", "lora_unload", lambda self: bool(self.patches))
+    assert Patcher({}).unpatch_model() == "ok"
+    assert "lora_unload" not in vg.gc_stats()          # a plain offload is not a LoRA unload
+    assert Patcher({"w": 1}).unpatch_model() == "ok"
+    assert vg.gc_stats()["lora_unload"]["checks"] == 1
+    hs.uninstall()

@@ -25,9 +25,13 @@ def _custom_nodes(comfyui: str) -> str:
     root = os.path.abspath(os.fspath(comfyui))
     if not os.path.isdir(root):
         raise ValueError(f"not a folder: {root}")
-    if not (os.path.isfile(os.path.join(root, "main.py")) and os.path.isdir(os.path.join(root, "comfy"))):
-        raise ValueError(f"{root} does not look like ComfyUI (no main.py and comfy/)")
     cn = os.path.join(root, "custom_nodes")
+    checkout = os.path.isfile(os.path.join(root, "main.py")) and os.path.isdir(os.path.join(root, "comfy"))
+    # a --base-directory folder: custom_nodes beside models/ or user/
+    base_dir = os.path.isdir(cn) and (os.path.isdir(os.path.join(root, "models")) or os.path.isdir(os.path.join(root, "user")))
+    if not (checkout or base_dir):
+        raise ValueError(f"{root} does not look like ComfyUI (no main.py and comfy/) or a ComfyUI "
+                         "--base-directory (custom_nodes/ with models/ or user/)")
     if not os.path.isdir(cn):
         raise ValueError(f"{root} has no custom_nodes folder")
     return cn
@@ -43,7 +47,8 @@ def _ours(folder: str) -> bool:
 
 
 def install_loader(comfyui: str) -> str:
-    """Write custom_nodes/vramguard_loader; return what was done."""
+    """Write custom_nodes/vramguard_loader into a ComfyUI folder (or a --base-directory);
+    return what was done."""
     import vramguard_nodes  # noqa: F401 - the pack must be importable from this Python
 
     cn = _custom_nodes(comfyui)

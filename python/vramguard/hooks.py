@@ -19,7 +19,8 @@ log = logging.getLogger("vramguard")
 _depth = threading.local()
 
 
-def _make_wrapper(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+def _make_wrapper(fn: Callable[..., Any], stage: str,
+                  when: Callable[..., bool] | None = None) -> Callable[..., Any]:
     from . import gcguard, sampling
 
     @functools.wraps(fn)
@@ -27,6 +28,13 @@ def _make_wrapper(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
         d = getattr(_depth, stage, 0)
         if d:  # inner call of the same stage: the outer one checks
             return fn(*args, **kwargs)
+        if when is not None:
+            try:
+                relevant = when(*args, **kwargs)
+            except Exception:
+                relevant = True
+            if not relevant:  # e.g. an unpatch with no LoRA patches: not this stage
+                return fn(*args, **kwargs)
         setattr(_depth, stage, 1)
         token = None
         try:
@@ -74,8 +82,9 @@ class HookSet:
         self._installed: list[tuple[Any, str, Any, str]] = []  # owner, attr, original raw, stage
         self.missing: dict[str, str] = {}
 
-    def wrap(self, owner: Any, attr: str, stage: str) -> bool:
-        """Wrap owner.attr as `stage`.  False (logged once) when the seam is missing."""
+    def wrap(self, owner: Any, attr: str, stage: str, when: Callable[..., bool] | None = None) -> bool:
+        """Wrap owner.attr as `stage`.  False (logged once) when the seam is missing.
+        `when(*args, **kwargs)`, if given, decides per call whether the call is this stage."""
         from .gcguard import _check_stage
 
         _check_stage(stage)
@@ -90,11 +99,11 @@ class HookSet:
         if is_wrapped(raw):
             return True
         if isinstance(raw, classmethod):
-            new: Any = classmethod(_make_wrapper(raw.__func__, stage))
+            new: Any = classmethod(_make_wrapper(raw.__func__, stage, when))
         elif isinstance(raw, staticmethod):
-            new = staticmethod(_make_wrapper(raw.__func__, stage))
+            new = staticmethod(_make_wrapper(raw.__func__, stage, when))
         elif callable(raw):
-            new = _make_wrapper(raw, stage)
+            new = _make_wrapper(raw, stage, when)
         else:
             self.missing[label] = f"not callable ({type(raw).__name__})"
             _warn_once(f"missing:{label}", f"{self.name}: {label} is not callable; no GC hook for {stage}")

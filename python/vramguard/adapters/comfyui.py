@@ -34,7 +34,13 @@ _hooks = HookSet("ComfyUI")
 _prompt_hooks = HookSet("ComfyUI prompt")
 _GiB = 1 << 30
 
-SEAMS: list[tuple[str, str, str]] = [
+def _has_patches(patcher: Any, *args: Any, **kwargs: Any) -> bool:
+    """unpatch_model runs on every offload; it is a LoRA unload only when patches exist."""
+    return bool(getattr(patcher, "patches", None))
+
+
+# (module, attribute path, stage[, predicate deciding per call whether it is that stage])
+SEAMS: list[tuple] = [
     ("comfy.sd", "CLIP.encode_from_tokens_scheduled", "text_encode"),
     ("comfy.sd", "CLIP.encode_from_tokens", "text_encode"),
     ("comfy.sample", "sample", "unet"),
@@ -45,7 +51,7 @@ SEAMS: list[tuple[str, str, str]] = [
     ("comfy.sd", "VAE.encode_tiled", "vae_encode"),
     ("comfy.controlnet", "load_controlnet", "controlnet"),
     ("comfy.sd", "load_lora_for_models", "lora_load"),
-    ("comfy.model_patcher", "ModelPatcher.unpatch_model", "lora_unload"),
+    ("comfy.model_patcher", "ModelPatcher.unpatch_model", "lora_unload", _has_patches),
     ("comfy_extras.nodes_upscale_model", "ImageUpscaleWithModel.execute", "upscale"),
     ("comfy_extras.nodes_upscale_model", "ImageUpscaleWithModel.upscale", "upscale"),
 ]
@@ -148,14 +154,14 @@ def install_hooks(stages: dict[str, bool] | None = None) -> list[tuple[str, str]
     g.release_cache = release_cache
     g.unload_models = unload_models
     acc.register_probe(probe, origin="comfyui")
-    for module, path, stage in SEAMS:
+    for module, path, stage, *when in SEAMS:
         if stages is not None and not stages.get(stage, True):
             continue
         found = _resolve(module, path)
         if found is None:
             _hooks.missing[f"{module}.{path}"] = "not found"
             continue
-        _hooks.wrap(found[0], found[1], stage)
+        _hooks.wrap(found[0], found[1], stage, when[0] if when else None)
     install_ipadapter_hooks()
     _install_prompt_hooks()
     return _hooks.installed()
