@@ -36,10 +36,11 @@ def device_index(dev: Any) -> int | None:
     return dev.index or 0
 
 
-def load_models(patchers: list, memory_required: int = 0) -> None:
+def load_models(patchers: list, memory_required: int = 0, force_full_load: bool = False) -> None:
     mm = comfy("model_management")
+    patchers = [p for p in patchers if p is not None]
     if mm is not None and patchers:
-        mm.load_models_gpu(patchers, memory_required=memory_required)
+        mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=force_full_load)
 
 
 def progress(total: int) -> Callable[[int, int], None]:

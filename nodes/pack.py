@@ -266,8 +266,11 @@ class VAEDecodeTiled:
         import torch
 
         z = samples["samples"]
+        if hasattr(vae, "throw_exception_if_invalid"):
+            vae.throw_exception_if_invalid()
         ratio = _vae_scale(vae, "upscale_ratio")
-        if z.ndim != 4 or ratio is None or getattr(vae, "extra_1d_channel", None) is not None:
+        if (z.ndim != 4 or ratio is None or getattr(vae, "extra_1d_channel", None) is not None
+                or getattr(vae, "handles_tiling", False)):
             log.info("vramguard: latent %s / this VAE is not 2-D; using ComfyUI's own decode", tuple(z.shape))
             with vg.stage("vae_decode"):
                 img = vae.decode(z)
@@ -277,7 +280,8 @@ class VAEDecodeTiled:
         # already excludes them and the fixed term is just workspace
         per_px = vae.memory_used_decode((1, z.shape[1], 1, 1), dtype)
         cost = vg.CostModel(64 * (1 << 20), float(per_px), "ComfyUI VAE estimate")
-        host.load_models([vae.patcher], memory_required=int(per_px * 64 * 64))
+        host.load_models([vae.patcher], memory_required=int(per_px * 64 * 64),
+                         force_full_load=getattr(vae, "disable_offload", False))
 
         def fn(t):
             with torch.no_grad():
@@ -316,8 +320,11 @@ class VAEEncodeTiled:
     def execute(self, pixels: Any, vae: Any, overlap: int = 64, reserve_gb: float = -1.0):
         import torch
 
+        if hasattr(vae, "throw_exception_if_invalid"):
+            vae.throw_exception_if_invalid()
         ratio = _vae_scale(vae, "downscale_ratio")
-        if ratio is None or getattr(vae, "latent_dim", 2) != 2 or getattr(vae, "extra_1d_channel", None) is not None:
+        if (ratio is None or getattr(vae, "latent_dim", 2) != 2 or getattr(vae, "extra_1d_channel", None) is not None
+                or getattr(vae, "handles_tiling", False)):
             with vg.stage("vae_encode"):
                 return ({"samples": vae.encode(pixels[:, :, :, :3])},)
         overlap = max(ratio, overlap // ratio * ratio) if overlap else 0
@@ -325,7 +332,8 @@ class VAEEncodeTiled:
         dev, dtype = vae.device, vae.vae_dtype
         per_px = vae.memory_used_encode((1, 3, 1, 1), dtype)
         cost = vg.CostModel(64 * (1 << 20), float(per_px), "ComfyUI VAE estimate")
-        host.load_models([vae.patcher], memory_required=int(per_px * 512 * 512))
+        host.load_models([vae.patcher], memory_required=int(per_px * 512 * 512),
+                         force_full_load=getattr(vae, "disable_offload", False))
 
         def fn(t):
             with torch.no_grad():

@@ -245,5 +245,8 @@ def _screenshot(c: Comfy) -> None:
         page.wait_for_timeout(1500)
         page.get_by_text("vramguard", exact=True).first.click()
         page.wait_for_timeout(1000)
+        for name in ("Low-VRAM mode", "VRAM reserve (GB)", "GC threshold (%)", "Automatic stage hooks",
+                     "Monitor refresh (s)"):
+            assert page.get_by_text(name, exact=True).first.is_visible(), name
         page.screenshot(path=os.path.join(out, "settings_dialog.png"))
         b.close()

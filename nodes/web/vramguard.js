@@ -76,7 +76,10 @@ const monitor = {
     if (!this.el || this.refresh <= 0) return;
     let html = "";
     for (const g of d.devices || []) html += this.bar(`GPU${g.index}`, g.used, g.total, g.reserve, d.warn ?? this.warn);
-    if (!(d.devices || []).length) html += `<div style="opacity:.7">${d.gpu_reason || "no GPU"}</div>`;
+    if (!(d.devices || []).length) {
+      const why = String(d.gpu_reason || "").replace(/"/g, "&quot;");
+      html += `<div style="opacity:.7" title="${why}">no GPU (hover for why)</div>`;
+    }
     if (d.ram) html += this.bar("RAM", d.ram.used, d.ram.total, 0, d.warn ?? this.warn);
     const s = d.last_stage;
     if (s) {
@@ -99,7 +102,8 @@ const monitor = {
 
 app.registerExtension({
   name: "vramguard",
-  settings: schema.map((s) => ({
+  // the frontend lists a category's settings last-registered first: register in reverse
+  settings: schema.slice().reverse().map((s) => ({
     id: s.id,
     name: s.name,
     category: ["vramguard", "Memory", s.name],
