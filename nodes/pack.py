@@ -181,8 +181,7 @@ class UpscaleImageTiled:
             "image": ("IMAGE", {"tooltip": "Images to upscale"}),
             "overlap": ("INT", {"default": 32, "min": 0, "max": 256, "step": 8,
                                 "tooltip": "Input pixels shared by neighbouring tiles; more hides seams of big models"}),
-            "reserve_gb": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 256.0, "step": 0.1,
-                                     "tooltip": "VRAM to keep free; -1 = the settings' reserve"}),
+            "reserve_gb": _reserve_input(),
             "max_tile": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
                                  "tooltip": "Never use tiles larger than this; 0 = as large as fits"}),
         }}
@@ -217,19 +216,12 @@ class UpscaleImageTiled:
         cost = vg.cost_model(key)
         if cost is None and host.device_index(dev) is not None:
             cost = vg.calibrate(fn, image[:1].to(dev), key=key)
-        budget = _budget_for(dev, reserve_gb)
-        _, H, W, _ = image.shape
         # back-off stops at 64 px, or lower when the user capped tiles below that
         floor = max(2 * overlap, min(64, max_tile) if max_tile else 64)
         if max_tile and max_tile < floor:
             raise ValueError(f"max_tile {max_tile} is below 2 x overlap ({2 * overlap}); lower the overlap")
-        total = vg.plan_tiles(W, H, scale=scale, overlap=overlap, batch=image.shape[0],
-                              cost=cost, budget=budget, min_tile=floor, max_tile=max_tile or None)
-        steps = total.tiles * image.shape[0] if total.fits else 1
-        with vg.stage("upscale"):
-            out = vg.tiled(fn, image, scale=scale, overlap=overlap, cost=cost, budget=budget,
-                           min_tile=floor, progress=host.progress(steps), max_batch=1,
-                           max_tile=max_tile or None)
+        out = _run_tiled("upscale", fn, image, scale=scale, overlap=overlap, cost=cost,
+                         budget=_budget_for(dev, reserve_gb), min_tile=floor, max_tile=max_tile or None, max_batch=1)
         out = torch.clamp(out, 0.0, 1.0)
         if alpha is not None:
             a = torch.nn.functional.interpolate(alpha.movedim(-1, -3).float(), size=out.shape[1:3], mode="bilinear")
@@ -237,9 +229,31 @@ class UpscaleImageTiled:
         return (out.to(host.intermediate_dtype(out.dtype)),)
 
 
-def _vae_scale(vae: Any, attr: str) -> int | None:
+def _reserve_input() -> tuple:
+    return ("FLOAT", {"default": -1.0, "min": -1.0, "max": 256.0, "step": 0.1,
+                      "tooltip": "VRAM to keep free; -1 = the settings' reserve"})
+
+
+def _run_tiled(stage: str, fn: Any, x: Any, *, layout: str = "nhwc", **kw: Any) -> Any:
+    """Plan once for the progress bar's total, then tile inside a GC stage."""
+    H, W = (x.shape[1], x.shape[2]) if layout == "nhwc" else (x.shape[2], x.shape[3])
+    plan_kw = {k: kw[k] for k in ("scale", "overlap", "align", "cost", "budget", "min_tile", "max_tile") if k in kw}
+    p = vg.plan_tiles(W, H, batch=x.shape[0], **plan_kw)
+    with vg.stage(stage):
+        return vg.tiled(fn, x, layout=layout, progress=host.progress(max(1, p.tiles) * x.shape[0]), **kw)
+
+
+def _vae_ratio(vae: Any, attr: str) -> int | None:
+    """The VAE's integer spatial ratio when vramguard can tile it itself (2-D image VAEs);
+    None sends the node to ComfyUI's own code path (video, audio, self-tiling VAEs)."""
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
     r = getattr(vae, attr, 8)
-    return r if isinstance(r, int) and r > 0 else None
+    if not isinstance(r, int) or r <= 0 or getattr(vae, "latent_dim", 2) != 2:
+        return None
+    if getattr(vae, "extra_1d_channel", None) is not None or getattr(vae, "handles_tiling", False):
+        return None
+    return r
 
 
 class VAEDecodeTiled:
@@ -253,8 +267,7 @@ class VAEDecodeTiled:
             "vae": ("VAE", {"tooltip": "The VAE"}),
             "overlap": ("INT", {"default": 8, "min": 0, "max": 64, "step": 1,
                                 "tooltip": "Latent pixels shared by neighbouring tiles (x8 in the image)"}),
-            "reserve_gb": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 256.0, "step": 0.1,
-                                     "tooltip": "VRAM to keep free; -1 = the settings' reserve"}),
+            "reserve_gb": _reserve_input(),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -266,11 +279,8 @@ class VAEDecodeTiled:
         import torch
 
         z = samples["samples"]
-        if hasattr(vae, "throw_exception_if_invalid"):
-            vae.throw_exception_if_invalid()
-        ratio = _vae_scale(vae, "upscale_ratio")
-        if (z.ndim != 4 or ratio is None or getattr(vae, "extra_1d_channel", None) is not None
-                or getattr(vae, "handles_tiling", False)):
+        ratio = _vae_ratio(vae, "upscale_ratio")
+        if z.ndim != 4 or ratio is None:
             log.info("vramguard: latent %s / this VAE is not 2-D; using ComfyUI's own decode", tuple(z.shape))
             with vg.stage("vae_decode"):
                 img = vae.decode(z)
@@ -288,12 +298,8 @@ class VAEDecodeTiled:
                 out = vae.first_stage_model.decode(t.to(dtype).to(dev))
             return vae.process_output(out.float())
 
-        budget = _budget_for(dev, reserve_gb)
-        B, _, H, W = z.shape
-        p = vg.plan_tiles(W, H, scale=ratio, overlap=overlap, batch=B, cost=cost, budget=budget, min_tile=max(16, 2 * overlap))
-        with vg.stage("vae_decode"):
-            img = vg.tiled(fn, z.float(), scale=ratio, overlap=overlap, layout="nchw", cost=cost, budget=budget,
-                           min_tile=max(16, 2 * overlap), progress=host.progress(max(1, p.tiles) * B))
+        img = _run_tiled("vae_decode", fn, z.float(), layout="nchw", scale=ratio, overlap=overlap, cost=cost,
+                         budget=_budget_for(dev, reserve_gb), min_tile=max(16, 2 * overlap))
         return (img.movedim(1, -1).contiguous(),)
 
 
@@ -308,8 +314,7 @@ class VAEEncodeTiled:
             "vae": ("VAE", {"tooltip": "The VAE"}),
             "overlap": ("INT", {"default": 64, "min": 0, "max": 512, "step": 8,
                                 "tooltip": "Image pixels shared by neighbouring tiles (a multiple of the VAE's 8)"}),
-            "reserve_gb": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 256.0, "step": 0.1,
-                                     "tooltip": "VRAM to keep free; -1 = the settings' reserve"}),
+            "reserve_gb": _reserve_input(),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -320,11 +325,8 @@ class VAEEncodeTiled:
     def execute(self, pixels: Any, vae: Any, overlap: int = 64, reserve_gb: float = -1.0):
         import torch
 
-        if hasattr(vae, "throw_exception_if_invalid"):
-            vae.throw_exception_if_invalid()
-        ratio = _vae_scale(vae, "downscale_ratio")
-        if (ratio is None or getattr(vae, "latent_dim", 2) != 2 or getattr(vae, "extra_1d_channel", None) is not None
-                or getattr(vae, "handles_tiling", False)):
+        ratio = _vae_ratio(vae, "downscale_ratio")
+        if ratio is None:
             with vg.stage("vae_encode"):
                 return ({"samples": vae.encode(pixels[:, :, :, :3])},)
         overlap = max(ratio, overlap // ratio * ratio) if overlap else 0
@@ -340,14 +342,8 @@ class VAEEncodeTiled:
                 out = vae.first_stage_model.encode(vae.process_input(t.movedim(-1, 1)).to(dtype).to(dev))
             return out.float().movedim(1, -1)
 
-        budget = _budget_for(dev, reserve_gb)
-        B, H, W, _ = px.shape
-        p = vg.plan_tiles(W, H, scale=1 / ratio, overlap=overlap, align=ratio, batch=B, cost=cost, budget=budget,
-                          min_tile=max(8 * ratio, 2 * overlap))
-        with vg.stage("vae_encode"):
-            lat = vg.tiled(fn, px.float().contiguous(), scale=1 / ratio, overlap=overlap, align=ratio, cost=cost,
-                           budget=budget, min_tile=max(8 * ratio, 2 * overlap),
-                           progress=host.progress(max(1, p.tiles) * B))
+        lat = _run_tiled("vae_encode", fn, px.float().contiguous(), scale=1 / ratio, overlap=overlap, align=ratio,
+                         cost=cost, budget=_budget_for(dev, reserve_gb), min_tile=max(8 * ratio, 2 * overlap))
         return ({"samples": lat.movedim(-1, 1).contiguous()},)
 
 

@@ -192,15 +192,19 @@ def base(tmp_path):
     return b
 
 
-def test_git_clone_route(base):
-    shutil.copytree(REPO, base / "custom_nodes" / "vramguard",
-                    ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__", ".pytest_cache"))
+def _serve_and_check(base: Path) -> None:
     c = Comfy(base)
     try:
         _check_server(c)
         _check_outputs(c, _run_workflow(c))
     finally:
         c.stop()
+
+
+def test_git_clone_route(base):
+    shutil.copytree(REPO, base / "custom_nodes" / "vramguard",
+                    ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__", ".pytest_cache"))
+    _serve_and_check(base)
     # settings persist across restarts: ComfyUI stores the changed value, Python re-applies it
     settings_file = base / "user" / "default" / "comfy.settings.json"
     data = json.loads(settings_file.read_text()) if settings_file.exists() else {}
@@ -218,12 +222,7 @@ def test_git_clone_route(base):
 def test_pip_route(base):
     r = subprocess.run([PY, "-m", "vramguard", "install-comfyui", str(base)], capture_output=True, text=True)
     assert r.returncode == 0 and "installed" in r.stdout, r.stderr
-    c = Comfy(base)
-    try:
-        _check_server(c)
-        _check_outputs(c, _run_workflow(c))
-    finally:
-        c.stop()
+    _serve_and_check(base)
     r = subprocess.run([PY, "-m", "vramguard", "install-comfyui", str(base), "--uninstall"], capture_output=True, text=True)
     assert r.returncode == 0 and "removed" in r.stdout
 

@@ -14,12 +14,15 @@ _why = real_gpu_reason()
 needs_gpu = pytest.mark.skipif(_why is not None, reason=f"needs an NVIDIA GPU: {_why}")
 
 
-def _torch_cuda():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
+@pytest.fixture
+def torch_cuda():
+    """torch with CUDA up and the device mapping refreshed, or a skip saying why not."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    torch.zeros(1, device="cuda")
+    _native.refresh_devices()
+    return torch
 
 
 @needs_gpu
@@ -48,12 +51,8 @@ def test_import_and_snapshot_create_no_cuda_context():
 
 
 @needs_gpu
-def test_driver_path_matches_torch():
-    torch = _torch_cuda()
-    if torch is None:
-        pytest.skip("torch with CUDA not installed")
-    torch.zeros(1, device="cuda")
-    _native.refresh_devices()
+def test_driver_path_matches_torch(torch_cuda):
+    torch = torch_cuda
     s = vg.snapshot(0)
     free, total = torch.cuda.mem_get_info(0)
     assert s.source == "cuda+nvml"
@@ -68,12 +67,8 @@ def test_driver_path_matches_torch():
 
 
 @needs_gpu
-def test_sampler_sees_an_allocation_peak():
-    torch = _torch_cuda()
-    if torch is None:
-        pytest.skip("torch with CUDA not installed")
-    torch.zeros(1, device="cuda")
-    _native.refresh_devices()
+def test_sampler_sees_an_allocation_peak(torch_cuda):
+    torch = torch_cuda
     s = vg.Sampler(0, interval=0.002)
     s.start()
     g = s.begin("alloc")
