@@ -249,3 +249,30 @@ def _screenshot(c: Comfy) -> None:
             assert page.get_by_text(name, exact=True).first.is_visible(), name
         page.screenshot(path=os.path.join(out, "settings_dialog.png"))
         b.close()
+
+
+def test_memory_guard_with_comfyui_patcher_api():
+    """Memory Guard on a real ModelPatcher, its OUTER_SAMPLE wrapper run by ComfyUI's own executor."""
+    code = f"""
+import sys, json, torch
+sys.path.insert(0, {ROOT!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_patcher, comfy.patcher_extension as pe
+import vramguard as vg
+from vramguard_nodes import pack
+m = comfy.model_patcher.ModelPatcher(torch.nn.Linear(4, 4), torch.device("cpu"), torch.device("cpu"))
+(guarded,) = pack.MemoryGuard().execute(m, "forced")
+ws = guarded.get_all_wrappers(pe.WrappersMP.OUTER_SAMPLE)
+calls = []
+out = pe.WrapperExecutor.new_class_executor(lambda *a, **k: calls.append("sample") or "latent", None, ws).execute()
+print(json.dumps({{"n_wrappers": len(ws), "orig_wrappers": len(m.get_all_wrappers(pe.WrappersMP.OUTER_SAMPLE)),
+                   "out": out, "calls": calls, "stats": vg.gc_stats().get("unet", {{}}),
+                   "stages": [s["name"] for s in vg.stages()]}}))
+"""
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["n_wrappers"] == 1 and d["orig_wrappers"] == 0       # the clone carries it, the input is untouched
+    assert d["out"] == "latent" and d["calls"] == ["sample"]
+    assert d["stats"]["collections"] == 1 and "unet" in d["stages"]
