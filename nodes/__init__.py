@@ -30,6 +30,14 @@ def _setup() -> None:
         settings.load_saved()
     except Exception as e:  # a bad settings file must not stop ComfyUI from loading
         log.warning("vramguard: settings not applied: %s", e)
+    try:
+        # ComfyUI has initialised CUDA on this thread by now, so the sampler borrows that
+        # context for cheap 10 ms readings (NVML only every 250 ms) and creates none.
+        import vramguard as vg
+
+        vg.sampler().start()
+    except Exception as e:
+        log.warning("vramguard: memory sampler not started: %s", e)
 
 
 _setup()

@@ -57,6 +57,13 @@ def progress(total: int) -> Callable[[int, int], None]:
     return cb
 
 
+def make_room(bytes_needed: int, dev: Any) -> None:
+    """Ask ComfyUI to unload models until `bytes_needed` are free on `dev` (low-VRAM mode)."""
+    mm = comfy("model_management")
+    if mm is not None and getattr(dev, "type", "cpu") == "cuda":
+        mm.free_memory(bytes_needed, dev)
+
+
 def unload_all() -> None:
     mm = comfy("model_management")
     if mm is not None:

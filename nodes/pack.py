@@ -220,7 +220,7 @@ class UpscaleImageTiled:
         floor = max(2 * overlap, min(64, max_tile) if max_tile else 64)
         if max_tile and max_tile < floor:
             raise ValueError(f"max_tile {max_tile} is below 2 x overlap ({2 * overlap}); lower the overlap")
-        out = _run_tiled("upscale", fn, image, scale=scale, overlap=overlap, cost=cost,
+        out = _run_tiled("upscale", fn, image, dev=dev, scale=scale, overlap=overlap, cost=cost,
                          budget=_budget_for(dev, reserve_gb), min_tile=floor, max_tile=max_tile or None, max_batch=1)
         out = torch.clamp(out, 0.0, 1.0)
         if alpha is not None:
@@ -234,11 +234,16 @@ def _reserve_input() -> tuple:
                       "tooltip": "VRAM to keep free; -1 = the settings' reserve"})
 
 
-def _run_tiled(stage: str, fn: Any, x: Any, *, layout: str = "nhwc", **kw: Any) -> Any:
-    """Plan once for the progress bar's total, then tile inside a GC stage."""
+def _run_tiled(stage: str, fn: Any, x: Any, *, layout: str = "nhwc", dev: Any = None, **kw: Any) -> Any:
+    """Plan once for the progress bar's total, then tile inside a GC stage.  In low-VRAM mode
+    other models are unloaded first, until the planned peak plus the reserve is free."""
     H, W = (x.shape[1], x.shape[2]) if layout == "nhwc" else (x.shape[2], x.shape[3])
     plan_kw = {k: kw[k] for k in ("scale", "overlap", "align", "cost", "budget", "min_tile", "max_tile") if k in kw}
     p = vg.plan_tiles(W, H, batch=x.shape[0], **plan_kw)
+    if vg.guard().low_vram and p.fits and dev is not None:
+        idx = host.device_index(dev)
+        reserve = vg.snapshot(idx).reserve if idx is not None and vg.device_count() > idx else 0
+        host.make_room(int(p.predicted_peak_bytes) + reserve, dev)
     with vg.stage(stage):
         return vg.tiled(fn, x, layout=layout, progress=host.progress(max(1, p.tiles) * x.shape[0]), **kw)
 
@@ -298,7 +303,7 @@ class VAEDecodeTiled:
                 out = vae.first_stage_model.decode(t.to(dtype).to(dev))
             return vae.process_output(out.float())
 
-        img = _run_tiled("vae_decode", fn, z.float(), layout="nchw", scale=ratio, overlap=overlap, cost=cost,
+        img = _run_tiled("vae_decode", fn, z.float(), layout="nchw", dev=dev, scale=ratio, overlap=overlap, cost=cost,
                          budget=_budget_for(dev, reserve_gb), min_tile=max(16, 2 * overlap))
         return (img.movedim(1, -1).contiguous(),)
 
@@ -342,7 +347,7 @@ class VAEEncodeTiled:
                 out = vae.first_stage_model.encode(vae.process_input(t.movedim(-1, 1)).to(dtype).to(dev))
             return out.float().movedim(1, -1)
 
-        lat = _run_tiled("vae_encode", fn, px.float().contiguous(), scale=1 / ratio, overlap=overlap, align=ratio,
+        lat = _run_tiled("vae_encode", fn, px.float().contiguous(), dev=dev, scale=1 / ratio, overlap=overlap, align=ratio,
                          cost=cost, budget=_budget_for(dev, reserve_gb), min_tile=max(8 * ratio, 2 * overlap))
         return ({"samples": lat.movedim(-1, 1).contiguous()},)
 

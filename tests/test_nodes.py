@@ -297,3 +297,21 @@ def test_install_comfyui_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vramguard", "install-comfyui", str(tmp_path / "x")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "not a folder" in r.stderr
+
+
+def test_low_vram_mode_makes_room_before_tiling(monkeypatch):
+    vg.simulate("8GB", "2GB")
+    vg.set_reserve("1GB")
+    asked = []
+    monkeypatch.setattr(pack.host, "make_room", lambda n, dev: asked.append((n, dev)))
+    monkeypatch.setattr(pack.host, "device_index", lambda dev: 0)
+    img = torch.rand(1, 40, 40, 3)
+    vg.configure_gc(low_vram=False)
+    pack.UpscaleImageTiled().execute(FakeUpscaleModel(2), img, overlap=8)
+    assert asked == []
+    vg.configure_gc(low_vram=True)
+    try:
+        pack.UpscaleImageTiled().execute(FakeUpscaleModel(2), img, overlap=8)
+    finally:
+        vg.configure_gc(low_vram=False)
+    assert len(asked) == 1 and asked[0][0] > GiB  # planned peak + the 1 GiB reserve
