@@ -1151,28 +1151,27 @@ static PyObject *py_simulate_clear(PyObject *m, PyObject *Py_UNUSED(a))
     Py_RETURN_NONE;
 }
 
-static PyObject *py_set_proc_interval(PyObject *m, PyObject *arg)
+/* Seconds a cached reading may be reused, 0 = never reuse; under the lock for sampler threads. */
+static PyObject *set_interval(PyObject *m, PyObject *arg, const char *what, double hi, size_t offset)
 {
     double x;
-    if (vg_parse_double(arg, "process-list interval", 0, 3600, &x) < 0)
+    if (vg_parse_double(arg, what, -1e-300, hi, &x) < 0)
         return NULL;
     vg_state *st = vg_get_state(m);
     pthread_mutex_lock(&st->lock);
-    st->proc_interval = x;
+    *(double *)((char *)st + offset) = x;
     pthread_mutex_unlock(&st->lock);
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_proc_interval(PyObject *m, PyObject *arg)
+{
+    return set_interval(m, arg, "process-list interval", 3600, offsetof(vg_state, proc_interval));
+}
+
 static PyObject *py_set_host_interval(PyObject *m, PyObject *arg)
 {
-    double x;
-    if (vg_parse_double(arg, "host interval", -1e-300, 60, &x) < 0)
-        return NULL;
-    vg_state *st = vg_get_state(m);
-    pthread_mutex_lock(&st->lock);
-    st->host_interval = x;
-    pthread_mutex_unlock(&st->lock);
-    Py_RETURN_NONE;
+    return set_interval(m, arg, "host interval", 60, offsetof(vg_state, host_interval));
 }
 
 static PyObject *py_refresh_devices(PyObject *m, PyObject *Py_UNUSED(a))

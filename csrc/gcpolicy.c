@@ -296,20 +296,25 @@ static PyObject *Policy_get_min_interval(Policy *p, void *c)
     (void)c;
     return PyFloat_FromDouble(p->min_interval);
 }
+/* A float setting in (lo, hi], validated before the lock is taken. */
+static int set_double(Policy *p, PyObject *v, double *field, const char *name, double lo, double hi)
+{
+    double x;
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
+        return -1;
+    }
+    if (vg_parse_double(v, name, lo, hi, &x) < 0)
+        return -1;
+    pthread_mutex_lock(&p->lock);
+    *field = x;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
 static int Policy_set_min_interval(Policy *p, PyObject *v, void *c)
 {
     (void)c;
-    double x;
-    if (v == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "cannot delete min_interval");
-        return -1;
-    }
-    if (vg_parse_double(v, "min_interval", -1e-300, 86400, &x) < 0)
-        return -1;
-    pthread_mutex_lock(&p->lock);
-    p->min_interval = x;
-    pthread_mutex_unlock(&p->lock);
-    return 0;
+    return set_double(p, v, &p->min_interval, "min_interval", -1e-300, 86400);
 }
 
 static int set_flag(Policy *p, PyObject *v, int *field, const char *name)
@@ -335,17 +340,7 @@ static PyObject *Policy_get_growth(Policy *p, void *c)
 static int Policy_set_growth(Policy *p, PyObject *v, void *c)
 {
     (void)c;
-    double x;
-    if (v == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "cannot delete growth");
-        return -1;
-    }
-    if (vg_parse_double(v, "growth", -1e-300, 1.0, &x) < 0)
-        return -1;
-    pthread_mutex_lock(&p->lock);
-    p->growth = x;
-    pthread_mutex_unlock(&p->lock);
-    return 0;
+    return set_double(p, v, &p->growth, "growth", -1e-300, 1.0);
 }
 static PyObject *Policy_get_counts(Policy *p, void *c)
 {
