@@ -787,9 +787,12 @@ int vg_parse_double(PyObject *obj, const char *what, double lo, double hi, doubl
         x = INFINITY;
     }
     if (!isfinite(x) || !(x > lo) || x > hi) {
-        PyObject *l = PyFloat_FromDouble(lo), *h = PyFloat_FromDouble(hi);
+        /* callers pass lo = -1e-300 to mean ">= 0" */
+        int zero_ok = lo < 0 && lo > -1e-200;
+        PyObject *l = PyFloat_FromDouble(zero_ok ? 0.0 : lo), *h = PyFloat_FromDouble(hi);
         if (l && h)
-            PyErr_Format(PyExc_ValueError, "%s must be > %R and <= %R, got %R", what, l, h, obj);
+            PyErr_Format(PyExc_ValueError, "%s must be %s %R and <= %R, got %R", what, zero_ok ? ">=" : ">",
+                         l, h, obj);
         Py_XDECREF(l);
         Py_XDECREF(h);
         return -1;
