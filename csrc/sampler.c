@@ -210,8 +210,9 @@ static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     if (nobj && vg_parse_double(nobj, "nvml_interval", 0, 3600, &nvml_interval) < 0)
         return NULL;
-    if (capacity < 2 || capacity > (1 << 26)) {
-        PyErr_Format(PyExc_ValueError, "capacity must be 2..%d samples, got %zd", 1 << 26,
+    /* 2^24 samples is 46 hours at 10 ms and 512 MiB of ring; more is a mistake */
+    if (capacity < 2 || capacity > (1 << 24)) {
+        PyErr_Format(PyExc_ValueError, "capacity must be 2..%d samples, got %zd", 1 << 24,
                      capacity);
         return NULL;
     }

@@ -92,7 +92,7 @@ def test_host_only_sampler():
 @pytest.mark.parametrize("kw,exc", [({"interval": 0}, ValueError), ({"interval": -1}, ValueError),
                                      ({"interval": float("nan")}, ValueError),
                                      ({"interval": "fast"}, TypeError), ({"capacity": 0}, ValueError),
-                                     ({"capacity": 1 << 40}, ValueError),
+                                     ({"capacity": 1 << 40}, ValueError), ({"capacity": (1 << 24) + 1}, ValueError),
                                      ({"nvml_interval": 0}, ValueError)])
 def test_bad_sampler_arguments(kw, exc):
     vg.simulate("8GB")
