@@ -202,8 +202,18 @@ def _serve_and_check(base: Path) -> None:
 
 
 def test_git_clone_route(base):
-    shutil.copytree(REPO, base / "custom_nodes" / "vramguard",
-                    ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__", ".pytest_cache"))
+    clone = base / "custom_nodes" / "vramguard"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.so", "__pycache__",
+                                                               ".pytest_cache", "*.egg-info"))
+    # what ComfyUI-Manager does: requirements.txt line by line from the pack's folder (the last
+    # line builds the C core from source), then install.py
+    for line in (clone / "requirements.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            r = subprocess.run([PY, "-m", "pip", "install", "-q", line], cwd=clone, capture_output=True, text=True)
+            assert r.returncode == 0, f"pip install {line}: {r.stderr[-2000:]}"
+    r = subprocess.run([PY, "install.py"], cwd=clone, capture_output=True, text=True)
+    assert r.returncode == 0 and "installed" in r.stdout, r.stderr
     _serve_and_check(base)
     # settings persist across restarts: ComfyUI stores the changed value, Python re-applies it
     settings_file = base / "user" / "default" / "comfy.settings.json"
