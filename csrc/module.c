@@ -14,7 +14,16 @@ vg_state *vg_get_state(PyObject *module) { return (vg_state *)PyModule_GetState(
 
 vg_state *vg_state_from_type(PyTypeObject *tp)
 {
+#if PY_VERSION_HEX >= 0x030B0000
     PyObject *m = PyType_GetModuleByDef(tp, &vg_module);
+#else
+    /* 3.10: our types are not subclassable, so the exact type carries the module */
+    PyObject *m = PyType_GetModule(tp);
+    if (m != NULL && PyModule_GetDef(m) != &vg_module) {
+        PyErr_SetString(PyExc_TypeError, "not a vramguard._native type");
+        m = NULL;
+    }
+#endif
     return m ? vg_get_state(m) : NULL;
 }
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import vramguard as vg
+from vramguard import gcguard
 
 HERE = Path(__file__).parent
 
@@ -52,3 +53,23 @@ def real_gpu_reason() -> str | None:
     if st["devices"] == 0:
         return f"no GPU: {st['devices_reason']}"
     return None
+
+
+@pytest.fixture
+def g():
+    """A fresh process guard on a simulated 8 GB card whose 'cache release' frees 0.25 GiB."""
+    vg.simulate("8GB", "6GB", oom_count=0, retry_count=0)
+    gcguard._guard = None
+    guard = vg.guard()
+    guard.policy.min_interval = 0
+    calls = []
+
+    def release():
+        calls.append("release")
+        s = vg.snapshot(0)
+        vg.update_simulated(0, used=max(0, s.used - (1 << 30) // 4))
+
+    guard.release_cache = release
+    guard.calls = calls
+    yield guard
+    gcguard._guard = None
