@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import vramguard as vg
-from vramguard import _native
 
 GiB = 1 << 30
 

@@ -162,10 +162,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    try:
-        import torch  # noqa: F401
-        import PIL  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+
+    missing = [m for m in ("torch", "PIL") if importlib.util.find_spec(m) is None]
+    if missing:
+        e = f"missing {', '.join(missing)}"
         print(f"vramguard demo needs torch and Pillow ({e}); `bash scripts/demo.sh` installs them",
               file=sys.stderr)
         return 1

@@ -49,7 +49,10 @@ def _ours(folder: str) -> bool:
 def install_loader(comfyui: str) -> str:
     """Write custom_nodes/vramguard_loader into a ComfyUI folder (or a --base-directory);
     return what was done."""
-    import vramguard_nodes  # noqa: F401 - the pack must be importable from this Python
+    import importlib.util
+
+    if importlib.util.find_spec("vramguard_nodes") is None:  # the loader would import nothing
+        raise RuntimeError("vramguard_nodes is not installed in this Python; run `pip install vramguard` first")
 
     cn = _custom_nodes(comfyui)
     folder = os.path.join(cn, LOADER)

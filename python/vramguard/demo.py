@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from . import accounting as acc
 from . import gcguard, sampling, tiling
 from ._units import fmt_bytes, parse_size
 
