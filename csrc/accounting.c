@@ -1177,6 +1177,18 @@ static PyObject *py_set_host_interval(PyObject *m, PyObject *arg)
     return set_interval(m, arg, "host interval", 60, offsetof(vg_state, host_interval));
 }
 
+/* os.register_at_fork(after_in_child=...): a sampler thread of the parent may have held the
+ * lock when the process forked; the child has only the forking thread, so start it afresh. */
+static PyObject *py_after_fork_child(PyObject *m, PyObject *Py_UNUSED(a))
+{
+    vg_state *st = vg_get_state(m);
+    pthread_mutex_init(&st->lock, NULL);
+    st->fd_pid = -1; /* /proc/self files name the parent */
+    for (int i = 0; i < VG_MAX_DEV; i++)
+        st->proc_at[i] = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_refresh_devices(PyObject *m, PyObject *Py_UNUSED(a))
 {
     vg_state *st = vg_get_state(m);
@@ -1208,6 +1220,7 @@ PyMethodDef vg_accounting_methods[] = {
     {"simulate_clear", py_simulate_clear, METH_NOARGS, "Remove all simulated devices."},
     {"set_process_interval", py_set_proc_interval, METH_O, NULL},
     {"refresh_devices", py_refresh_devices, METH_NOARGS, "Rebuild the device mapping."},
+    {"after_fork_child", py_after_fork_child, METH_NOARGS, "Reset locks in a forked child."},
     {NULL, NULL, 0, NULL}};
 
 /* ================================================================ lifecycle */

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define VG_STAGE_NAME 64
 #define VG_MAX_STAGES 4096 /* ring of stage records: the oldest are dropped */
@@ -38,6 +39,7 @@ typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     pthread_t thread;
+    pid_t thread_pid; /* the process the thread runs in: a forked child has no thread */
     int running, stopping, lock_ok;
 
     Py_ssize_t capacity, head, count;
@@ -171,10 +173,27 @@ static int free_buffers(Sampler *s)
     return 0;
 }
 
+/* In a child after fork() the thread does not exist and the lock may have been copied held.
+ * Only one thread exists there, so re-initialising is safe (as CPython does for its locks). */
+static void fork_check(Sampler *s)
+{
+    if (!s->running || s->thread_pid == getpid())
+        return;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    s->running = 0;
+    s->ctx = NULL; /* the parent's retain is the parent's to release */
+}
+
 /* Stop and join.  The thread never needs the GIL, so joining with it held is safe; from
  * stop() we release it anyway so other Python threads run during a slow NVML tick. */
 static void stop_thread(Sampler *s, int release_gil)
 {
+    fork_check(s);
     if (!s->running)
         return;
     pthread_mutex_lock(&s->lock);
@@ -297,6 +316,7 @@ static void Sampler_dealloc(Sampler *s)
 
 static PyObject *Sampler_start(Sampler *s, PyObject *Py_UNUSED(a))
 {
+    fork_check(s);
     if (s->running)
         Py_RETURN_NONE;
     /* Borrow the framework's context for cuMemGetInfo only if it is the device's primary
@@ -323,6 +343,7 @@ static PyObject *Sampler_start(Sampler *s, PyObject *Py_UNUSED(a))
     }
     s->stopping = 0;
     s->last_slow = 0;
+    s->thread_pid = getpid();
     int rc = pthread_create(&s->thread, NULL, sampler_main, s);
     if (rc != 0) {
         if (s->ctx && cu)
@@ -343,6 +364,7 @@ static PyObject *Sampler_stop(Sampler *s, PyObject *Py_UNUSED(a))
 
 static PyObject *Sampler_reset(Sampler *s, PyObject *Py_UNUSED(a))
 {
+    fork_check(s);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
     s->head = s->count = 0;
@@ -363,6 +385,7 @@ static PyObject *Sampler_reset(Sampler *s, PyObject *Py_UNUSED(a))
 
 static PyObject *Sampler_sample(Sampler *s, PyObject *Py_UNUSED(a))
 {
+    fork_check(s);
     double t;
     int64_t u, p, r;
     Py_BEGIN_ALLOW_THREADS
@@ -403,6 +426,7 @@ static PyObject *Sampler_begin(Sampler *s, PyObject *name)
     }
     int full = 0;
     int64_t id = 0;
+    fork_check(s);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
     if (s->nopen == VG_MAX_OPEN) {
@@ -449,6 +473,7 @@ static PyObject *Sampler_end(Sampler *s, PyObject *arg)
         return NULL;
     vg_stage copy;
     int found = 0;
+    fork_check(s);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
     for (int k = 0; k < s->nopen; k++) {
@@ -482,6 +507,7 @@ static PyObject *Sampler_stages(Sampler *s, PyObject *Py_UNUSED(a))
 {
     Py_ssize_t n;
     vg_stage *copy = NULL;
+    fork_check(s);
     pthread_mutex_lock(&s->lock);
     n = s->nstages;
     copy = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(vg_stage));
@@ -510,6 +536,7 @@ static PyObject *Sampler_timeline(Sampler *s, PyObject *Py_UNUSED(a))
     /* Size is read under the lock and the copy made under it: a consistent picture. */
     PyArrayObject *arr[4] = {NULL};
     PyObject *out = NULL;
+    fork_check(s);
     pthread_mutex_lock(&s->lock);
     npy_intp n = (npy_intp)s->count;
     pthread_mutex_unlock(&s->lock);
@@ -546,7 +573,11 @@ done:
     return out;
 }
 
-static PyObject *Sampler_get_running(Sampler *s, void *Py_UNUSED(c)) { return PyBool_FromLong(s->running); }
+static PyObject *Sampler_get_running(Sampler *s, void *Py_UNUSED(c))
+{
+    fork_check(s);
+    return PyBool_FromLong(s->running);
+}
 static PyObject *Sampler_get_device(Sampler *s, void *Py_UNUSED(c)) { return PyLong_FromLong(s->device); }
 static PyObject *Sampler_get_interval(Sampler *s, void *Py_UNUSED(c)) { return PyFloat_FromDouble(s->interval); }
 static PyObject *Sampler_get_nvml_interval(Sampler *s, void *Py_UNUSED(c)) { return PyFloat_FromDouble(s->nvml_interval); }

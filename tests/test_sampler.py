@@ -184,3 +184,30 @@ def test_stage_ring_keeps_newest_and_open_stages():
         assert s.end(h)["end"] is not None
     s.reset()
     assert s.stages() == []
+
+
+def test_fork_while_sampling_does_not_deadlock_or_crash():
+    """A host that forks (multiprocessing) while the sampler runs: the child can snapshot,
+    use and stop the sampler; nothing hangs and the parent's sampler keeps running."""
+    from conftest import run_py
+    r = run_py("""
+        import os, time, vramguard as vg
+        vg.simulate("8GB", "1GB")
+        s = vg.Sampler(0, interval=0.0005)
+        s.start()
+        codes = []
+        for i in range(40):                   # fork at many points in the thread's cycle
+            pid = os.fork()
+            if pid == 0:
+                ok = vg.snapshot(0).total == 8 << 30
+                s.end(s.begin("child")); s.sample(); s.timeline()
+                ok = ok and not s.running     # no thread in the child
+                s.stop(); s.start(); s.stop()
+                os._exit(0 if ok else 3)
+            codes.append(os.waitpid(pid, 0)[1])
+        time.sleep(0.01)
+        print(sum(codes), s.running)
+        s.stop()
+    """, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "True"]

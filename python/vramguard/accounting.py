@@ -7,6 +7,7 @@ imported torch and initialised CUDA, a torch probe is registered on first use.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from typing import Any, Callable, Iterable, Mapping
@@ -25,6 +26,8 @@ Host = _native.Host
 Probe = Callable[[int], "Mapping[str, Any] | None"]
 
 _probe_lock = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a child must not inherit a lock held by a sampler thread
+    os.register_at_fork(after_in_child=_native.after_fork_child)
 _probe_origin: str | None = None  # "user", "torch", "comfyui"
 _probe_failed_once = False
 
