@@ -29,6 +29,20 @@ ANY = AnyType("*")
 GB = float(1 << 30)
 
 
+class _Node:
+    """What every vramguard node shares."""
+    FUNCTION = "execute"
+    CATEGORY = CATEGORY
+
+
+class _Live(_Node):
+    """Nodes that report the present: ComfyUI must never serve them from its cache."""
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")  # NaN != NaN: always changed
+
+
 def _opt_any(tooltip: str) -> dict:
     return {"passthrough": (ANY, {"tooltip": tooltip})}
 
@@ -54,7 +68,7 @@ def _snapshot_text(index: int) -> tuple[str, dict]:
     return "\n".join(lines), nums
 
 
-class MemorySnapshot:
+class MemorySnapshot(_Live):
     DESCRIPTION = "Device, framework and host memory right now, as text and numbers."
 
     @classmethod
@@ -67,13 +81,7 @@ class MemorySnapshot:
     RETURN_NAMES = ("text", "free_mb", "budget_mb", "used_pct")
     OUTPUT_TOOLTIPS = ("Readable snapshot", "Free VRAM in MiB", "Budget (free + evictable - reserve) in MiB",
                        "Device memory in use, percent")
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
     OUTPUT_NODE = True
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")  # memory changes: never cache
 
     def execute(self, device: int = 0, passthrough: Any = None):
         text, n = _snapshot_text(device)
@@ -81,7 +89,7 @@ class MemorySnapshot:
         return {"ui": {"text": [text]}, "result": res}
 
 
-class GCCheckpoint:
+class GCCheckpoint(_Live):
     DESCRIPTION = "Pass anything through and run the GC policy here (or force a collection)."
 
     @classmethod
@@ -97,12 +105,6 @@ class GCCheckpoint:
     RETURN_TYPES = (ANY,)
     RETURN_NAMES = ("value",)
     OUTPUT_TOOLTIPS = ("The input, unchanged",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")
 
     def execute(self, value: Any, mode: str = "policy", stage: str = "vae_decode"):
         d = vg.gc_check(stage, forced=(mode == "forced"))
@@ -110,7 +112,7 @@ class GCCheckpoint:
         return (value,)
 
 
-class UnloadModels:
+class UnloadModels(_Live):
     DESCRIPTION = "Unload every model from VRAM and release caches; passes its input through."
 
     @classmethod
@@ -120,19 +122,13 @@ class UnloadModels:
     RETURN_TYPES = (ANY,)
     RETURN_NAMES = ("value",)
     OUTPUT_TOOLTIPS = ("The input, unchanged",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")
 
     def execute(self, value: Any):
         host.unload_all()
         return (value,)
 
 
-class SetReserve:
+class SetReserve(_Node):
     DESCRIPTION = "Set the VRAM reserve and cap at runtime (for all devices or one)."
 
     @classmethod
@@ -148,8 +144,6 @@ class SetReserve:
     RETURN_TYPES = (ANY, "INT")
     RETURN_NAMES = ("passthrough", "budget_mb")
     OUTPUT_TOOLTIPS = ("The optional input, unchanged", "Budget after the change, MiB")
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
 
     def execute(self, reserve_gb: float, cap_gb: float, device: int = -1, passthrough: Any = None):
         dev = None if device < 0 else device
@@ -169,7 +163,7 @@ def _budget_for(dev: Any, reserve_gb: float) -> int:
     return vg.tiling.resolve_budget(reserve=reserve, device=idx)
 
 
-class UpscaleImageTiled:
+class UpscaleImageTiled(_Node):
     DESCRIPTION = ("Upscale an image with a model in the largest tiles that fit the VRAM budget, blended "
                    "seamlessly; on out-of-memory it shrinks the tile and keeps finished tiles. A drop-in for "
                    "'Upscale Image (using Model)'.")
@@ -188,8 +182,6 @@ class UpscaleImageTiled:
 
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The upscaled images",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
 
     def execute(self, upscale_model: Any, image: Any, overlap: int = 32, reserve_gb: float = -1.0, max_tile: int = 0):
         import torch
@@ -261,7 +253,7 @@ def _vae_ratio(vae: Any, attr: str) -> int | None:
     return r
 
 
-class VAEDecodeTiled:
+class VAEDecodeTiled(_Node):
     DESCRIPTION = ("Decode latents in the largest tiles that fit the VRAM budget (tile size from the planner, "
                    "ComfyUI's own VAE cost estimate), blended seamlessly, with back-off on out-of-memory.")
 
@@ -277,8 +269,6 @@ class VAEDecodeTiled:
 
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("Decoded images",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
 
     def execute(self, samples: dict, vae: Any, overlap: int = 8, reserve_gb: float = -1.0):
         import torch
@@ -308,7 +298,7 @@ class VAEDecodeTiled:
         return (img.movedim(1, -1).contiguous(),)
 
 
-class VAEEncodeTiled:
+class VAEEncodeTiled(_Node):
     DESCRIPTION = ("Encode images in the largest tiles that fit the VRAM budget, aligned to the VAE's "
                    "downscale, blended seamlessly, with back-off on out-of-memory.")
 
@@ -324,8 +314,6 @@ class VAEEncodeTiled:
 
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Latents",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
 
     def execute(self, pixels: Any, vae: Any, overlap: int = 64, reserve_gb: float = -1.0):
         import torch
@@ -352,7 +340,7 @@ class VAEEncodeTiled:
         return ({"samples": lat.movedim(-1, 1).contiguous()},)
 
 
-class MemoryGuard:
+class MemoryGuard(_Node):
     DESCRIPTION = ("MODEL in, MODEL out: runs the GC policy around sampling through ModelPatcher wrappers, "
                    "and records sampling as the 'unet' stage for per-stage peaks.")
 
@@ -366,8 +354,6 @@ class MemoryGuard:
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The same model with vramguard's sampling wrapper attached",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
 
     def execute(self, model: Any, mode: str = "policy"):
         m = model.clone()
@@ -390,7 +376,7 @@ class MemoryGuard:
         return (m,)
 
 
-class MemoryTimeline:
+class MemoryTimeline(_Live):
     DESCRIPTION = "Draw the memory timeline with per-stage peaks as an image."
 
     @classmethod
@@ -403,12 +389,6 @@ class MemoryTimeline:
 
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The timeline as an IMAGE",)
-    FUNCTION = "execute"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")
 
     def execute(self, width: int = 960, height: int = 360, reset: bool = False, passthrough: Any = None):
         import numpy as np
