@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 from . import _native
 from ._units import parse_size
 
-__all__ = ["Snapshot", "Host", "device_count", "gpu_status", "snapshot", "snapshots", "host",
+__all__ = ["Snapshot", "Host", "device_count", "default_device", "gpu_status", "snapshot", "snapshots", "host",
            "set_reserve", "set_cap", "limits", "clear_limits", "register_probe", "probe",
            "simulate", "simulate_clear", "snapshot_dict", "budget_of"]
 
@@ -35,6 +35,11 @@ _probe_failed_once = False
 def device_count() -> int:
     """Visible devices (simulated ones while a simulation is on); 0 without a GPU."""
     return _native.device_count()
+
+
+def default_device() -> int | None:
+    """Device 0 when any (real or simulated) device is visible, None (host only) otherwise."""
+    return 0 if _native.device_count() > 0 else None
 
 
 def gpu_status() -> dict:

@@ -145,7 +145,7 @@ class GCGuard:
     def _device(self) -> int | None:
         if self.device is not None:
             return self.device
-        return 0 if _native.device_count() > 0 else None
+        return acc.default_device()
 
     def check(self, stage: str, *, forced: bool = False, need: int = 0,
               device: int | None = None) -> Decision:

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from . import _native
+from .accounting import default_device
 
 __all__ = ["Sampler", "sampler", "reset_sampler", "start", "stop", "timeline", "stages", "peaks"]
 
@@ -30,7 +31,7 @@ def sampler() -> Sampler:
     if s is None:
         with _lock:
             if _default is None:
-                _default = Sampler(0 if _native.device_count() > 0 else None)
+                _default = Sampler(default_device())
             s = _default
     return s
 
@@ -39,7 +40,7 @@ def reset_sampler(device: int | None | str = "auto", interval: float = 0.01,
                   nvml_interval: float = 0.25, capacity: int = 65536) -> Sampler:
     """Replace the default sampler (stopping the old one)."""
     global _default
-    dev = (0 if _native.device_count() > 0 else None) if device == "auto" else device
+    dev = default_device() if device == "auto" else device
     new = Sampler(dev, interval, nvml_interval, capacity)
     with _lock:
         old, _default = _default, new
