@@ -6,12 +6,17 @@ Environment switches (used by .ci/run):
   VRAMGUARD_SANITIZE=address,undefined  build with those sanitizers (preload libasan to run)
   VRAMGUARD_DEBUG=1                     -O0 -g
 """
+import glob
 import os
 
 import numpy
 from setuptools import Extension, setup
 
-SOURCES = ["module.c", "gpulibs.c", "accounting.c", "sampler.c", "gcpolicy.c", "tiler.c"]
+# Every C file in csrc/ is part of the module (the layers are listed in csrc/vg.h); globbing
+# keeps a file split from needing a setup.py edit.
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.c")))
+HEADERS = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.h")))
 
 cflags = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
           "-fvisibility=hidden", "-pthread"]
@@ -31,8 +36,8 @@ setup(
     ext_modules=[
         Extension(
             "vramguard._native",
-            sources=[os.path.join("csrc", s) for s in SOURCES],
-            depends=[os.path.join("csrc", h) for h in ("vg.h", "vg_numpy.h", "gpusyms.h")],
+            sources=SOURCES,
+            depends=HEADERS,
             include_dirs=[numpy.get_include()],
             extra_compile_args=cflags,
             extra_link_args=ldflags,

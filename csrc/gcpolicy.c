@@ -13,7 +13,8 @@
  * is not live, so it never triggers this rule.
  * Low-VRAM mode sets the effective threshold to 0, except on ZLUDA where forced collection
  * is known to misbehave; the reason says so. */
-#include "vg.h"
+#include "vg_args.h"
+#include "vg_snapshot.h"
 
 #include <math.h>
 #include <string.h>
@@ -218,7 +219,7 @@ static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     int index, forced = 0;
     int64_t need = 0;
-    if (vg_parse_index(st, args[0], &index) < 0)
+    if (vg_parse_device(st, args[0], &index) < 0)
         return NULL;
     if (nargs > 1 && (forced = PyObject_IsTrue(args[1])) < 0)
         return NULL;
@@ -228,7 +229,7 @@ static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs
     if (nargs > 3 && parse_stage(args[3], &stage) < 0)
         return NULL;
     vg_snap s;
-    if (vg_snapshot(st, index, &s) < 0)
+    if (vg_snapshot(st, index, NULL, &s) < 0)
         return NULL;
     pthread_mutex_lock(&p->lock);
     vg_reason r = decide(p, &s, forced, need, s.timestamp, stage);

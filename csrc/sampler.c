@@ -9,7 +9,8 @@
  *
  * The thread never touches Python objects; everything it shares with Python sits behind
  * self->lock. */
-#include "vg.h"
+#include "vg_args.h"
+#include "vg_snapshot.h"
 #include "vg_numpy.h"
 
 #include <errno.h>
@@ -62,31 +63,37 @@ typedef struct {
 
 /* ---------------------------------------------------------------- sampling (no GIL) */
 
-/* Read the device; `fast` means the thread with a current context.  Caller holds lock. */
+/* Read the device (or host RAM for device VG_HOST); `in_thread` means the sampler thread,
+ * which may hold a current context.  Caller holds s->lock. */
 static void read_device(Sampler *s, double now, int64_t *used, int64_t *proc, int in_thread)
 {
-    vg_state *st = s->st;
-    if (s->device < 0) {
-        *used = *proc = -1;
+    vg_sources *src = &s->st->src;
+    int sim = vg_sources_simulated(src);
+    vg_reading r;
+    char reason[VG_REASON];
+    if (s->device == VG_HOST) {
+        /* host RAM is a source like a device: used = total - available, ours = RSS */
+        if (vg_source_read_nogil(src, VG_HOST, &r, reason) == 0) {
+            s->last_used = r.used, s->last_proc = r.process_used;
+            s->last_error[0] = '\0';
+        } else {
+            memcpy(s->last_error, reason, VG_REASON);
+        }
+        *used = s->last_used, *proc = s->last_proc;
         return;
     }
-    pthread_mutex_lock(&st->lock);
-    int sim = st->nsim > 0;
-    pthread_mutex_unlock(&st->lock);
-    vg_snap snap;
-    char reason[VG_REASON];
     if (!sim && in_thread && s->ctx != NULL) {
         const vg_cuda_api *cu = vg_cuda(NULL);
         size_t fr, tot;
         if (cu && cu->cuMemGetInfo_v2(&fr, &tot) == 0)
-            s->last_used = (int64_t)(tot - fr);
+            s->last_used = fr <= tot ? (int64_t)(tot - fr) : 0;
         /* process figure still comes from NVML's slow path below */
     }
     if (sim || s->last_slow == 0 || now - s->last_slow >= s->nvml_interval) {
-        if (vg_device_read_nogil(st, s->device, &snap, reason) == 0) {
+        if (vg_source_read_nogil(src, s->device, &r, reason) == 0) {
             if (sim || !(in_thread && s->ctx != NULL))
-                s->last_used = snap.used;
-            s->last_proc = snap.process_used;
+                s->last_used = r.used;
+            s->last_proc = r.process_used;
             s->last_error[0] = '\0';
         } else {
             memcpy(s->last_error, reason, VG_REASON);
@@ -117,7 +124,7 @@ static void sample_locked(Sampler *s, int in_thread, int mark, double *t_out, in
     if (mark && s->last_rss_at > 0 && now - s->last_rss_at < s->interval) {
         rss = s->last_rss;
     } else {
-        rss = vg_process_rss_nogil(s->st);
+        rss = vg_process_rss_nogil(&s->st->src);
         s->last_rss = rss, s->last_rss_at = now;
     }
     read_device(s, now, &used, &proc, in_thread);
@@ -238,10 +245,8 @@ static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     vg_state *st = vg_state_from_type(type);
     if (st == NULL)
         return NULL;
-    int device = 0; /* -1: host only (no GPU) */
-    if (devobj == Py_None)
-        device = -1;
-    else if (devobj != NULL && vg_parse_index(st, devobj, &device) < 0)
+    int device = 0; /* VG_HOST: host RAM */
+    if (devobj != NULL && vg_parse_device(st, devobj, &device) < 0)
         return NULL;
     Sampler *s = (Sampler *)type->tp_alloc(type, 0);
     if (s == NULL)
@@ -325,9 +330,7 @@ static PyObject *Sampler_start(Sampler *s, PyObject *Py_UNUSED(a))
     vg_CUcontext cur = NULL;
     int dev = -1;
     s->ctx = NULL;
-    pthread_mutex_lock(&s->st->lock);
-    int sim = s->st->nsim > 0, by_uuid = s->st->map_by_uuid;
-    pthread_mutex_unlock(&s->st->lock);
+    int sim = vg_sources_simulated(&s->st->src), by_uuid = vg_sources_by_uuid(&s->st->src);
     if (!sim && by_uuid && cu && s->device >= 0 && cu->cuCtxGetCurrent(&cur) == 0 && cur != NULL &&
         cu->cuCtxGetDevice(&dev) == 0 && dev == s->device) {
         unsigned int flags;
@@ -578,7 +581,12 @@ static PyObject *Sampler_get_running(Sampler *s, void *Py_UNUSED(c))
     fork_check(s);
     return PyBool_FromLong(s->running);
 }
-static PyObject *Sampler_get_device(Sampler *s, void *Py_UNUSED(c)) { return PyLong_FromLong(s->device); }
+static PyObject *Sampler_get_device(Sampler *s, void *Py_UNUSED(c))
+{
+    if (s->device == VG_HOST)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(s->device);
+}
 static PyObject *Sampler_get_interval(Sampler *s, void *Py_UNUSED(c)) { return PyFloat_FromDouble(s->interval); }
 static PyObject *Sampler_get_nvml_interval(Sampler *s, void *Py_UNUSED(c)) { return PyFloat_FromDouble(s->nvml_interval); }
 static PyObject *Sampler_get_capacity(Sampler *s, void *Py_UNUSED(c)) { return PyLong_FromSsize_t(s->capacity); }
