@@ -93,16 +93,14 @@ static int collects(vg_reason r) { return r < R_HYSTERESIS; }
 
 static int parse_threshold(PyObject *v, double *out)
 {
-    if (PyBool_Check(v) || !(PyLong_Check(v) || PyFloat_Check(v))) {
-        PyErr_Format(PyExc_TypeError, "threshold must be a number (percent), got %.80s %R",
+    double x;
+    if (!vg_as_double(v, &x)) { /* the value itself: no __float__ runs */
+        PyErr_Format(PyExc_TypeError, "threshold must be a number (percent), got %.80s %.200R",
                      Py_TYPE(v)->tp_name, v);
         return -1;
     }
-    double x = PyFloat_AsDouble(v);
-    if (x == -1.0 && PyErr_Occurred())
-        return -1;
     if (!isfinite(x) || x < 0 || x > 100) {
-        PyErr_Format(PyExc_ValueError, "threshold must be 0..100 (percent), got %R", v);
+        PyErr_Format(PyExc_ValueError, "threshold must be 0..100 (percent), got %.200R", v);
         return -1;
     }
     *out = x;

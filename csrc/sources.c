@@ -410,13 +410,10 @@ static size_t proc_stride(const unsigned char *buf, unsigned int n)
                                     : sizeof(vg_nvmlProcessInfo_v2_t);
 }
 
-/* This process's bytes on NVML device `h`.  The process list costs milliseconds, so it is
- * cached per device for src->proc_interval seconds.  Caller holds src->lock. */
-static int64_t nvml_process_used(vg_sources *src, const vg_nvml_api *nv, int index,
-                                 vg_nvmlDevice_t h, double now)
+/* This process's bytes on NVML device `h`.  Takes milliseconds: called without src->lock
+ * (NVML handles stay valid for the life of the process), so nobody waits on our lock for it. */
+static int64_t nvml_process_used(const vg_nvml_api *nv, vg_nvmlDevice_t h)
 {
-    if (src->proc_at[index] > 0 && now - src->proc_at[index] < src->proc_interval)
-        return src->proc_used[index];
     int64_t mine = -1;
     unsigned int me = (unsigned int)getpid(), n = VG_NPROC;
     /* room and alignment for either element type (4 KiB); zeroed so bytes the driver did
@@ -426,7 +423,7 @@ static int64_t nvml_process_used(vg_sources *src, const vg_nvml_api *nv, int ind
     const unsigned char *buf = (const unsigned char *)raw;
     size_t stride = 0;
     if (nv->nvmlDeviceGetComputeRunningProcesses_v3) {
-        if (nv->nvmlDeviceGetComputeRunningProcesses_v3(h, &n, (vg_nvmlProcessInfo_v3_t *)raw) == 0)
+        if (nv->nvmlDeviceGetComputeRunningProcesses_v3(h, &n, raw) == 0)
             stride = proc_stride(buf, n);
     } else if (nv->nvmlDeviceGetComputeRunningProcesses_v2) {
         if (nv->nvmlDeviceGetComputeRunningProcesses_v2(h, &n, (vg_nvmlProcessInfo_v2_t *)raw) == 0)
@@ -443,13 +440,13 @@ static int64_t nvml_process_used(vg_sources *src, const vg_nvml_api *nv, int ind
             break;
         }
     }
-    src->proc_at[index] = now;
-    src->proc_used[index] = mine;
     return mine;
 }
 
-/* Caller holds src->lock. */
-static int nvml_read(vg_sources *src, int index, vg_reading *r, double now, char *reason)
+/* Caller holds src->lock.  Fills everything but process_used; *h and *stale say whether the
+ * cached process figure is too old, for the caller to refresh outside the lock. */
+static int nvml_read(vg_sources *src, int index, vg_reading *r, double now, char *reason,
+                     vg_nvmlDevice_t *hout, int *stale)
 {
     const vg_nvml_api *nv = real_devices(src, reason);
     if (nv == NULL)
@@ -504,7 +501,10 @@ static int nvml_read(vg_sources *src, int index, vg_reading *r, double now, char
     if (r->free > r->total)
         r->free = r->total;
     r->used = r->total - r->free;
-    r->process_used = nvml_process_used(src, nv, index, h, now);
+    /* The process list costs milliseconds: cached per device for proc_interval seconds. */
+    *stale = !(src->proc_at[index] > 0 && now - src->proc_at[index] < src->proc_interval);
+    r->process_used = src->proc_used[index];
+    *hout = h;
     return 0;
 }
 
@@ -534,7 +534,8 @@ int vg_source_read_nogil(vg_sources *src, int index, vg_reading *r, char *reason
         snprintf(reason, VG_REASON, "device %d out of range", index);
         return -1;
     }
-    int rc = -1;
+    int rc = -1, stale = 0;
+    vg_nvmlDevice_t h = NULL;
     pthread_mutex_lock(&src->lock);
     if (src->nsim > 0) {
         if (index >= src->nsim) {
@@ -545,9 +546,17 @@ int vg_source_read_nogil(vg_sources *src, int index, vg_reading *r, char *reason
             rc = 0;
         }
     } else {
-        rc = nvml_read(src, index, r, now, reason);
+        rc = nvml_read(src, index, r, now, reason, &h, &stale);
     }
     pthread_mutex_unlock(&src->lock);
+    if (rc == 0 && stale) {
+        const vg_nvml_api *nv = vg_nvml(NULL);
+        r->process_used = nvml_process_used(nv, h);
+        pthread_mutex_lock(&src->lock);
+        src->proc_at[index] = now;
+        src->proc_used[index] = r->process_used;
+        pthread_mutex_unlock(&src->lock);
+    }
     return rc;
 }
 
