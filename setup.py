@@ -3,7 +3,9 @@
 No CUDA toolkit is needed: NVML and the CUDA driver are loaded at run time (csrc/gpulibs.c).
 Environment switches (used by .ci/run):
   VRAMGUARD_WERROR=1                    add -Werror
-  VRAMGUARD_SANITIZE=address,undefined  build with those sanitizers (preload libasan to run)
+  VRAMGUARD_SANITIZE=address,undefined  build with those sanitizers (preload libasan to run);
+                                        signed overflow is checked too (-fno-wrapv undoes the
+                                        -fwrapv CPython's flags carry, which silences it)
   VRAMGUARD_DEBUG=1                     -O0 -g
 """
 import glob
@@ -29,8 +31,10 @@ if os.environ.get("VRAMGUARD_WERROR"):
     cflags.append("-Werror")
 san = os.environ.get("VRAMGUARD_SANITIZE", "").strip()
 if san:
-    cflags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
-    ldflags += [f"-fsanitize={san}"]
+    cflags += [f"-fsanitize={san}", "-fsanitize=signed-integer-overflow", "-fno-wrapv",
+               "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+    # linking with the UBSan flag pulls in its runtime (libubsan) as a dependency of the module
+    ldflags += [f"-fsanitize={san}", "-fsanitize=signed-integer-overflow"]
 
 setup(
     ext_modules=[
