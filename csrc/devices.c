@@ -180,6 +180,12 @@ static PyObject *py_simulate(PyObject *m, PyObject *args, PyObject *kw)
     if (o[8] != NULL && o[8] != Py_None && parse_script(o[8], &d) < 0)
         return NULL;
     pthread_mutex_lock(&st->src.lock);
+    if (index > st->src.nsim) { /* cleared since it was checked: no holes in the table */
+        pthread_mutex_unlock(&st->src.lock);
+        vg_simdev_free_script(&d);
+        PyErr_Format(PyExc_ValueError, "simulated device %d no longer exists", index);
+        return NULL;
+    }
     vg_simdev old = st->src.sim[index];
     int keep_script = (o[8] == NULL && index < st->src.nsim);
     if (keep_script) { /* an update without script= keeps the running script */

@@ -204,12 +204,12 @@ static PyObject *Policy_decide(Policy *p, PyObject *args, PyObject *kw)
 }
 
 /* check(device, forced=False, need=0, stage=None) -> (collect, reason, snapshot_or_None)
- * The hot path: reads the device itself and builds a Snapshot only when collecting. */
+ * device None is host RAM.  The hot path: reads the device itself and builds a Snapshot only when collecting. */
 static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn)
 {
     if (kwn != NULL || nargs < 1 || nargs > 4) {
         PyErr_SetString(PyExc_TypeError,
-                        "check(device, forced=False, need=0, stage=None): positional only");
+                        "check(device, forced=False, need=0, stage=None): 1 to 4 positional arguments");
         return NULL;
     }
     vg_state *st = vg_state_from_type(Py_TYPE(p));
@@ -350,11 +350,13 @@ static PyObject *Policy_get_counts(Policy *p, void *c)
 
 static PyMethodDef Policy_methods[] = {
     {"decide", (PyCFunction)(void (*)(void))Policy_decide, METH_VARARGS | METH_KEYWORDS,
-     "decide(snapshot, forced=False, need=0, now=None, stage=None) -> (collect, reason)"},
+     "decide($self, /, snapshot, forced=False, need=0, now=None, stage=None)\n--\n\n"
+     "Decide over a Snapshot or mapping: (collect, reason)."},
     {"check", (PyCFunction)(void (*)(void))Policy_check, METH_FASTCALL | METH_KEYWORDS,
-     "check(device, forced=False, need=0, stage=None) -> (collect, reason, snapshot_or_None)"},
+     "check($self, device, forced=False, need=0, stage=None, /)\n--\n\n"
+     "Read `device` (None: host RAM) and decide: (collect, reason, snapshot_or_None)."},
     {"collected", (PyCFunction)(void (*)(void))Policy_collected, METH_VARARGS | METH_KEYWORDS,
-     "collected(snapshot=None, now=None): record that a collection ran"},
+     "collected($self, /, snapshot=None, now=None)\n--\n\nRecord that a collection ran."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef Policy_getset[] = {
@@ -369,7 +371,8 @@ static PyGetSetDef Policy_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Policy_slots[] = {
-    {Py_tp_doc, "Policy(threshold=70.0, low_vram=False, min_interval=1.0, zluda=False, growth=0.02)"},
+    {Py_tp_doc, "Policy(threshold=70.0, low_vram=False, min_interval=1.0, zluda=False, growth=0.02)\n--\n\n"
+                "Collect or skip after a stage, and why."},
     {Py_tp_new, Policy_new},
     {Py_tp_dealloc, Policy_dealloc},
     {Py_tp_traverse, Policy_traverse},

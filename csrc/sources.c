@@ -131,7 +131,10 @@ int64_t vg_process_rss_nogil(vg_sources *src)
     long long size, rss;
     if (sscanf(buf, "%lld %lld", &size, &rss) != 2)
         return -1;
-    return (int64_t)rss * (int64_t)sysconf(_SC_PAGESIZE);
+    int64_t bytes;
+    if (rss < 0 || __builtin_mul_overflow((int64_t)rss, (int64_t)sysconf(_SC_PAGESIZE), &bytes))
+        return -1; /* a page count no kernel reports: unknown rather than wrapped */
+    return bytes;
 }
 
 static int64_t meminfo_field(const char *buf, const char *key)
@@ -142,7 +145,10 @@ static int64_t meminfo_field(const char *buf, const char *key)
     p += strlen(key);
     while (*p == ' ' || *p == ':')
         p++;
-    return (int64_t)strtoll(p, NULL, 10) * 1024;
+    int64_t kib = (int64_t)strtoll(p, NULL, 10), bytes;
+    if (kib < 0 || __builtin_mul_overflow(kib, (int64_t)1024, &bytes))
+        return -1;
+    return bytes;
 }
 
 int vg_host_read_nogil(vg_sources *src, vg_host *h, int fresh, char *reason)

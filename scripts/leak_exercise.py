@@ -59,6 +59,24 @@ def accounting():
     expect_error(_native.simulate, 0, script=[(1.0, 0), (0.5, 1)])
     expect_error(_native.simulate, 0, script=[5])
     expect_error(_native.set_host_interval, -1)
+    # host RAM as a source, per-call overrides, hostile numbers
+    _native.set_limits("host", reserve=1 << 20, cap=0)
+    _native.get_limits("host")
+    vg.snapshot_dict(_native.snapshot())
+    _native.snapshot(0, reserve=1 << 30)
+    _native.snapshot(None, card=8 << 30, reserve=1 << 30)
+    expect_error(_native.snapshot, None, card=0)
+    expect_error(_native.snapshot, None, reserve=10 ** 400)
+    expect_error(_native.set_limits, "gpu", reserve=1)
+    expect_error(_native.budget, {"total": 10 ** 400})
+    expect_error(_native.budget, {"total": "8"})
+
+    class FloatRaises(int):
+        def __float__(self):
+            raise RuntimeError("not called")
+
+    _native.budget({"total": FloatRaises(8), "free": FloatRaises(4), "used": 4})
+    _native.budget({"total": 9 * 10 ** 18, "free": 9 * 10 ** 18, "evictable": 9 * 10 ** 18, "cap": 1})
     vg.simulate_clear()
     vg.clear_limits()
 
@@ -81,9 +99,19 @@ def sampler():
     expect_error(s.begin, 5)
     expect_error(_native.Sampler, 0, 0)
     expect_error(_native.Sampler, 0, 0.01, 0.1, 1)
+    for _ in range(3):  # the stage cache: built, reused, replaced as the ring turns
+        s.stages()
+        s.end(s.begin("y"))
     h = _native.Sampler(None, 0.001)
     h.start()  # dropped while running: dealloc joins
     del h
+    import threading
+    s.start()
+    ts = [threading.Thread(target=s.stop) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
     vg.simulate_clear()
 
 
@@ -102,6 +130,10 @@ def policy():
     vg.simulate("8GB", "7GB")
     p.check(0)
     p.check(0, True, 0, 2)
+    p.check(None)
+    p.check(None, True)
+    expect_error(p.decide, snap, need=10 ** 400)
+    expect_error(_native.Policy, 10 ** 400)
     for bad in ((snap,), {"stage": 99}, {"need": -1}):
         if isinstance(bad, dict):
             expect_error(p.decide, snap, **bad)
@@ -152,9 +184,11 @@ def main():
     if lib:  # the NVML path, in a child with the fake library
         code = ("import vramguard as vg\nfor _ in range(%d):\n    [vg.snapshot_dict(s) for s in vg.snapshots()]\n"
                 "    s = vg.Sampler(0, 0.001); s.start(); s.end(s.begin('a')); s.stop()\n" % N)
-        env = dict(os.environ, VRAMGUARD_NVML_LIB=lib, FAKE_NVML_DEVICES=f"{8 << 30}:{1 << 30}",
-                   FAKE_NVML_PROC_USED=str(1 << 28), CUDA_VISIBLE_DEVICES="0")
-        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+        for layout in ("24", "32"):
+            env = dict(os.environ, VRAMGUARD_NVML_LIB=lib, FAKE_NVML_DEVICES=f"{8 << 30}:{1 << 30}",
+                       FAKE_NVML_PROC_USED=str(1 << 28), CUDA_VISIBLE_DEVICES="0",
+                       FAKE_NVML_PROC_OTHERS="3", FAKE_NVML_PROC_LAYOUT=layout)
+            subprocess.run([sys.executable, "-c", code], check=True, env=env)
     print(f"leak exercise: {N} rounds done")
 
 

@@ -131,7 +131,8 @@ def test_stages_is_cheap_once_the_ring_is_full():
     assert len(recs) == 4096 and recs[-1]["name"] == "s9"
     recs[0]["name"] = "changed by the caller"
     assert s.stages()[0]["name"] != "changed by the caller"     # copies, not the cache itself
-    assert best < 0.004, f"stages() took {best * 1e3:.2f} ms"
+    if not os.environ.get("VRAMGUARD_SANITIZED"):  # ASan makes every allocation slow
+        assert best < 0.004, f"stages() took {best * 1e3:.2f} ms"  # measured 0.2 ms; old 9+ ms
 
 
 def _timed(fn) -> float:
