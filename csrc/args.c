@@ -7,6 +7,7 @@
 #include "vg_args.h"
 
 #include <math.h>
+#include <stdarg.h>
 
 /* 1 and *x for an int or float (bool excluded), 0 for anything else.  Ints too large for a
  * double come back as +-inf, never with an exception set. */
@@ -31,16 +32,31 @@ int vg_as_double(PyObject *obj, double *x)
     return 0;
 }
 
+void vg_raise(PyObject *exc, const char *what, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    PyObject *msg = PyUnicode_FromFormatV(fmt, ap);
+    va_end(ap);
+    if (msg == NULL) {
+        PyErr_Clear();
+        PyErr_Format(exc, "%s: invalid value (it cannot be shown)", what);
+        return;
+    }
+    PyErr_SetObject(exc, msg);
+    Py_DECREF(msg);
+}
+
 int vg_parse_bytes(PyObject *obj, const char *what, int allow_zero, int64_t *out)
 {
     double x;
     if (!vg_as_double(obj, &x)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a number of bytes, got %.80s %.200R", what,
+        vg_raise(PyExc_TypeError, what, "%s must be a number of bytes, got %.80s %.200R", what,
                      Py_TYPE(obj)->tp_name, obj);
         return -1;
     }
     if (!isfinite(x) || x < 0 || (!allow_zero && x == 0) || x > 9.0e18) {
-        PyErr_Format(PyExc_ValueError, "%s must be a finite number of bytes %s 0, got %.200R",
+        vg_raise(PyExc_ValueError, what, "%s must be a finite number of bytes %s 0, got %.200R",
                      what, allow_zero ? ">=" : ">", obj);
         return -1;
     }
@@ -52,7 +68,7 @@ int vg_parse_double(PyObject *obj, const char *what, double lo, double hi, doubl
 {
     double x;
     if (!vg_as_double(obj, &x)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a number, got %.80s %.200R", what,
+        vg_raise(PyExc_TypeError, what, "%s must be a number, got %.80s %.200R", what,
                      Py_TYPE(obj)->tp_name, obj);
         return -1;
     }
@@ -61,7 +77,7 @@ int vg_parse_double(PyObject *obj, const char *what, double lo, double hi, doubl
         int zero_ok = lo < 0 && lo > -1e-200;
         PyObject *l = PyFloat_FromDouble(zero_ok ? 0.0 : lo), *h = PyFloat_FromDouble(hi);
         if (l && h)
-            PyErr_Format(PyExc_ValueError, "%s must be %s %R and <= %R, got %.200R", what,
+            vg_raise(PyExc_ValueError, what, "%s must be %s %R and <= %R, got %.200R", what,
                          zero_ok ? ">=" : ">", l, h, obj);
         Py_XDECREF(l);
         Py_XDECREF(h);
@@ -74,7 +90,7 @@ int vg_parse_double(PyObject *obj, const char *what, double lo, double hi, doubl
 int vg_parse_index(vg_state *st, PyObject *obj, int *out)
 {
     if (PyBool_Check(obj) || !PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "device index must be an int, got %.80s %.200R",
+        vg_raise(PyExc_TypeError, "device index", "device index must be an int, got %.80s %.200R",
                      Py_TYPE(obj)->tp_name, obj);
         return -1;
     }
@@ -93,7 +109,7 @@ int vg_parse_index(vg_state *st, PyObject *obj, int *out)
         return -1;
     }
     if (v < 0 || v >= n) {
-        PyErr_Format(PyExc_ValueError, "unknown device index %.200R: %d device(s) present%s%s",
+        vg_raise(PyExc_ValueError, "device index", "unknown device index %.200R: %d device(s) present%s%s",
                      obj, n, rc ? "; " : "", rc ? reason : "");
         return -1;
     }

@@ -95,12 +95,12 @@ static int parse_threshold(PyObject *v, double *out)
 {
     double x;
     if (!vg_as_double(v, &x)) { /* the value itself: no __float__ runs */
-        PyErr_Format(PyExc_TypeError, "threshold must be a number (percent), got %.80s %.200R",
+        vg_raise(PyExc_TypeError, "threshold", "threshold must be a number (percent), got %.80s %.200R",
                      Py_TYPE(v)->tp_name, v);
         return -1;
     }
     if (!isfinite(x) || x < 0 || x > 100) {
-        PyErr_Format(PyExc_ValueError, "threshold must be 0..100 (percent), got %.200R", v);
+        vg_raise(PyExc_ValueError, "threshold", "threshold must be 0..100 (percent), got %.200R", v);
         return -1;
     }
     *out = x;
@@ -162,7 +162,7 @@ static int parse_stage(PyObject *o, int *stage)
     if (v == -1 && PyErr_Occurred())
         PyErr_Clear();
     if (v < 0 || v >= VG_POLICY_STAGES) {
-        PyErr_Format(PyExc_ValueError, "stage id must be an int 0..%d or None, got %R",
+        vg_raise(PyExc_ValueError, "stage id", "stage id must be an int 0..%d or None, got %.200R",
                      VG_POLICY_STAGES - 1, o);
         return -1;
     }

@@ -50,12 +50,12 @@ static int64_t probe_field(PyObject *d, const char *key)
         return -1;
     double x;
     if (!vg_as_double(v, &x)) {
-        PyErr_Format(PyExc_TypeError, "framework probe: %s must be a number of bytes, got %.200R",
+        vg_raise(PyExc_TypeError, key, "framework probe: %s must be a number of bytes, got %.200R",
                      key, v);
         return -2;
     }
     if (!isfinite(x) || x < 0 || x > 9.2e18) {
-        PyErr_Format(PyExc_ValueError, "framework probe: %s must be >= 0 and finite, got %.200R",
+        vg_raise(PyExc_ValueError, key, "framework probe: %s must be >= 0 and finite, got %.200R",
                      key, v);
         return -2;
     }
@@ -292,13 +292,13 @@ static int field_i64(PyObject *obj, int is_seq, int i, int64_t dflt, int64_t *ou
     }
     double x;
     if (!vg_as_double(v, &x)) {
-        PyErr_Format(PyExc_TypeError, "snapshot field %s must be a byte count, got %.80s %.200R",
+        vg_raise(PyExc_TypeError, snap_fields[i].name, "snapshot field %s must be a byte count, got %.80s %.200R",
                      snap_fields[i].name, Py_TYPE(v)->tp_name, v);
         Py_DECREF(v);
         return -1;
     }
     if (!isfinite(x) || x < -1 || x > 9.2e18) {
-        PyErr_Format(PyExc_ValueError, "snapshot field %s must be a byte count, got %.200R",
+        vg_raise(PyExc_ValueError, snap_fields[i].name, "snapshot field %s must be a byte count, got %.200R",
                      snap_fields[i].name, v);
         Py_DECREF(v);
         return -1;
@@ -412,8 +412,8 @@ static int parse_target(vg_state *st, PyObject *obj, int *which)
             *which = VG_HOST;
             return 0;
         }
-        PyErr_Format(PyExc_ValueError,
-                     "device must be an index, \"host\" or None (every GPU), got %.200R", obj);
+        vg_raise(PyExc_ValueError, "device",
+                 "device must be an index, \"host\" or None (every GPU), got %.200R", obj);
         return -1;
     }
     return vg_parse_index(st, obj, which);

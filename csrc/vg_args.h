@@ -11,6 +11,10 @@
 /* 1 and *x for an int or float (not bool), 0 for anything else; never runs Python code and
  * never leaves an exception set (ints beyond a double's range give +-inf). */
 int vg_as_double(PyObject *obj, double *x);
+/* PyErr_Format for messages that show a caller's value (%R): when the value cannot be shown
+ * (its __repr__ raises, an int past sys.int_max_str_digits) the exception is still `exc`
+ * and still names `what`. */
+void vg_raise(PyObject *exc, const char *what, const char *fmt, ...);
 /* A finite number of bytes >= 0 (or > 0 without allow_zero), at most 9.0e18. */
 int vg_parse_bytes(PyObject *obj, const char *what, int allow_zero, int64_t *out);
 /* A finite float with lo < x <= hi (lo = -1e-300 means ">= 0"). */

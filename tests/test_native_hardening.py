@@ -66,6 +66,7 @@ def test_concurrent_start_stop_reset_hammer():
         import threading, random, vramguard as vg
         vg.simulate("8GB", "1GB")
         s = vg.Sampler(0, interval=0.0005, capacity=256)
+        vg.set_reserve(1 << 20, device="host")
         stop_at = __import__("time").monotonic() + 2.0
         errors = []
         def f(k):
@@ -78,6 +79,11 @@ def test_concurrent_start_stop_reset_hammer():
                     elif op == 2: s.reset()
                     elif op == 3: s.end(s.begin("x"))
                     elif op == 4: s.stages(); s.timeline(); s.last_error; s.running
+                    elif op == 5 and k % 4 == 0:      # probe swaps, devices coming and going
+                        vg.register_probe(None if rnd.random() < 0.5 else (lambda i: {"reserved": 1 << 20}))
+                        vg.simulate_clear()
+                        vg.simulate("8GB", "1GB")
+                        vg.snapshot(None)
                     else: s.sample()
             except Exception as e:
                 errors.append(repr(e))
@@ -219,6 +225,24 @@ def test_huge_snapshot_field_is_a_clean_value_error(field):
     with pytest.raises(ValueError, match=field):
         p.decide({"total": 8, "free": 4, "used": 4, field: HUGE})
     assert vg.budget_of({"total": 8, "free": 4, "used": 4}) == 4   # nothing left behind
+
+
+class ReprRaises(float):
+    def __repr__(self):
+        raise RuntimeError("repr")
+
+
+@pytest.mark.parametrize("value", [10 ** 5000, -(10 ** 5000), ReprRaises("nan")],
+                         ids=["huge", "-huge", "repr-raises"])
+def test_unprintable_bad_values_still_name_the_field(value):
+    """Old code: the repr's own error (ValueError: Exceeds the limit ..., RuntimeError) replaced
+    the one naming the field."""
+    with pytest.raises(ValueError, match="total"):
+        vg.budget_of({"total": value})
+    with pytest.raises(ValueError, match="reserve"):
+        _native.set_limits(None, reserve=value)
+    with pytest.raises(ValueError, match="threshold"):
+        _native.Policy(threshold=value)
 
 
 def test_int_subclass_with_raising_float_is_read_by_value():
