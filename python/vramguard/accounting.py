@@ -73,6 +73,13 @@ def snapshot(device: int | None = 0, *, reserve: int | float | str | None = None
     reserve: a floor for this call; the effective reserve is max(configured, host's, this).
     card: "what would a card of this size do": total = free = card, nothing used, reserve =
     the given one or 0; the device is then not read.  Sizes accept units ('1.5GB')."""
+    if reserve is None and card is None:  # the hot path: one positional C call
+        if device is not None:
+            if type(device) is not int:
+                _device_arg(device)  # raises for what is not an int
+            if _probe_origin is None:
+                _auto_probe()
+        return _native.snapshot(device)
     res = None if reserve is None else parse_size(reserve, "reserve")
     c = None if card is None else parse_size(card, "card")
     if c is None and device is not None:
