@@ -128,6 +128,11 @@ static PyObject *py_simulate(PyObject *m, PyObject *args, PyObject *kw)
     pthread_mutex_lock(&st->src.lock);
     int n = st->src.nsim;
     pthread_mutex_unlock(&st->src.lock);
+    /* -1: append.  The slot is chosen under the lock at the end, so two threads adding
+     * devices while a third clears them cannot ask for a slot that is gone. */
+    int append = index == -1;
+    if (append && n < VG_MAX_DEV)
+        index = n;
     if (index < 0 || index > n || index >= VG_MAX_DEV) {
         PyErr_Format(PyExc_ValueError,
                      "simulated device index must be 0..%d (existing, or the next one), got %d",
@@ -180,6 +185,17 @@ static PyObject *py_simulate(PyObject *m, PyObject *args, PyObject *kw)
     if (o[8] != NULL && o[8] != Py_None && parse_script(o[8], &d) < 0)
         return NULL;
     pthread_mutex_lock(&st->src.lock);
+    if (append) {
+        if (st->src.nsim >= VG_MAX_DEV) {
+            pthread_mutex_unlock(&st->src.lock);
+            vg_simdev_free_script(&d);
+            PyErr_Format(PyExc_ValueError, "at most %d simulated devices", VG_MAX_DEV);
+            return NULL;
+        }
+        if (name == NULL && index != st->src.nsim)
+            snprintf(d.name, VG_NAME, "Simulated GPU %d", st->src.nsim);
+        index = st->src.nsim;
+    }
     if (index > st->src.nsim) { /* cleared since it was checked: no holes in the table */
         pthread_mutex_unlock(&st->src.lock);
         vg_simdev_free_script(&d);
@@ -196,9 +212,9 @@ static PyObject *py_simulate(PyObject *m, PyObject *args, PyObject *kw)
     if (index == st->src.nsim)
         st->src.nsim++;
     pthread_mutex_unlock(&st->src.lock);
-    if (!keep_script && index < n)
+    if (!keep_script && !append && index < n)
         vg_simdev_free_script(&old);
-    Py_RETURN_NONE;
+    return PyLong_FromLong(index);
 }
 
 static PyObject *py_simulate_clear(PyObject *m, PyObject *Py_UNUSED(a))
@@ -261,7 +277,7 @@ PyMethodDef vg_devices_methods[] = {
     {"simulate", (PyCFunction)(void (*)(void))py_simulate, METH_VARARGS | METH_KEYWORDS,
      "simulate($module, /, index, *, total=None, used=None, process_used=None, name=None,\n"
      "         reserved=None, allocated=None, oom_count=None, retry_count=None, script=None)\n--\n\n"
-     "Add simulated device `index` (== count) or update it."},
+     "Add simulated device `index` (== count; -1 appends) or update it.  Returns the index."},
     {"simulate_clear", py_simulate_clear, METH_NOARGS,
      "simulate_clear($module, /)\n--\n\nRemove all simulated devices."},
     {"refresh_devices", py_refresh_devices, METH_NOARGS,

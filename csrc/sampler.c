@@ -12,8 +12,10 @@
  *   io    the device-reading state (last figures, the NVML clock); held across slow reads
  *         (NVML's process list takes milliseconds), always with the GIL released.
  *   lock  the rings; held only to copy a few bytes in or out, never across I/O.
- * Python-facing readers wait on `lock` the bz2 way: try it with the GIL held, else block
- * with the GIL released.  The thread never touches Python objects. */
+ * Every wait on a lock by a thread that holds the GIL goes the bz2 way (try it, else block
+ * with the GIL released): a reader that got `lock` that way then waits for the GIL while
+ * holding it, so a plain lock() with the GIL held would deadlock.  The thread never touches
+ * Python objects. */
 #include "vg_args.h"
 #include "vg_snapshot.h"
 #include "vg_numpy.h"
@@ -272,7 +274,8 @@ static void stop_locked(Sampler *s, int release_gil)
 {
     if (!s->running)
         return;
-    pthread_mutex_lock(&s->lock);
+    /* with the GIL held: a reader may hold `lock` while it waits for the GIL */
+    lock_with_gil(&s->lock);
     s->stopping = 1;
     pthread_cond_signal(&s->cond);
     pthread_mutex_unlock(&s->lock);

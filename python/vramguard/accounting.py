@@ -217,12 +217,10 @@ def simulate(total: int | str, used: int | str = 0, *, device: int | None = None
     replace real ones — plan on a card you don't have.  Returns the device index.
 
     script: [(t_seconds, used[, process_used]), ...], piecewise constant from now."""
-    n = _native.device_count() if _native.gpu_status()["simulated"] else 0
-    index = n if device is None else device
-    _native.simulate(index, **_sim_fields(dict(
+    # device None appends: the C core picks the slot atomically (-1)
+    return _native.simulate(-1 if device is None else device, **_sim_fields(dict(
         total=total, used=used, process_used=process_used, name=name, reserved=reserved,
         allocated=allocated, oom_count=oom_count, retry_count=retry_count, script=script)))
-    return index
 
 
 def update_simulated(device: int = 0, **fields: Any) -> None:

@@ -25,7 +25,8 @@ _default: Sampler | None = None
 
 def sampler() -> Sampler:
     """The process-wide sampler: device 0 when a device (or a simulated one) is present,
-    host memory only otherwise.  Created on first use, not started."""
+    host RAM otherwise (a source like a device: 'used' is host used, 'process_used' our RSS).
+    Created on first use, not started.  start/stop/reset are safe from several threads."""
     global _default
     s = _default
     if s is None:
@@ -61,7 +62,8 @@ def stop() -> None:
 
 
 def timeline() -> dict[str, Any]:
-    """{'t', 'used', 'process_used', 'rss'} NumPy arrays (t in monotonic seconds; -1 = unknown)."""
+    """{'t', 'used', 'process_used', 'rss'} NumPy arrays (t in monotonic seconds; -1 = unknown).
+    For a host-RAM sampler (device None) 'used' is host RAM in use, 'process_used' the RSS."""
     return sampler().timeline()
 
 
