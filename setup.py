@@ -11,7 +11,7 @@ import os
 import numpy
 from setuptools import Extension, setup
 
-SOURCES = ["module.c", "gpulibs.c", "accounting.c", "sampler.c", "gcpolicy.c", "tiler.c"]
+SOURCES = ["module.c", "gpulibs.c", "accounting.c", "sampler.c", "gcpolicy.c", "planner.c", "canvas.c"]
 
 cflags = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
           "-fvisibility=hidden", "-pthread"]
