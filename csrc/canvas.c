@@ -12,8 +12,15 @@
  * Writes: the first tile to cover a pixel stores w*v, later ones add.  Which pixels are
  * already covered is tracked per output row as a prefix ("covered up to x"), which holds for
  * row-major tile order and for the back-off's re-planned sub-regions; a gap, should one ever
- * appear, is zeroed before adding.  So the floor — one read of every tile result and one
- * write of the output — is what it costs, plus read-modify-write in the overlaps. */
+ * appear, is zeroed before adding, and from then on a one-bit-per-pixel map tracks coverage
+ * exactly, so finish() can name the first pixel no tile covered.  So the floor — one read of
+ * every tile result and one write of the output — is what it costs, plus read-modify-write in
+ * the overlaps.
+ *
+ * Hostile callers: put() parses every argument (where __index__, __float__, __bool__ and
+ * __iter__ run) before it looks at the canvas; bounds are checked as `off > limit - len`
+ * after `len <= limit`; a result overlapping the output is copied first; the output is held
+ * by a reference of put()'s own while the GIL is released. */
 #include "vg.h"
 #include "vg_numpy.h"
 
@@ -83,14 +90,24 @@ typedef struct {
     int rising;
 } vg_ramp;
 
+/* Locking: one mutex per canvas serialises put / finish / coverage, taken bz2's way (try
+ * without releasing the GIL, then block with it released), and never held across a call into
+ * Python, so a callback that re-enters the canvas cannot deadlock.  `lock_pid` notices a fork:
+ * the child re-initialises a mutex another thread of the parent may have held. */
 typedef struct {
     PyObject_HEAD
-    PyArrayObject *out;
+    PyArrayObject *out; /* NULL once finish() handed it back */
     int nchw, is_half;
     npy_intp B, C, H, W;
-    int64_t *covered; /* B x H: output row covered up to x (exclusive) */
+    npy_intp dims[4];   /* out's shape when the canvas was made: put() refuses a changed one */
+    int64_t *covered;   /* B x H: output row written (stored or zeroed) up to x (exclusive) */
+    /* Exact coverage, made only when a put leaves a gap (a tile right of the written prefix):
+     * one bit per output pixel, rows padded to whole bytes so threads own their rows. */
+    unsigned char *bits;
+    npy_intp row_bytes;
     int nthreads;
-    int busy; /* a put() is running with the GIL released */
+    pthread_mutex_t lock;
+    pid_t lock_pid;
     int64_t puts;
 } Canvas;
 
@@ -113,6 +130,7 @@ static double ramp_weight(const vg_ramp *r, int n, double x)
 
 typedef struct {
     Canvas *cv;
+    char *out; /* output data, held alive by put() */
     const char *src;
     int src_half;
     npy_intp nb, b0, h, w, ox, oy;
@@ -229,18 +247,25 @@ static void zero_row(char *dst, int half, npy_intp n)
     memset(dst, 0, (size_t)n * (half ? 2 : 4));
 }
 
+static void set_bits(unsigned char *row, npy_intp x0, npy_intp x1)
+{
+    for (npy_intp x = x0; x < x1; x++)
+        row[x >> 3] |= (unsigned char)(1u << (x & 7));
+}
+
 static void *put_worker(void *arg)
 {
     put_job *j = arg;
     Canvas *cv = j->cv;
     size_t es = cv->is_half ? 2 : 4;
-    char *out = PyArray_BYTES(cv->out);
+    char *out = j->out;
     for (npy_intp r = j->row_lo; r < j->row_hi; r++) {
         npy_intp n = r / j->h, y = r % j->h, b = j->b0 + n, Y = j->oy + y;
         int64_t *cov = &cv->covered[b * cv->H + Y];
         npy_intp a = (npy_intp)*cov - j->ox; /* tile-local x where "store" starts */
         if (a < 0) {
-            /* a gap left of this tile: zero it so later tiles can add there */
+            /* a gap left of this tile: zero it so later tiles can add there (the bitmap,
+             * made before the workers started, remembers it is not covered) */
             npy_intp gap0 = (npy_intp)*cov, gap1 = j->ox;
             if (!cv->nchw)
                 zero_row(out + ((b * cv->H + Y) * cv->W + gap0) * cv->C * es, cv->is_half,
@@ -267,35 +292,60 @@ static void *put_worker(void *arg)
                 blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, 1, 0);
             }
         }
+        if (cv->bits)
+            set_bits(cv->bits + (b * cv->H + Y) * cv->row_bytes, j->ox, j->ox + j->w);
         if (j->ox + j->w > *cov)
             *cov = j->ox + j->w;
     }
     return NULL;
 }
 
+/* Parse a ramp sequence into r.  Works on a private tuple copy: a callback (__float__,
+ * __bool__) may mutate the caller's list while we read it. */
 static int parse_ramps(PyObject *obj, const char *what, vg_ramp *r, int *n)
 {
-    PyObject *seq = PySequence_Fast(obj, "ramps must be a sequence of (p, q, rising)");
-    if (seq == NULL)
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a sequence of (p, q, rising), got %.80s", what,
+                     Py_TYPE(obj)->tp_name);
         return -1;
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    }
+    PyObject *seq = PySequence_Tuple(obj);
+    if (seq == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s must be a sequence of (p, q, rising), got %.80s", what,
+                         Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    Py_ssize_t len = PyTuple_GET_SIZE(seq);
     if (len > VG_MAX_RAMPS) {
         PyErr_Format(PyExc_ValueError, "%s: at most %d ramps, got %zd", what, VG_MAX_RAMPS, len);
         Py_DECREF(seq);
         return -1;
     }
     for (Py_ssize_t i = 0; i < len; i++) {
-        PyObject *e = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *e = PyTuple_GET_ITEM(seq, i);
         int rising;
-        if (!PyTuple_Check(e) || !PyArg_ParseTuple(e, "ddp", &r[i].p, &r[i].q, &rising)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool), got %R",
-                         what, i, e);
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3) {
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool), got %.80s",
+                         what, i, Py_TYPE(e)->tp_name);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (!PyArg_ParseTuple(e, "ddp", &r[i].p, &r[i].q, &rising)) {
+            /* keep the callback's own exception if it raised one; otherwise say what we want */
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool)",
+                             what, i);
+            }
             Py_DECREF(seq);
             return -1;
         }
         if (!isfinite(r[i].p) || !isfinite(r[i].q)) {
-            PyErr_Format(PyExc_ValueError, "%s[%zd] has a non-finite bound: %R", what, i, e);
+            PyErr_Format(PyExc_ValueError, "%s[%zd] has a non-finite bound: (%R, %R)", what, i,
+                         PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1));
             Py_DECREF(seq);
             return -1;
         }
@@ -303,6 +353,76 @@ static int parse_ramps(PyObject *obj, const char *what, vg_ramp *r, int *n)
     }
     *n = (int)len;
     Py_DECREF(seq);
+    return 0;
+}
+
+/* An offset: any object with __index__, 0 <= v <= PY_SSIZE_T_MAX, errors naming the value. */
+static int parse_offset(PyObject *obj, const char *what, Py_ssize_t *out)
+{
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.80s", what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *v = PyNumber_Index(obj);
+    if (v == NULL)
+        return -1;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) {
+        Py_DECREF(v);
+        return -1;
+    }
+    if (overflow || x < 0 || x > PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s must be 0..%zd, got %R", what, PY_SSIZE_T_MAX, v);
+        Py_DECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    *out = (Py_ssize_t)x;
+    return 0;
+}
+
+static void canvas_lock(Canvas *cv)
+{
+    pid_t pid = getpid();
+    if (cv->lock_pid != pid) { /* a forked child: whoever held it does not exist here */
+        pthread_mutex_init(&cv->lock, NULL);
+        cv->lock_pid = pid;
+    }
+    if (pthread_mutex_trylock(&cv->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&cv->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void canvas_unlock(Canvas *cv) { pthread_mutex_unlock(&cv->lock); }
+
+/* The first pixel not covered by any tile, as (row = b * H + y, x); returns 0 when complete.
+ * Call with the lock held. */
+static int first_gap(const Canvas *cv, npy_intp *row, npy_intp *x)
+{
+    npy_intp rows = cv->B * cv->H;
+    if (cv->bits == NULL) {
+        for (npy_intp r = 0; r < rows; r++)
+            if (cv->covered[r] < cv->W) {
+                *row = r, *x = (npy_intp)cv->covered[r];
+                return 1;
+            }
+        return 0;
+    }
+    for (npy_intp r = 0; r < rows; r++) {
+        const unsigned char *b = cv->bits + r * cv->row_bytes;
+        for (npy_intp k = 0; k < cv->W; k += 8) {
+            if (b[k >> 3] == 0xff)
+                continue;
+            for (npy_intp i = k; i < k + 8 && i < cv->W; i++)
+                if (!(b[i >> 3] & (1u << (i & 7)))) {
+                    *row = r, *x = i;
+                    return 1;
+                }
+        }
+    }
     return 0;
 }
 
@@ -336,6 +456,12 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
                         "out must be a 4-D, C-contiguous, aligned, writeable native-endian array");
         return NULL;
     }
+    if (PyArray_SIZE(a) == 0) {
+        npy_intp *e = PyArray_DIMS(a);
+        PyErr_Format(PyExc_ValueError, "out must not be empty, got shape (%zd, %zd, %zd, %zd)",
+                     e[0], e[1], e[2], e[3]);
+        return NULL;
+    }
     if (threads < 0 || threads > VG_MAX_THREADS) {
         PyErr_Format(PyExc_ValueError, "threads must be 0 (auto)..%d, got %d", VG_MAX_THREADS, threads);
         return NULL;
@@ -346,6 +472,7 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     cv->nchw = nchw;
     cv->is_half = t == NPY_FLOAT16;
+    memcpy(cv->dims, d, sizeof cv->dims);
     cv->B = d[0];
     cv->H = nchw ? d[2] : d[1];
     cv->W = nchw ? d[3] : d[2];
@@ -355,8 +482,11 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         threads = nc < 1 ? 1 : (nc > VG_MAX_THREADS ? VG_MAX_THREADS : (int)nc);
     }
     cv->nthreads = threads;
-    size_t rows = (size_t)cv->B * (size_t)cv->H;
-    cv->covered = PyMem_Calloc(rows ? rows : 1, sizeof(int64_t));
+    cv->row_bytes = (cv->W + 7) / 8;
+    pthread_mutex_init(&cv->lock, NULL);
+    cv->lock_pid = getpid();
+    /* B * H <= the array's element count, which NumPy keeps below NPY_MAX_INTP */
+    cv->covered = PyMem_Calloc((size_t)cv->B * (size_t)cv->H, sizeof(int64_t));
     if (cv->covered == NULL) {
         Py_DECREF(cv);
         return PyErr_NoMemory();
@@ -384,23 +514,65 @@ static void Canvas_dealloc(Canvas *cv)
     PyObject_GC_UnTrack(cv);
     Canvas_clear(cv);
     PyMem_Free(cv->covered);
+    PyMem_Free(cv->bits);
+    if (cv->lock_pid != 0)
+        pthread_mutex_destroy(&cv->lock);
     tp->tp_free((PyObject *)cv);
     Py_DECREF(tp);
 }
 
+/* Byte range [lo, hi) that an array's elements occupy. */
+static void array_extent(PyArrayObject *a, uintptr_t *lo, uintptr_t *hi)
+{
+    intptr_t l = 0, h = 0;
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        npy_intp s = PyArray_STRIDE(a, i), n = PyArray_DIM(a, i);
+        if (n == 0) {
+            l = h = 0;
+            break;
+        }
+        if (s >= 0)
+            h += s * (n - 1);
+        else
+            l += s * (n - 1);
+    }
+    uintptr_t base = (uintptr_t)PyArray_BYTES(a);
+    *lo = base + (uintptr_t)l;
+    *hi = base + (uintptr_t)h + (uintptr_t)PyArray_ITEMSIZE(a);
+}
+
+/* Is `out` still the array the canvas was made for (a caller may reshape it in place, or
+ * flip its writeable flag)? */
+static int out_unchanged(const Canvas *cv, PyArrayObject *out)
+{
+    if (!PyArray_ISWRITEABLE(out)) {
+        PyErr_SetString(PyExc_ValueError, "out is no longer writeable");
+        return 0;
+    }
+    if (PyArray_NDIM(out) != 4 || memcmp(PyArray_DIMS(out), cv->dims, sizeof cv->dims) != 0 ||
+        PyArray_TYPE(out) != (cv->is_half ? NPY_FLOAT16 : NPY_FLOAT32) ||
+        !PyArray_IS_C_CONTIGUOUS(out) || PyArray_ISBYTESWAPPED(out)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "out changed (shape, strides or dtype) since the Canvas was made");
+        return 0;
+    }
+    return 1;
+}
+
 /* put(result, b0, ox, oy, xramps, yramps): blend result ([nb,h,w,C] or [nb,C,h,w], float32
- * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox). */
+ * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox).
+ *
+ * Order matters: every argument is parsed first (that is where Python callbacks can run and
+ * even close this canvas), then the canvas state is checked under its lock, then we act. */
 static PyObject *Canvas_put(Canvas *cv, PyObject *args)
 {
-    PyObject *res, *xr, *yr;
+    PyObject *res, *ob0, *oox, *ooy, *xr, *yr;
+    if (!PyArg_ParseTuple(args, "OOOOOO:put", &res, &ob0, &oox, &ooy, &xr, &yr))
+        return NULL;
     Py_ssize_t b0, ox, oy;
-    if (!PyArg_ParseTuple(args, "OnnnOO:put", &res, &b0, &ox, &oy, &xr, &yr))
+    if (parse_offset(ob0, "image offset b0", &b0) < 0 || parse_offset(oox, "x offset", &ox) < 0 ||
+        parse_offset(ooy, "y offset", &oy) < 0)
         return NULL;
-    if (cv->out == NULL || cv->busy) {
-        PyErr_SetString(PyExc_RuntimeError, cv->out ? "canvas is in use by another thread"
-                                                    : "canvas is closed");
-        return NULL;
-    }
     vg_ramp rx[VG_MAX_RAMPS], ry[VG_MAX_RAMPS];
     int nrx, nry;
     if (parse_ramps(xr, "xramps", rx, &nrx) < 0 || parse_ramps(yr, "yramps", ry, &nry) < 0)
@@ -409,41 +581,70 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
         PyErr_Format(PyExc_TypeError, "result must be a numpy.ndarray, got %.80s", Py_TYPE(res)->tp_name);
         return NULL;
     }
-    int t = PyArray_TYPE((PyArrayObject *)res);
+    PyArrayObject *ra = (PyArrayObject *)res;
+    int t = PyArray_TYPE(ra);
     if (t != NPY_FLOAT32 && t != NPY_FLOAT16) {
         PyErr_Format(PyExc_TypeError, "result must be float32 or float16, got %R",
-                     (PyObject *)PyArray_DESCR((PyArrayObject *)res));
+                     (PyObject *)PyArray_DESCR(ra));
+        return NULL;
+    }
+    if (PyArray_NDIM(ra) != 4) {
+        PyErr_Format(PyExc_ValueError, "result must be 4-D, got %d-D", PyArray_NDIM(ra));
+        return NULL;
+    }
+    if (PyArray_SIZE(ra) == 0) {
+        PyErr_SetString(PyExc_ValueError, "result is empty (a zero-size dimension)");
         return NULL;
     }
     /* Rows must be contiguous (the kernel walks a row with memcpy); image/channel/row strides
-     * may be anything, so a sliced view of a bigger result is read in place, not copied. */
-    PyArrayObject *ra = (PyArrayObject *)res;
+     * may be anything, so a sliced view of a bigger result is read in place, not copied.
+     * A subclass is viewed as a plain ndarray: no Python code of its may run later. */
     npy_intp esz = t == NPY_FLOAT16 ? 2 : 4;
-    int rows_ok = PyArray_NDIM(ra) == 4 && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra) &&
+    int rows_ok = PyArray_CheckExact(res) && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra) &&
                   PyArray_STRIDE(ra, 3) == esz &&
                   (cv->nchw || PyArray_STRIDE(ra, 2) == esz * PyArray_DIM(ra, 3));
     PyArrayObject *src = rows_ok ? (PyArrayObject *)Py_NewRef(res)
-                                 : (PyArrayObject *)PyArray_FROM_OTF(res, t, NPY_ARRAY_IN_ARRAY);
+                                 : (PyArrayObject *)PyArray_FROM_OTF(
+                                       res, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY);
     if (src == NULL)
         return NULL;
+    PyArrayObject *out = NULL;
     PyObject *ret = NULL;
     float *wx = NULL;
-    if (PyArray_NDIM(src) != 4) {
-        PyErr_Format(PyExc_ValueError, "result must be 4-D, got %d-D", PyArray_NDIM(src));
-        goto done;
-    }
+    int locked = 0;
     npy_intp *d = PyArray_DIMS(src);
     npy_intp nb = d[0], c = cv->nchw ? d[1] : d[3], h = cv->nchw ? d[2] : d[1],
              w = cv->nchw ? d[3] : d[2];
-    if (c != cv->C || nb < 1 || b0 < 0 || b0 + nb > cv->B || ox < 0 || oy < 0 || w < 1 || h < 1 ||
-        ox + w > cv->W || oy + h > cv->H) {
+    /* overflow-safe: each length is checked against its limit before the offset is */
+    if (c != cv->C || nb > cv->B || b0 > cv->B - nb || w > cv->W || ox > cv->W - w || h > cv->H ||
+        oy > cv->H - h) {
         PyErr_Format(PyExc_ValueError,
                      "result of %zd image(s) %zdx%zd px x %zd ch at (x=%zd, y=%zd, image %zd) does "
                      "not fit the output %zd image(s) %zdx%zd px x %zd ch",
                      nb, w, h, c, ox, oy, b0, cv->B, cv->W, cv->H, cv->C);
         goto done;
     }
-    wx = PyMem_Malloc(sizeof(float) * (size_t)(w + h));
+    if (cv->out == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
+        goto done;
+    }
+    out = (PyArrayObject *)Py_NewRef(cv->out);
+    if (!out_unchanged(cv, out))
+        goto done;
+    {
+        /* a result that overlaps the output would be overwritten while we read it */
+        uintptr_t slo, shi, olo, ohi;
+        array_extent(src, &slo, &shi);
+        array_extent(out, &olo, &ohi);
+        if (slo < ohi && olo < shi) {
+            PyArrayObject *copy = (PyArrayObject *)PyArray_FROM_OTF(
+                (PyObject *)src, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY | NPY_ARRAY_ENSURECOPY);
+            if (copy == NULL)
+                goto done;
+            Py_SETREF(src, copy);
+        }
+    }
+    wx = PyMem_Malloc(sizeof(float) * ((size_t)w + (size_t)h));
     if (wx == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -454,8 +655,31 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     for (npy_intp y = 0; y < h; y++)
         wy[y] = (float)ramp_weight(ry, nry, (double)(oy + y) + 0.5);
 
-    put_job jobs[VG_MAX_THREADS];
+    canvas_lock(cv);
+    locked = 1;
+    if (cv->out != out) { /* finish() ran while we waited for the lock */
+        PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
+        goto done;
+    }
     npy_intp rows = nb * h;
+    if (cv->bits == NULL) {
+        /* a tile right of a row's written prefix leaves a gap: from now on track exactly */
+        int gap = 0;
+        for (npy_intp r = 0; r < rows && !gap; r++)
+            gap = cv->covered[(b0 + r / h) * cv->H + oy + r % h] < ox;
+        if (gap) {
+            npy_intp all = cv->B * cv->H;
+            cv->bits = PyMem_Calloc((size_t)all, (size_t)cv->row_bytes);
+            if (cv->bits == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            for (npy_intp r = 0; r < all; r++)
+                set_bits(cv->bits + r * cv->row_bytes, 0, (npy_intp)cv->covered[r]);
+        }
+    }
+
+    put_job jobs[VG_MAX_THREADS];
     int nt = cv->nthreads;
     /* threads pay off only on big tiles (~1 ms of work per extra thread) */
     npy_intp work = rows * w * c;
@@ -464,14 +688,13 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     if (nt > rows)
         nt = (int)rows;
     for (int i = 0; i < nt; i++) {
-        jobs[i] = (put_job){cv, PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w, ox, oy,
-                            PyArray_STRIDE(src, 0), cv->nchw ? PyArray_STRIDE(src, 1) : 0,
+        jobs[i] = (put_job){cv, PyArray_BYTES(out), PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w,
+                            ox, oy, PyArray_STRIDE(src, 0), cv->nchw ? PyArray_STRIDE(src, 1) : 0,
                             PyArray_STRIDE(src, cv->nchw ? 2 : 1), wx, wy,
                             rows * i / nt, rows * (i + 1) / nt};
     }
     pthread_t th[VG_MAX_THREADS];
     int started = 0;
-    cv->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     for (int i = 1; i < nt; i++) {
         if (pthread_create(&th[i], NULL, put_worker, &jobs[i]) != 0)
@@ -484,21 +707,24 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
         put_worker(&jobs[i]);
     Py_END_ALLOW_THREADS
-    cv->busy = 0;
     cv->puts++;
     ret = Py_NewRef(Py_None);
 done:
+    if (locked)
+        canvas_unlock(cv);
     PyMem_Free(wx);
+    Py_XDECREF(out);
     Py_DECREF(src);
     return ret;
 }
 
-/* weights(length_origin, n, ramps) -> float32 array: the 1-D weight profile (for tests). */
+/* weights(length_origin, n, ramps) -> float64 array: the 1-D weight profile (for tests). */
 static PyObject *Canvas_weights(PyObject *Py_UNUSED(cls), PyObject *args)
 {
-    Py_ssize_t o, n;
+    long long o;
+    Py_ssize_t n;
     PyObject *r;
-    if (!PyArg_ParseTuple(args, "nnO:weights", &o, &n, &r))
+    if (!PyArg_ParseTuple(args, "LnO:weights", &o, &n, &r))
         return NULL;
     if (n < 0 || n > VG_MAX_SIDE * 16) {
         PyErr_Format(PyExc_ValueError, "n must be 0..%lld, got %zd", (long long)(VG_MAX_SIDE * 16), n);
@@ -513,38 +739,54 @@ static PyObject *Canvas_weights(PyObject *Py_UNUSED(cls), PyObject *args)
     if (a == NULL)
         return NULL;
     double *p = PyArray_DATA((PyArrayObject *)a);
-    for (npy_intp i = 0; i < n; i++)
-        p[i] = ramp_weight(rr, nr, (double)(o + i) + 0.5);
+    for (npy_intp i = 0; i < n; i++) /* in double: o + i may not fit an int64 */
+        p[i] = ramp_weight(rr, nr, (double)o + (double)i + 0.5);
     return a;
 }
 
-/* finish() -> out: only when every pixel of every image has been written. */
+/* finish() -> out: only when every pixel of every image has been covered by a tile. */
 static PyObject *Canvas_finish(Canvas *cv, PyObject *Py_UNUSED(a))
 {
-    if (cv->out == NULL || cv->busy) {
-        PyErr_SetString(PyExc_RuntimeError, cv->out ? "canvas is in use by another thread"
-                                                    : "canvas is closed");
-        return NULL;
+    canvas_lock(cv);
+    PyObject *o = NULL;
+    npy_intp row, x;
+    if (cv->out == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
+    else if (first_gap(cv, &row, &x))
+        PyErr_Format(PyExc_RuntimeError,
+                     "output incomplete: pixel (x=%zd, y=%zd) of image %zd was never covered by a "
+                     "tile; refusing to return a half-written result",
+                     x, row % cv->H, row / cv->H);
+    else {
+        o = (PyObject *)cv->out;
+        cv->out = NULL;
     }
-    for (npy_intp r = 0; r < cv->B * cv->H; r++)
-        if (cv->covered[r] < cv->W) {
-            PyErr_Format(PyExc_RuntimeError,
-                         "output incomplete: image %zd row %zd covered to x=%lld of %zd; refusing "
-                         "to return a half-written result",
-                         r / cv->H, r % cv->H, (long long)cv->covered[r], cv->W);
-            return NULL;
-        }
-    PyObject *o = (PyObject *)cv->out;
-    cv->out = NULL;
+    canvas_unlock(cv);
     return o;
 }
 
+/* coverage() -> int64 [B, H]: per output row, the x of its first uncovered pixel (W when the
+ * row is complete). */
 static PyObject *Canvas_coverage(Canvas *cv, PyObject *Py_UNUSED(a))
 {
     npy_intp dims[2] = {cv->B, cv->H};
     PyObject *a = PyArray_SimpleNew(2, dims, NPY_INT64);
-    if (a)
-        memcpy(PyArray_DATA((PyArrayObject *)a), cv->covered, (size_t)(cv->B * cv->H) * sizeof(int64_t));
+    if (a == NULL)
+        return NULL;
+    int64_t *p = PyArray_DATA((PyArrayObject *)a);
+    canvas_lock(cv);
+    for (npy_intp r = 0; r < cv->B * cv->H; r++) {
+        int64_t v = cv->covered[r];
+        if (cv->bits) {
+            const unsigned char *b = cv->bits + r * cv->row_bytes;
+            npy_intp k = 0;
+            while (k < cv->W && (b[k >> 3] & (1u << (k & 7))))
+                k++;
+            v = k;
+        }
+        p[r] = v;
+    }
+    canvas_unlock(cv);
     return a;
 }
 

@@ -274,8 +274,10 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
                           "overlap", (long long)in.overlap);
     } else {
         PyObject *lx = list_from(xs, out.nx), *ly = list_from(ys, out.ny);
+        /* "O", not "N": Py_BuildValue steals "N" arguments even when it fails, and these
+         * lists are released below on every path */
         r = (lx && ly) ? Py_BuildValue(
-                             "{s:O,s:(LL),s:(LL),s:L,s:N,s:N,s:d,s:L,s:L,s:L,s:L}", "fits", Py_True,
+                             "{s:O,s:(LL),s:(LL),s:L,s:O,s:O,s:d,s:L,s:L,s:L,s:L}", "fits", Py_True,
                              "tile", (long long)out.tw, (long long)out.th, "grid",
                              (long long)out.nx, (long long)out.ny, "tiles",
                              (long long)(out.nx * out.ny), "xs", lx, "ys", ly,
@@ -283,10 +285,8 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
                              (long long)in.budget, "batch", (long long)out.batch, "overlap",
                              (long long)in.overlap, "min_tile", (long long)in.min_tile)
                        : NULL;
-        if (r == NULL) {
-            Py_XDECREF(lx);
-            Py_XDECREF(ly);
-        }
+        Py_XDECREF(lx);
+        Py_XDECREF(ly);
     }
     PyMem_Free(xs);
     return r;
