@@ -9,71 +9,144 @@
 
 #include <math.h>
 #include <string.h>
-/* ================================================================ planner */
+
+#define VG_MAX_SIDE ((int64_t)1 << 20) /* 1 Mpx per side: beyond any real image */
+
+/* ================================================================ planner
+ *
+ * Bounded work.  Everything below runs in align units (len, overlap, tiles are multiples of
+ * align).  For n tiles of size T over L, positions are round-half-up(i * (L - T) / (n - 1)), so
+ * neighbour gaps are floor or ceil of the stride and a pair of gaps is floor or ceil of twice
+ * it: whether a tile size is valid for n tiles is a closed form (axis_tile), not a scan.  The
+ * planner then needs only the tile counts where the smallest valid tile shrinks: tiles for n
+ * are at least ceil((L - overlap) / n) + overlap, which takes ~2 sqrt(L) distinct values, and
+ * a count that does not shrink the tile is never part of a best plan (same tile, more tiles).
+ * So a plan costs O(sqrt(W) + sqrt(H)) closed-form evaluations plus O(log) per candidate:
+ * microseconds, including the answer "no tile fits".  A plan never has more than
+ * VG_PLAN_MAX_TILES tiles. */
+
+#define VG_PLAN_MAX_TILES ((int64_t)1 << 16)
+/* tile sizes tried per tile count above the smallest the overlap allows; only feather bands
+ * near the tiles' edges (feather ~ 0 with overlaps far above the requested one) need more */
+#define VG_PLAN_TRIES 64
+/* tile counts tried per run of counts that share the same smallest tile */
+#define VG_PLAN_PROBES 4
 
 static int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
-/* The tile n evenly spread tiles would need with exactly `ov` overlap (rounded up). */
-static int64_t natural_tile(int64_t len, int64_t n, int64_t ov, int64_t align)
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; } /* a >= 0, b > 0 */
+static int64_t gcd64(int64_t a, int64_t b)
 {
-    return align_up((len + (n - 1) * ov + n - 1) / n, align);
+    while (b) {
+        int64_t t = a % b;
+        a = b, b = t;
+    }
+    return a;
 }
 
+typedef struct {
+    int64_t L, O, a;  /* length and overlap in align units; align in px */
+    int64_t Tmin, Tmax; /* tile bounds in units (Tmin >= 2 * O, >= 1) */
+    double f;         /* feather */
+} axis_in;
 
-/* Positions of n tiles of size t over [0, len): even spread, multiples of `align`, first at
- * 0, last ending at len.  Returns 0 when every neighbour overlap is >= ov and the feather
- * bands of neighbouring pairs do not intersect (each band is the middle `feather` of its
- * overlap), which is what keeps the weights a partition of unity.  A pixel may lie under a
- * third tile, but only where that tile's weight is exactly zero. */
-static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t align, double feather,
-                          int64_t *pos)
+/* min over i of q[i+1] - q[i-1] for q[i] = round-half-up(i * M / N), i = 0..N, N >= 2: the
+ * narrowest span of two neighbouring gaps.  It is floor(2M/N) or one more; which one depends
+ * on the residues (N + 2jM) mod 2N for j = 0..N-2 (checked against the scan in tests). */
+static int64_t pair_min(int64_t M, int64_t N)
 {
-    if (n == 1) {
-        pos[0] = 0;
-        return t >= len ? 0 : -1;
+    int64_t u = (2 * M) / N, R = (4 * M) % (2 * N), mn;
+    if (R == 0)
+        return u;
+    int64_t G = gcd64(M, N);
+    if (G >= 2) {
+        mn = N % (2 * G); /* j covers a whole period of the residues */
+    } else {
+        int64_t r0 = N % 2, ex = ((N - 2 * M) % (2 * N) + 2 * N) % (2 * N); /* j = N-1 is missing */
+        mn = ex == r0 ? r0 + 2 : r0;
     }
-    if (t > len)
-        return -1;
-    int64_t span = len - t;
-    for (int64_t i = 0; i < n; i++) {
-        double ideal = (double)span * (double)i / (double)(n - 1);
-        int64_t p = (int64_t)llround(ideal / (double)align) * align;
-        if (p > span)
-            p = span;
-        pos[i] = p;
-    }
-    pos[n - 1] = span;
-    for (int64_t i = 1; i < n; i++)
-        if (pos[i] <= pos[i - 1] || pos[i - 1] + t - pos[i] < ov)
-            return -1;
-    for (int64_t i = 1; i + 1 < n; i++) {
-        double l1 = (double)(pos[i - 1] + t - pos[i]), l2 = (double)(pos[i] + t - pos[i + 1]);
-        double band1_end = (double)(pos[i - 1] + t) - l1 * (1 - feather) / 2;
-        double band2_start = (double)pos[i + 1] + l2 * (1 - feather) / 2;
-        if (band1_end > band2_start)
-            return -1;
-    }
-    return 0;
+    return u + (mn + R >= 2 * N);
 }
 
-/* Smallest tile in [tmin, tmax] (a multiple of align, or the whole length) that covers len
- * with n tiles. */
-static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, double feather, int64_t tmin,
-                         int64_t tmax, int64_t *pos)
+/* Smallest valid tile (units) for n >= 2 tiles, or -1.  Valid: the gaps are >= 1 (distinct
+ * positions), every neighbour overlap >= O (true from the natural tile up), and the feather
+ * bands of neighbouring pairs are disjoint: 2 T f <= (two gaps) (1 + f). */
+static int64_t axis_tile(const axis_in *ax, int64_t n)
 {
-    if (n == 1) {
-        pos[0] = 0;
-        return len <= tmax ? len : -1;
+    int64_t N = n - 1;
+    int64_t T = ceil_div(ax->L + N * ax->O, n);
+    if (T < ax->Tmin)
+        T = ax->Tmin;
+    for (int k = 0; k < VG_PLAN_TRIES && T <= ax->Tmax && T < ax->L; k++, T++) {
+        int64_t M = ax->L - T;
+        if (M < N)
+            return -1; /* and for every larger T */
+        if (n == 2)
+            return T;
+        double lhs = 2.0 * (double)T * ax->f;
+        if (lhs <= (double)pair_min(M, N) * (1.0 + ax->f))
+            return T;
+        if (lhs > (double)ceil_div(2 * M, N) * (1.0 + ax->f))
+            return -1; /* even the wider pair fails, and larger T only make it worse */
     }
-    int64_t t = natural_tile(len, n, ov, align);
-    if (t < 2 * ov)
-        t = align_up(2 * ov, align);
-    if (t < tmin)
-        t = align_up(tmin, align);
-    for (; t <= tmax && t < len; t += align)
-        if (axis_positions(len, t, n, ov, align, feather, pos) == 0)
-            return t;
     return -1;
+}
+
+typedef struct {
+    int64_t n, t; /* tile count, tile in px */
+} axis_cand;
+
+/* The tile counts at which the smallest valid tile strictly shrinks (every other count is
+ * worse than one of these), ascending; at most `cap` of them.  Returns how many. */
+static int64_t axis_candidates(const axis_in *ax, int64_t nmax, axis_cand *c, int64_t cap)
+{
+    int64_t k = 0, best = INT64_MAX;
+    if (ax->L <= ax->Tmax && cap > 0) { /* one tile: the whole length, whatever min_tile says */
+        c[k++] = (axis_cand){1, ax->L * ax->a};
+        best = ax->L;
+    }
+    int64_t K = ax->L - ax->O;
+    if (K <= 0 || ax->Tmax <= ax->O)
+        return k; /* every split would need tiles >= the whole length, or no overlap fits */
+    /* counts below this need tiles above Tmax */
+    int64_t n = ceil_div(K, ax->Tmax - ax->O);
+    if (n < 2)
+        n = 2;
+    while (n <= nmax && k < cap && best > ax->Tmin) {
+        int64_t c_nat = ceil_div(K, n), nat = c_nat + ax->O;
+        int beyond = nat < ax->Tmin; /* tiles clamp to Tmin from here on */
+        /* last count with the same natural tile */
+        int64_t n_last = beyond || c_nat <= 1 ? nmax : (K - 1) / (c_nat - 1);
+        int64_t target = beyond ? ax->Tmin : nat;
+        for (int p = 0; p < VG_PLAN_PROBES && n <= n_last && n <= nmax && k < cap; p++, n++) {
+            int64_t t = axis_tile(ax, n);
+            if (t < 0) {
+                if (beyond)
+                    return k; /* more tiles of the minimum size only overlap more */
+                continue;
+            }
+            if (t < best) {
+                c[k++] = (axis_cand){n, t * ax->a};
+                best = t;
+            }
+            if (t == target)
+                break;
+        }
+        if (beyond)
+            break;
+        n = n_last + 1;
+    }
+    return k;
+}
+
+/* Positions (px) of n tiles of t px over len px: the even spread axis_tile assumed. */
+static void axis_positions(const axis_in *ax, int64_t n, int64_t t, int64_t *pos)
+{
+    pos[0] = 0;
+    if (n == 1)
+        return;
+    int64_t N = n - 1, M = ax->L - t / ax->a;
+    for (int64_t i = 1; i <= N; i++)
+        pos[i] = (2 * i * M + N) / (2 * N) * ax->a;
 }
 
 typedef struct {
@@ -95,55 +168,78 @@ static double tile_cost(const plan_in *in, int64_t tw, int64_t th, int64_t b)
     return in->fixed + in->per_px * (double)tw * (double)th * (double)b;
 }
 
+static axis_in axis_of(const plan_in *in, int64_t len)
+{
+    return (axis_in){len / in->align, in->overlap / in->align, in->align, in->min_tile / in->align,
+                     in->max_tile / in->align, in->feather};
+}
+
+/* Fewest tiles on one axis when tiles may be up to max_tile: the structural minimum. */
+static int64_t axis_min_count(const axis_in *ax)
+{
+    if (ax->L <= ax->Tmax)
+        return 1;
+    if (ax->Tmax <= ax->O)
+        return -1;
+    int64_t n = ceil_div(ax->L - ax->O, ax->Tmax - ax->O);
+    return n < 2 ? 2 : n;
+}
+
 /* Fewest tiles whose size fits the budget; ties go to the smaller tile (less redundant
- * overlap work), then the squarer one.  O(W/align * H/align) at worst, microseconds in
- * practice because both loops stop as soon as tiles get too small. */
-static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys)
+ * overlap work), then the squarer one.  cx / cy: room for the candidates of each axis. */
+static void plan_core(const plan_in *in, plan_out *out, axis_cand *cx, int64_t capx, axis_cand *cy,
+                     int64_t capy)
 {
     memset(out, 0, sizeof *out);
     double room = (double)in->budget - in->fixed;
     double amax = in->per_px > 0 ? room / in->per_px : INFINITY;
+    axis_in ax = axis_of(in, in->w), ay = axis_of(in, in->h);
+    int64_t kx = axis_candidates(&ax, VG_PLAN_MAX_TILES, cx, capx);
+    int64_t ky = axis_candidates(&ay, VG_PLAN_MAX_TILES, cy, capy);
     int64_t best = -1, bw = 0, bh = 0, bnx = 0, bny = 0;
-    int64_t tmin = in->min_tile;
-    for (int64_t nx = 1; nx <= in->w; nx++) {
-        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->feather, tmin, in->max_tile, xs);
-        if (tw < 0) {
-            /* more tiles only shrink the stride further once tiles are at their minimum */
-            if (nx > 1 && natural_tile(in->w, nx, in->overlap, in->align) < tmin)
-                break;
-            continue;
-        }
+    for (int64_t i = 0; i < kx; i++) {
+        int64_t nx = cx[i].n, tw = cx[i].t;
         if (best > 0 && nx > best)
             break;
         double hmax = amax / (double)tw;
         if (hmax < 1)
             continue;
-        for (int64_t ny = 1; ny <= in->h; ny++) {
-            if (best > 0 && nx * ny > best)
-                break;
-            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->feather, tmin, in->max_tile, ys);
-            if (th < 0) {
-                if (ny > 1 && natural_tile(in->h, ny, in->overlap, in->align) < tmin)
-                    break;
-                continue;
-            }
-            if ((double)th > hmax)
-                continue;
-            int64_t n = nx * ny, area = tw * th, barea = bw * bh;
-            int better = best < 0 || n < best ||
-                         (n == best && (area < barea ||
-                                        (area == barea && llabs(tw - th) < llabs(bw - bh))));
-            if (better)
-                best = n, bw = tw, bh = th, bnx = nx, bny = ny;
-            break; /* larger ny only adds tiles */
+        /* the first (fewest tiles) y candidate whose tile fits: tiles shrink along the list */
+        int64_t lo = 0, hi = ky;
+        while (lo < hi) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if ((double)cy[mid].t > hmax)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
+        if (lo == ky)
+            continue;
+        int64_t ny = cy[lo].n, th = cy[lo].t;
+        if (nx * ny > VG_PLAN_MAX_TILES)
+            continue;
+        int64_t n = nx * ny, area = tw * th, barea = bw * bh;
+        int better = best < 0 || n < best ||
+                     (n == best &&
+                      (area < barea || (area == barea && llabs(tw - th) < llabs(bw - bh))));
+        if (better)
+            best = n, bw = tw, bh = th, bnx = nx, bny = ny;
     }
     if (best < 0) {
-        double need = tile_cost(in, tmin < in->w ? tmin : in->w, tmin < in->h ? tmin : in->h, 1);
-        snprintf(out->why, VG_REASON,
-                 "no tile fits: the smallest tile (%lld px, overlap %lld) needs %.0f bytes, "
-                 "budget is %lld",
-                 (long long)tmin, (long long)in->overlap, need, (long long)in->budget);
+        int64_t tx = in->min_tile < in->w ? in->min_tile : in->w;
+        int64_t ty = in->min_tile < in->h ? in->min_tile : in->h;
+        double need = tile_cost(in, tx, ty, 1);
+        if (need <= (double)in->budget)
+            snprintf(out->why, VG_REASON,
+                     "no tile fits within %lld tiles: the tiles the budget allows (%lld bytes, "
+                     "%.0f bytes per px) are too small to cover %lldx%lld px with overlap %lld",
+                     (long long)VG_PLAN_MAX_TILES, (long long)in->budget, in->per_px,
+                     (long long)in->w, (long long)in->h, (long long)in->overlap);
+        else
+            snprintf(out->why, VG_REASON,
+                     "no tile fits: the smallest tile (%lld px, overlap %lld) needs %.0f bytes, "
+                     "budget is %lld",
+                     (long long)in->min_tile, (long long)in->overlap, need, (long long)in->budget);
         return;
     }
     out->fits = 1;
@@ -158,8 +254,6 @@ static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys
     }
     out->batch = b;
     out->peak = tile_cost(in, bw, bh, b);
-    axis_tile(in->w, bnx, in->overlap, in->align, in->feather, in->min_tile, in->max_tile, xs);
-    axis_tile(in->h, bny, in->overlap, in->align, in->feather, in->min_tile, in->max_tile, ys);
 }
 
 static int64_t get_pos_int(PyObject *kw_or_val, const char *what, int64_t lo, int64_t hi, int *err)
@@ -196,7 +290,6 @@ static PyObject *list_from(const int64_t *v, int64_t n)
     return l;
 }
 
-#define VG_MAX_SIDE ((int64_t)1 << 20) /* 1 Mpx per side: beyond any real image */
 
 /* plan(width, height, *, overlap, align, fixed_bytes, per_px_bytes, budget, batch=1,
  *      min_tile=0, max_tile=0) -> dict */
@@ -259,14 +352,40 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
                      (long long)in.max_tile, (long long)in.min_tile, (long long)in.overlap);
         return NULL;
     }
-    int64_t *xs = PyMem_Malloc(sizeof(int64_t) * (size_t)(in.w + in.h + 2));
-    if (xs == NULL)
+    {
+        axis_in ax = axis_of(&in, in.w), ay = axis_of(&in, in.h);
+        int64_t mx = axis_min_count(&ax), my = axis_min_count(&ay);
+        if (mx > 0 && my > 0 && mx > VG_PLAN_MAX_TILES / my) {
+            PyErr_Format(PyExc_ValueError,
+                         "max_tile %lld with overlap %lld needs at least %lld x %lld tiles for "
+                         "%lldx%lld px; a plan may have at most %lld tiles",
+                         (long long)in.max_tile, (long long)in.overlap, (long long)mx, (long long)my,
+                         (long long)in.w, (long long)in.h, (long long)VG_PLAN_MAX_TILES);
+            return NULL;
+        }
+    }
+    /* candidates: at most VG_PLAN_PROBES per distinct natural tile (<= 2 sqrt(L) + 1 of them)
+     * plus one tile, and never more than the tile limit */
+    int64_t capx = VG_PLAN_PROBES * (2 * (int64_t)sqrt((double)(in.w / in.align)) + 4) + 1;
+    int64_t capy = VG_PLAN_PROBES * (2 * (int64_t)sqrt((double)(in.h / in.align)) + 4) + 1;
+    axis_cand *cx = PyMem_Malloc(sizeof(axis_cand) * (size_t)(capx + capy));
+    if (cx == NULL)
         return PyErr_NoMemory();
-    int64_t *ys = xs + in.w + 1;
     plan_out out;
     Py_BEGIN_ALLOW_THREADS
-    plan_core(&in, &out, xs, ys);
+    plan_core(&in, &out, cx, capx, cx + capx, capy);
     Py_END_ALLOW_THREADS
+    PyMem_Free(cx);
+    int64_t *xs = NULL, *ys = NULL;
+    if (out.fits) {
+        xs = PyMem_Malloc(sizeof(int64_t) * (size_t)(out.nx + out.ny));
+        if (xs == NULL)
+            return PyErr_NoMemory();
+        ys = xs + out.nx;
+        axis_in ax = axis_of(&in, in.w), ay = axis_of(&in, in.h);
+        axis_positions(&ax, out.nx, out.tw, xs);
+        axis_positions(&ay, out.ny, out.th, ys);
+    }
     PyObject *r;
     if (!out.fits) {
         r = Py_BuildValue("{s:O,s:s,s:L,s:L,s:L}", "fits", Py_False, "why", out.why,
