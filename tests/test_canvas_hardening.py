@@ -342,3 +342,52 @@ def test_thread_hammer_with_many_calls():
         t.join(60)
     assert not any(t.is_alive() for t in ts) and errors == []
     assert cv.puts > 16
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_holds_the_canvas_lock():
+    """A child forked while a put() holds the canvas's lock must still be able to use it."""
+    import time
+    import warnings
+    out = np.zeros((1, 512, 512, 3), np.float32)
+    cv = _native.Canvas(out, threads=2)
+    tile = np.ones((1, 512, 512, 3), np.float32)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            cv.put(tile, 0, 0, 0, (), ())
+
+    t = threading.Thread(target=busy)
+    t.start()
+    bad = []
+    try:
+        for _ in range(30):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover — the child
+                try:
+                    cv.put(tile, 0, 0, 0, (), ())
+                    cv.coverage()
+                    os._exit(0 if cv.finish().shape == (1, 512, 512, 3) else 3)
+                except BaseException:
+                    os._exit(4)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    if os.waitstatus_to_exitcode(status) != 0:
+                        bad.append(os.waitstatus_to_exitcode(status))
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    bad.append("hung")
+                    break
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        t.join(30)
+    assert bad == []
+    assert cv.finish() is out
