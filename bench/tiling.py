@@ -206,6 +206,12 @@ PLAN_CASES = {
                                                             per_px_bytes=64.0, overlap=32, feather=1.0,
                                                             min_tile=4096),
     "max side x 1, tiny budget": dict(width=PLAN_SIDE, height=1, budget=2000, per_px_bytes=1000.0),
+    "video max side^3, nothing fits": dict(width=PLAN_SIDE, height=PLAN_SIDE, depth=PLAN_SIDE, budget=1 << 20,
+                                           fixed_bytes=64 << 20, per_px_bytes=1.0),
+    "video max side^3, 32768 tiles": dict(width=PLAN_SIDE, height=PLAN_SIDE, depth=PLAN_SIDE, budget=1 << 45,
+                                          per_px_bytes=1.0),
+    "video 720p x 121 frames, 6 GiB": dict(width=1280, height=720, depth=121, depth_overlap=4, overlap=32,
+                                           budget=6 << 30, per_px_bytes=3000.0),
 }
 
 

@@ -1,6 +1,7 @@
 """plan() does bounded work: the closed-form planner against a brute-force scan (the planner as
 it was before it was made bounded, ported line by line), worst-case timings, the tile limit."""
 import math
+import os
 import random
 import time
 
@@ -10,6 +11,9 @@ from vramguard import _native
 
 MAX_TILES = 1 << 16
 SIDE = 1 << 20
+# The target is <= 1 ms per plan (bench/tiling.py --plan-only prints the figure); tests allow 50 ms
+# to stay green on a loaded 2-core box, and 20x that under ASan/UBSan, which slows C code ~10x.
+LIMIT_S = 0.05 * (20 if os.environ.get("VRAMGUARD_SANITIZED") else 1)
 
 
 # ------------------------------------------------------------------ brute-force reference
@@ -175,8 +179,7 @@ def test_worst_cases_plan_in_bounded_time(name):
         t = time.perf_counter()
         _native.plan(w, h, **kw)
         best = min(best, time.perf_counter() - t)
-    # the target is <= 1 ms (bench/tiling.py prints the figure); 50 ms keeps a loaded box green
-    assert best < 0.05, f"{name}: {best * 1e3:.1f} ms"
+    assert best < LIMIT_S, f"{name}: {best * 1e3:.1f} ms"
 
 
 def test_random_inputs_plan_in_bounded_time():
@@ -188,13 +191,16 @@ def test_random_inputs_plan_in_bounded_time():
         kw = dict(overlap=rng.choice([0, 1, 4, 32]) * a, align=a, per_px_bytes=rng.choice([0.0, 1.0, 1000.0]),
                   fixed_bytes=rng.choice([0, 1 << 20]), budget=rng.randint(1, 1 << 45),
                   feather=rng.choice([0.0, 0.3, 1.0]), min_tile=rng.choice([0, 16, 4096]))
-        t = time.perf_counter()
-        try:
-            _native.plan(w, h, **kw)
-        except ValueError:
-            pass
-        worst = max(worst, time.perf_counter() - t)
-    assert worst < 0.05, f"{worst * 1e3:.1f} ms"
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            try:
+                _native.plan(w, h, **kw)
+            except ValueError:
+                pass
+            best = min(best, time.perf_counter() - t)
+        worst = max(worst, best)
+    assert worst < LIMIT_S, f"{worst * 1e3:.1f} ms"
 
 
 # ------------------------------------------------------------------ the tile limit
