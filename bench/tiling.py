@@ -18,6 +18,8 @@ GPU (torch with CUDA): an ESRGAN-size network x4 on 2048^2 at a reserve, auto ti
 512 with halving; time, OOMs and peak device use vs total - reserve.
 Targets (issue 5): >= 3x faster than the torch average on CPU; >= 60 % of memcpy bandwidth;
 extra host memory <= output + 2 tiles; GPU >= 1.25x faster, zero OOM, peak <= total - reserve.
+Planner: best-of-N time of plan() on worst cases (tiny tiles, nothing fits, the maximum side);
+`--plan-only` runs just that (target: <= 1 ms each, issue 10).
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -187,11 +189,63 @@ def gpu_bench(torch, res) -> None:
     res["gpu_auto_tile"] = st["tile_sizes"][-1]
 
 
+# Planner worst cases (issue 10: <= 1 ms for any accepted input, "no tile fits" included).
+# Before the bounded planner: "1024^2, tiles of 1-2 px" took 3.2 s, 2048^2 23.8 s, and the
+# max-side cases ran for hours.
+PLAN_SIDE = 1 << 20
+PLAN_CASES = {
+    "1024^2, 1 MiB, 1000 B/px": dict(width=1024, height=1024, budget=1 << 20, per_px_bytes=1000.0),
+    "1024^2, tiles of 1-2 px": dict(width=1024, height=1024, budget=2000, per_px_bytes=1000.0),
+    "1024^2, nothing fits": dict(width=1024, height=1024, budget=1 << 20, fixed_bytes=64 << 20,
+                                 per_px_bytes=1000.0),
+    "max side^2, nothing fits": dict(width=PLAN_SIDE, height=PLAN_SIDE, budget=1 << 20, fixed_bytes=64 << 20,
+                                     per_px_bytes=1000.0),
+    "max side^2, 1 MiB": dict(width=PLAN_SIDE, height=PLAN_SIDE, budget=1 << 20, per_px_bytes=1.0),
+    "max side^2, 8x8 tiles": dict(width=PLAN_SIDE, height=PLAN_SIDE, budget=1 << 40, per_px_bytes=64.0),
+    "max side^2, overlap 32, feather 1, min_tile 4096": dict(width=PLAN_SIDE, height=PLAN_SIDE, budget=1 << 40,
+                                                            per_px_bytes=64.0, overlap=32, feather=1.0,
+                                                            min_tile=4096),
+    "max side x 1, tiny budget": dict(width=PLAN_SIDE, height=1, budget=2000, per_px_bytes=1000.0),
+    "video max side^3, nothing fits": dict(width=PLAN_SIDE, height=PLAN_SIDE, depth=PLAN_SIDE, budget=1 << 20,
+                                           fixed_bytes=64 << 20, per_px_bytes=1.0),
+    "video max side^3, 32768 tiles": dict(width=PLAN_SIDE, height=PLAN_SIDE, depth=PLAN_SIDE, budget=1 << 45,
+                                          per_px_bytes=1.0),
+    "video 720p x 121 frames, 6 GiB": dict(width=1280, height=720, depth=121, depth_overlap=4, overlap=32,
+                                           budget=6 << 30, per_px_bytes=3000.0),
+}
+
+
+def plan_bench(repeat: int, res: dict) -> None:
+    """Best-of-`repeat` wall time of vramguard._native.plan on each worst case, in microseconds."""
+    from vramguard import _native
+    worst = 0.0
+    for name, kw in PLAN_CASES.items():
+        kw = dict(kw)
+        w, h = kw.pop("width"), kw.pop("height")
+        best = float("inf")
+        for _ in range(max(repeat, 5)):
+            t0 = time.perf_counter()
+            r = _native.plan(w, h, **kw)
+            best = min(best, time.perf_counter() - t0)
+        res[f"plan_us[{name}]"] = round(best * 1e6, 1)
+        res[f"plan_result[{name}]"] = f"{r['tiles']} tiles of {r['tile']}" if r["fits"] else "no fit"
+        worst = max(worst, best)
+    res["plan_worst_us"] = round(worst * 1e6, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for the baselines")
+    ap.add_argument("--plan-only", action="store_true", help="only the planner's worst-case timings")
     a = ap.parse_args()
+    if a.plan_only:
+        res: dict = {}
+        plan_bench(a.repeat, res)
+        for key, v in res.items():
+            print(f"{key:60s} {v}")
+        print(json.dumps({"plan_worst_us": res["plan_worst_us"]}))
+        return
     try:
         import torch
         torch.set_num_threads(a.threads)
@@ -205,7 +259,8 @@ def main() -> None:
             import comfy.utils as comfy_utils  # type: ignore
         except Exception as e:
             print(f"comfy.utils not importable from {root}: {e}")
-    res: dict = {}
+    res = {}
+    plan_bench(a.repeat, res)
     cpu_shape(torch, comfy_utils, 2048, 2048, 4, 512, 32, np.float32, a.repeat, res)
     cpu_shape(torch, comfy_utils, 1024, 1536, 2, 384, 16, np.float16, a.repeat, res)
     gpu_bench(torch, res)
@@ -214,7 +269,8 @@ def main() -> None:
                "stitch_vs_memcpy": res[f"stitch_vs_memcpy_{k}"],
                "stitch_vs_memcpy_fresh": res[f"stitch_vs_memcpy_fresh_{k}"],
                "stitch_reused_out_vs_memcpy": res[f"stitch_reused_out_vs_memcpy_{k}"],
-               "extra_host_bytes_vs_output": res[f"extra_host_bytes_vs_output_{k}"], **res}
+               "extra_host_bytes_vs_output": res[f"extra_host_bytes_vs_output_{k}"],
+               "plan_worst_us": res["plan_worst_us"], **res}
     for key, v in res.items():
         print(f"{key:42s} {round(v, 4) if isinstance(v, float) else v}")
     print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in summary.items()}))

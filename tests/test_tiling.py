@@ -356,9 +356,7 @@ def test_canvas_thread_hammer():
     def worker():
         for _ in range(30):
             try:
-                cv.put(tile, 0, 0, 0, (), ())
-            except RuntimeError as e:
-                assert "in use" in str(e)
+                cv.put(tile, 0, 0, 0, (), ())   # serialised by the canvas's lock, never refused
             except Exception as e:  # pragma: no cover
                 errors.append(e)
 
@@ -368,7 +366,7 @@ def test_canvas_thread_hammer():
     for t in ts:
         t.join(30)
     assert not errors and not any(t.is_alive() for t in ts)
-    assert cv.puts >= 1
+    assert cv.puts == 8 * 30
     # first put stores, every later one adds: each pixel counts the successful puts exactly
     np.testing.assert_array_equal(cv.finish(), np.full(out.shape, cv.puts, np.float32))
 

@@ -1,6 +1,6 @@
-/* tiler.c — plan the largest tile that fits, and blend results into the output.
+/* canvas.c — blend tile results into the output (the Canvas type).
  *
- * Owns the planner (plan(), layout()) and the Canvas type.
+ * Owns Canvas (put / finish / coverage / weights) and the half-float conversions it needs.
  *
  * Blending: along each axis, neighbouring tiles overlap by L >= overlap input pixels.  The
  * two tiles' weights in that band are s(t) and 1 - s(t) (s = smoothstep) over its middle
@@ -12,8 +12,15 @@
  * Writes: the first tile to cover a pixel stores w*v, later ones add.  Which pixels are
  * already covered is tracked per output row as a prefix ("covered up to x"), which holds for
  * row-major tile order and for the back-off's re-planned sub-regions; a gap, should one ever
- * appear, is zeroed before adding.  So the floor — one read of every tile result and one
- * write of the output — is what it costs, plus read-modify-write in the overlaps. */
+ * appear, is zeroed before adding, and from then on a one-bit-per-pixel map tracks coverage
+ * exactly, so finish() can name the first pixel no tile covered.  So the floor — one read of
+ * every tile result and one write of the output — is what it costs, plus read-modify-write in
+ * the overlaps.
+ *
+ * Hostile callers: put() parses every argument (where __index__, __float__, __bool__ and
+ * __iter__ run) before it looks at the canvas; bounds are checked as `off > limit - len`
+ * after `len <= limit`; a result overlapping the output is copied first; the output is held
+ * by a reference of put()'s own while the GIL is released. */
 #include "vg.h"
 #include "vg_numpy.h"
 
@@ -23,289 +30,7 @@
 
 #define VG_MAX_RAMPS 32
 #define VG_MAX_THREADS 16
-
-/* ================================================================ planner */
-
-static int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
-/* The tile n evenly spread tiles would need with exactly `ov` overlap (rounded up). */
-static int64_t natural_tile(int64_t len, int64_t n, int64_t ov, int64_t align)
-{
-    return align_up((len + (n - 1) * ov + n - 1) / n, align);
-}
-
-
-/* Positions of n tiles of size t over [0, len): even spread, multiples of `align`, first at
- * 0, last ending at len.  Returns 0 when every neighbour overlap is >= ov and the feather
- * bands of neighbouring pairs do not intersect (each band is the middle `feather` of its
- * overlap), which is what keeps the weights a partition of unity.  A pixel may lie under a
- * third tile, but only where that tile's weight is exactly zero. */
-static int axis_positions(int64_t len, int64_t t, int64_t n, int64_t ov, int64_t align, double feather,
-                          int64_t *pos)
-{
-    if (n == 1) {
-        pos[0] = 0;
-        return t >= len ? 0 : -1;
-    }
-    if (t > len)
-        return -1;
-    int64_t span = len - t;
-    for (int64_t i = 0; i < n; i++) {
-        double ideal = (double)span * (double)i / (double)(n - 1);
-        int64_t p = (int64_t)llround(ideal / (double)align) * align;
-        if (p > span)
-            p = span;
-        pos[i] = p;
-    }
-    pos[n - 1] = span;
-    for (int64_t i = 1; i < n; i++)
-        if (pos[i] <= pos[i - 1] || pos[i - 1] + t - pos[i] < ov)
-            return -1;
-    for (int64_t i = 1; i + 1 < n; i++) {
-        double l1 = (double)(pos[i - 1] + t - pos[i]), l2 = (double)(pos[i] + t - pos[i + 1]);
-        double band1_end = (double)(pos[i - 1] + t) - l1 * (1 - feather) / 2;
-        double band2_start = (double)pos[i + 1] + l2 * (1 - feather) / 2;
-        if (band1_end > band2_start)
-            return -1;
-    }
-    return 0;
-}
-
-/* Smallest tile in [tmin, tmax] (a multiple of align, or the whole length) that covers len
- * with n tiles. */
-static int64_t axis_tile(int64_t len, int64_t n, int64_t ov, int64_t align, double feather, int64_t tmin,
-                         int64_t tmax, int64_t *pos)
-{
-    if (n == 1) {
-        pos[0] = 0;
-        return len <= tmax ? len : -1;
-    }
-    int64_t t = natural_tile(len, n, ov, align);
-    if (t < 2 * ov)
-        t = align_up(2 * ov, align);
-    if (t < tmin)
-        t = align_up(tmin, align);
-    for (; t <= tmax && t < len; t += align)
-        if (axis_positions(len, t, n, ov, align, feather, pos) == 0)
-            return t;
-    return -1;
-}
-
-typedef struct {
-    int64_t w, h, overlap, align, min_tile, max_tile;
-    double feather;
-    double fixed, per_px; /* bytes; per input pixel of a tile, per image */
-    int64_t batch, budget;
-} plan_in;
-
-typedef struct {
-    int fits;
-    int64_t tw, th, nx, ny, batch;
-    double peak;
-    char why[VG_REASON];
-} plan_out;
-
-static double tile_cost(const plan_in *in, int64_t tw, int64_t th, int64_t b)
-{
-    return in->fixed + in->per_px * (double)tw * (double)th * (double)b;
-}
-
-/* Fewest tiles whose size fits the budget; ties go to the smaller tile (less redundant
- * overlap work), then the squarer one.  O(W/align * H/align) at worst, microseconds in
- * practice because both loops stop as soon as tiles get too small. */
-static void plan_core(const plan_in *in, plan_out *out, int64_t *xs, int64_t *ys)
-{
-    memset(out, 0, sizeof *out);
-    double room = (double)in->budget - in->fixed;
-    double amax = in->per_px > 0 ? room / in->per_px : INFINITY;
-    int64_t best = -1, bw = 0, bh = 0, bnx = 0, bny = 0;
-    int64_t tmin = in->min_tile;
-    for (int64_t nx = 1; nx <= in->w; nx++) {
-        int64_t tw = axis_tile(in->w, nx, in->overlap, in->align, in->feather, tmin, in->max_tile, xs);
-        if (tw < 0) {
-            /* more tiles only shrink the stride further once tiles are at their minimum */
-            if (nx > 1 && natural_tile(in->w, nx, in->overlap, in->align) < tmin)
-                break;
-            continue;
-        }
-        if (best > 0 && nx > best)
-            break;
-        double hmax = amax / (double)tw;
-        if (hmax < 1)
-            continue;
-        for (int64_t ny = 1; ny <= in->h; ny++) {
-            if (best > 0 && nx * ny > best)
-                break;
-            int64_t th = axis_tile(in->h, ny, in->overlap, in->align, in->feather, tmin, in->max_tile, ys);
-            if (th < 0) {
-                if (ny > 1 && natural_tile(in->h, ny, in->overlap, in->align) < tmin)
-                    break;
-                continue;
-            }
-            if ((double)th > hmax)
-                continue;
-            int64_t n = nx * ny, area = tw * th, barea = bw * bh;
-            int better = best < 0 || n < best ||
-                         (n == best && (area < barea ||
-                                        (area == barea && llabs(tw - th) < llabs(bw - bh))));
-            if (better)
-                best = n, bw = tw, bh = th, bnx = nx, bny = ny;
-            break; /* larger ny only adds tiles */
-        }
-    }
-    if (best < 0) {
-        double need = tile_cost(in, tmin < in->w ? tmin : in->w, tmin < in->h ? tmin : in->h, 1);
-        snprintf(out->why, VG_REASON,
-                 "no tile fits: the smallest tile (%lld px, overlap %lld) needs %.0f bytes, "
-                 "budget is %lld",
-                 (long long)tmin, (long long)in->overlap, need, (long long)in->budget);
-        return;
-    }
-    out->fits = 1;
-    out->tw = bw, out->th = bh, out->nx = bnx, out->ny = bny;
-    int64_t b = 1;
-    if (in->per_px > 0) {
-        double per_tile = in->per_px * (double)bw * (double)bh;
-        double fitb = floor(room / per_tile);
-        b = fitb < 1 ? 1 : (fitb > (double)in->batch ? in->batch : (int64_t)fitb);
-    } else {
-        b = in->batch;
-    }
-    out->batch = b;
-    out->peak = tile_cost(in, bw, bh, b);
-    axis_tile(in->w, bnx, in->overlap, in->align, in->feather, in->min_tile, in->max_tile, xs);
-    axis_tile(in->h, bny, in->overlap, in->align, in->feather, in->min_tile, in->max_tile, ys);
-}
-
-static int64_t get_pos_int(PyObject *kw_or_val, const char *what, int64_t lo, int64_t hi, int *err)
-{
-    if (PyBool_Check(kw_or_val) || !PyLong_Check(kw_or_val)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.80s %R", what,
-                     Py_TYPE(kw_or_val)->tp_name, kw_or_val);
-        *err = 1;
-        return 0;
-    }
-    int overflow;
-    long long v = PyLong_AsLongLongAndOverflow(kw_or_val, &overflow);
-    if (overflow || v < lo || v > hi) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_ValueError, "%s must be %lld..%lld, got %R", what, (long long)lo,
-                         (long long)hi, kw_or_val);
-        *err = 1;
-        return 0;
-    }
-    return (int64_t)v;
-}
-
-static PyObject *list_from(const int64_t *v, int64_t n)
-{
-    PyObject *l = PyList_New((Py_ssize_t)n);
-    for (int64_t i = 0; l && i < n; i++) {
-        PyObject *x = PyLong_FromLongLong(v[i]);
-        if (x == NULL) {
-            Py_CLEAR(l);
-            break;
-        }
-        PyList_SET_ITEM(l, (Py_ssize_t)i, x);
-    }
-    return l;
-}
-
 #define VG_MAX_SIDE ((int64_t)1 << 20) /* 1 Mpx per side: beyond any real image */
-
-/* plan(width, height, *, overlap, align, fixed_bytes, per_px_bytes, budget, batch=1,
- *      min_tile=0, max_tile=0) -> dict */
-static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
-{
-    static char *kwlist[] = {"width", "height", "overlap", "align", "fixed_bytes", "per_px_bytes",
-                             "budget", "batch", "min_tile", "max_tile", "feather", NULL};
-    PyObject *o[11] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOO:plan", kwlist, &o[0], &o[1], &o[2],
-                                     &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10]))
-        return NULL;
-    plan_in in = {.overlap = 0, .align = 1, .batch = 1, .feather = 0.5};
-    if (o[10] && (vg_parse_double(o[10], "feather", -1e-300, 1.0, &in.feather) < 0))
-        return NULL;
-    int err = 0;
-    in.w = get_pos_int(o[0], "width", 1, VG_MAX_SIDE, &err);
-    if (!err)
-        in.h = get_pos_int(o[1], "height", 1, VG_MAX_SIDE, &err);
-    if (!err && o[2])
-        in.overlap = get_pos_int(o[2], "overlap", 0, VG_MAX_SIDE, &err);
-    if (!err && o[3])
-        in.align = get_pos_int(o[3], "align", 1, 4096, &err);
-    if (!err && o[7])
-        in.batch = get_pos_int(o[7], "batch", 1, 1 << 20, &err);
-    if (!err && o[8])
-        in.min_tile = get_pos_int(o[8], "min_tile", 0, VG_MAX_SIDE, &err);
-    in.max_tile = VG_MAX_SIDE;
-    if (!err && o[9] && o[9] != Py_None)
-        in.max_tile = get_pos_int(o[9], "max_tile", 1, VG_MAX_SIDE, &err);
-    if (err)
-        return NULL;
-    int64_t fixed = 0, per = 0, budget = 0;
-    if ((o[4] && vg_parse_bytes(o[4], "fixed_bytes", 1, &fixed) < 0) ||
-        (o[5] && vg_parse_bytes(o[5], "per_px_bytes", 1, &per) < 0) ||
-        (o[6] == NULL && (PyErr_SetString(PyExc_TypeError, "plan() needs budget="), 1)) ||
-        vg_parse_bytes(o[6], "budget", 1, &budget) < 0)
-        return NULL;
-    in.fixed = (double)fixed;
-    in.per_px = o[5] && PyFloat_Check(o[5]) ? PyFloat_AS_DOUBLE(o[5]) : (double)per;
-    in.budget = budget;
-    if (in.w % in.align || in.h % in.align) {
-        PyErr_Format(PyExc_ValueError, "image %lldx%lld is not a multiple of align %lld",
-                     (long long)in.w, (long long)in.h, (long long)in.align);
-        return NULL;
-    }
-    if (in.overlap % in.align) {
-        PyErr_Format(PyExc_ValueError, "overlap %lld is not a multiple of align %lld",
-                     (long long)in.overlap, (long long)in.align);
-        return NULL;
-    }
-    /* two strides must span a tile (no pixel three deep): tile >= 2 * overlap */
-    if (in.min_tile < 2 * in.overlap)
-        in.min_tile = 2 * in.overlap;
-    if (in.min_tile < in.align)
-        in.min_tile = in.align;
-    in.min_tile = align_up(in.min_tile, in.align);
-    if (in.max_tile < in.min_tile && in.max_tile < in.w && in.max_tile < in.h) {
-        PyErr_Format(PyExc_ValueError,
-                     "max_tile %lld is below the smallest tile %lld that overlap %lld allows",
-                     (long long)in.max_tile, (long long)in.min_tile, (long long)in.overlap);
-        return NULL;
-    }
-    int64_t *xs = PyMem_Malloc(sizeof(int64_t) * (size_t)(in.w + in.h + 2));
-    if (xs == NULL)
-        return PyErr_NoMemory();
-    int64_t *ys = xs + in.w + 1;
-    plan_out out;
-    Py_BEGIN_ALLOW_THREADS
-    plan_core(&in, &out, xs, ys);
-    Py_END_ALLOW_THREADS
-    PyObject *r;
-    if (!out.fits) {
-        r = Py_BuildValue("{s:O,s:s,s:L,s:L,s:L}", "fits", Py_False, "why", out.why,
-                          "budget_bytes", (long long)in.budget, "min_tile", (long long)in.min_tile,
-                          "overlap", (long long)in.overlap);
-    } else {
-        PyObject *lx = list_from(xs, out.nx), *ly = list_from(ys, out.ny);
-        r = (lx && ly) ? Py_BuildValue(
-                             "{s:O,s:(LL),s:(LL),s:L,s:N,s:N,s:d,s:L,s:L,s:L,s:L}", "fits", Py_True,
-                             "tile", (long long)out.tw, (long long)out.th, "grid",
-                             (long long)out.nx, (long long)out.ny, "tiles",
-                             (long long)(out.nx * out.ny), "xs", lx, "ys", ly,
-                             "predicted_peak_bytes", out.peak, "budget_bytes",
-                             (long long)in.budget, "batch", (long long)out.batch, "overlap",
-                             (long long)in.overlap, "min_tile", (long long)in.min_tile)
-                       : NULL;
-        if (r == NULL) {
-            Py_XDECREF(lx);
-            Py_XDECREF(ly);
-        }
-    }
-    PyMem_Free(xs);
-    return r;
-}
 
 /* ================================================================ half floats */
 
@@ -365,14 +90,24 @@ typedef struct {
     int rising;
 } vg_ramp;
 
+/* Locking: one mutex per canvas serialises put / finish / coverage, taken bz2's way (try
+ * without releasing the GIL, then block with it released), and never held across a call into
+ * Python, so a callback that re-enters the canvas cannot deadlock.  `lock_pid` notices a fork:
+ * the child re-initialises a mutex another thread of the parent may have held. */
 typedef struct {
     PyObject_HEAD
-    PyArrayObject *out;
+    PyArrayObject *out; /* NULL once finish() handed it back */
     int nchw, is_half;
     npy_intp B, C, H, W;
-    int64_t *covered; /* B x H: output row covered up to x (exclusive) */
+    npy_intp dims[4];   /* out's shape when the canvas was made: put() refuses a changed one */
+    int64_t *covered;   /* B x H: output row written (stored or zeroed) up to x (exclusive) */
+    /* Exact coverage, made only when a put leaves a gap (a tile right of the written prefix):
+     * one bit per output pixel, rows padded to whole bytes so threads own their rows. */
+    unsigned char *bits;
+    npy_intp row_bytes;
     int nthreads;
-    int busy; /* a put() is running with the GIL released */
+    pthread_mutex_t lock;
+    pid_t lock_pid;
     int64_t puts;
 } Canvas;
 
@@ -395,6 +130,7 @@ static double ramp_weight(const vg_ramp *r, int n, double x)
 
 typedef struct {
     Canvas *cv;
+    char *out; /* output data, held alive by put() */
     const char *src;
     int src_half;
     npy_intp nb, b0, h, w, ox, oy;
@@ -511,18 +247,25 @@ static void zero_row(char *dst, int half, npy_intp n)
     memset(dst, 0, (size_t)n * (half ? 2 : 4));
 }
 
+static void set_bits(unsigned char *row, npy_intp x0, npy_intp x1)
+{
+    for (npy_intp x = x0; x < x1; x++)
+        row[x >> 3] |= (unsigned char)(1u << (x & 7));
+}
+
 static void *put_worker(void *arg)
 {
     put_job *j = arg;
     Canvas *cv = j->cv;
     size_t es = cv->is_half ? 2 : 4;
-    char *out = PyArray_BYTES(cv->out);
+    char *out = j->out;
     for (npy_intp r = j->row_lo; r < j->row_hi; r++) {
         npy_intp n = r / j->h, y = r % j->h, b = j->b0 + n, Y = j->oy + y;
         int64_t *cov = &cv->covered[b * cv->H + Y];
         npy_intp a = (npy_intp)*cov - j->ox; /* tile-local x where "store" starts */
         if (a < 0) {
-            /* a gap left of this tile: zero it so later tiles can add there */
+            /* a gap left of this tile: zero it so later tiles can add there (the bitmap,
+             * made before the workers started, remembers it is not covered) */
             npy_intp gap0 = (npy_intp)*cov, gap1 = j->ox;
             if (!cv->nchw)
                 zero_row(out + ((b * cv->H + Y) * cv->W + gap0) * cv->C * es, cv->is_half,
@@ -549,35 +292,60 @@ static void *put_worker(void *arg)
                 blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, 1, 0);
             }
         }
+        if (cv->bits)
+            set_bits(cv->bits + (b * cv->H + Y) * cv->row_bytes, j->ox, j->ox + j->w);
         if (j->ox + j->w > *cov)
             *cov = j->ox + j->w;
     }
     return NULL;
 }
 
+/* Parse a ramp sequence into r.  Works on a private tuple copy: a callback (__float__,
+ * __bool__) may mutate the caller's list while we read it. */
 static int parse_ramps(PyObject *obj, const char *what, vg_ramp *r, int *n)
 {
-    PyObject *seq = PySequence_Fast(obj, "ramps must be a sequence of (p, q, rising)");
-    if (seq == NULL)
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a sequence of (p, q, rising), got %.80s", what,
+                     Py_TYPE(obj)->tp_name);
         return -1;
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    }
+    PyObject *seq = PySequence_Tuple(obj);
+    if (seq == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s must be a sequence of (p, q, rising), got %.80s", what,
+                         Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    Py_ssize_t len = PyTuple_GET_SIZE(seq);
     if (len > VG_MAX_RAMPS) {
         PyErr_Format(PyExc_ValueError, "%s: at most %d ramps, got %zd", what, VG_MAX_RAMPS, len);
         Py_DECREF(seq);
         return -1;
     }
     for (Py_ssize_t i = 0; i < len; i++) {
-        PyObject *e = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *e = PyTuple_GET_ITEM(seq, i);
         int rising;
-        if (!PyTuple_Check(e) || !PyArg_ParseTuple(e, "ddp", &r[i].p, &r[i].q, &rising)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool), got %R",
-                         what, i, e);
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3) {
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool), got %.80s",
+                         what, i, Py_TYPE(e)->tp_name);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (!PyArg_ParseTuple(e, "ddp", &r[i].p, &r[i].q, &rising)) {
+            /* keep the callback's own exception if it raised one; otherwise say what we want */
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s[%zd] must be (p: float, q: float, rising: bool)",
+                             what, i);
+            }
             Py_DECREF(seq);
             return -1;
         }
         if (!isfinite(r[i].p) || !isfinite(r[i].q)) {
-            PyErr_Format(PyExc_ValueError, "%s[%zd] has a non-finite bound: %R", what, i, e);
+            PyErr_Format(PyExc_ValueError, "%s[%zd] has a non-finite bound: (%R, %R)", what, i,
+                         PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1));
             Py_DECREF(seq);
             return -1;
         }
@@ -585,6 +353,76 @@ static int parse_ramps(PyObject *obj, const char *what, vg_ramp *r, int *n)
     }
     *n = (int)len;
     Py_DECREF(seq);
+    return 0;
+}
+
+/* An offset: any object with __index__, 0 <= v <= PY_SSIZE_T_MAX, errors naming the value. */
+static int parse_offset(PyObject *obj, const char *what, Py_ssize_t *out)
+{
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.80s", what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *v = PyNumber_Index(obj);
+    if (v == NULL)
+        return -1;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) {
+        Py_DECREF(v);
+        return -1;
+    }
+    if (overflow || x < 0 || x > PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s must be 0..%zd, got %R", what, PY_SSIZE_T_MAX, v);
+        Py_DECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    *out = (Py_ssize_t)x;
+    return 0;
+}
+
+static void canvas_lock(Canvas *cv)
+{
+    pid_t pid = getpid();
+    if (cv->lock_pid != pid) { /* a forked child: whoever held it does not exist here */
+        pthread_mutex_init(&cv->lock, NULL);
+        cv->lock_pid = pid;
+    }
+    if (pthread_mutex_trylock(&cv->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&cv->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void canvas_unlock(Canvas *cv) { pthread_mutex_unlock(&cv->lock); }
+
+/* The first pixel not covered by any tile, as (row = b * H + y, x); returns 0 when complete.
+ * Call with the lock held. */
+static int first_gap(const Canvas *cv, npy_intp *row, npy_intp *x)
+{
+    npy_intp rows = cv->B * cv->H;
+    if (cv->bits == NULL) {
+        for (npy_intp r = 0; r < rows; r++)
+            if (cv->covered[r] < cv->W) {
+                *row = r, *x = (npy_intp)cv->covered[r];
+                return 1;
+            }
+        return 0;
+    }
+    for (npy_intp r = 0; r < rows; r++) {
+        const unsigned char *b = cv->bits + r * cv->row_bytes;
+        for (npy_intp k = 0; k < cv->W; k += 8) {
+            if (b[k >> 3] == 0xff)
+                continue;
+            for (npy_intp i = k; i < k + 8 && i < cv->W; i++)
+                if (!(b[i >> 3] & (1u << (i & 7)))) {
+                    *row = r, *x = i;
+                    return 1;
+                }
+        }
+    }
     return 0;
 }
 
@@ -618,6 +456,12 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
                         "out must be a 4-D, C-contiguous, aligned, writeable native-endian array");
         return NULL;
     }
+    if (PyArray_SIZE(a) == 0) {
+        npy_intp *e = PyArray_DIMS(a);
+        PyErr_Format(PyExc_ValueError, "out must not be empty, got shape (%zd, %zd, %zd, %zd)",
+                     e[0], e[1], e[2], e[3]);
+        return NULL;
+    }
     if (threads < 0 || threads > VG_MAX_THREADS) {
         PyErr_Format(PyExc_ValueError, "threads must be 0 (auto)..%d, got %d", VG_MAX_THREADS, threads);
         return NULL;
@@ -628,6 +472,7 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     cv->nchw = nchw;
     cv->is_half = t == NPY_FLOAT16;
+    memcpy(cv->dims, d, sizeof cv->dims);
     cv->B = d[0];
     cv->H = nchw ? d[2] : d[1];
     cv->W = nchw ? d[3] : d[2];
@@ -637,8 +482,11 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         threads = nc < 1 ? 1 : (nc > VG_MAX_THREADS ? VG_MAX_THREADS : (int)nc);
     }
     cv->nthreads = threads;
-    size_t rows = (size_t)cv->B * (size_t)cv->H;
-    cv->covered = PyMem_Calloc(rows ? rows : 1, sizeof(int64_t));
+    cv->row_bytes = (cv->W + 7) / 8;
+    pthread_mutex_init(&cv->lock, NULL);
+    cv->lock_pid = getpid();
+    /* B * H <= the array's element count, which NumPy keeps below NPY_MAX_INTP */
+    cv->covered = PyMem_Calloc((size_t)cv->B * (size_t)cv->H, sizeof(int64_t));
     if (cv->covered == NULL) {
         Py_DECREF(cv);
         return PyErr_NoMemory();
@@ -666,23 +514,65 @@ static void Canvas_dealloc(Canvas *cv)
     PyObject_GC_UnTrack(cv);
     Canvas_clear(cv);
     PyMem_Free(cv->covered);
+    PyMem_Free(cv->bits);
+    if (cv->lock_pid != 0)
+        pthread_mutex_destroy(&cv->lock);
     tp->tp_free((PyObject *)cv);
     Py_DECREF(tp);
 }
 
+/* Byte range [lo, hi) that an array's elements occupy. */
+static void array_extent(PyArrayObject *a, uintptr_t *lo, uintptr_t *hi)
+{
+    intptr_t l = 0, h = 0;
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        npy_intp s = PyArray_STRIDE(a, i), n = PyArray_DIM(a, i);
+        if (n == 0) {
+            l = h = 0;
+            break;
+        }
+        if (s >= 0)
+            h += s * (n - 1);
+        else
+            l += s * (n - 1);
+    }
+    uintptr_t base = (uintptr_t)PyArray_BYTES(a);
+    *lo = base + (uintptr_t)l;
+    *hi = base + (uintptr_t)h + (uintptr_t)PyArray_ITEMSIZE(a);
+}
+
+/* Is `out` still the array the canvas was made for (a caller may reshape it in place, or
+ * flip its writeable flag)? */
+static int out_unchanged(const Canvas *cv, PyArrayObject *out)
+{
+    if (!PyArray_ISWRITEABLE(out)) {
+        PyErr_SetString(PyExc_ValueError, "out is no longer writeable");
+        return 0;
+    }
+    if (PyArray_NDIM(out) != 4 || memcmp(PyArray_DIMS(out), cv->dims, sizeof cv->dims) != 0 ||
+        PyArray_TYPE(out) != (cv->is_half ? NPY_FLOAT16 : NPY_FLOAT32) ||
+        !PyArray_IS_C_CONTIGUOUS(out) || PyArray_ISBYTESWAPPED(out)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "out changed (shape, strides or dtype) since the Canvas was made");
+        return 0;
+    }
+    return 1;
+}
+
 /* put(result, b0, ox, oy, xramps, yramps): blend result ([nb,h,w,C] or [nb,C,h,w], float32
- * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox). */
+ * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox).
+ *
+ * Order matters: every argument is parsed first (that is where Python callbacks can run and
+ * even close this canvas), then the canvas state is checked under its lock, then we act. */
 static PyObject *Canvas_put(Canvas *cv, PyObject *args)
 {
-    PyObject *res, *xr, *yr;
+    PyObject *res, *ob0, *oox, *ooy, *xr, *yr;
+    if (!PyArg_ParseTuple(args, "OOOOOO:put", &res, &ob0, &oox, &ooy, &xr, &yr))
+        return NULL;
     Py_ssize_t b0, ox, oy;
-    if (!PyArg_ParseTuple(args, "OnnnOO:put", &res, &b0, &ox, &oy, &xr, &yr))
+    if (parse_offset(ob0, "image offset b0", &b0) < 0 || parse_offset(oox, "x offset", &ox) < 0 ||
+        parse_offset(ooy, "y offset", &oy) < 0)
         return NULL;
-    if (cv->out == NULL || cv->busy) {
-        PyErr_SetString(PyExc_RuntimeError, cv->out ? "canvas is in use by another thread"
-                                                    : "canvas is closed");
-        return NULL;
-    }
     vg_ramp rx[VG_MAX_RAMPS], ry[VG_MAX_RAMPS];
     int nrx, nry;
     if (parse_ramps(xr, "xramps", rx, &nrx) < 0 || parse_ramps(yr, "yramps", ry, &nry) < 0)
@@ -691,41 +581,70 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
         PyErr_Format(PyExc_TypeError, "result must be a numpy.ndarray, got %.80s", Py_TYPE(res)->tp_name);
         return NULL;
     }
-    int t = PyArray_TYPE((PyArrayObject *)res);
+    PyArrayObject *ra = (PyArrayObject *)res;
+    int t = PyArray_TYPE(ra);
     if (t != NPY_FLOAT32 && t != NPY_FLOAT16) {
         PyErr_Format(PyExc_TypeError, "result must be float32 or float16, got %R",
-                     (PyObject *)PyArray_DESCR((PyArrayObject *)res));
+                     (PyObject *)PyArray_DESCR(ra));
+        return NULL;
+    }
+    if (PyArray_NDIM(ra) != 4) {
+        PyErr_Format(PyExc_ValueError, "result must be 4-D, got %d-D", PyArray_NDIM(ra));
+        return NULL;
+    }
+    if (PyArray_SIZE(ra) == 0) {
+        PyErr_SetString(PyExc_ValueError, "result is empty (a zero-size dimension)");
         return NULL;
     }
     /* Rows must be contiguous (the kernel walks a row with memcpy); image/channel/row strides
-     * may be anything, so a sliced view of a bigger result is read in place, not copied. */
-    PyArrayObject *ra = (PyArrayObject *)res;
+     * may be anything, so a sliced view of a bigger result is read in place, not copied.
+     * A subclass is viewed as a plain ndarray: no Python code of its may run later. */
     npy_intp esz = t == NPY_FLOAT16 ? 2 : 4;
-    int rows_ok = PyArray_NDIM(ra) == 4 && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra) &&
+    int rows_ok = PyArray_CheckExact(res) && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra) &&
                   PyArray_STRIDE(ra, 3) == esz &&
                   (cv->nchw || PyArray_STRIDE(ra, 2) == esz * PyArray_DIM(ra, 3));
     PyArrayObject *src = rows_ok ? (PyArrayObject *)Py_NewRef(res)
-                                 : (PyArrayObject *)PyArray_FROM_OTF(res, t, NPY_ARRAY_IN_ARRAY);
+                                 : (PyArrayObject *)PyArray_FROM_OTF(
+                                       res, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY);
     if (src == NULL)
         return NULL;
+    PyArrayObject *out = NULL;
     PyObject *ret = NULL;
     float *wx = NULL;
-    if (PyArray_NDIM(src) != 4) {
-        PyErr_Format(PyExc_ValueError, "result must be 4-D, got %d-D", PyArray_NDIM(src));
-        goto done;
-    }
+    int locked = 0;
     npy_intp *d = PyArray_DIMS(src);
     npy_intp nb = d[0], c = cv->nchw ? d[1] : d[3], h = cv->nchw ? d[2] : d[1],
              w = cv->nchw ? d[3] : d[2];
-    if (c != cv->C || nb < 1 || b0 < 0 || b0 + nb > cv->B || ox < 0 || oy < 0 || w < 1 || h < 1 ||
-        ox + w > cv->W || oy + h > cv->H) {
+    /* overflow-safe: each length is checked against its limit before the offset is */
+    if (c != cv->C || nb > cv->B || b0 > cv->B - nb || w > cv->W || ox > cv->W - w || h > cv->H ||
+        oy > cv->H - h) {
         PyErr_Format(PyExc_ValueError,
                      "result of %zd image(s) %zdx%zd px x %zd ch at (x=%zd, y=%zd, image %zd) does "
                      "not fit the output %zd image(s) %zdx%zd px x %zd ch",
                      nb, w, h, c, ox, oy, b0, cv->B, cv->W, cv->H, cv->C);
         goto done;
     }
-    wx = PyMem_Malloc(sizeof(float) * (size_t)(w + h));
+    if (cv->out == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
+        goto done;
+    }
+    out = (PyArrayObject *)Py_NewRef(cv->out);
+    if (!out_unchanged(cv, out))
+        goto done;
+    {
+        /* a result that overlaps the output would be overwritten while we read it */
+        uintptr_t slo, shi, olo, ohi;
+        array_extent(src, &slo, &shi);
+        array_extent(out, &olo, &ohi);
+        if (slo < ohi && olo < shi) {
+            PyArrayObject *copy = (PyArrayObject *)PyArray_FROM_OTF(
+                (PyObject *)src, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY | NPY_ARRAY_ENSURECOPY);
+            if (copy == NULL)
+                goto done;
+            Py_SETREF(src, copy);
+        }
+    }
+    wx = PyMem_Malloc(sizeof(float) * ((size_t)w + (size_t)h));
     if (wx == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -736,8 +655,31 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     for (npy_intp y = 0; y < h; y++)
         wy[y] = (float)ramp_weight(ry, nry, (double)(oy + y) + 0.5);
 
-    put_job jobs[VG_MAX_THREADS];
+    canvas_lock(cv);
+    locked = 1;
+    if (cv->out != out) { /* finish() ran while we waited for the lock */
+        PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
+        goto done;
+    }
     npy_intp rows = nb * h;
+    if (cv->bits == NULL) {
+        /* a tile right of a row's written prefix leaves a gap: from now on track exactly */
+        int gap = 0;
+        for (npy_intp r = 0; r < rows && !gap; r++)
+            gap = cv->covered[(b0 + r / h) * cv->H + oy + r % h] < ox;
+        if (gap) {
+            npy_intp all = cv->B * cv->H;
+            cv->bits = PyMem_Calloc((size_t)all, (size_t)cv->row_bytes);
+            if (cv->bits == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            for (npy_intp r = 0; r < all; r++)
+                set_bits(cv->bits + r * cv->row_bytes, 0, (npy_intp)cv->covered[r]);
+        }
+    }
+
+    put_job jobs[VG_MAX_THREADS];
     int nt = cv->nthreads;
     /* threads pay off only on big tiles (~1 ms of work per extra thread) */
     npy_intp work = rows * w * c;
@@ -746,14 +688,13 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     if (nt > rows)
         nt = (int)rows;
     for (int i = 0; i < nt; i++) {
-        jobs[i] = (put_job){cv, PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w, ox, oy,
-                            PyArray_STRIDE(src, 0), cv->nchw ? PyArray_STRIDE(src, 1) : 0,
+        jobs[i] = (put_job){cv, PyArray_BYTES(out), PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w,
+                            ox, oy, PyArray_STRIDE(src, 0), cv->nchw ? PyArray_STRIDE(src, 1) : 0,
                             PyArray_STRIDE(src, cv->nchw ? 2 : 1), wx, wy,
                             rows * i / nt, rows * (i + 1) / nt};
     }
     pthread_t th[VG_MAX_THREADS];
     int started = 0;
-    cv->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     for (int i = 1; i < nt; i++) {
         if (pthread_create(&th[i], NULL, put_worker, &jobs[i]) != 0)
@@ -766,21 +707,24 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
         put_worker(&jobs[i]);
     Py_END_ALLOW_THREADS
-    cv->busy = 0;
     cv->puts++;
     ret = Py_NewRef(Py_None);
 done:
+    if (locked)
+        canvas_unlock(cv);
     PyMem_Free(wx);
+    Py_XDECREF(out);
     Py_DECREF(src);
     return ret;
 }
 
-/* weights(length_origin, n, ramps) -> float32 array: the 1-D weight profile (for tests). */
+/* weights(length_origin, n, ramps) -> float64 array: the 1-D weight profile (for tests). */
 static PyObject *Canvas_weights(PyObject *Py_UNUSED(cls), PyObject *args)
 {
-    Py_ssize_t o, n;
+    long long o;
+    Py_ssize_t n;
     PyObject *r;
-    if (!PyArg_ParseTuple(args, "nnO:weights", &o, &n, &r))
+    if (!PyArg_ParseTuple(args, "LnO:weights", &o, &n, &r))
         return NULL;
     if (n < 0 || n > VG_MAX_SIDE * 16) {
         PyErr_Format(PyExc_ValueError, "n must be 0..%lld, got %zd", (long long)(VG_MAX_SIDE * 16), n);
@@ -795,38 +739,54 @@ static PyObject *Canvas_weights(PyObject *Py_UNUSED(cls), PyObject *args)
     if (a == NULL)
         return NULL;
     double *p = PyArray_DATA((PyArrayObject *)a);
-    for (npy_intp i = 0; i < n; i++)
-        p[i] = ramp_weight(rr, nr, (double)(o + i) + 0.5);
+    for (npy_intp i = 0; i < n; i++) /* in double: o + i may not fit an int64 */
+        p[i] = ramp_weight(rr, nr, (double)o + (double)i + 0.5);
     return a;
 }
 
-/* finish() -> out: only when every pixel of every image has been written. */
+/* finish() -> out: only when every pixel of every image has been covered by a tile. */
 static PyObject *Canvas_finish(Canvas *cv, PyObject *Py_UNUSED(a))
 {
-    if (cv->out == NULL || cv->busy) {
-        PyErr_SetString(PyExc_RuntimeError, cv->out ? "canvas is in use by another thread"
-                                                    : "canvas is closed");
-        return NULL;
+    canvas_lock(cv);
+    PyObject *o = NULL;
+    npy_intp row, x;
+    if (cv->out == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
+    else if (first_gap(cv, &row, &x))
+        PyErr_Format(PyExc_RuntimeError,
+                     "output incomplete: pixel (x=%zd, y=%zd) of image %zd was never covered by a "
+                     "tile; refusing to return a half-written result",
+                     x, row % cv->H, row / cv->H);
+    else {
+        o = (PyObject *)cv->out;
+        cv->out = NULL;
     }
-    for (npy_intp r = 0; r < cv->B * cv->H; r++)
-        if (cv->covered[r] < cv->W) {
-            PyErr_Format(PyExc_RuntimeError,
-                         "output incomplete: image %zd row %zd covered to x=%lld of %zd; refusing "
-                         "to return a half-written result",
-                         r / cv->H, r % cv->H, (long long)cv->covered[r], cv->W);
-            return NULL;
-        }
-    PyObject *o = (PyObject *)cv->out;
-    cv->out = NULL;
+    canvas_unlock(cv);
     return o;
 }
 
+/* coverage() -> int64 [B, H]: per output row, the x of its first uncovered pixel (W when the
+ * row is complete). */
 static PyObject *Canvas_coverage(Canvas *cv, PyObject *Py_UNUSED(a))
 {
     npy_intp dims[2] = {cv->B, cv->H};
     PyObject *a = PyArray_SimpleNew(2, dims, NPY_INT64);
-    if (a)
-        memcpy(PyArray_DATA((PyArrayObject *)a), cv->covered, (size_t)(cv->B * cv->H) * sizeof(int64_t));
+    if (a == NULL)
+        return NULL;
+    int64_t *p = PyArray_DATA((PyArrayObject *)a);
+    canvas_lock(cv);
+    for (npy_intp r = 0; r < cv->B * cv->H; r++) {
+        int64_t v = cv->covered[r];
+        if (cv->bits) {
+            const unsigned char *b = cv->bits + r * cv->row_bytes;
+            npy_intp k = 0;
+            while (k < cv->W && (b[k >> 3] & (1u << (k & 7))))
+                k++;
+            v = k;
+        }
+        p[r] = v;
+    }
+    canvas_unlock(cv);
     return a;
 }
 
@@ -864,9 +824,3 @@ int vg_tiler_add_types(PyObject *m, vg_state *st)
         return -1;
     return PyModule_AddObjectRef(m, "Canvas", (PyObject *)st->CanvasType);
 }
-
-PyMethodDef vg_tiler_methods[] = {
-    {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
-     "plan(width, height, *, overlap=0, align=1, fixed_bytes=0, per_px_bytes=0, budget, batch=1, "
-     "min_tile=0, max_tile=None, feather=0.5) -> dict"},
-    {NULL, NULL, 0, NULL}};
