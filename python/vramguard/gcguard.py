@@ -162,16 +162,16 @@ class GCGuard:
             # a (compiled) sampling run is open: collecting there frees nothing and breaks
             # its allocation plan; the unet check after the sampler returns covers it
             return self._skip(stage, "deferred: inside a sampling run")
+        if dev is not None:
+            acc._auto_probe()
+        collect, reason, snap = self.policy.check(dev, forced, need, sid)
+        if not collect:
+            return self._skip(stage, reason)
         if not _collect_lock.acquire(blocking=False):
             # a collection is running (e.g. low-VRAM unload -> a hooked unpatch -> here)
             return self._skip(stage, "nested: a collection is already running")
         try:
-            if dev is not None:
-                acc._auto_probe()
-            collect, reason, snap = self.policy.check(dev, forced, need, sid)
-            self._count(stage, None if collect else reason)
-            if not collect:
-                return Decision(False, reason, stage)
+            self._count(stage, None)
             return self._collect(stage, reason, dev, snap if snap is not None else acc.snapshot(dev), need)
         finally:
             _collect_lock.release()

@@ -32,7 +32,10 @@ def override_limits(reserve: Any = None, cap: Any = None, device: int | None = N
     c = None if cap is None else parse_size(cap, "cap")
     before = acc.limits(device)  # validates device
     with _lock:
-        first = _open.get(device, {}).get("before", before)
+        rec = _open.get(device)
+        # a second override in the same scope keeps the first one's "before"; limits changed
+        # by someone else since (a settings POST, clear_limits) are the new baseline
+        first = rec["before"] if rec is not None and rec["set"] == before else before
         if r is not None:
             acc.set_reserve(r, device=device)
         if c is not None:

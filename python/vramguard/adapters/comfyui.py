@@ -102,10 +102,9 @@ def comfy(name: str) -> Any | None:
         return None
 
 
-def _mm():
-    import comfy.model_management as mm
-
-    return mm
+def _mm() -> Any:
+    """comfy.model_management; raises ImportError outside ComfyUI."""
+    return importlib.import_module("comfy.model_management")
 
 
 def node_class(name: str) -> Any | None:
@@ -140,9 +139,9 @@ def plan_device(dev: Any) -> int | str:
 
 
 def host_reserve() -> int:
-    """ComfyUI's own reserve: max(--reserve-vram / its OS default, --vram-headroom)."""
-    mm = _mm()
-    r = int(getattr(mm, "extra_reserved_memory", lambda: 0)() or 0)
+    """ComfyUI's own reserve: max(--reserve-vram / its OS default, --vram-headroom); 0 outside ComfyUI."""
+    mm = comfy("model_management")
+    r = int(getattr(mm, "extra_reserved_memory", lambda: 0)() or 0) if mm is not None else 0
     try:
         from comfy.cli_args import args
 
@@ -338,6 +337,7 @@ def install_hooks(stages: dict[str, bool] | None = None) -> list[tuple[str, str]
     g.release_cache = release_cache
     g.unload_models = unload_models
     acc.register_probe(probe, origin="comfyui")
+    _hooks.missing.clear()
     for module, path, stage, when, optional in SEAMS:
         if stages is not None and not stages.get(stage, True):
             continue
