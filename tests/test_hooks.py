@@ -17,6 +17,14 @@ from vramguard.hooks import HookSet, call_stage
 GiB = 1 << 30
 
 
+@pytest.fixture(autouse=True)
+def _fresh_stage_peaks():
+    """Stage peaks are process-wide: leave none behind for other files' tests."""
+    yield
+    vg.sampler().reset()
+    vg.end_override()
+
+
 # ------------------------------------------------------------------ generic hooks
 def test_async_seam_is_checked_after_the_coroutine_completes(g):
     events = []

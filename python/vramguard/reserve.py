@@ -64,6 +64,16 @@ def end_override() -> list[int | None]:
     return done
 
 
+def _live(device: int | None) -> dict | None:
+    """The open override of `device` while it still holds (limits unchanged since)."""
+    with _lock:
+        rec = _open.get(device)
+    try:
+        return rec if rec is not None and acc.limits(device) == rec["set"] else None
+    except Exception:
+        return None
+
+
 def effective_reserve(device: int | None = None) -> dict:
     """The reserve in force for `device` (default: the default device; host RAM without a
     GPU), for the settings route and the monitor:
@@ -73,8 +83,7 @@ def effective_reserve(device: int | None = None) -> dict:
     None while a scoped override holds, "configured_before_override": bytes or None}"""
     dev = acc.default_device() if device is None else device
     lim = acc.limits(dev)
-    with _lock:
-        rec = _open.get(dev) or _open.get(None)
+    rec = _live(dev) or _live(None)
     try:
         in_force = int(acc.snapshot(dev).reserve)
     except Exception:  # no such device right now: the configured figure is all there is
