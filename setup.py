@@ -3,15 +3,22 @@
 No CUDA toolkit is needed: NVML and the CUDA driver are loaded at run time (csrc/gpulibs.c).
 Environment switches (used by .ci/run):
   VRAMGUARD_WERROR=1                    add -Werror
-  VRAMGUARD_SANITIZE=address,undefined  build with those sanitizers (preload libasan to run)
+  VRAMGUARD_SANITIZE=address,undefined  build with those sanitizers (preload libasan to run);
+                                        signed overflow is checked too (-fno-wrapv undoes the
+                                        -fwrapv CPython's flags carry, which silences it)
   VRAMGUARD_DEBUG=1                     -O0 -g
 """
+import glob
 import os
 
 import numpy
 from setuptools import Extension, setup
 
-SOURCES = ["module.c", "gpulibs.c", "accounting.c", "sampler.c", "gcpolicy.c", "tiler.c"]
+# Every C file in csrc/ is part of the module (the layers are listed in csrc/vg.h); globbing
+# keeps a file split from needing a setup.py edit.
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.c")))
+HEADERS = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.h")))
 
 cflags = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
           "-fvisibility=hidden", "-pthread"]
@@ -24,15 +31,17 @@ if os.environ.get("VRAMGUARD_WERROR"):
     cflags.append("-Werror")
 san = os.environ.get("VRAMGUARD_SANITIZE", "").strip()
 if san:
-    cflags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
-    ldflags += [f"-fsanitize={san}"]
+    cflags += [f"-fsanitize={san}", "-fsanitize=signed-integer-overflow", "-fno-wrapv",
+               "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+    # linking with the UBSan flag pulls in its runtime (libubsan) as a dependency of the module
+    ldflags += [f"-fsanitize={san}", "-fsanitize=signed-integer-overflow"]
 
 setup(
     ext_modules=[
         Extension(
             "vramguard._native",
-            sources=[os.path.join("csrc", s) for s in SOURCES],
-            depends=[os.path.join("csrc", h) for h in ("vg.h", "vg_numpy.h", "gpusyms.h")],
+            sources=SOURCES,
+            depends=HEADERS,
             include_dirs=[numpy.get_include()],
             extra_compile_args=cflags,
             extra_link_args=ldflags,

@@ -13,7 +13,8 @@
  * is not live, so it never triggers this rule.
  * Low-VRAM mode sets the effective threshold to 0, except on ZLUDA where forced collection
  * is known to misbehave; the reason says so. */
-#include "vg.h"
+#include "vg_args.h"
+#include "vg_snapshot.h"
 
 #include <math.h>
 #include <string.h>
@@ -92,16 +93,14 @@ static int collects(vg_reason r) { return r < R_HYSTERESIS; }
 
 static int parse_threshold(PyObject *v, double *out)
 {
-    if (PyBool_Check(v) || !(PyLong_Check(v) || PyFloat_Check(v))) {
-        PyErr_Format(PyExc_TypeError, "threshold must be a number (percent), got %.80s %R",
+    double x;
+    if (!vg_as_double(v, &x)) { /* the value itself: no __float__ runs */
+        PyErr_Format(PyExc_TypeError, "threshold must be a number (percent), got %.80s %.200R",
                      Py_TYPE(v)->tp_name, v);
         return -1;
     }
-    double x = PyFloat_AsDouble(v);
-    if (x == -1.0 && PyErr_Occurred())
-        return -1;
     if (!isfinite(x) || x < 0 || x > 100) {
-        PyErr_Format(PyExc_ValueError, "threshold must be 0..100 (percent), got %R", v);
+        PyErr_Format(PyExc_ValueError, "threshold must be 0..100 (percent), got %.200R", v);
         return -1;
     }
     *out = x;
@@ -218,7 +217,7 @@ static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     int index, forced = 0;
     int64_t need = 0;
-    if (vg_parse_index(st, args[0], &index) < 0)
+    if (vg_parse_device(st, args[0], &index) < 0)
         return NULL;
     if (nargs > 1 && (forced = PyObject_IsTrue(args[1])) < 0)
         return NULL;
@@ -228,7 +227,7 @@ static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs
     if (nargs > 3 && parse_stage(args[3], &stage) < 0)
         return NULL;
     vg_snap s;
-    if (vg_snapshot(st, index, &s) < 0)
+    if (vg_snapshot(st, index, NULL, &s) < 0)
         return NULL;
     pthread_mutex_lock(&p->lock);
     vg_reason r = decide(p, &s, forced, need, s.timestamp, stage);

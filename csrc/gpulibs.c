@@ -3,14 +3,15 @@
  * Owns: dlopen by SONAME (or the path in VRAMGUARD_NVML_LIB / VRAMGUARD_CUDA_LIB), one
  * attempt per process under pthread_once, the symbol tables, the reason a load failed, and
  * the translation of native status codes into text.  No CUDA toolkit is needed to build:
- * the few types we touch are declared in vg.h.
+ * the few types we touch are declared in vg_gpulibs.h.
  *
  * We call nvmlInit_v2 (NVML needs no CUDA context).  We never call cuInit: the driver is
  * used only when the host framework has already initialised it, and cuMemGetInfo only when
- * a context is already current (see accounting.c). */
-#include "vg.h"
+ * a context is already current (see sources.c). */
+#include "vg_gpulibs.h"
 
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

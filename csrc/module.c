@@ -1,11 +1,14 @@
 /* module.c — vramguard._native: multi-phase init, module state and its GC contract.
  *
+ * Assembles the parts (vg.h lists them): sources and snapshot first, consumers after.
+ *
  * The only exported symbol is PyInit__native.  Sub-interpreters are declared unsupported
  * (NumPy's C API is process-global). */
 #define VG_NUMPY_MAIN
 #include "vg.h"
 #include "vg_numpy.h"
 
+#include <errno.h>
 #include <string.h>
 
 static struct PyModuleDef vg_module;
@@ -44,12 +47,18 @@ static int vg_exec(PyObject *m)
     memset(st, 0, sizeof *st);
     if (PyArray_ImportNumPyAPI() < 0)
         return -1;
-    if (vg_accounting_init(st) < 0)
+    int rc = vg_sources_init(&st->src);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
-    if (vg_accounting_add_types(m, st) < 0 || vg_sampler_add_type(m, st) < 0 ||
+    }
+    st->src_ok = 1;
+    if (vg_snapshot_add_types(m, st) < 0 || vg_sampler_add_type(m, st) < 0 ||
         vg_policy_add_type(m, st) < 0 || vg_tiler_add_types(m, st) < 0)
         return -1;
-    if (PyModule_AddFunctions(m, vg_accounting_methods) < 0 ||
+    if (PyModule_AddFunctions(m, vg_snapshot_methods) < 0 ||
+        PyModule_AddFunctions(m, vg_devices_methods) < 0 ||
         PyModule_AddFunctions(m, vg_tiler_methods) < 0)
         return -1;
     return 0;
@@ -87,12 +96,14 @@ static void vg_free(void *m)
 {
     vg_clear((PyObject *)m);
     vg_state *st = vg_get_state((PyObject *)m);
-    if (st != NULL && st->fd_pid != 0) /* fd_pid is -1 once init ran */
-        vg_accounting_free(st);
+    if (st != NULL && st->src_ok) {
+        vg_sources_free(&st->src);
+        st->src_ok = 0;
+    }
 }
 
 static PyMethodDef vg_methods[] = {
-    {"build_info", py_build_info, METH_NOARGS, "How this extension was built."},
+    {"build_info", py_build_info, METH_NOARGS, "build_info($module, /)\n--\n\nHow this extension was built."},
     {NULL, NULL, 0, NULL}};
 
 static PyModuleDef_Slot vg_slots[] = {

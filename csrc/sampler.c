@@ -7,9 +7,15 @@
  * last value is held.  Stage peaks are folded in as samples arrive, so they survive the
  * ring wrapping; begin/end take a sample themselves so short stages still see one.
  *
- * The thread never touches Python objects; everything it shares with Python sits behind
- * self->lock. */
-#include "vg.h"
+ * Three locks, always taken in this order:
+ *   ctl   serialises start/stop/reset: only the first of two stop() calls joins the thread.
+ *   io    the device-reading state (last figures, the NVML clock); held across slow reads
+ *         (NVML's process list takes milliseconds), always with the GIL released.
+ *   lock  the rings; held only to copy a few bytes in or out, never across I/O.
+ * Python-facing readers wait on `lock` the bz2 way: try it with the GIL held, else block
+ * with the GIL released.  The thread never touches Python objects. */
+#include "vg_args.h"
+#include "vg_snapshot.h"
 #include "vg_numpy.h"
 
 #include <errno.h>
@@ -36,11 +42,12 @@ typedef struct {
     int device;
     double interval, nvml_interval;
 
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
+    pthread_mutex_t ctl, io, lock;
+    pthread_cond_t cond; /* with `lock`: wakes the thread for stop() */
     pthread_t thread;
-    pid_t thread_pid; /* the process the thread runs in: a forked child has no thread */
-    int running, stopping, lock_ok;
+    pid_t pid;           /* the process the locks belong to: a forked child starts afresh */
+    int running;         /* written under ctl; read anywhere (atomic) */
+    int stopping, lock_ok;
 
     Py_ssize_t capacity, head, count;
     double *t;
@@ -52,44 +59,66 @@ typedef struct {
     int nopen;
     int64_t next_id;
 
-    /* device-reading state, touched only by the sampling code under `lock` */
-    vg_CUcontext ctx; /* retained primary context, or NULL */
+    /* device-reading state, under `io` */
+    vg_CUcontext ctx; /* retained primary context, or NULL (written under ctl and io) */
     int ctx_dev;
     double last_slow, last_rss_at;
     int64_t last_used, last_proc, last_rss;
-    char last_error[VG_REASON];
+    char io_error[VG_REASON];
+    char last_error[VG_REASON]; /* published copy, under `lock` */
+
+    /* stages(): dicts of closed records, built once (GIL held; the thread never looks) */
+    PyObject **stage_cache;
+    int64_t *stage_cache_id;
 } Sampler;
+
+/* Take `m` from a thread holding the GIL without stalling other Python threads: try first,
+ * and block only with the GIL released (the bz2 idiom). */
+static void lock_with_gil(pthread_mutex_t *m)
+{
+    if (pthread_mutex_trylock(m) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(m);
+        Py_END_ALLOW_THREADS
+    }
+}
 
 /* ---------------------------------------------------------------- sampling (no GIL) */
 
-/* Read the device; `fast` means the thread with a current context.  Caller holds lock. */
+/* Read the device (or host RAM for VG_HOST); `in_thread` means the sampler thread, which
+ * may hold a current context.  Caller holds s->io (not s->lock): this is the slow part. */
 static void read_device(Sampler *s, double now, int64_t *used, int64_t *proc, int in_thread)
 {
-    vg_state *st = s->st;
-    if (s->device < 0) {
-        *used = *proc = -1;
+    vg_sources *src = &s->st->src;
+    vg_reading r;
+    char reason[VG_REASON];
+    if (s->device == VG_HOST) {
+        /* host RAM is a source like a device: used = total - available, ours = RSS */
+        if (vg_source_read_nogil(src, VG_HOST, &r, reason) == 0) {
+            s->last_used = r.used, s->last_proc = r.process_used;
+            s->io_error[0] = '\0';
+        } else {
+            memcpy(s->io_error, reason, VG_REASON);
+        }
+        *used = s->last_used, *proc = s->last_proc;
         return;
     }
-    pthread_mutex_lock(&st->lock);
-    int sim = st->nsim > 0;
-    pthread_mutex_unlock(&st->lock);
-    vg_snap snap;
-    char reason[VG_REASON];
+    int sim = vg_sources_simulated(src);
     if (!sim && in_thread && s->ctx != NULL) {
         const vg_cuda_api *cu = vg_cuda(NULL);
         size_t fr, tot;
         if (cu && cu->cuMemGetInfo_v2(&fr, &tot) == 0)
-            s->last_used = (int64_t)(tot - fr);
+            s->last_used = fr <= tot ? (int64_t)(tot - fr) : 0;
         /* process figure still comes from NVML's slow path below */
     }
     if (sim || s->last_slow == 0 || now - s->last_slow >= s->nvml_interval) {
-        if (vg_device_read_nogil(st, s->device, &snap, reason) == 0) {
+        if (vg_source_read_nogil(src, s->device, &r, reason) == 0) {
             if (sim || !(in_thread && s->ctx != NULL))
-                s->last_used = snap.used;
-            s->last_proc = snap.process_used;
-            s->last_error[0] = '\0';
+                s->last_used = r.used;
+            s->last_proc = r.process_used;
+            s->io_error[0] = '\0';
         } else {
-            memcpy(s->last_error, reason, VG_REASON);
+            memcpy(s->io_error, reason, VG_REASON);
         }
         s->last_slow = now;
     }
@@ -107,42 +136,62 @@ static void fold_stage(vg_stage *g, int64_t used, int64_t proc, int64_t rss)
         g->peak_rss = rss;
 }
 
-/* Take one sample and record it.  Caller holds s->lock.  Stage marks (mark=1) reuse an RSS
- * reading younger than one interval: /proc/self/statm costs ~1.5 us, a mark should not. */
-static void sample_locked(Sampler *s, int in_thread, int mark, double *t_out, int64_t *u_out,
-                          int64_t *p_out, int64_t *r_out)
-{
-    double now = vg_now();
+typedef struct {
+    double t;
     int64_t used, proc, rss;
-    if (mark && s->last_rss_at > 0 && now - s->last_rss_at < s->interval) {
-        rss = s->last_rss;
+} vg_sample;
+
+/* Read one sample.  Caller holds s->io.  Stage marks (mark=1) reuse an RSS reading younger
+ * than one interval: /proc/self/statm costs ~1.5 us, a mark should not. */
+static vg_sample read_sample(Sampler *s, int in_thread, int mark)
+{
+    vg_sample x;
+    x.t = vg_now();
+    if (mark && s->last_rss_at > 0 && x.t - s->last_rss_at < s->interval) {
+        x.rss = s->last_rss;
     } else {
-        rss = vg_process_rss_nogil(s->st);
-        s->last_rss = rss, s->last_rss_at = now;
+        x.rss = vg_process_rss_nogil(&s->st->src);
+        s->last_rss = x.rss, s->last_rss_at = x.t;
     }
-    read_device(s, now, &used, &proc, in_thread);
+    read_device(s, x.t, &x.used, &x.proc, in_thread);
+    return x;
+}
+
+/* Record a sample into the ring and every open stage.  Caller holds s->io and s->lock;
+ * holding io keeps the ring in time order. */
+static void record_locked(Sampler *s, const vg_sample *x)
+{
     Py_ssize_t i = s->head;
-    s->t[i] = now, s->used[i] = used, s->proc[i] = proc, s->rss[i] = rss;
+    s->t[i] = x->t, s->used[i] = x->used, s->proc[i] = x->proc, s->rss[i] = x->rss;
     s->head = (s->head + 1) % s->capacity;
     if (s->count < s->capacity)
         s->count++;
     for (int k = 0; k < s->nopen; k++)
-        fold_stage(&s->stages[s->open[k]], used, proc, rss);
-    if (t_out)
-        *t_out = now, *u_out = used, *p_out = proc, *r_out = rss;
+        fold_stage(&s->stages[s->open[k]], x->used, x->proc, x->rss);
+    memcpy(s->last_error, s->io_error, VG_REASON);
 }
 
 static void *sampler_main(void *arg)
 {
     Sampler *s = arg;
     const vg_cuda_api *cu = vg_cuda(NULL);
-    if (s->ctx != NULL && cu && cu->cuCtxSetCurrent(s->ctx) != 0)
-        s->ctx = NULL; /* NVML only, then */
-    pthread_mutex_lock(&s->lock);
+    pthread_mutex_lock(&s->io);
+    if (s->ctx != NULL && cu && cu->cuCtxSetCurrent(s->ctx) != 0) {
+        /* NVML only, then; the retain start() took is ours to give back */
+        cu->cuDevicePrimaryCtxRelease_v2(s->ctx_dev);
+        s->ctx = NULL;
+    }
+    pthread_mutex_unlock(&s->io);
     struct timespec next;
     clock_gettime(CLOCK_MONOTONIC, &next);
-    while (!s->stopping) {
-        sample_locked(s, 1, 0, NULL, NULL, NULL, NULL);
+    for (;;) {
+        pthread_mutex_lock(&s->io);
+        vg_sample x = read_sample(s, 1, 0);
+        pthread_mutex_lock(&s->lock);
+        record_locked(s, &x);
+        pthread_mutex_unlock(&s->lock);
+        pthread_mutex_unlock(&s->io);
+
         double ns = (double)next.tv_nsec + s->interval * 1e9;
         next.tv_sec += (time_t)(ns / 1e9);
         next.tv_nsec = (long)fmod(ns, 1e9);
@@ -151,13 +200,14 @@ static void *sampler_main(void *arg)
         clock_gettime(CLOCK_MONOTONIC, &now);
         if (now.tv_sec > next.tv_sec || (now.tv_sec == next.tv_sec && now.tv_nsec > next.tv_nsec))
             next = now;
-        while (!s->stopping) {
-            int rc = pthread_cond_timedwait(&s->cond, &s->lock, &next);
-            if (rc == ETIMEDOUT)
-                break;
-        }
+        pthread_mutex_lock(&s->lock);
+        while (!s->stopping && pthread_cond_timedwait(&s->cond, &s->lock, &next) != ETIMEDOUT)
+            ;
+        int stop = s->stopping;
+        pthread_mutex_unlock(&s->lock);
+        if (stop)
+            break;
     }
-    pthread_mutex_unlock(&s->lock);
     if (s->ctx != NULL && cu)
         cu->cuCtxSetCurrent(NULL);
     return NULL;
@@ -165,35 +215,61 @@ static void *sampler_main(void *arg)
 
 /* ---------------------------------------------------------------- lifecycle */
 
-static int free_buffers(Sampler *s)
+static void free_buffers(Sampler *s)
 {
     PyMem_RawFree(s->t), PyMem_RawFree(s->used), PyMem_RawFree(s->proc), PyMem_RawFree(s->rss);
     PyMem_RawFree(s->stages);
     s->t = NULL, s->used = s->proc = s->rss = NULL, s->stages = NULL;
-    return 0;
+    if (s->stage_cache != NULL)
+        for (Py_ssize_t i = 0; i < VG_MAX_STAGES; i++)
+            Py_CLEAR(s->stage_cache[i]);
+    PyMem_Free(s->stage_cache);
+    PyMem_Free(s->stage_cache_id);
+    s->stage_cache = NULL, s->stage_cache_id = NULL;
 }
 
-/* In a child after fork() the thread does not exist and the lock may have been copied held.
- * Only one thread exists there, so re-initialising is safe (as CPython does for its locks). */
-static void fork_check(Sampler *s)
+static int init_locks(Sampler *s)
 {
-    if (!s->running || s->thread_pid == getpid())
-        return;
-    pthread_mutex_init(&s->lock, NULL);
     pthread_condattr_t ca;
+    if (pthread_mutex_init(&s->ctl, NULL) != 0)
+        return -1;
+    if (pthread_mutex_init(&s->io, NULL) != 0)
+        goto no_io;
+    if (pthread_mutex_init(&s->lock, NULL) != 0)
+        goto no_lock;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&s->cond, &ca);
+    int rc = pthread_cond_init(&s->cond, &ca);
     pthread_condattr_destroy(&ca);
-    s->running = 0;
-    s->ctx = NULL; /* the parent's retain is the parent's to release */
+    if (rc == 0)
+        return 0;
+    pthread_mutex_destroy(&s->lock);
+no_lock:
+    pthread_mutex_destroy(&s->io);
+no_io:
+    pthread_mutex_destroy(&s->ctl);
+    return -1;
 }
 
-/* Stop and join.  The thread never needs the GIL, so joining with it held is safe; from
- * stop() we release it anyway so other Python threads run during a slow NVML tick. */
-static void stop_thread(Sampler *s, int release_gil)
+/* In a child after fork() the thread does not exist and any lock may have been copied held
+ * (by the thread, or by another Python thread inside begin()).  Only one thread exists there
+ * on the first call, so re-initialising is safe (as CPython does for its locks). */
+static void fork_check(Sampler *s)
 {
-    fork_check(s);
+    pid_t me = getpid();
+    if (s->pid == me)
+        return;
+    (void)init_locks(s);
+    s->stopping = 0;
+    __atomic_store_n(&s->running, 0, __ATOMIC_RELEASE);
+    s->ctx = NULL; /* the parent's retain is the parent's to release */
+    s->pid = me;
+}
+
+/* Stop and join.  Caller holds s->ctl, so only one caller ever joins.  The thread never
+ * needs the GIL; from Python we release it anyway so other threads run during a slow tick. */
+static void stop_locked(Sampler *s, int release_gil)
+{
     if (!s->running)
         return;
     pthread_mutex_lock(&s->lock);
@@ -207,7 +283,7 @@ static void stop_thread(Sampler *s, int release_gil)
     } else {
         pthread_join(s->thread, NULL);
     }
-    s->running = 0;
+    __atomic_store_n(&s->running, 0, __ATOMIC_RELEASE);
     if (s->ctx != NULL) {
         const vg_cuda_api *cu = vg_cuda(NULL);
         if (cu)
@@ -238,10 +314,8 @@ static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     vg_state *st = vg_state_from_type(type);
     if (st == NULL)
         return NULL;
-    int device = 0; /* -1: host only (no GPU) */
-    if (devobj == Py_None)
-        device = -1;
-    else if (devobj != NULL && vg_parse_index(st, devobj, &device) < 0)
+    int device = 0; /* VG_HOST: host RAM */
+    if (devobj != NULL && vg_parse_device(st, devobj, &device) < 0)
         return NULL;
     Sampler *s = (Sampler *)type->tp_alloc(type, 0);
     if (s == NULL)
@@ -254,20 +328,10 @@ static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     s->nvml_interval = nvml_interval < interval ? interval : nvml_interval;
     s->capacity = capacity;
     s->last_used = s->last_proc = -1;
-    if (pthread_mutex_init(&s->lock, NULL) != 0) {
+    s->pid = getpid();
+    if (init_locks(s) != 0) {
         Py_DECREF(s);
         PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_init failed");
-        return NULL;
-    }
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    int crc = pthread_cond_init(&s->cond, &ca);
-    pthread_condattr_destroy(&ca);
-    if (crc != 0) {
-        pthread_mutex_destroy(&s->lock);
-        Py_DECREF(s);
-        PyErr_SetString(PyExc_RuntimeError, "pthread_cond_init failed");
         return NULL;
     }
     s->lock_ok = 1;
@@ -277,7 +341,10 @@ static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     s->proc = PyMem_RawMalloc(n * sizeof(int64_t));
     s->rss = PyMem_RawMalloc(n * sizeof(int64_t));
     s->stages = PyMem_RawMalloc(VG_MAX_STAGES * sizeof(vg_stage));
-    if (!s->t || !s->used || !s->proc || !s->rss || !s->stages) {
+    s->stage_cache = PyMem_Calloc(VG_MAX_STAGES, sizeof(PyObject *));
+    s->stage_cache_id = PyMem_Calloc(VG_MAX_STAGES, sizeof(int64_t));
+    if (!s->t || !s->used || !s->proc || !s->rss || !s->stages || !s->stage_cache ||
+        !s->stage_cache_id) {
         Py_DECREF(s);
         return PyErr_NoMemory();
     }
@@ -293,7 +360,12 @@ static int Sampler_traverse(Sampler *s, visitproc visit, void *arg)
 
 static int Sampler_clear(Sampler *s)
 {
-    stop_thread(s, 0);
+    if (s->lock_ok) {
+        fork_check(s);
+        lock_with_gil(&s->ctl);
+        stop_locked(s, 0);
+        pthread_mutex_unlock(&s->ctl);
+    }
     Py_CLEAR(s->module);
     return 0;
 }
@@ -307,6 +379,8 @@ static void Sampler_dealloc(Sampler *s)
     if (s->lock_ok) {
         pthread_cond_destroy(&s->cond);
         pthread_mutex_destroy(&s->lock);
+        pthread_mutex_destroy(&s->io);
+        pthread_mutex_destroy(&s->ctl);
     }
     tp->tp_free((PyObject *)s);
     Py_DECREF(tp);
@@ -317,17 +391,17 @@ static void Sampler_dealloc(Sampler *s)
 static PyObject *Sampler_start(Sampler *s, PyObject *Py_UNUSED(a))
 {
     fork_check(s);
-    if (s->running)
+    lock_with_gil(&s->ctl);
+    if (s->running) {
+        pthread_mutex_unlock(&s->ctl);
         Py_RETURN_NONE;
+    }
     /* Borrow the framework's context for cuMemGetInfo only if it is the device's primary
      * context and already active: retaining an active primary context creates nothing. */
     const vg_cuda_api *cu = vg_cuda(NULL);
-    vg_CUcontext cur = NULL;
+    vg_CUcontext cur = NULL, mine = NULL;
     int dev = -1;
-    s->ctx = NULL;
-    pthread_mutex_lock(&s->st->lock);
-    int sim = s->st->nsim > 0, by_uuid = s->st->map_by_uuid;
-    pthread_mutex_unlock(&s->st->lock);
+    int sim = vg_sources_simulated(&s->st->src), by_uuid = vg_sources_by_uuid(&s->st->src);
     if (!sim && by_uuid && cu && s->device >= 0 && cu->cuCtxGetCurrent(&cur) == 0 && cur != NULL &&
         cu->cuCtxGetDevice(&dev) == 0 && dev == s->device) {
         unsigned int flags;
@@ -336,35 +410,43 @@ static PyObject *Sampler_start(Sampler *s, PyObject *Py_UNUSED(a))
         if (cu->cuDevicePrimaryCtxGetState(dev, &flags, &active) == 0 && active &&
             cu->cuDevicePrimaryCtxRetain(&prim, dev) == 0) {
             if (prim == cur)
-                s->ctx = prim, s->ctx_dev = dev;
+                mine = prim;
             else
                 cu->cuDevicePrimaryCtxRelease_v2(dev);
         }
     }
-    s->stopping = 0;
+    lock_with_gil(&s->io);
+    s->ctx = mine, s->ctx_dev = dev;
     s->last_slow = 0;
-    s->thread_pid = getpid();
+    pthread_mutex_unlock(&s->io);
+    s->stopping = 0;
     int rc = pthread_create(&s->thread, NULL, sampler_main, s);
     if (rc != 0) {
-        if (s->ctx && cu)
-            cu->cuDevicePrimaryCtxRelease_v2(s->ctx_dev);
+        if (mine && cu)
+            cu->cuDevicePrimaryCtxRelease_v2(dev);
         s->ctx = NULL;
+        pthread_mutex_unlock(&s->ctl);
         errno = rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    s->running = 1;
+    __atomic_store_n(&s->running, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&s->ctl);
     Py_RETURN_NONE;
 }
 
 static PyObject *Sampler_stop(Sampler *s, PyObject *Py_UNUSED(a))
 {
-    stop_thread(s, 1);
+    fork_check(s);
+    lock_with_gil(&s->ctl);
+    stop_locked(s, 1);
+    pthread_mutex_unlock(&s->ctl);
     Py_RETURN_NONE;
 }
 
 static PyObject *Sampler_reset(Sampler *s, PyObject *Py_UNUSED(a))
 {
     fork_check(s);
+    lock_with_gil(&s->ctl);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
     s->head = s->count = 0;
@@ -380,20 +462,23 @@ static PyObject *Sampler_reset(Sampler *s, PyObject *Py_UNUSED(a))
     s->nstages = s->shead = s->nopen;
     pthread_mutex_unlock(&s->lock);
     Py_END_ALLOW_THREADS
+    pthread_mutex_unlock(&s->ctl);
     Py_RETURN_NONE;
 }
 
 static PyObject *Sampler_sample(Sampler *s, PyObject *Py_UNUSED(a))
 {
     fork_check(s);
-    double t;
-    int64_t u, p, r;
+    vg_sample x;
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->io);
+    x = read_sample(s, 0, 0);
     pthread_mutex_lock(&s->lock);
-    sample_locked(s, 0, 0, &t, &u, &p, &r);
+    record_locked(s, &x);
     pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&s->io);
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("(dLLL)", t, (long long)u, (long long)p, (long long)r);
+    return Py_BuildValue("(dLLL)", x.t, (long long)x.used, (long long)x.proc, (long long)x.rss);
 }
 
 static PyObject *stage_dict(const vg_stage *g)
@@ -401,12 +486,12 @@ static PyObject *stage_dict(const vg_stage *g)
     PyObject *end = g->t1 < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(g->t1);
     if (end == NULL)
         return NULL;
-    PyObject *d = Py_BuildValue("{s:L,s:s,s:d,s:N,s:L,s:L,s:L,s:L,s:L}", "id", (long long)g->id,
-                                "name", g->name, "start", g->t0, "end", end, "start_used",
-                                (long long)g->start_used, "end_used", (long long)g->end_used,
-                                "peak_used", (long long)g->peak_used, "peak_process",
-                                (long long)g->peak_proc, "peak_rss", (long long)g->peak_rss);
-    return d;
+    /* "N" hands `end` over even when building fails: no decref after this */
+    return Py_BuildValue("{s:L,s:s,s:d,s:N,s:L,s:L,s:L,s:L,s:L}", "id", (long long)g->id,
+                         "name", g->name, "start", g->t0, "end", end, "start_used",
+                         (long long)g->start_used, "end_used", (long long)g->end_used,
+                         "peak_used", (long long)g->peak_used, "peak_process",
+                         (long long)g->peak_proc, "peak_rss", (long long)g->peak_rss);
 }
 
 static PyObject *Sampler_begin(Sampler *s, PyObject *name)
@@ -420,20 +505,20 @@ static PyObject *Sampler_begin(Sampler *s, PyObject *name)
     if (c == NULL)
         return NULL;
     if (len < 1 || len >= VG_STAGE_NAME) {
-        PyErr_Format(PyExc_ValueError, "stage name must be 1..%d bytes, got %R", VG_STAGE_NAME - 1,
-                     name);
+        PyErr_Format(PyExc_ValueError, "stage name must be 1..%d bytes, got %.100R",
+                     VG_STAGE_NAME - 1, name);
         return NULL;
     }
     int full = 0;
     int64_t id = 0;
     fork_check(s);
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->io);
+    vg_sample x = read_sample(s, 0, 1);
     pthread_mutex_lock(&s->lock);
     if (s->nopen == VG_MAX_OPEN) {
         full = 1;
     } else {
-        double t;
-        int64_t u, p, r;
         Py_ssize_t slot = s->shead;
         /* The ring may wrap onto a stage that is still open (open across 4096 others): it is
          * dropped from the open list, and its end() returns None. */
@@ -452,11 +537,12 @@ static PyObject *Sampler_begin(Sampler *s, PyObject *name)
         g->t1 = -1;
         g->peak_used = g->peak_proc = g->peak_rss = -1;
         s->open[s->nopen++] = slot;
-        sample_locked(s, 0, 1, &t, &u, &p, &r); /* folds into g too */
-        g->t0 = t;
-        g->start_used = u;
+        record_locked(s, &x); /* folds into g too */
+        g->t0 = x.t;
+        g->start_used = x.used;
     }
     pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&s->io);
     Py_END_ALLOW_THREADS
     if (full) {
         PyErr_Format(PyExc_RuntimeError, "%d stages open at once: is something never ending them?",
@@ -468,22 +554,28 @@ static PyObject *Sampler_begin(Sampler *s, PyObject *name)
 
 static PyObject *Sampler_end(Sampler *s, PyObject *arg)
 {
-    long long id = PyLong_AsLongLong(arg);
-    if (id == -1 && PyErr_Occurred())
+    /* parsed before any state is looked at: __index__ may run Python code */
+    PyObject *num = PyNumber_Index(arg);
+    if (num == NULL)
         return NULL;
+    int overflow = 0;
+    long long id = PyLong_AsLongLongAndOverflow(num, &overflow);
+    Py_DECREF(num);
+    if (overflow)
+        id = 0; /* never issued */
     vg_stage copy;
     int found = 0;
     fork_check(s);
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->io);
+    vg_sample x = read_sample(s, 0, 1);
     pthread_mutex_lock(&s->lock);
     for (int k = 0; k < s->nopen; k++) {
         vg_stage *g = &s->stages[s->open[k]];
         if (g->id == id) {
-            double t;
-            int64_t u, p, r;
-            sample_locked(s, 0, 1, &t, &u, &p, &r);
-            g->t1 = t;
-            g->end_used = u;
+            record_locked(s, &x);
+            g->t1 = x.t;
+            g->end_used = x.used;
             copy = *g;
             found = 1;
             s->open[k] = s->open[--s->nopen];
@@ -493,9 +585,10 @@ static PyObject *Sampler_end(Sampler *s, PyObject *arg)
     if (!found && id > 0 && id <= s->next_id)
         found = -1; /* issued, but dropped by the ring or already ended */
     pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(&s->io);
     Py_END_ALLOW_THREADS
     if (found == 0) {
-        PyErr_Format(PyExc_ValueError, "no open stage with id %lld", id);
+        PyErr_Format(PyExc_ValueError, "no open stage with id %.100R", arg);
         return NULL;
     }
     if (found < 0)
@@ -503,25 +596,46 @@ static PyObject *Sampler_end(Sampler *s, PyObject *arg)
     return stage_dict(&copy);
 }
 
+/* Closed records never change, so their dicts are built once and handed out as copies
+ * (a caller may change what it gets): a full ring costs a list of 4096 dict copies, not
+ * 4096 Py_BuildValue calls. */
 static PyObject *Sampler_stages(Sampler *s, PyObject *Py_UNUSED(a))
 {
-    Py_ssize_t n;
-    vg_stage *copy = NULL;
     fork_check(s);
-    pthread_mutex_lock(&s->lock);
-    n = s->nstages;
-    copy = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(vg_stage));
-    if (copy) {
-        Py_ssize_t start = (s->shead - n + VG_MAX_STAGES) % VG_MAX_STAGES;
-        for (Py_ssize_t i = 0; i < n; i++)
-            copy[i] = s->stages[(start + i) % VG_MAX_STAGES];
-    }
-    pthread_mutex_unlock(&s->lock);
+    vg_stage *copy = PyMem_RawMalloc(VG_MAX_STAGES * sizeof(vg_stage));
     if (copy == NULL)
         return PyErr_NoMemory();
+    lock_with_gil(&s->lock);
+    Py_ssize_t n = s->nstages;
+    Py_ssize_t start = (s->shead - n + VG_MAX_STAGES) % VG_MAX_STAGES;
+    /* two memcpy calls instead of a loop: the ring is at most two runs */
+    Py_ssize_t first = n < VG_MAX_STAGES - start ? n : VG_MAX_STAGES - start;
+    memcpy(copy, s->stages + start, (size_t)first * sizeof(vg_stage));
+    memcpy(copy + first, s->stages, (size_t)(n - first) * sizeof(vg_stage));
+    pthread_mutex_unlock(&s->lock);
     PyObject *list = PyList_New(n);
     for (Py_ssize_t i = 0; list && i < n; i++) {
-        PyObject *d = stage_dict(&copy[i]);
+        const vg_stage *g = &copy[i];
+        Py_ssize_t slot = (start + i) % VG_MAX_STAGES;
+        PyObject *d;
+        if (g->t1 >= 0 && s->stage_cache[slot] != NULL && s->stage_cache_id[slot] == g->id) {
+            /* a strong reference: an allocation may run a finalizer that lets another
+             * thread's stages() replace the slot */
+            PyObject *cached = Py_NewRef(s->stage_cache[slot]);
+            d = PyDict_Copy(cached);
+            Py_DECREF(cached);
+        } else {
+            d = stage_dict(g);
+            if (d != NULL && g->t1 >= 0) {
+                PyObject *c = PyDict_Copy(d);
+                if (c == NULL)
+                    Py_CLEAR(d);
+                else {
+                    Py_XSETREF(s->stage_cache[slot], c);
+                    s->stage_cache_id[slot] = g->id;
+                }
+            }
+        }
         if (d == NULL)
             Py_CLEAR(list);
         else
@@ -533,11 +647,12 @@ static PyObject *Sampler_stages(Sampler *s, PyObject *Py_UNUSED(a))
 
 static PyObject *Sampler_timeline(Sampler *s, PyObject *Py_UNUSED(a))
 {
-    /* Size is read under the lock and the copy made under it: a consistent picture. */
+    /* Arrays are allocated outside the lock (for the size read first) and filled under it;
+     * a reset in between can only shrink what there is. */
     PyArrayObject *arr[4] = {NULL};
     PyObject *out = NULL;
     fork_check(s);
-    pthread_mutex_lock(&s->lock);
+    lock_with_gil(&s->lock);
     npy_intp n = (npy_intp)s->count;
     pthread_mutex_unlock(&s->lock);
     for (int i = 0; i < 4; i++) {
@@ -545,24 +660,29 @@ static PyObject *Sampler_timeline(Sampler *s, PyObject *Py_UNUSED(a))
         if (arr[i] == NULL)
             goto done;
     }
-    pthread_mutex_lock(&s->lock);
-    npy_intp have = (npy_intp)s->count < n ? (npy_intp)s->count : n; /* reset may shrink */
+    double *t = PyArray_DATA(arr[0]);
+    int64_t *u = PyArray_DATA(arr[1]), *p = PyArray_DATA(arr[2]), *r = PyArray_DATA(arr[3]);
+    npy_intp have;
+    lock_with_gil(&s->lock);
+    have = (npy_intp)s->count < n ? (npy_intp)s->count : n;
     Py_ssize_t start = (s->head - have + s->capacity) % s->capacity;
-    for (npy_intp k = 0; k < have; k++) {
-        Py_ssize_t i = (start + k) % s->capacity;
-        ((double *)PyArray_DATA(arr[0]))[k] = s->t[i];
-        ((int64_t *)PyArray_DATA(arr[1]))[k] = s->used[i];
-        ((int64_t *)PyArray_DATA(arr[2]))[k] = s->proc[i];
-        ((int64_t *)PyArray_DATA(arr[3]))[k] = s->rss[i];
-    }
+    Py_ssize_t first = have < s->capacity - start ? have : s->capacity - start;
+    memcpy(t, s->t + start, (size_t)first * sizeof *t);
+    memcpy(t + first, s->t, (size_t)(have - first) * sizeof *t);
+    memcpy(u, s->used + start, (size_t)first * sizeof *u);
+    memcpy(u + first, s->used, (size_t)(have - first) * sizeof *u);
+    memcpy(p, s->proc + start, (size_t)first * sizeof *p);
+    memcpy(p + first, s->proc, (size_t)(have - first) * sizeof *p);
+    memcpy(r, s->rss + start, (size_t)first * sizeof *r);
+    memcpy(r + first, s->rss, (size_t)(have - first) * sizeof *r);
     pthread_mutex_unlock(&s->lock);
     if (have < n) {
         for (int i = 0; i < 4; i++) {
             PyArray_Dims d = {&have, 1};
-            PyObject *r = PyArray_Resize(arr[i], &d, 0, NPY_CORDER);
-            if (r == NULL)
+            PyObject *res = PyArray_Resize(arr[i], &d, 0, NPY_CORDER);
+            if (res == NULL)
                 goto done;
-            Py_DECREF(r);
+            Py_DECREF(res);
         }
     }
     out = Py_BuildValue("{s:O,s:O,s:O,s:O}", "t", arr[0], "used", arr[1], "process_used", arr[2],
@@ -576,17 +696,30 @@ done:
 static PyObject *Sampler_get_running(Sampler *s, void *Py_UNUSED(c))
 {
     fork_check(s);
-    return PyBool_FromLong(s->running);
+    return PyBool_FromLong(__atomic_load_n(&s->running, __ATOMIC_ACQUIRE));
 }
-static PyObject *Sampler_get_device(Sampler *s, void *Py_UNUSED(c)) { return PyLong_FromLong(s->device); }
+static PyObject *Sampler_get_device(Sampler *s, void *Py_UNUSED(c))
+{
+    if (s->device == VG_HOST)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(s->device);
+}
 static PyObject *Sampler_get_interval(Sampler *s, void *Py_UNUSED(c)) { return PyFloat_FromDouble(s->interval); }
 static PyObject *Sampler_get_nvml_interval(Sampler *s, void *Py_UNUSED(c)) { return PyFloat_FromDouble(s->nvml_interval); }
 static PyObject *Sampler_get_capacity(Sampler *s, void *Py_UNUSED(c)) { return PyLong_FromSsize_t(s->capacity); }
-static PyObject *Sampler_get_driver(Sampler *s, void *Py_UNUSED(c)) { return PyBool_FromLong(s->ctx != NULL); }
+static PyObject *Sampler_get_driver(Sampler *s, void *Py_UNUSED(c))
+{
+    fork_check(s);
+    lock_with_gil(&s->io);
+    int d = s->ctx != NULL;
+    pthread_mutex_unlock(&s->io);
+    return PyBool_FromLong(d);
+}
 static PyObject *Sampler_get_last_error(Sampler *s, void *Py_UNUSED(c))
 {
     char buf[VG_REASON];
-    pthread_mutex_lock(&s->lock);
+    fork_check(s);
+    lock_with_gil(&s->lock);
     memcpy(buf, s->last_error, VG_REASON);
     pthread_mutex_unlock(&s->lock);
     if (buf[0] == '\0')
@@ -595,19 +728,27 @@ static PyObject *Sampler_get_last_error(Sampler *s, void *Py_UNUSED(c))
 }
 
 static PyMethodDef Sampler_methods[] = {
-    {"start", (PyCFunction)Sampler_start, METH_NOARGS, "Start the sampling thread (idempotent)."},
-    {"stop", (PyCFunction)Sampler_stop, METH_NOARGS, "Stop and join the thread (idempotent)."},
-    {"reset", (PyCFunction)Sampler_reset, METH_NOARGS, "Forget samples and closed stages."},
-    {"sample", (PyCFunction)Sampler_sample, METH_NOARGS, "Record one sample now: (t, used, process_used, rss)."},
-    {"begin", (PyCFunction)Sampler_begin, METH_O, "begin(name) -> id: open a stage."},
-    {"end", (PyCFunction)Sampler_end, METH_O, "end(id) -> dict, or None if the record was dropped: close a stage."},
-    {"stages", (PyCFunction)Sampler_stages, METH_NOARGS, "All stage records."},
-    {"timeline", (PyCFunction)Sampler_timeline, METH_NOARGS, "Samples as NumPy arrays."},
+    {"start", (PyCFunction)Sampler_start, METH_NOARGS,
+     "start($self, /)\n--\n\nStart the sampling thread (idempotent)."},
+    {"stop", (PyCFunction)Sampler_stop, METH_NOARGS,
+     "stop($self, /)\n--\n\nStop and join the thread (idempotent; safe from several threads)."},
+    {"reset", (PyCFunction)Sampler_reset, METH_NOARGS,
+     "reset($self, /)\n--\n\nForget samples and closed stages."},
+    {"sample", (PyCFunction)Sampler_sample, METH_NOARGS,
+     "sample($self, /)\n--\n\nRecord one sample now: (t, used, process_used, rss)."},
+    {"begin", (PyCFunction)Sampler_begin, METH_O,
+     "begin($self, name, /)\n--\n\nOpen a stage; returns its id."},
+    {"end", (PyCFunction)Sampler_end, METH_O,
+     "end($self, id, /)\n--\n\nClose a stage: its record, or None if the ring dropped it."},
+    {"stages", (PyCFunction)Sampler_stages, METH_NOARGS,
+     "stages($self, /)\n--\n\nAll stage records, oldest first."},
+    {"timeline", (PyCFunction)Sampler_timeline, METH_NOARGS,
+     "timeline($self, /)\n--\n\nSamples as NumPy arrays: t, used, process_used, rss."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef Sampler_getset[] = {
     {"running", (getter)Sampler_get_running, NULL, NULL, NULL},
-    {"device", (getter)Sampler_get_device, NULL, NULL, NULL},
+    {"device", (getter)Sampler_get_device, NULL, "device index, or None for host RAM", NULL},
     {"interval", (getter)Sampler_get_interval, NULL, NULL, NULL},
     {"nvml_interval", (getter)Sampler_get_nvml_interval, NULL, NULL, NULL},
     {"capacity", (getter)Sampler_get_capacity, NULL, NULL, NULL},
@@ -616,9 +757,9 @@ static PyGetSetDef Sampler_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Sampler_slots[] = {
-    {Py_tp_doc, "Sampler(device=0, interval=0.01, nvml_interval=0.25, capacity=65536)\n"
-                "device=None samples host memory only.\n"
-                "Records device/process/host memory over time with named stages."},
+    {Py_tp_doc, "Sampler(device=0, interval=0.01, nvml_interval=0.25, capacity=65536)\n--\n\n"
+                "Records device/process/host memory over time with named stages.\n"
+                "device=None samples host RAM as a source (used = total - available)."},
     {Py_tp_new, Sampler_new},
     {Py_tp_dealloc, Sampler_dealloc},
     {Py_tp_traverse, Sampler_traverse},

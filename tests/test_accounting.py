@@ -111,8 +111,10 @@ def test_unknown_device_index():
         vg.snapshot(3)
     with pytest.raises(ValueError, match="unknown device index -1"):
         vg.snapshot(-1)
-    with pytest.raises(TypeError, match="device index must be an int"):
+    with pytest.raises(TypeError, match="device must be an int"):
         vg.snapshot("0")
+    with pytest.raises(TypeError, match="device index must be an int"):
+        _native.snapshot("0")
     with pytest.raises(ValueError):
         vg.set_reserve("1GB", device=7)
     with pytest.raises(ValueError):
@@ -278,3 +280,86 @@ def test_snapshot_type_is_not_constructible_with_garbage():
         vg.budget_of({"total": -5})
     with pytest.raises(ValueError):
         vg.budget_of({"total": math.nan})
+
+
+# ---------------------------------------------------------------- host RAM as a source, overrides
+
+def test_host_snapshot_is_a_source_with_a_budget():
+    h = vg.host(fresh=True)
+    s = vg.snapshot(None)
+    assert (s.index, s.source, s.name) == (None, "host", "host RAM")
+    assert s.total == h.total and s.used == s.total - s.free
+    assert abs(s.free - h.available) < 512 << 20       # a fresh read a moment later
+    assert s.process_used is not None and s.process_used > 0
+    assert s.reserve == 0 and s.budget == s.free        # nothing reserved yet
+    assert _native.snapshot().source == "host"          # the C default is host RAM
+
+
+def test_host_reserve_is_its_own_and_feeds_the_budget():
+    vg.set_reserve("1GB")                               # every GPU: not the host
+    assert vg.snapshot(None).reserve == 0
+    vg.set_reserve("2GiB", device="host")
+    assert vg.limits("host") == {"reserve": 2 * GiB, "cap": 0}
+    assert vg.limits() == {"reserve": vg.parse_size("1GB"), "cap": 0}
+    s = vg.snapshot(None)
+    assert s.reserve == 2 * GiB
+    assert s.budget == max(0, s.free - s.reserve)
+    vg.clear_limits()
+    assert vg.limits("host")["reserve"] == 0
+
+
+def test_per_call_reserve_is_a_floor():
+    vg.simulate("8GB", "2GB")
+    vg.set_reserve("1GiB", device=0)
+    assert vg.snapshot(0, reserve="512MiB").reserve == 1 * GiB   # configured wins
+    s = vg.snapshot(0, reserve="3GiB")
+    assert s.reserve == 3 * GiB and s.budget == 3 * GiB
+    vg.register_probe(lambda i: {"reserve": 4 * GiB})            # probe ignored on simulated
+    assert vg.snapshot(0, reserve=2 * GiB).reserve == 2 * GiB
+
+
+def test_per_call_reserve_and_probe_reserve_take_the_max(fake_nvml):
+    code = """
+        import vramguard as vg
+        G = 1 << 30
+        vg.register_probe(lambda i: {"reserve": 3 * G}, safe=False)
+        vg.set_reserve(1 * G, device=0)
+        print(vg.snapshot(0).reserve // G, vg.snapshot(0, reserve=5 * G).reserve // G,
+              vg.snapshot(0, reserve=2 * G).reserve // G)
+    """
+    r = run_py(code, env={"VRAMGUARD_NVML_LIB": str(fake_nvml), "FAKE_NVML_DEVICES": f"{8 * GiB}:0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "5", "3"]
+
+
+def test_card_snapshot():
+    s = vg.snapshot(None, card="8GiB", reserve="1GiB")
+    assert (s.source, s.total, s.free, s.used, s.process_used) == ("card", 8 * GiB, 8 * GiB, 0, 0)
+    assert s.reserve == 1 * GiB and s.budget == 7 * GiB
+    assert vg.snapshot(card=8 * GiB).budget == 8 * GiB             # no reserve given: 0
+    vg.set_reserve("2GiB")                                          # configured: not for a card
+    assert vg.snapshot(card=8 * GiB).reserve == 0
+    with pytest.raises(ValueError, match="card"):
+        _native.snapshot(card=0)
+    with pytest.raises(TypeError, match="card"):
+        _native.snapshot(card="8GB")        # the C layer takes bytes; units are the Python layer's
+
+
+def test_snapshot_bad_arguments():
+    with pytest.raises(ValueError, match="reserve"):
+        vg.snapshot(None, reserve=-1)
+    with pytest.raises(TypeError, match="device"):
+        _native.snapshot("host")
+    with pytest.raises(ValueError, match="device must be an index"):
+        _native.set_limits("gpu0", reserve=1)
+    with pytest.raises(TypeError):
+        _native.snapshot(None, 5)           # reserve and card are keyword-only
+
+
+def test_policy_check_and_sampler_on_host_ram():
+    p = _native.Policy(threshold=0.0, min_interval=0)
+    collect, reason, snap = p.check(None)
+    assert collect and reason == "threshold" and snap.source == "host" and snap.index is None
+    p2 = _native.Policy(threshold=100.0)
+    collect, reason, snap = p2.check(None, False, 1 << 62)  # need more than any host has
+    assert collect and reason == "budget"

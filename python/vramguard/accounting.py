@@ -64,10 +64,20 @@ def _auto_probe() -> None:
         register_probe(torch_adapter.probe, origin="torch")
 
 
-def snapshot(device: int = 0) -> Snapshot:
-    """Memory of one device right now.  Raises RuntimeError('no GPU: <reason>') without one."""
-    _auto_probe()
-    return _native.snapshot(device)
+def snapshot(device: int | None = 0, *, reserve: int | float | str | None = None,
+             card: int | float | str | None = None) -> Snapshot:
+    """Memory of one device right now; device=None is host RAM (a source like a device, with
+    its own reserve: set_reserve(..., device="host")).  Raises RuntimeError('no GPU: <reason>')
+    for a device index without a GPU.
+
+    reserve: a floor for this call; the effective reserve is max(configured, host's, this).
+    card: "what would a card of this size do": total = free = card, nothing used, reserve =
+    the given one or 0; the device is then not read.  Sizes accept units ('1.5GB')."""
+    res = None if reserve is None else parse_size(reserve, "reserve")
+    c = None if card is None else parse_size(card, "card")
+    if c is None and device is not None:
+        _auto_probe()
+    return _native.snapshot(_device_arg(device), reserve=res, card=c)
 
 
 def snapshots() -> list[Snapshot]:
@@ -103,22 +113,30 @@ def _device_arg(device: int | None) -> int | None:
     return device
 
 
-def set_reserve(reserve: int | float | str, device: int | None = None) -> None:
-    """Keep `reserve` bytes free on the device (all devices when device is None).
+def _limits_arg(device: int | str | None) -> int | str | None:
+    # "host" addresses host RAM's own limits; None the default for every GPU
+    if device == "host":
+        return "host"
+    return _device_arg(device)  # type: ignore[arg-type]
+
+
+def set_reserve(reserve: int | float | str, device: int | str | None = None) -> None:
+    """Keep `reserve` bytes free on the device (every GPU when device is None; host RAM
+    when device is "host").
 
     Accepts bytes or a string with a unit ('1.5GB').  The effective reserve is the larger of
     this and the host's own (ComfyUI's --reserve-vram / --vram-headroom, via its probe)."""
-    _native.set_limits(_device_arg(device), parse_size(reserve, "reserve"), None)
+    _native.set_limits(_limits_arg(device), parse_size(reserve, "reserve"), None)
 
 
-def set_cap(cap: int | float | str, device: int | None = None) -> None:
+def set_cap(cap: int | float | str, device: int | str | None = None) -> None:
     """Never let this process's live bytes exceed `cap` (0 = no cap)."""
-    _native.set_limits(_device_arg(device), None, parse_size(cap, "cap"))
+    _native.set_limits(_limits_arg(device), None, parse_size(cap, "cap"))
 
 
-def limits(device: int | None = None) -> dict:
-    """{'reserve': bytes, 'cap': bytes} in force for `device` (or the default)."""
-    return _native.get_limits(_device_arg(device))
+def limits(device: int | str | None = None) -> dict:
+    """{'reserve': bytes, 'cap': bytes} in force for `device` ("host", or None: the default)."""
+    return _native.get_limits(_limits_arg(device))
 
 
 def clear_limits() -> None:
