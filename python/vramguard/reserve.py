@@ -82,7 +82,7 @@ def effective_reserve(device: int | None = None) -> dict:
     configured and the host's own), "configured": bytes, "cap": bytes, "override": bytes or
     None while a scoped override holds, "configured_before_override": bytes or None}"""
     dev = acc.default_device() if device is None else device
-    lim = acc.limits(dev)
+    lim = acc.limits("host" if dev is None else dev)  # host RAM has its own reserve
     rec = _live(dev) or _live(None)
     try:
         in_force = int(acc.snapshot(dev).reserve)

@@ -539,8 +539,15 @@ def _budget(dev: Any, reserve_gb: float) -> int:
     for a CPU device; reserve_gb >= 0 is a floor over the configured reserve."""
     from .. import tiling
 
-    reserve = None if reserve_gb < 0 else int(reserve_gb * _GiB)
-    return tiling.resolve_budget(reserve=reserve, device=plan_device(dev))
+    target = plan_device(dev)
+    if reserve_gb >= 0:
+        reserve: int | None = int(reserve_gb * _GiB)
+    elif target == "host":
+        # a CPU device's "VRAM" is host RAM: the settings' reserve applies to it, as before
+        reserve = int(acc.limits()["reserve"])
+    else:
+        reserve = None
+    return tiling.resolve_budget(reserve=reserve, device=target)
 
 
 def _run_tiled(stage: str, fn: Any, x: Any, *, layout: str = "nhwc", dev: Any = None, **kw: Any) -> Any:
