@@ -407,3 +407,22 @@ def test_without_dynamic_vram_nothing_is_read(monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy.memory_management",
                         _module("comfy.memory_management", aimdo_enabled=False))
     assert comfyui.aimdo_figures(0) is None and comfyui.sync_aimdo_headroom() is None
+
+
+def test_calibration_does_not_measure_inside_a_sampling_run(g, monkeypatch):
+    class CudaLike:
+        shape = (1, 64, 64, 3)
+        dtype = type("D", (), {"itemsize": 4})()
+        device = type("Dev", (), {"type": "cuda"})()
+
+        def element_size(self):
+            return 4
+
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or types.ModuleType("torch"))
+
+    def fn(x):
+        raise AssertionError("nothing may run on the device inside a sampling run")
+
+    c = call_stage("unet", lambda: vg.calibrate(fn, CudaLike(), key="k"), check=False)
+    assert c.source.startswith("default (not measured inside a sampling run")
+    assert vg.cost_model("k") is None

@@ -146,10 +146,15 @@ def calibrate(fn: Callable[[Any], Any], sample: Any, *, key: Any = None, sizes: 
     """Measure fn's device cost on two small tiles cut from `sample` (a torch tensor on the
     device fn runs on) and fit fixed + per_px.  Cached under `key`.  Without CUDA nothing can
     be measured: returns (and caches nothing but) the default model."""
+    from .gcguard import in_sampling
+
     torch = sys.modules.get("torch")
     if torch is None or not hasattr(sample, "device") or sample.device.type != "cuda":
         c = _default_for(sample, layout, 1.0)
         return CostModel(c.fixed, c.per_px, "default (nothing to measure on this device)")
+    if in_sampling():  # measuring allocates on the device: never inside a (compiled) sampling run
+        c = _default_for(sample, layout, 1.0)
+        return CostModel(c.fixed, c.per_px, "default (not measured inside a sampling run)")
     if key is not None:
         cached = _costs.get(key)
         if cached is not None:
