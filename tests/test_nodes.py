@@ -353,3 +353,21 @@ def test_upscale_model_with_patcher_is_loaded_by_comfyui_not_moved(monkeypatch):
     (out,) = pack.UpscaleImageTiled().execute(model, torch.rand(1, 24, 24, 3), overlap=8)
     assert out.shape == (1, 48, 48, 3)
     assert len(loads) == 1 and loads[0][0] == [model.patcher] and loads[0][2] is True
+
+
+def test_set_reserve_without_a_gpu_is_what_cpu_nodes_plan_with():
+    """No GPU: Set Reserve's value is the floor the tiled nodes use on host RAM, and
+    effective_reserve() says so."""
+    from vramguard.adapters import comfyui
+
+    assert vg.device_count() == 0 or pytest.skip("a GPU is visible")
+    h = vg.snapshot(None)
+    big = max(0.0, round((h.free + h.evictable) / GiB + 1.0, 1))  # more than host RAM can give
+    if big > 256:
+        pytest.skip("more host RAM than Set Reserve's range")
+    pack.SetReserve().execute(big, 0.0, -1)
+    eff = vg.effective_reserve()
+    assert eff["device"] is None and eff["override"] == int(big * GiB) and eff["reserve"] >= int(big * GiB)
+    assert comfyui._budget(torch.device("cpu"), -1) == 0
+    comfyui.prompt_finished("p")
+    assert vg.effective_reserve()["override"] is None and comfyui._budget(torch.device("cpu"), -1) > 0

@@ -78,14 +78,19 @@ def effective_reserve(device: int | None = None) -> dict:
     """The reserve in force for `device` (default: the default device; host RAM without a
     GPU), for the settings route and the monitor:
 
-    {"device": index or None, "reserve": bytes the budget keeps free now (the larger of the
-    configured and the host's own), "configured": bytes, "cap": bytes, "override": bytes or
-    None while a scoped override holds, "configured_before_override": bytes or None}"""
+    {"device": index or None, "reserve": bytes the budget keeps free now (the C snapshot's:
+    the larger of the configured and the host's own), "configured": bytes, "cap": bytes,
+    "override": bytes or None while a scoped override holds, "configured_before_override":
+    bytes or None}
+
+    Host RAM as the device (no GPU, ComfyUI --cpu) is judged the way the tiled nodes plan
+    there: the configured (settings') reserve is a floor over host RAM's own."""
     dev = acc.default_device() if device is None else device
-    lim = acc.limits("host" if dev is None else dev)  # host RAM has its own reserve
+    lim = acc.limits(dev)
     rec = _live(dev) or _live(None)
     try:
-        in_force = int(acc.snapshot(dev).reserve)
+        snap = acc.snapshot(dev, reserve=lim["reserve"]) if dev is None else acc.snapshot(dev)
+        in_force = int(snap.reserve)
     except Exception:  # no such device right now: the configured figure is all there is
         in_force = int(lim["reserve"])
     return {"device": dev, "reserve": in_force, "configured": int(lim["reserve"]), "cap": int(lim["cap"]),
