@@ -3,8 +3,8 @@
 Loaded two ways: from a git clone in custom_nodes/ (the repository's __init__.py imports
 this package) or, after `pip install vramguard`, from the loader folder that
 `python -m vramguard install-comfyui` writes.  Importing registers the nodes, the settings
-routes and the web extension, applies saved settings (defaults for those never changed) and
-installs the stage hooks when that setting is on.
+routes and the web extension, applies saved settings (defaults for those never changed),
+installs the prompt hooks, and the stage hooks when that setting is on.
 """
 from __future__ import annotations
 
@@ -23,9 +23,21 @@ __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 def _setup() -> None:
     from . import settings
 
-    in_comfyui = settings.register_routes()
+    try:
+        in_comfyui = settings.register_routes()
+    except Exception as e:  # e.g. `server` imports but no PromptServer was built (>= 0.30 outside a server)
+        log.info("vramguard: settings routes not registered (%s); nodes only", e)
+        in_comfyui = False
     if not in_comfyui:
         return  # imported outside ComfyUI (tests, tools): registration only
+    try:
+        # Set Reserve's scope (the rest of the prompt) and the per-prompt summary need the
+        # prompt hooks whether or not the automatic stage hooks are on
+        from vramguard.adapters import comfyui
+
+        comfyui.install_prompt_hooks()
+    except Exception as e:
+        log.warning("vramguard: prompt hooks not installed: %s", e)
     try:
         settings.load_saved()
     except Exception as e:  # a bad settings file must not stop ComfyUI from loading

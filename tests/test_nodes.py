@@ -13,6 +13,14 @@ from vramguard_nodes import pack  # noqa: E402
 GiB = 1 << 30
 
 
+@pytest.fixture(autouse=True)
+def _fresh_stage_peaks():
+    """Stage peaks are process-wide: leave none behind for other files' tests."""
+    yield
+    vg.sampler().reset()
+    vg.end_override()
+
+
 # ------------------------------------------------------------------ schemas
 def test_mappings_and_schemas():
     m, names = vramguard_nodes.NODE_CLASS_MAPPINGS, vramguard_nodes.NODE_DISPLAY_NAME_MAPPINGS
@@ -174,7 +182,7 @@ def test_low_vram_mode_makes_room_before_tiling(monkeypatch):
     vg.simulate("8GB", "2GB")
     vg.set_reserve("1GB")
     asked = []
-    monkeypatch.setattr(pack.host, "make_room", lambda n, dev: asked.append((n, dev)))
+    monkeypatch.setattr(pack.host, "unload_models", lambda dev, n: asked.append((n, dev)))
     monkeypatch.setattr(pack.host, "device_index", lambda dev: 0)
     img = torch.rand(1, 40, 40, 3)
     vg.configure_gc(low_vram=False)
@@ -186,3 +194,180 @@ def test_low_vram_mode_makes_room_before_tiling(monkeypatch):
     finally:
         vg.configure_gc(low_vram=False)
     assert len(asked) == 1 and asked[0][0] > GiB  # planned peak + the 1 GiB reserve
+
+
+# ------------------------------------------------------------------ a CPU device plans against host RAM
+def test_cpu_device_plans_against_host_ram_not_gpu0():
+    """ComfyUI --cpu on a GPU machine: the VAE and the upscale model run on the CPU, so the
+    plan must use host RAM's budget, not GPU 0's (here a full card with budget 0)."""
+    vg.simulate("8GB", "8GB")
+    assert vg.snapshot(0).budget == 0
+    vae = FakeVAE()  # device cpu
+    z = torch.randn(1, 4, 24, 20)
+    (img,) = pack.VAEDecodeTiled().execute({"samples": z}, vae, overlap=4, reserve_gb=-1)
+    assert img.shape == (1, 192, 160, 3)
+    (lat,) = pack.VAEEncodeTiled().execute(torch.rand(1, 64, 64, 3), vae, overlap=16, reserve_gb=-1)
+    assert lat["samples"].shape == (1, 4, 8, 8)
+    (out,) = pack.UpscaleImageTiled().execute(FakeUpscaleModel(2), torch.rand(1, 40, 40, 3), overlap=8)
+    assert out.shape == (1, 80, 80, 3)
+
+
+def test_budget_for_a_device_is_that_snapshots():
+    from vramguard.adapters import comfyui
+
+    vg.simulate("8GB", "2GB")
+    assert comfyui._budget(torch.device("cuda", 0), -1) == vg.snapshot(0).budget == 6 * GiB
+    assert comfyui._budget(torch.device("cuda", 0), 2.5) == int(3.5 * GiB)  # 6 free - a 2.5 GB reserve floor
+    assert comfyui._budget(torch.device("cpu"), -1) == vg.snapshot(None).budget
+
+
+# ------------------------------------------------------------------ ComfyUI's cache
+def _comfy_queue(graph, classes, cache, runs):
+    """ComfyUI's output cache in miniature (comfy_execution/caching.py, 0.30.0): a node's key is
+    [class_type, is_changed, inputs with links replaced by the ancestors' keys]; is_changed is
+    False without IS_CHANGED, else the list of IS_CHANGED results.  Executes in graph order and
+    serves a node from `cache` when its key is there."""
+    keys, outs = {}, {}
+    for nid, (ctype, inputs) in graph.items():
+        cls = classes[ctype]
+        vals = {k: (outs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in inputs.items()}
+        changed = [cls.IS_CHANGED(**vals)] if hasattr(cls, "IS_CHANGED") else False
+        sig = (ctype, repr(changed) if changed is False else tuple(changed),
+               tuple(sorted((k, keys[v[0]] + (v[1],) if isinstance(v, list) else ("const", v))
+                            for k, v in inputs.items())))
+        keys[nid] = sig
+        if sig in cache:
+            outs[nid] = cache[sig]
+            continue
+        runs[ctype] = runs.get(ctype, 0) + 1
+        outs[nid] = cache[sig] = getattr(cls(), cls.FUNCTION)(**vals)
+    return outs
+
+
+class _Source:
+    FUNCTION = "execute"
+
+    def execute(self, n):
+        return (torch.full((1, 4, 4, 3), float(n)),)
+
+
+class _Downstream:
+    FUNCTION = "execute"
+
+    def execute(self, value):
+        return (value * 2,)
+
+
+@pytest.mark.parametrize("node,extra", [("VramguardGCCheckpoint", {"mode": "forced", "stage": "vae_decode"}),
+                                        ("VramguardUnloadModels", {})])
+def test_identical_second_queue_reruns_nothing_downstream(node, extra):
+    vg.simulate("8GB", "7GB")
+    classes = {"Source": _Source, "Down": _Downstream, **vramguard_nodes.NODE_CLASS_MAPPINGS}
+    graph = {"1": ("Source", {"n": 3}), "2": (node, {"value": ["1", 0], **extra}), "3": ("Down", {"value": ["2", 0]})}
+    cache, runs = {}, {}
+    first = _comfy_queue(graph, classes, cache, runs)
+    second = _comfy_queue(graph, classes, cache, runs)
+    assert runs == {"Source": 1, node: 1, "Down": 1}, runs
+    assert second["3"][0] is first["3"][0]
+    graph["1"] = ("Source", {"n": 4})  # the upstream changed: the passthrough acts again
+    _comfy_queue(graph, classes, cache, runs)
+    assert runs == {"Source": 2, node: 2, "Down": 2}, runs
+
+
+def test_live_nodes_stay_uncached():
+    for key in ("VramguardMemorySnapshot", "VramguardMemoryTimeline"):
+        cls = vramguard_nodes.NODE_CLASS_MAPPINGS[key]
+        a, b = cls.IS_CHANGED(), cls.IS_CHANGED()
+        assert a != b, key
+
+
+# ------------------------------------------------------------------ Set Reserve: for the rest of the prompt
+def test_set_reserve_lasts_until_the_prompt_ends():
+    from vramguard.adapters import comfyui
+
+    vg.simulate("8GB", "2GB")
+    vg.set_reserve("1GB")                                  # what the settings say
+    _, budget = pack.SetReserve().execute(6.0, 0.0, -1)
+    eff = vg.effective_reserve()
+    assert budget == 0 and eff["reserve"] == 6 * GiB and eff["override"] == 6 * GiB
+    assert eff["configured_before_override"] == GiB
+    comfyui.prompt_finished("p1")                          # what the prompt hook runs at the end
+    eff = vg.effective_reserve()
+    assert eff["reserve"] == GiB and eff["override"] is None and vg.snapshot(0).budget == 5 * GiB
+    # a settings change during the prompt is kept, not overwritten by the restore
+    pack.SetReserve().execute(6.0, 0.0, -1)
+    vg.set_reserve("2GB")
+    comfyui.prompt_finished("p2")
+    assert vg.limits()["reserve"] == 2 * GiB and vg.effective_reserve()["override"] is None
+
+
+def test_prompt_hook_ends_the_override(monkeypatch):
+    import asyncio
+    import sys
+    import types
+
+    from vramguard.adapters import comfyui
+
+    vg.simulate("8GB", "2GB")
+    vg.set_reserve("1GB")
+
+    class PromptExecutor:
+        async def execute_async(self, prompt, prompt_id, extra_data={}, execute_outputs=[]):
+            pack.SetReserve().execute(float(prompt["reserve"]), 0.0, -1)
+            self.seen = vg.limits()["reserve"]
+
+        def execute(self, prompt, prompt_id, extra_data={}, execute_outputs=[]):
+            asyncio.run(self.execute_async(prompt, prompt_id, extra_data, execute_outputs))
+
+    monkeypatch.setitem(sys.modules, "execution", types.SimpleNamespace(PromptExecutor=PromptExecutor))
+    assert comfyui.install_prompt_hooks()
+    try:
+        ex = PromptExecutor()
+        ex.execute({"reserve": 5}, "p1")
+        assert ex.seen == 5 * GiB and vg.limits()["reserve"] == GiB
+    finally:
+        comfyui.uninstall_prompt_hooks()
+    assert "__vramguard_prompt__" not in PromptExecutor.__dict__
+
+
+# ------------------------------------------------------------------ >= 0.30: upscale models carry a patcher
+def test_upscale_model_with_patcher_is_loaded_by_comfyui_not_moved(monkeypatch):
+    import sys
+    import types
+
+    loads = []
+    mm = types.SimpleNamespace(
+        get_torch_device=lambda: torch.device("cpu"),
+        load_models_gpu=lambda models, memory_required=0, force_full_load=False: loads.append(
+            (models, memory_required, force_full_load)),
+        throw_exception_if_processing_interrupted=lambda: None,
+        intermediate_dtype=lambda: torch.float32)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+
+    class Patched(FakeUpscaleModel):
+        def to(self, dev):
+            raise AssertionError("core no longer moves upscale models with .to(); load_models_gpu does")
+
+    model = Patched(2)
+    model.patcher = types.SimpleNamespace(load_device=torch.device("cpu"))
+    (out,) = pack.UpscaleImageTiled().execute(model, torch.rand(1, 24, 24, 3), overlap=8)
+    assert out.shape == (1, 48, 48, 3)
+    assert len(loads) == 1 and loads[0][0] == [model.patcher] and loads[0][2] is True
+
+
+def test_set_reserve_without_a_gpu_is_what_cpu_nodes_plan_with():
+    """No GPU: Set Reserve's value is the floor the tiled nodes use on host RAM, and
+    effective_reserve() says so."""
+    from vramguard.adapters import comfyui
+
+    assert vg.device_count() == 0 or pytest.skip("a GPU is visible")
+    h = vg.snapshot(None)
+    big = max(0.0, round((h.free + h.evictable) / GiB + 1.0, 1))  # more than host RAM can give
+    if big > 256:
+        pytest.skip("more host RAM than Set Reserve's range")
+    pack.SetReserve().execute(big, 0.0, -1)
+    eff = vg.effective_reserve()
+    assert eff["device"] is None and eff["override"] == int(big * GiB) and eff["reserve"] >= int(big * GiB)
+    assert comfyui._budget(torch.device("cpu"), -1) == 0
+    comfyui.prompt_finished("p")
+    assert vg.effective_reserve()["override"] is None and comfyui._budget(torch.device("cpu"), -1) > 0

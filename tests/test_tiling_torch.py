@@ -39,3 +39,58 @@ def test_bfloat16_results_are_converted():
     out = vg.tiled(lambda t: t.to(torch.bfloat16), x, overlap=4, tile=16, min_tile=8)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, x, atol=1e-2, rtol=0)
+
+
+class _CudaLike:
+    """A CPU tensor that says it is on CUDA, so calibrate() measures (with torch.cuda faked)."""
+
+    def __init__(self, t):
+        self.t = t
+        self.device = type("Dev", (), {"type": "cuda"})()
+
+    def __getitem__(self, k):
+        return _CudaLike(self.t[k])
+
+    def contiguous(self):
+        return self
+
+    @property
+    def shape(self):
+        return self.t.shape
+
+
+def test_calibration_cache_follows_the_model_object(monkeypatch):
+    """Keyed by the model object (weakly), not id(model): a dead model's entry goes away, so a
+    new model that reuses the id is calibrated afresh; plain keys are pruned."""
+    import gc
+    import weakref
+
+    from vramguard import tiling
+
+    peak = {"v": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: peak["v"])
+
+    def fn(x):
+        peak["v"] = 1000 + 10 * x.shape[1] * x.shape[2]
+        return x
+
+    sample = _CudaLike(torch.rand(1, 128, 128, 3))
+    model = torch.nn.Conv2d(3, 3, 1)
+    ref = weakref.ref(model)
+    c = vg.calibrate(fn, sample, key=(model, "cuda:0"))
+    assert c.source == "measured" and abs(c.per_px - 11.5) < 1e-6
+    assert vg.cost_model((model, "cuda:0")) is c and vg.cost_model((model, "cuda:1")) is None
+    n = len(tiling._costs)
+    del model
+    gc.collect()
+    assert ref() is None, "the cost cache must not keep the model alive"
+    assert len(tiling._costs) == n - 1
+    other = torch.nn.Conv2d(3, 3, 1)
+    assert vg.cost_model((other, "cuda:0")) is None
+    for i in range(tiling._costs.limit + 10):
+        tiling._costs.put(("plain", i), c)
+    assert vg.cost_model(("plain", 0)) is None and vg.cost_model(("plain", tiling._costs.limit + 9)) is c
+    tiling._costs.clear()

@@ -15,7 +15,8 @@ from .accounting import (Host, Snapshot, budget_of, clear_limits, device_count, 
                          limits, probe, register_probe, set_cap, set_reserve, simulate,
                          simulate_clear, snapshot, snapshot_dict, snapshots, update_simulated)
 from .gcguard import (STAGES, Decision, GCGuard, after_stage, configure_gc, gc_check, gc_stats,
-                      guard, parse_log_line, register_stage, run, set_log_file, stage)
+                      guard, in_sampling, parse_log_line, register_stage, run, set_log_file, stage)
+from .reserve import effective_reserve, end_override, override_limits
 from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
 from .tiling import (Cancelled, CostModel, Plan, TilingError, calibrate, cost_model, default_cost,
                      plan_tiles, tiled, tiled_many)
@@ -27,9 +28,10 @@ __all__ = [
     "Host", "Snapshot", "budget_of", "clear_limits", "device_count", "gpu_status", "host", "limits",
     "probe", "register_probe", "set_cap", "set_reserve", "simulate", "simulate_clear", "snapshot",
     "snapshot_dict", "snapshots", "update_simulated",
+    "effective_reserve", "end_override", "override_limits",
     "Sampler", "peaks", "reset_sampler", "sampler", "stages", "timeline",
     "STAGES", "Decision", "GCGuard", "after_stage", "configure_gc", "gc_check", "gc_stats", "guard",
-    "parse_log_line", "register_stage", "run", "set_log_file", "stage",
+    "in_sampling", "parse_log_line", "register_stage", "run", "set_log_file", "stage",
     "Cancelled", "CostModel", "Plan", "TilingError", "calibrate", "cost_model", "default_cost",
     "plan_tiles", "tiled", "tiled_many",
 ]

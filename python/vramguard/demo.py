@@ -115,7 +115,7 @@ def run_demo(out_dir: str = "vramguard_out", *, size: int = 384, reserve: Any = 
         elif dev == "cuda":
             b = tiling.resolve_budget(reserve=reserve, device=torch.cuda.current_device())
         else:
-            b = min(tiling.resolve_budget(reserve=reserve), parse_size(cpu_budget, "cpu_budget"))
+            b = min(tiling.resolve_budget(reserve=reserve, device="host"), parse_size(cpu_budget, "cpu_budget"))
 
         with gcguard.stage("model_load", gc=False):
             net = make_net(dev)

@@ -36,7 +36,8 @@ from . import sampling
 from ._units import parse_size
 
 __all__ = ["STAGES", "GCGuard", "guard", "gc_check", "stage", "after_stage", "gc_stats",
-           "configure_gc", "set_log_file", "run", "parse_log_line", "Decision", "register_stage"]
+           "configure_gc", "set_log_file", "run", "parse_log_line", "Decision", "register_stage",
+           "in_sampling"]
 
 log = logging.getLogger("vramguard")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,27 +151,42 @@ class GCGuard:
     def check(self, stage: str, *, forced: bool = False, need: int = 0,
               device: int | None = None) -> Decision:
         """Run the policy for `stage`; collect when it says so.  Never raises for the
-        host's sake once the arguments are valid."""
+        host's sake once the arguments are valid.  Without a GPU the device is host RAM
+        (the C snapshot of device None), judged by the same rules."""
         _check_stage(stage)
         if not self.stage_enabled(stage) and not forced:
             return Decision(False, "disabled", stage)
         dev = self._device() if device is None else device
         sid = _known[stage]
+        if in_sampling():
+            # a (compiled) sampling run is open: collecting there frees nothing and breaks
+            # its allocation plan; the unet check after the sampler returns covers it
+            return self._skip(stage, "deferred: inside a sampling run")
         if dev is not None:
             acc._auto_probe()
-            collect, reason, snap = self.policy.check(dev, forced, need, sid)
-        else:  # no GPU: apply the same rules to host RAM
-            snap = _host_as_snapshot()
-            collect, reason = self.policy.decide(snap, forced, need, None, sid)
+        collect, reason, snap = self.policy.check(dev, forced, need, sid)
+        if not collect:
+            return self._skip(stage, reason)
+        if not _collect_lock.acquire(blocking=False):
+            # a collection is running (e.g. low-VRAM unload -> a hooked unpatch -> here)
+            return self._skip(stage, "nested: a collection is already running")
+        try:
+            self._count(stage, None)
+            return self._collect(stage, reason, dev, snap if snap is not None else acc.snapshot(dev), need)
+        finally:
+            _collect_lock.release()
+
+    def _count(self, stage: str, skipped: str | None) -> None:
         with self._lock:
             for table in (self._stats, self._run_stats):
                 st = table.setdefault(stage, StageStats())
                 st.checks += 1
-                if not collect:
-                    st.skipped[reason] = st.skipped.get(reason, 0) + 1
-        if not collect:
-            return Decision(False, reason, stage)
-        return self._collect(stage, reason, dev, snap, need)
+                if skipped is not None:
+                    st.skipped[skipped] = st.skipped.get(skipped, 0) + 1
+
+    def _skip(self, stage: str, reason: str) -> Decision:
+        self._count(stage, reason)
+        return Decision(False, reason, stage)
 
     def _run_action(self, name: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -196,23 +212,28 @@ class GCGuard:
             if after.budget < max(want, 1):
                 self._run_action("unload_models", lambda: self.unload_models(dev, want + after.reserve))  # type: ignore[misc]
                 self._run_action("release_cache", release)
-        after = acc.snapshot(dev) if dev is not None else _host_as_snapshot()
+        after = acc.snapshot(dev)
         ha = acc.host()
         self.policy.collected(after)
         dt = time.perf_counter() - t0
-        b_used = before["used"] if isinstance(before, dict) else before.used
-        a_used = after["used"] if isinstance(after, dict) else after.used
-        total = before["total"] if isinstance(before, dict) else before.total
-        saved = b_used - a_used
+        # Other work (another thread, the host's own loads) can raise device use while we
+        # collect; "saved" is what we freed, never negative: clamped at 0, growth reported apart.
+        delta = before.used - after.used
+        saved = max(0, delta)
+        gc_rec: dict[str, Any] = {"collected": int(collected), "saved": _gb(saved)}
+        if delta < 0:
+            gc_rec["grew"] = _gb(-delta)
+        total = before.total
+        on_gpu = dev is not None
         rec = {
-            "utilization": {"gpu": int(round(100 * b_used / total)) if dev is not None and total else 0,
+            "utilization": {"gpu": int(round(100 * before.used / total)) if on_gpu and total else 0,
                             "ram": int(round(100 * (hb.total - hb.available) / hb.total)) if hb.total else 0,
                             "threshold": int(round(self.policy.effective_threshold))},
-            "gc": {"collected": int(collected), "saved": _gb(saved)},
-            "before": {"gpu": _gb(b_used) if dev is not None else 0.0, "ram": _gb(hb.total - hb.available)},
-            "after": {"gpu": _gb(a_used) if dev is not None else 0.0, "ram": _gb(ha.total - ha.available),
+            "gc": gc_rec,
+            "before": {"gpu": _gb(before.used) if on_gpu else 0.0, "ram": _gb(hb.total - hb.available)},
+            "after": {"gpu": _gb(after.used) if on_gpu else 0.0, "ram": _gb(ha.total - ha.available),
                       "retries": _get(after, "retry_count"), "oom": _get(after, "oom_count")},
-            "device": "cuda" if dev is not None else "cpu",
+            "device": "cuda" if on_gpu else "cpu",
             "fn": stage, "time": round(dt, 2), "reason": reason,
         }
         log.debug("%s", format_log_line(rec))
@@ -263,13 +284,41 @@ class GCGuard:
 
 
 def _get(snap: Any, key: str) -> int:
-    v = snap.get(key) if isinstance(snap, dict) else getattr(snap, key)
+    v = getattr(snap, key, None)
     return int(v) if v is not None else 0
 
 
-def _host_as_snapshot() -> dict:
-    h = acc.host()
-    return {"total": h.total, "free": h.available, "used": h.total - h.available}
+# One collection at a time per process; a nested or concurrent check skips instead of waiting.
+_collect_lock = threading.Lock()
+# Open sampling runs (hooks.call_stage("unet", ...)): no collection while any is open.
+_sampling_lock = threading.Lock()
+_sampling_runs = 0
+
+
+def _sampling_enter() -> None:
+    global _sampling_runs
+    with _sampling_lock:
+        _sampling_runs += 1
+
+
+def _sampling_exit() -> None:
+    global _sampling_runs
+    with _sampling_lock:
+        _sampling_runs = max(0, _sampling_runs - 1)
+
+
+def in_sampling() -> bool:
+    """True while a sampling run (the 'unet' stage of a hook or Memory Guard) is open."""
+    return _sampling_runs > 0
+
+
+def _reset_locks_in_child() -> None:
+    global _collect_lock, _sampling_lock, _sampling_runs
+    _collect_lock, _sampling_lock, _sampling_runs = threading.Lock(), threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):  # a child must not inherit a lock held by another thread
+    os.register_at_fork(after_in_child=_reset_locks_in_child)
 
 
 def _default_release() -> None:

@@ -4,57 +4,134 @@ HookSet.wrap(owner, "attr", "vae_decode") replaces owner.attr with a wrapper tha
 stage on the sampler and runs the GC policy after a normal return.  Wrapping is idempotent
 (a wrapped attribute is recognised and left alone, also after a module reload re-runs the
 installer), nested calls of the same stage check once (VAE.decode falling back to
-decode_tiled is one stage), a missing seam logs once and returns False, and uninstall()
-restores exactly what was there.  A failure inside the check never reaches the host.
+decode_tiled is one stage; comfy.sample.sample -> CFGGuider.sample is one sampling run), a
+missing seam logs once and returns False, and uninstall() restores exactly what was there.
+A failure inside the check never reaches the host.
+
+Coroutine functions get a coroutine wrapper: the check runs after the coroutine completed,
+not when it was created.  Nesting is tracked in a context variable, so concurrent asyncio
+tasks and threads each see their own stages.
+
+While a "unet" stage (a sampling run) is open anywhere in the process, gcguard refuses to
+collect: a compiled sampling run replays a recorded allocation plan, and anything we free or
+allocate inside it breaks the plan.  The unet check itself runs after the sampler returned.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
-import threading
 from typing import Any, Callable
 
 log = logging.getLogger("vramguard")
-_depth = threading.local()
+
+# stage -> [forced requested by an inner call]; one entry per stage open in this context
+_open: contextvars.ContextVar[dict[str, list[bool]] | None] = contextvars.ContextVar("vramguard_open_stages",
+                                                                                     default=None)
+
+
+class _Run:
+    """One outermost stage call: begin/end on the sampler, the sampling flag, the check."""
+
+    def __init__(self, stage: str, forced: bool, check: bool):
+        self.stage, self.forced, self.check = stage, forced, check
+        self.token: Any = None
+        self.req = [forced]
+
+    def enter(self) -> contextvars.Token:
+        from . import gcguard, sampling
+
+        tok = _open.set({**(_open.get() or {}), self.stage: self.req})
+        try:
+            self.token = sampling.sampler().begin(self.stage)
+        except Exception:
+            self.token = None
+        if self.stage == "unet":
+            gcguard._sampling_enter()
+        return tok
+
+    def exit(self, tok: contextvars.Token) -> None:
+        from . import gcguard, sampling
+
+        if self.stage == "unet":
+            gcguard._sampling_exit()
+        _open.reset(tok)
+        if self.token is not None:
+            try:
+                sampling.sampler().end(self.token)
+            except Exception:
+                pass
+
+    def after(self) -> None:
+        from . import gcguard
+
+        if not self.check:
+            return
+        try:
+            gcguard.guard().check(self.stage, forced=any(self.req))
+        except Exception as e:  # never break the host's run
+            _warn_once(f"check:{self.stage}", f"GC check after {self.stage} failed: {type(e).__name__}: {e}")
+
+
+def _outer(stage: str, forced: bool, check: bool, when: Callable[..., bool] | None,
+           args: tuple, kwargs: dict) -> _Run | None:
+    """A _Run when this call is the outermost call of `stage` and relevant; None to just call through.
+    An inner call's forced request is handed to the outer run."""
+    inner = (_open.get() or {}).get(stage)
+    if inner is not None:
+        if forced:
+            inner.append(True)
+        return None
+    if when is not None:
+        try:
+            relevant = when(*args, **kwargs)
+        except Exception:
+            relevant = True
+        if not relevant:  # e.g. an unpatch that keeps the weights: not this stage
+            return None
+    return _Run(stage, forced, check)
+
+
+def call_stage(stage: str, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, *,
+               forced: bool = False, check: bool = True, when: Callable[..., bool] | None = None) -> Any:
+    """fn(*args, **kwargs) as stage `stage`: marked on the sampler, checked once after the
+    outermost call of that stage returns (forced if any nested call asked for it)."""
+    kwargs = kwargs or {}
+    run = _outer(stage, forced, check, when, args, kwargs)
+    if run is None:
+        return fn(*args, **kwargs)
+    tok = run.enter()
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        run.exit(tok)
+    run.after()
+    return result
 
 
 def _make_wrapper(fn: Callable[..., Any], stage: str,
                   when: Callable[..., bool] | None = None) -> Callable[..., Any]:
-    from . import gcguard, sampling
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def awrapper(*args: Any, **kwargs: Any) -> Any:
+            run = _outer(stage, False, True, when, args, kwargs)
+            if run is None:
+                return await fn(*args, **kwargs)
+            tok = run.enter()
+            try:
+                result = await fn(*args, **kwargs)
+            finally:
+                run.exit(tok)
+            run.after()
+            return result
+
+        awrapper.__vramguard_stage__ = stage  # type: ignore[attr-defined]
+        return awrapper
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        d = getattr(_depth, stage, 0)
-        if d:  # inner call of the same stage: the outer one checks
-            return fn(*args, **kwargs)
-        if when is not None:
-            try:
-                relevant = when(*args, **kwargs)
-            except Exception:
-                relevant = True
-            if not relevant:  # e.g. an unpatch with no LoRA patches: not this stage
-                return fn(*args, **kwargs)
-        setattr(_depth, stage, 1)
-        token = None
-        try:
-            try:
-                token = sampling.sampler().begin(stage)
-            except Exception:
-                token = None
-            result = fn(*args, **kwargs)
-        finally:
-            setattr(_depth, stage, 0)
-            if token is not None:
-                try:
-                    sampling.sampler().end(token)
-                except Exception:
-                    pass
-        try:
-            gcguard.guard().check(stage)
-        except Exception as e:  # never break the host's run
-            _warn_once(f"check:{stage}", f"GC check after {stage} failed: {type(e).__name__}: {e}")
-        return result
+        return call_stage(stage, fn, args, kwargs, when=when)
 
     wrapper.__vramguard_stage__ = stage  # type: ignore[attr-defined]
     return wrapper
@@ -82,13 +159,18 @@ class HookSet:
         self._installed: list[tuple[Any, str, Any, str]] = []  # owner, attr, original raw, stage
         self.missing: dict[str, str] = {}
 
-    def wrap(self, owner: Any, attr: str, stage: str, when: Callable[..., bool] | None = None) -> bool:
+    def wrap(self, owner: Any, attr: str, stage: str, when: Callable[..., bool] | None = None,
+             own: bool = False) -> bool:
         """Wrap owner.attr as `stage`.  False (logged once) when the seam is missing.
-        `when(*args, **kwargs)`, if given, decides per call whether the call is this stage."""
+        `when(*args, **kwargs)`, if given, decides per call whether the call is this stage.
+        own=True wraps only an attribute defined in owner's own class body (a subclass's
+        override) and leaves an inherited one to the base class's hook, silently."""
         from .gcguard import _check_stage
 
         _check_stage(stage)
         label = f"{getattr(owner, '__name__', owner)}.{attr}"
+        if own and attr not in getattr(owner, "__dict__", {}):
+            return False
         try:
             raw = inspect.getattr_static(owner, attr)
         except AttributeError:

@@ -19,7 +19,9 @@ import gc as _pygc
 import logging
 import math
 import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -71,11 +73,71 @@ def default_cost(channels_in: int = 3, channels_out: int = 3, scale: float = 1.0
     return CostModel(float(model_bytes + 64 * _MiB), float(per_px), "default")
 
 
-_costs: dict[Any, CostModel] = {}
+class _CostCache:
+    """Calibrated cost models keyed by a model's identity (plus a plain suffix: device, task).
+
+    A key (model, *rest) or a bare model object is held by identity with a finalizer that
+    drops its entries when the model dies, so a new model that reuses the id never sees a
+    stale calibration.  Plain keys (str, numbers, tuples of them) are kept, newest last,
+    up to `limit` entries."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_obj: dict[int, dict[Any, CostModel]] = {}
+        self._plain: dict[Any, CostModel] = {}
+
+    @staticmethod
+    def _split(key: Any) -> tuple[Any, Any]:
+        head, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(head, (str, bytes, int, float, complex, tuple, frozenset, type(None))):
+            return None, key
+        try:
+            weakref.ref(head)
+        except TypeError:
+            return None, key  # not weak-referenceable: a plain (strongly held) key
+        return head, rest
+
+    def get(self, key: Any) -> CostModel | None:
+        obj, rest = self._split(key)
+        with self._lock:
+            if obj is None:
+                return self._plain.get(key)
+            return self._by_obj.get(id(obj), {}).get(rest)
+
+    def put(self, key: Any, cost: CostModel) -> None:
+        obj, rest = self._split(key)
+        with self._lock:
+            if obj is None:
+                self._plain.pop(key, None)
+                self._plain[key] = cost
+                while len(self._plain) > self.limit:
+                    self._plain.pop(next(iter(self._plain)))
+                return
+            oid = id(obj)
+            if oid not in self._by_obj:
+                weakref.finalize(obj, self._drop, oid)
+            self._by_obj.setdefault(oid, {})[rest] = cost
+
+    def _drop(self, oid: int) -> None:
+        with self._lock:
+            self._by_obj.pop(oid, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._plain) + sum(len(v) for v in self._by_obj.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plain.clear()
+            self._by_obj.clear()
+
+
+_costs = _CostCache()
 
 
 def cost_model(key: Any) -> CostModel | None:
-    """The cached (calibrated) cost model for a model identity, if any."""
+    """The cached (calibrated) cost model for a model identity (`model` or `(model, *rest)`), if any."""
     return _costs.get(key)
 
 
@@ -84,12 +146,19 @@ def calibrate(fn: Callable[[Any], Any], sample: Any, *, key: Any = None, sizes: 
     """Measure fn's device cost on two small tiles cut from `sample` (a torch tensor on the
     device fn runs on) and fit fixed + per_px.  Cached under `key`.  Without CUDA nothing can
     be measured: returns (and caches nothing but) the default model."""
+    from .gcguard import in_sampling
+
     torch = sys.modules.get("torch")
     if torch is None or not hasattr(sample, "device") or sample.device.type != "cuda":
         c = _default_for(sample, layout, 1.0)
         return CostModel(c.fixed, c.per_px, "default (nothing to measure on this device)")
-    if key is not None and key in _costs:
-        return _costs[key]
+    if in_sampling():  # measuring allocates on the device: never inside a (compiled) sampling run
+        c = _default_for(sample, layout, 1.0)
+        return CostModel(c.fixed, c.per_px, "default (not measured inside a sampling run)")
+    if key is not None:
+        cached = _costs.get(key)
+        if cached is not None:
+            return cached
     dev = sample.device
     pts = []
     for s in sizes:
@@ -111,7 +180,7 @@ def calibrate(fn: Callable[[Any], Any], sample: Any, *, key: Any = None, sizes: 
     # 15 % headroom: the allocator rounds blocks and fragmentation grows with tile size
     c = CostModel(fixed * 1.15, per_px * 1.15, "measured")
     if key is not None:
-        _costs[key] = c
+        _costs.put(key, c)
     return c
 
 
@@ -156,32 +225,34 @@ def _check_int(v: Any, name: str, lo: int, hi: int = 1 << 20) -> int:
     return int(v)
 
 
+def _plan_device(device: Any) -> int | None:
+    """The snapshot device a plan is for: an int is that GPU, "host" (or "cpu") is host RAM,
+    None is the default device (GPU 0 when one is visible, host RAM otherwise)."""
+    if device is None:
+        return acc.default_device()
+    if isinstance(device, str) and device in ("host", "cpu"):
+        return None
+    if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
+        raise TypeError(f"device must be an int, 'host' or None, got {type(device).__name__} {device!r}")
+    return int(device)
+
+
 def resolve_budget(*, budget: Any = None, card: Any = None, reserve: Any = None,
-                   device: int | None = None) -> int:
-    """Bytes the tiler may use.  Priority: explicit budget; a card size (what would an N GB
-    card do: card - reserve); the device's snapshot with `reserve` raised to at least the
-    given value; host RAM when there is no GPU."""
+                   device: Any = None) -> int:
+    """Bytes the tiler may use: an explicit `budget`, else the budget of the C snapshot of
+    `device` (see _plan_device) with `card` (a card of that size) and `reserve` (a floor
+    over the configured and the host's reserve) applied there."""
     if budget is not None:
         return parse_size(budget, "budget")
-    res = parse_size(reserve, "reserve") if reserve is not None else 0
-    if card is not None:
-        c = parse_size(card, "card")
-        if c <= 0:
-            raise ValueError(f"card must be > 0, got {card!r}")
-        return acc.budget_of({"total": c, "free": c, "used": 0, "reserve": res})
-    if acc.device_count() > 0:
-        d = acc.snapshot_dict(acc.snapshot(0 if device is None else device))
-        d.pop("budget")
-        d["reserve"] = max(d["reserve"], res)
-        return acc.budget_of(d)
-    h = acc.host()
-    return acc.budget_of({"total": h.total, "free": h.available, "used": h.total - h.available, "reserve": res})
+    r = None if reserve is None else parse_size(reserve, "reserve")
+    c = None if card is None else parse_size(card, "card")
+    return acc.snapshot(_plan_device(device), reserve=r, card=c).budget
 
 
 def plan_tiles(width: int, height: int, *, scale: float = 1.0, overlap: int = 32, align: int = 1,
                channels: int = 3, out_channels: int | None = None, elem_size: int = 4, batch: int = 1,
                cost: CostModel | None = None, model_bytes: int | str = 0, budget: Any = None, card: Any = None,
-               reserve: Any = None, device: int | None = None, min_tile: int = 0,
+               reserve: Any = None, device: Any = None, min_tile: int = 0,
                max_tile: int | None = None, feather: float = 0.5) -> Plan:
     """The largest tile that fits the budget, as an even grid with no sliver tiles."""
     width = _check_int(width, "width", 1)
