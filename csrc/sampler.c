@@ -40,6 +40,8 @@ typedef struct {
     pthread_cond_t cond;
     pthread_t thread;
     pid_t thread_pid; /* the process the thread runs in: a forked child has no thread */
+    pid_t lock_pid;   /* the process `lock` belongs to: a Python thread may hold it (without the
+                       * GIL) when another forks, running sampler thread or not */
     int running, stopping, lock_ok;
 
     Py_ssize_t capacity, head, count;
@@ -177,16 +179,20 @@ static int free_buffers(Sampler *s)
  * Only one thread exists there, so re-initialising is safe (as CPython does for its locks). */
 static void fork_check(Sampler *s)
 {
-    if (!s->running || s->thread_pid == getpid())
+    pid_t me = getpid();
+    if (s->lock_pid == me)
         return;
+    s->lock_pid = me;
     pthread_mutex_init(&s->lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->cond, &ca);
     pthread_condattr_destroy(&ca);
-    s->running = 0;
-    s->ctx = NULL; /* the parent's retain is the parent's to release */
+    if (s->running) {
+        s->running = 0;
+        s->ctx = NULL; /* the parent's retain is the parent's to release */
+    }
 }
 
 /* Stop and join.  The thread never needs the GIL, so joining with it held is safe; from
@@ -271,6 +277,7 @@ static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     }
     s->lock_ok = 1;
+    s->lock_pid = getpid();
     size_t n = (size_t)capacity;
     s->t = PyMem_RawMalloc(n * sizeof(double));
     s->used = PyMem_RawMalloc(n * sizeof(int64_t));

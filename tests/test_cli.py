@@ -1,5 +1,6 @@
 """python -m vramguard: status, --json, watch, and bad arguments."""
 import json
+import re
 import subprocess
 import sys
 
@@ -100,8 +101,14 @@ def test_demo_writes_its_files(tmp_path):
     assert Image.open(tmp_path / "upscaled.png").size == (512, 512)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["run"]["tiles"] >= 1 and plan["run"]["retries"] == 0
-    gc_lines = [l for l in (tmp_path / "gc.log").read_text().splitlines() if " GC: " in l]
+    log_lines = (tmp_path / "gc.log").read_text().splitlines()
+    gc_lines = [l for l in log_lines if " GC: " in l]
     assert gc_lines and "fn=upscale" in gc_lines[-1]
+    # the run summary comes after the forced collection it summarises, in human units
+    (summary,) = [i for i, l in enumerate(log_lines) if "vramguard demo:" in l]
+    assert summary > log_lines.index(gc_lines[-1]), log_lines
+    assert "1 GC of" in log_lines[summary] and re.search(r"saved (\d+ B|[\d.]+ [KMG]iB|nothing)", log_lines[summary])
+    assert re.search(r"'upscale': [\d.]+ [KMG]iB", log_lines[summary]), log_lines[summary]
     assert str(tmp_path) in r.stdout
 
 
