@@ -2,10 +2,7 @@
 after the stage's work succeeded, forks while other threads are inside the guard, and what
 the run summary says."""
 import logging
-import os
 import re
-import threading
-import time
 
 import pytest
 
