@@ -347,7 +347,10 @@ def payload() -> dict[str, Any]:
         if rec["end"] is not None:
             last = {"name": rec["name"], "peak_used": rec["peak_used"], "peak_rss": rec["peak_rss"]}
             break
+    # the reserve in force per device (in "devices") can differ from the dialog's: a Set Reserve
+    # node, or ComfyUI's --reserve-vram / --vram-headroom (the larger one is used)
     return {"devices": devs, "ram": {"total": h.total, "used": h.total - h.available},
+            "reserve_setting": int(float(get("ReserveGB")) * (1 << 30)),
             "last_stage": last, "warn": get("MonitorWarn"), "gpu_reason": None if devs else vg.gpu_status()["devices_reason"]}
 
 

@@ -260,3 +260,17 @@ def test_importing_the_pack_outside_a_server(monkeypatch):
     import vramguard_nodes
     importlib.reload(vramguard_nodes)
     assert vramguard_nodes.NODE_CLASS_MAPPINGS
+
+
+def test_status_shows_the_reserve_in_force(user):
+    """A Set Reserve node (vg.set_reserve) overrides the dialog's value: /vramguard/status says both."""
+    vg.simulate("8GB", "1GB")
+    vg.set_reserve("3GB")
+
+    async def go(client):
+        r = await client.get("/vramguard/status")
+        return r.status, await r.json()
+
+    status, body = asyncio.run(_serve(go))
+    assert status == 200
+    assert body["reserve_setting"] == GiB and body["devices"][0]["reserve"] == 3 * GiB

@@ -106,7 +106,14 @@ const monitor = {
   render(d) {
     if (!this.el || this.refresh <= 0) return;
     let html = "";
-    for (const g of d.devices || []) html += this.bar(`GPU${g.index}`, g.used, g.total, g.reserve, d.warn ?? this.warn);
+    for (const g of d.devices || []) {
+      html += this.bar(`GPU${g.index}`, g.used, g.total, g.reserve, d.warn ?? this.warn);
+      if (d.reserve_setting !== undefined && g.reserve !== d.reserve_setting) {
+        // a Set Reserve node or ComfyUI's own --reserve-vram is in force, not the dialog's value
+        html += `<div style="opacity:.8">reserve in force ${(g.reserve / 2 ** 30).toFixed(2)} GB ` +
+          `(setting ${(d.reserve_setting / 2 ** 30).toFixed(2)} GB)</div>`;
+      }
+    }
     if (!(d.devices || []).length) {
       const why = String(d.gpu_reason || "").replace(/"/g, "&quot;");
       html += `<div style="opacity:.7" title="${why}">no GPU (hover for why)</div>`;
