@@ -112,3 +112,18 @@ def test_torch_results_that_are_not_float_are_named():
             tiling.tiled(bad, img, budget="1GB")
     out = tiling.tiled(lambda t: t.double(), img, budget="1GB")  # float64 is converted
     assert torch.equal(out, img)
+
+
+@pytest.mark.parametrize("sample,exc,needle", [
+    (np.zeros((10, 10), np.float32), ValueError, "3-D or 4-D"),   # was IndexError: tuple index out of range
+    (np.zeros((10,), np.float32), ValueError, "3-D or 4-D"),
+    ([[1.0]], TypeError, "numpy.ndarray or torch.Tensor"),
+])
+def test_calibrate_names_a_bad_sample(sample, exc, needle):
+    with pytest.raises(exc, match=needle):
+        tiling.calibrate(lambda t: t, sample)
+
+
+def test_calibrate_3d_sample_without_cuda():
+    c = tiling.calibrate(lambda t: t, np.zeros((16, 16, 4), np.float32))
+    assert c.source.startswith("default") and c.per_px > 0

@@ -92,7 +92,7 @@ def calibrate(fn: Callable[[Any], Any], sample: Any, *, key: Any = None, sizes: 
     device fn runs on) and fit fixed + per_px.  Cached under `key`.  Without CUDA nothing can
     be measured: returns (and caches nothing but) the default model."""
     torch = sys.modules.get("torch")
-    if torch is None or not hasattr(sample, "device") or sample.device.type != "cuda":
+    if torch is None or not isinstance(sample, torch.Tensor) or sample.device.type != "cuda":
         c = _default_for(sample, layout, 1.0)
         return CostModel(c.fixed, c.per_px, "default (nothing to measure on this device)")
     if key is not None and key in _costs:
@@ -274,7 +274,15 @@ def _release() -> None:
 
 
 def _default_for(x: Any, layout: str, scale: float) -> CostModel:
-    c = x.shape[3] if layout == "nhwc" else x.shape[1]
+    """The default cost model for an image (or a calibration sample) of x's channels and dtype."""
+    shape = getattr(x, "shape", None)
+    if shape is None or not hasattr(x, "dtype"):
+        raise TypeError(f"image must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
+    if layout not in ("nhwc", "nchw"):
+        raise ValueError(f"layout must be 'nhwc' or 'nchw', got {layout!r}")
+    if len(shape) not in (3, 4):
+        raise ValueError(f"image must be 3-D or 4-D ({layout.upper()}), got shape {tuple(shape)}")
+    c = int(shape[-1] if layout == "nhwc" else shape[-3])
     elem = x.element_size() if hasattr(x, "element_size") else x.dtype.itemsize
     return default_cost(c, c, scale, elem)
 
