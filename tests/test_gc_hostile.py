@@ -16,9 +16,11 @@ GOOD = ("GC: utilization={'gpu': 8, 'ram': 20, 'threshold': 0} gc={'collected': 
 
 
 @pytest.fixture
-def g():
+def g(monkeypatch):
     gcguard._guard = None
     vg.simulate("8GB", "1GB")
+    # a process-wide sampler of our own, on the simulated device (the previous one comes back)
+    monkeypatch.setattr(gcguard.sampling, "_default", None)
     yield vg.guard()
     gcguard._guard = None
 

@@ -12,6 +12,7 @@ import types
 import pytest
 
 import vramguard as vg
+from vramguard import sampling
 from vramguard_nodes import settings
 
 aiohttp = pytest.importorskip("aiohttp", reason="aiohttp (ComfyUI's server) not installed")
@@ -36,6 +37,7 @@ def user(tmp_path, monkeypatch):
     os.symlink(outside, u / "escape")
     os.symlink(u / "default" / "comfy.settings.json", u / "link.jsonl")
     monkeypatch.setenv("VRAMGUARD_USER_DIR", str(u))
+    monkeypatch.setattr(sampling, "_default", None)  # a sampler made here does not outlive the test
     settings.load_saved(str(tmp_path / "none.json"))
     yield u
     settings.load_saved(str(tmp_path / "none.json"))

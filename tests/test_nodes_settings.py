@@ -12,6 +12,13 @@ from vramguard_nodes import settings
 GiB = 1 << 30
 
 
+@pytest.fixture(autouse=True)
+def own_sampler(monkeypatch):
+    """A process-wide sampler made here (monitor payloads) does not outlive the test."""
+    from vramguard import sampling
+    monkeypatch.setattr(sampling, "_default", None)
+
+
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("key,value", [("LowVRAM", "yes"), ("ReserveGB", -1), ("ReserveGB", float("nan")),
                                        ("ReserveGB", 1000), ("GCThreshold", 101), ("GCThreshold", "70"),
