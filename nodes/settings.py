@@ -7,8 +7,12 @@ user/default/comfy.settings.json) and has no Python settings API.  So:
   * at start-up Python reads the saved file and applies SCHEMA's default for every key
     never changed;
   * the dialog's onChange POSTs to /vramguard/settings, which validates (HTTP 400 with a
-    message, nothing applied) and applies at runtime.  ComfyUI persists the value itself.
-Nothing is written outside ComfyUI's user directory (the JSON log path is confined to it).
+    short message, nothing applied: a multi-key POST is all or none) and applies at runtime.
+    ComfyUI persists the value itself, even one we rejected: so the web extension puts the
+    old value back on a 400, a saved value that fails validation at start-up is replaced by
+    the default (one warning), and the dialog is set to what Python uses after start-up.
+Nothing is written outside ComfyUI's user directory, and nothing there but a .jsonl/.log
+file that is new or that vramguard created (LOG_HEADER), found by its real path.
 """
 from __future__ import annotations
 
@@ -43,8 +47,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "LogLevel": {"type": "combo", "default": "INFO", "options": ["DEBUG", "INFO", "WARNING", "ERROR"],
                  "name": "Log level", "tooltip": "DEBUG prints one line per collection (SD.Next's format)."},
     "JsonLogPath": {"type": "text", "default": "", "name": "JSON log path",
-                    "tooltip": "Append one JSON line per collection to this file, relative to ComfyUI's user "
-                               "directory. Empty = off."},
+                    "tooltip": "Append one JSON line per collection to this .jsonl or .log file, relative to "
+                               "ComfyUI's user directory (it must stay inside it). A new file is created with a "
+                               "vramguard header line; an existing file must be one vramguard created. "
+                               "Empty = off."},
     "MonitorRefresh": {"type": "number", "default": 2.0, "range": (0.0, 60.0), "step": 0.5,
                        "name": "Monitor refresh (s)", "tooltip": "How often the VRAM/RAM bar updates. 0 = off."},
     "MonitorWarn": {"type": "number", "default": 90.0, "range": (1.0, 100.0), "step": 1,
