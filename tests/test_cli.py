@@ -139,6 +139,7 @@ def _one_clean_line(r):
     (["watch", "--count", "0"], "--count"),
     (["status", "--used", "9GB", "--simulate", "8GB"], "--used"),
     (["status", "--simulate", "1e400"], "--simulate"),
+    (["status", "--simulate", "0"], "--simulate"),
 ])
 def test_nonsense_arguments_exit_2_with_one_line(args, needle):
     r = cli(*args)

@@ -106,6 +106,8 @@ def _check_device_options(a: argparse.Namespace) -> None:
     if a.simulate is None:
         if a.used is not None:
             _warn("--used ignored: it only applies with --simulate SIZE")
+    elif a.simulate <= 0:
+        raise UsageError("--simulate", "a simulated device needs a size > 0")
     elif a.used is not None and a.used > a.simulate:
         raise UsageError("--used", f"{fmt_bytes(a.used)} exceeds --simulate {fmt_bytes(a.simulate)}")
 
