@@ -7,8 +7,12 @@ user/default/comfy.settings.json) and has no Python settings API.  So:
   * at start-up Python reads the saved file and applies SCHEMA's default for every key
     never changed;
   * the dialog's onChange POSTs to /vramguard/settings, which validates (HTTP 400 with a
-    message, nothing applied) and applies at runtime.  ComfyUI persists the value itself.
-Nothing is written outside ComfyUI's user directory (the JSON log path is confined to it).
+    short message, nothing applied: a multi-key POST is all or none) and applies at runtime.
+    ComfyUI persists the value itself, even one we rejected: so the web extension puts the
+    old value back on a 400, a saved value that fails validation at start-up is replaced by
+    the default (one warning), and the dialog is set to what Python uses after start-up.
+Nothing is written outside ComfyUI's user directory, and nothing there but a .jsonl/.log
+file that is new or that vramguard created (LOG_HEADER), found by its real path.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 from typing import Any
 
 import vramguard as vg
+from vramguard._units import short_repr
 
 log = logging.getLogger("vramguard")
 
@@ -42,8 +47,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "LogLevel": {"type": "combo", "default": "INFO", "options": ["DEBUG", "INFO", "WARNING", "ERROR"],
                  "name": "Log level", "tooltip": "DEBUG prints one line per collection (SD.Next's format)."},
     "JsonLogPath": {"type": "text", "default": "", "name": "JSON log path",
-                    "tooltip": "Append one JSON line per collection to this file, relative to ComfyUI's user "
-                               "directory. Empty = off."},
+                    "tooltip": "Append one JSON line per collection to this .jsonl or .log file, relative to "
+                               "ComfyUI's user directory (it must stay inside it). A new file is created with a "
+                               "vramguard header line; an existing file must be one vramguard created. "
+                               "Empty = off."},
     "MonitorRefresh": {"type": "number", "default": 2.0, "range": (0.0, 60.0), "step": 0.5,
                        "name": "Monitor refresh (s)", "tooltip": "How often the VRAM/RAM bar updates. 0 = off."},
     "MonitorWarn": {"type": "number", "default": 90.0, "range": (1.0, 100.0), "step": 1,
@@ -52,6 +59,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
 
 _lock = threading.Lock()
 _values: dict[str, Any] = {k: v["default"] for k, v in SCHEMA.items()}
+
+#: The first line of every JSON log file vramguard creates.  A log path may name only a new
+#: file or one that starts with this line: never ComfyUI's settings or any other existing file.
+LOG_HEADER = '{"vramguard": "gc-log", "format": 1}'
+LOG_SUFFIXES = (".jsonl", ".log")
+MAX_BODY = 64 * 1024  # bytes; no setting needs more, and a 10 MB body is never parsed
 
 
 class SettingError(ValueError):
@@ -67,50 +80,97 @@ def user_dir() -> str:
         return os.path.abspath(os.environ.get("VRAMGUARD_USER_DIR", os.path.join(os.getcwd(), "user")))
 
 
+def _key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise SettingError(f"setting ids are strings, got {type(key).__name__} {short_repr(key)}")
+    k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if k not in SCHEMA:
+        raise SettingError(f"unknown setting {short_repr(key)}")
+    return k
+
+
 def validate(key: str, value: Any) -> Any:
-    """The value to apply, or SettingError naming what is wrong."""
-    if key.startswith(PREFIX):
-        key = key[len(PREFIX):]
-    spec = SCHEMA.get(key)
-    if spec is None:
-        raise SettingError(f"unknown setting {key!r}")
+    """The value to apply, or SettingError naming what is wrong (the value cut to 80 chars)."""
+    key = _key(key)
+    spec = SCHEMA[key]
     t = spec["type"]
     if t == "boolean":
         if not isinstance(value, bool):
-            raise SettingError(f"{key} must be true or false, got {value!r}")
+            raise SettingError(f"{key} must be true or false, got {short_repr(value)}")
         return value
     if t == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SettingError(f"{key} must be a finite number, got {value!r}")
+        # ints are compared exactly (a 400-digit int must not reach float()/isfinite)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and not math.isfinite(value)):
+            raise SettingError(f"{key} must be a finite number, got {short_repr(value)}")
         lo, hi = spec["range"]
         if not lo <= value <= hi:
-            raise SettingError(f"{key} must be {lo:g}..{hi:g}, got {value!r}")
+            raise SettingError(f"{key} must be {lo:g}..{hi:g}, got {short_repr(value)}")
         return float(value)
     if t == "combo":
-        if value not in spec["options"]:
-            raise SettingError(f"{key} must be one of {spec['options']}, got {value!r}")
+        if not isinstance(value, str) or value not in spec["options"]:
+            raise SettingError(f"{key} must be one of {spec['options']}, got {short_repr(value)}")
         return value
     if not isinstance(value, str) or len(value) > 1024 or "\x00" in value:
-        raise SettingError(f"{key} must be a string of at most 1024 characters, got {value!r}")
+        raise SettingError(f"{key} must be a string of at most 1024 characters, got {short_repr(value)}")
     if key == "JsonLogPath" and value:
         return confine(value)
     return value
 
 
 def confine(path: str) -> str:
-    """A log path inside ComfyUI's user directory (relative paths are taken from there)."""
-    base = user_dir()
-    full = os.path.abspath(os.path.join(base, path))
-    if os.path.commonpath([full, base]) != base:
-        raise SettingError(f"JsonLogPath must stay inside the user directory {base}, got {path!r}")
+    """The real path of a JSON log file inside ComfyUI's user directory.
+
+    Relative paths are taken from the user directory; symlinks are resolved and the result
+    must stay inside it; the name must end in .jsonl or .log; every existing parent must be
+    a folder; the file itself must be new or one vramguard created (its first line is
+    LOG_HEADER).  Nothing is created here."""
+    base = os.path.realpath(user_dir())
+    full = os.path.realpath(os.path.join(base, path))
+    if full == base or os.path.commonpath([full, base]) != base:
+        raise SettingError(f"JsonLogPath must stay inside the user directory {base}, got {short_repr(path)}")
+    if not full.lower().endswith(LOG_SUFFIXES):
+        raise SettingError(f"JsonLogPath must name a .jsonl or .log file, got {short_repr(path)}")
+    parent = os.path.dirname(full)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SettingError(f"JsonLogPath {short_repr(path)}: {short_repr(parent)} is a file, not a folder")
+    if os.path.lexists(full):
+        if not os.path.isfile(full):
+            raise SettingError(f"JsonLogPath {short_repr(path)} exists and is not a regular file")
+        if not _is_our_log(full):
+            raise SettingError(f"JsonLogPath {short_repr(path)} is an existing file vramguard did not create; "
+                               "choose a new file name")
     return full
 
 
-def apply(key: str, value: Any) -> None:
-    """Validate and apply one setting now."""
-    if key.startswith(PREFIX):
-        key = key[len(PREFIX):]
-    v = validate(key, value)
+def _is_our_log(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(len(LOG_HEADER) + 2)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == LOG_HEADER.encode()
+
+
+def _create_log(full: str) -> None:
+    """Create the log file with its header (exclusively: never through a link, never over a file)."""
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    if os.path.realpath(os.path.dirname(full)) != os.path.dirname(full):
+        raise SettingError(f"JsonLogPath {short_repr(full)}: its folder moved while being created")
+    try:
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except FileExistsError:
+        if not _is_our_log(full) or os.path.islink(full):
+            raise SettingError(f"JsonLogPath {short_repr(full)} appeared meanwhile and is not vramguard's") from None
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(LOG_HEADER + "\n")
+
+
+def _apply_valid(key: str, v: Any) -> None:
+    """Apply a value validate() returned."""
     if key == "LowVRAM":
         vg.configure_gc(low_vram=v)
     elif key == "ReserveGB":
@@ -123,12 +183,51 @@ def apply(key: str, value: Any) -> None:
         log.setLevel(getattr(logging, v))
     elif key == "JsonLogPath":
         if v:
-            os.makedirs(os.path.dirname(v), exist_ok=True)
+            _create_log(v)
         vg.set_log_file(v or None)
+
+
+def apply(key: str, value: Any) -> None:
+    """Validate and apply one setting now."""
+    key = _key(key)
+    v = validate(key, value)
+    _apply_valid(key, v)
     with _lock:
         _values[key] = value
     if key in ("MonitorRefresh",):
         monitor.wake()
+
+
+def apply_many(items: Any) -> dict[str, Any]:
+    """All or none: validate every item first, then apply; on a failure while applying, the
+    keys already applied are put back.  Raises SettingError."""
+    pairs = list(items.items()) if isinstance(items, dict) else list(items)
+    checked = [(_key(k), v) for k, v in pairs]
+    if len({k for k, _ in checked}) != len(checked):
+        raise SettingError("a setting is given twice")
+    valid = [(k, validate(k, v), v) for k, v in checked]
+    # the one step that can fail (creating the log file) goes first
+    valid.sort(key=lambda t: t[0] != "JsonLogPath")
+    done: list[tuple[str, Any]] = []
+    try:
+        for k, v, raw in valid:
+            old = get(k)
+            _apply_valid(k, v)
+            done.append((k, old))
+            with _lock:
+                _values[k] = raw
+    except Exception as e:
+        for k, old in reversed(done):
+            try:
+                _apply_valid(k, validate(k, old))
+                with _lock:
+                    _values[k] = old
+            except Exception as e2:  # pragma: no cover - the old value was valid
+                log.warning("vramguard: could not restore setting %s: %s", k, e2)
+        raise SettingError(f"could not apply {valid[len(done)][0]}: {short_repr(str(e), 200)}") from None
+    if any(k == "MonitorRefresh" for k, _, _ in valid):
+        monitor.wake()
+    return values()
 
 
 def _set_hooks(on: bool) -> None:
@@ -167,13 +266,18 @@ def load_saved(path: str | None = None) -> dict[str, Any]:
         pass
     except (OSError, ValueError) as e:
         log.warning("vramguard: cannot read %s (%s); using defaults", path, e)
+    bad = []
     for key, spec in SCHEMA.items():
         value = saved.get(key, spec["default"])
         try:
             apply(key, value)
-        except (SettingError, OSError) as e:
-            log.warning("vramguard: saved setting %s ignored (%s); using %r", key, e, spec["default"])
+        except Exception as e:  # SettingError, OSError, anything: a saved value is never fatal
+            bad.append(f"{key} ({short_repr(str(e), 120)})")
             apply(key, spec["default"])
+    if bad:
+        # ComfyUI stored these although our route rejected them (or the file was edited);
+        # the web extension shows what Python uses (GET /vramguard/settings) after start-up
+        log.warning("vramguard: saved settings ignored, using defaults: %s", "; ".join(bad))
     return values()
 
 
@@ -249,19 +353,83 @@ def payload() -> dict[str, Any]:
         if rec["end"] is not None:
             last = {"name": rec["name"], "peak_used": rec["peak_used"], "peak_rss": rec["peak_rss"]}
             break
+    # the reserve in force per device (in "devices") can differ from the dialog's: a Set Reserve
+    # node, or ComfyUI's --reserve-vram / --vram-headroom (the larger one is used)
     return {"devices": devs, "ram": {"total": h.total, "used": h.total - h.available},
+            "reserve_setting": int(float(get("ReserveGB")) * (1 << 30)),
             "last_stage": last, "warn": get("MonitorWarn"), "gpu_reason": None if devs else vg.gpu_status()["devices_reason"]}
 
 
 # ----------------------------------------------------------------------------- HTTP routes
-def register_routes() -> bool:
-    """Add the pack's routes to ComfyUI's server (at import time, before it starts)."""
+class BadRequest(ValueError):
+    """What a route answers with HTTP 400 (a short message)."""
+
+
+async def read_json(request: Any) -> Any:
+    """The request's JSON body: application/json, at most MAX_BODY bytes, no NaN/Infinity,
+    nesting and number sizes bounded; BadRequest otherwise."""
+    ctype = getattr(request, "content_type", None)
+    if ctype != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, got {short_repr(ctype)}")
+    n = getattr(request, "content_length", None)
+    if n is not None and n > MAX_BODY:
+        raise BadRequest(f"body too large: {n} bytes (at most {MAX_BODY})")
     try:
-        from aiohttp import web
-        from server import PromptServer
-    except Exception:
-        return False
-    routes = PromptServer.instance.routes
+        raw = await request.read()
+    except Exception as e:  # aiohttp's own size limit, a dropped connection
+        raise BadRequest(f"cannot read the body: {short_repr(str(e))}") from None
+    if len(raw) > MAX_BODY:
+        raise BadRequest(f"body too large: {len(raw)} bytes (at most {MAX_BODY})")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, digit limit
+        raise BadRequest(f"body must be valid JSON ({short_repr(str(e), 80)})") from None
+
+
+def settings_items(body: Any) -> list[tuple[Any, Any]]:
+    """{"id": "vramguard.X", "value": v} or {"vramguard.X": v, ...} as [(id, value)] (an id
+    may be any JSON value here: apply_many rejects what is not a string)."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
+    if "id" in body:
+        extra = set(body) - {"id", "value"}
+        if extra or "value" not in body:
+            raise BadRequest('body must be {"id": ..., "value": ...}, got keys '
+                             f"{short_repr(sorted(map(str, body)))}")
+        return [(body["id"], body["value"])]
+    if not body:
+        raise BadRequest("no setting given")
+    return list(body.items())
+
+
+async def handle_post(request: Any, web: Any) -> Any:
+    """POST {"id": "vramguard.X", "value": v} or {"vramguard.X": v, ...}: all valid or none
+    applied; HTTP 400 with a short message otherwise, never 500."""
+    try:
+        items = settings_items(await read_json(request))
+        return web.json_response(apply_many(items))
+    except (BadRequest, SettingError) as e:
+        return web.json_response({"error": str(e)}, status=400)
+
+
+async def handle_monitor(request: Any, web: Any, send: Any) -> Any:
+    """POST {"visible": true|false}: the tab asks for (or stops) live monitor events."""
+    try:
+        body = await read_json(request)
+        if not isinstance(body, dict) or set(body) != {"visible"} or not isinstance(body["visible"], bool):
+            raise BadRequest(f'body must be {{"visible": true|false}}, got {short_repr(body)}')
+    except BadRequest as e:
+        return web.json_response({"error": str(e)}, status=400)
+    monitor.visible(body["visible"], send)
+    return web.json_response({"active": monitor.active(), "refresh": get("MonitorRefresh")})
+
+
+def add_routes(routes: Any, web: Any, send: Any) -> None:
+    """Add the pack's routes to an aiohttp RouteTableDef (ComfyUI's, or a test server's)."""
 
     @routes.get("/vramguard/settings")
     async def get_settings(request):
@@ -277,13 +445,7 @@ def register_routes() -> bool:
 
     @routes.post("/vramguard/monitor")
     async def post_monitor(request):
-        try:
-            body = await request.json()
-            on = bool(body.get("visible")) if isinstance(body, dict) else False
-        except Exception:
-            return web.json_response({"error": "body must be JSON {visible: bool}"}, status=400)
-        monitor.visible(on, PromptServer.instance.send_sync)
-        return web.json_response({"active": monitor.active(), "refresh": get("MonitorRefresh")})
+        return await handle_monitor(request, web, send)
 
     @routes.get("/vramguard/status")
     async def get_status(request):
@@ -297,27 +459,26 @@ def register_routes() -> bool:
         return web.json_response({"installed": [list(p) for p in rep["installed"]], "missing": rep["missing"],
                                   "gc_stats": vg.gc_stats()})
 
-    return True
 
+def register_routes() -> bool:
+    """Add the pack's routes to ComfyUI's running server (at import time, before it starts).
 
-async def handle_post(request, web) -> Any:
-    """POST {"id": "vramguard.X", "value": v} or {"vramguard.X": v, ...}: all valid or none applied."""
+    False, with a log line where there is no server: `server` does not import, or (ComfyUI
+    >= 0.30, where it imports anywhere) PromptServer.instance was not built yet."""
     try:
-        body = await request.json()
+        from aiohttp import web
+        from server import PromptServer
     except Exception:
-        return web.json_response({"error": "body must be JSON"}, status=400)
-    if not isinstance(body, dict):
-        return web.json_response({"error": "body must be a JSON object"}, status=400)
-    items = {body["id"]: body.get("value")} if "id" in body else dict(body)
-    if not items:
-        return web.json_response({"error": "no setting given"}, status=400)
-    try:
-        for k, v in items.items():
-            if not isinstance(k, str):
-                raise SettingError(f"setting ids are strings, got {k!r}")
-            validate(k, v)
-    except SettingError as e:
-        return web.json_response({"error": str(e)}, status=400)
-    for k, v in items.items():
-        apply(k, v)
-    return web.json_response(values())
+        return False
+    inst = getattr(PromptServer, "instance", None)
+    routes = getattr(inst, "routes", None)
+    if inst is None or routes is None:
+        log.info("vramguard: no running ComfyUI server (PromptServer.instance missing); "
+                 "settings routes not registered")
+        return False
+
+    def send(event: str, data: Any) -> None:
+        inst.send_sync(event, data)
+
+    add_routes(routes, web, send)
+    return True

@@ -12,26 +12,39 @@ from vramguard_nodes import settings
 GiB = 1 << 30
 
 
+@pytest.fixture(autouse=True)
+def own_sampler(monkeypatch):
+    """A process-wide sampler made here (monitor payloads) does not outlive the test."""
+    from vramguard import sampling
+    monkeypatch.setattr(sampling, "_default", None)
+
+
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("key,value", [("LowVRAM", "yes"), ("ReserveGB", -1), ("ReserveGB", float("nan")),
                                        ("ReserveGB", 1000), ("GCThreshold", 101), ("GCThreshold", "70"),
                                        ("LogLevel", "LOUD"), ("MonitorRefresh", -0.5), ("Nope", 1),
                                        ("JsonLogPath", "../../etc/passwd"), ("JsonLogPath", "/tmp/x.jsonl"),
-                                       ("MonitorWarn", True)])
+                                       ("MonitorWarn", True), ("GCThreshold", 10 ** 400),
+                                       ("JsonLogPath", "default/comfy.settings.json"), ("JsonLogPath", "gc.txt"),
+                                       (5, 1), (None, 1), ("LogLevel", ["INFO"])])
 def test_setting_validation_rejects(key, value, tmp_path, monkeypatch):
     monkeypatch.setenv("VRAMGUARD_USER_DIR", str(tmp_path))
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "comfy.settings.json").write_text("{}")
     with pytest.raises(settings.SettingError):
         settings.validate(key, value)
 
 
 class FakeRequest:
-    def __init__(self, body):
-        self.body = body
+    """What handle_post reads of an aiohttp request: content_type, content_length, read()."""
+    content_type = "application/json"
 
-    async def json(self):
-        if isinstance(self.body, Exception):
-            raise self.body
-        return self.body
+    def __init__(self, body):
+        self.raw = b"{not json" if isinstance(body, Exception) else json.dumps(body).encode()
+        self.content_length = len(self.raw)
+
+    async def read(self):
+        return self.raw
 
 
 def _post(body):
@@ -53,7 +66,7 @@ def test_settings_route_validates_and_applies(tmp_path, monkeypatch):
     status, _ = _post({"vramguard.ReserveGB": 2.5, "vramguard.LowVRAM": True})
     assert status == 200 and vg.limits()["reserve"] == int(2.5 * GiB) and vg.guard().low_vram
     status, _ = _post({"id": "vramguard.JsonLogPath", "value": "logs/gc.jsonl"})
-    assert status == 200 and vg.guard()._jsonl == str(tmp_path / "logs" / "gc.jsonl")
+    assert status == 200 and vg.guard()._jsonl == str((tmp_path / "logs" / "gc.jsonl").resolve())
     for bad in (ValueError("not json"), [1, 2], {}, {"id": 5, "value": 1}):
         assert _post(bad)[0] == 400
     settings.load_saved(str(tmp_path / "missing.json"))  # back to defaults for other tests
@@ -68,7 +81,7 @@ def test_saved_settings_and_defaults(tmp_path, monkeypatch, caplog):
     assert vals["vramguard.GCThreshold"] == 55 and vg.guard().policy.threshold == 55
     assert vals["vramguard.ReserveGB"] == 1.0 and vg.limits()["reserve"] == GiB  # bad saved -> default
     assert vals["vramguard.LowVRAM"] is False and vals["vramguard.MonitorRefresh"] == 2.0
-    assert any("ReserveGB ignored" in r.getMessage() for r in caplog.records)
+    assert any("saved settings ignored" in r.getMessage() and "ReserveGB" in r.getMessage() for r in caplog.records)
     f.write_text("{not json")
     vals = settings.load_saved(str(f))
     assert vals["vramguard.GCThreshold"] == 70.0

@@ -19,7 +19,32 @@ function toast(detail, severity = "error") {
   else console[severity === "error" ? "error" : "log"]("vramguard:", detail);
 }
 
-async function push(id, value) {
+// ComfyUI stores a setting's value itself (POST /settings/{id}) even when our route rejects it.
+// So on a 400 the dialog is set back to the old value (ComfyUI then stores that one), and at
+// start-up the dialog is set to what Python uses (it replaced invalid saved values by defaults).
+let reverting = false;
+
+function getSetting(id) {
+  const s = app.extensionManager?.setting;
+  if (s?.get) return s.get(id);
+  return app.ui?.settings?.getSettingValue?.(id);
+}
+
+async function setSetting(id, value) {
+  reverting = true;
+  try {
+    const s = app.extensionManager?.setting;
+    if (s?.set) await s.set(id, value);
+    else if (app.ui?.settings?.setSettingValueAsync) await app.ui.settings.setSettingValueAsync(id, value);
+    else app.ui?.settings?.setSettingValue?.(id, value);
+  } catch (e) {
+    console.warn("vramguard: cannot set", id, e);
+  } finally {
+    reverting = false;
+  }
+}
+
+async function push(id, value, old) {
   try {
     const r = await api.fetchApi("/vramguard/settings", {
       method: "POST",
@@ -29,6 +54,12 @@ async function push(id, value) {
     if (!r.ok) {
       const body = await r.json().catch(() => ({}));
       toast(body.error || `setting ${id} rejected (${r.status})`);
+      if (r.status === 400) {
+        // what Python uses now: the old value, or the default when there was none
+        const cur = await api.fetchApi("/vramguard/settings").then((x) => (x.ok ? x.json() : {})).catch(() => ({}));
+        const back = id in cur ? cur[id] : old;
+        if (back !== undefined) await setSetting(id, back);
+      }
       return false;
     }
     const values = await r.json();
@@ -75,7 +106,14 @@ const monitor = {
   render(d) {
     if (!this.el || this.refresh <= 0) return;
     let html = "";
-    for (const g of d.devices || []) html += this.bar(`GPU${g.index}`, g.used, g.total, g.reserve, d.warn ?? this.warn);
+    for (const g of d.devices || []) {
+      html += this.bar(`GPU${g.index}`, g.used, g.total, g.reserve, d.warn ?? this.warn);
+      if (d.reserve_setting !== undefined && g.reserve !== d.reserve_setting) {
+        // a Set Reserve node or ComfyUI's own --reserve-vram is in force, not the dialog's value
+        html += `<div style="opacity:.8">reserve in force ${(g.reserve / 2 ** 30).toFixed(2)} GB ` +
+          `(setting ${(d.reserve_setting / 2 ** 30).toFixed(2)} GB)</div>`;
+      }
+    }
     if (!(d.devices || []).length) {
       const why = String(d.gpu_reason || "").replace(/"/g, "&quot;");
       html += `<div style="opacity:.7" title="${why}">no GPU (hover for why)</div>`;
@@ -113,17 +151,24 @@ app.registerExtension({
     attrs: s.attrs,
     options: s.options,
     onChange: (value, old) => {
+      if (reverting) return; // our own revert or sync: Python already holds this value
       if (old === undefined && value === s.defaultValue) return; // start-up: Python applied defaults
-      push(s.id, value);
+      push(s.id, value, old);
     },
   })),
   async setup() {
     monitor.mount();
+    let values = {};
     try {
       const r = await api.fetchApi("/vramguard/settings");
-      monitor.configure(r.ok ? await r.json() : {});
-    } catch (e) {
-      monitor.configure({});
+      if (r.ok) values = await r.json();
+    } catch (e) { /* server restarting */ }
+    // make the dialog agree with Python: a saved value Python rejected shows the value in force
+    for (const s of schema) {
+      if (!(s.id in values)) continue;
+      const ui = getSetting(s.id);
+      if (ui !== undefined && ui !== null && ui !== values[s.id]) await setSetting(s.id, values[s.id]);
     }
+    monitor.configure(values);
   },
 });

@@ -22,18 +22,20 @@ import functools
 import gc as _pygc
 import json
 import logging
+import math
 import os
 import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 from . import _native
 from . import accounting as acc
 from . import sampling
-from ._units import parse_size
+from ._units import fmt_bytes, parse_size, short_repr
 
 __all__ = ["STAGES", "GCGuard", "guard", "gc_check", "stage", "after_stage", "gc_stats",
            "configure_gc", "set_log_file", "run", "parse_log_line", "Decision", "register_stage",
@@ -87,6 +89,7 @@ class GCGuard:
         self.device = device
         self._stage_on: dict[str, bool] = {s: True for s in STAGES}
         self._lock = threading.Lock()
+        _all_guards.add(self)  # a forked child gets a fresh lock (see _after_fork_in_child)
         self._stats: dict[str, StageStats] = {}
         self._run_stats: dict[str, StageStats] = {}
         self._failed_actions: set[str] = set()
@@ -278,9 +281,28 @@ class GCGuard:
             "peaks_gb": {k: _gb(v["peak_used"] if v["peak_used"] >= 0 else v["peak_rss"])
                          for k, v in sampling.peaks().items()},
         }
-        log.info("vramguard %s: %d GC of %d checks, %.2f s, saved %.2f GB; peaks %s", label,
-                 s["collections"], s["checks"], s["seconds"], s["saved_gb"], s["peaks_gb"])
+        saved = sum(v.saved for v in table.values())
+        s["saved_bytes"] = saved
+        s["peaks_bytes"] = {k: (v["peak_used"], "device") if v["peak_used"] >= 0 else (v["peak_rss"], "host RSS")
+                            for k, v in sampling.peaks().items()}
+        log.info("vramguard %s: %d GC of %d checks, %.2f s, %s; peaks %s", label, s["collections"], s["checks"],
+                 s["seconds"], _saved_text(saved), _peaks_text(s["peaks_bytes"]))
         return s
+
+
+def _saved_text(saved: int) -> str:
+    """'saved 884.00 KiB' (the bytes behind the GB figures); growth is said as growth."""
+    if saved >= 0:
+        return f"saved {fmt_bytes(saved)}"
+    return f"saved nothing (use grew {fmt_bytes(-saved)})"
+
+
+def _peaks_text(peaks: dict[str, tuple[int, str]]) -> str:
+    """"{'unet': 6.20 GiB, 'model_load': 225.00 MiB host RSS}": device peaks, or host RSS
+    where no device was sampled (then the reserve and budget do not apply to it)."""
+    items = [f"'{k}': {fmt_bytes(n)}" + ("" if where == "device" else f" {where}")
+             for k, (n, where) in peaks.items()]
+    return "{" + ", ".join(items) + "}"
 
 
 def _get(snap: Any, key: str) -> int:
@@ -365,20 +387,53 @@ _LINE = re.compile(r"^GC: utilization=(\{.*?\}) gc=(\{.*?\}) before=(\{.*?\}) af
 
 
 def parse_log_line(line: str) -> dict:
-    """The inverse of format_log_line (for tools that read the log)."""
+    """The inverse of format_log_line (for tools that read the log).  A line that is not a
+    well-formed GC line raises ValueError naming it (cut to 80 characters), never anything
+    from ast.literal_eval."""
     import ast
 
+    if not isinstance(line, str):
+        raise TypeError(f"a GC line is a str, got {type(line).__name__}")
+    if len(line) > 4096:
+        raise ValueError(f"not a vramguard GC line (longer than 4096 characters): {short_repr(line)}")
     m = _LINE.match(line.strip())
     if not m:
-        raise ValueError(f"not a vramguard GC line: {line!r}")
-    return {"utilization": ast.literal_eval(m.group(1)), "gc": ast.literal_eval(m.group(2)),
-            "before": ast.literal_eval(m.group(3)), "after": ast.literal_eval(m.group(4)),
-            "device": m.group(5), "fn": m.group(6), "time": float(m.group(7)), "reason": m.group(8)}
+        raise ValueError(f"not a vramguard GC line: {short_repr(line)}")
+    out: dict[str, Any] = {}
+    try:
+        for key, group in (("utilization", 1), ("gc", 2), ("before", 3), ("after", 4)):
+            v = ast.literal_eval(m.group(group))
+            if not isinstance(v, dict) or not all(isinstance(k, str) and type(x) in (int, float)
+                                                  and math.isfinite(x) for k, x in v.items()):
+                raise ValueError(f"{key} is not a dict of finite numbers")
+            out[key] = v
+        t = float(m.group(7))
+        if not math.isfinite(t):
+            raise ValueError(f"time {m.group(7)!r} is not finite")
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, OverflowError) as e:
+        raise ValueError(f"malformed vramguard GC line ({type(e).__name__}: {short_repr(str(e), 80)}): "
+                         f"{short_repr(line)}") from None
+    out.update({"device": m.group(5), "fn": m.group(6), "time": t, "reason": m.group(8)})
+    return out
 
 
 # -------------------------------------------------------------------- process-wide guard
 _guard: GCGuard | None = None
 _guard_lock = threading.Lock()
+_all_guards: "weakref.WeakSet[GCGuard]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread held a guard's lock would block forever on it
+    (that thread does not exist in the child): give every lock a fresh, unlocked one."""
+    global _guard_lock
+    _guard_lock = threading.Lock()
+    for g in list(_all_guards):
+        g._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def guard() -> GCGuard:
@@ -441,30 +496,73 @@ def gc_stats() -> dict[str, dict]:
     return guard().stats()
 
 
+_reported: set[tuple[str, str, str]] = set()
+
+
+def _after_work_failed(what: str, name: str, e: BaseException) -> None:
+    """Our bookkeeping around a stage failed (a device read, a probe, the sampler): the
+    stage's own work is never failed for it.  Logged once per (what, stage, error type)."""
+    key = (what, name, type(e).__name__)
+    if key in _reported:
+        log.debug("vramguard: %s for stage %s failed again: %s: %s", what, name, type(e).__name__, e)
+        return
+    _reported.add(key)
+    log.warning("vramguard: %s for stage %s failed (%s: %s); the stage's result is kept, "
+                "later failures of this kind are logged at DEBUG", what, name, type(e).__name__,
+                short_repr(str(e), 200))
+
+
+def _begin(name: str) -> tuple[Any, Any]:
+    try:
+        s = sampling.sampler()
+        return s, s.begin(name)
+    except Exception as e:
+        _after_work_failed("the sampler's stage mark", name, e)
+        return None, None
+
+
+def _end(name: str, s: Any, token: Any) -> None:
+    if s is None:
+        return
+    try:
+        s.end(token)
+    except Exception as e:
+        _after_work_failed("the sampler's stage mark", name, e)
+
+
+def _check_after(name: str, need: int, device: int | None) -> None:
+    try:
+        guard().check(name, need=need, device=device)
+    except Exception as e:
+        _after_work_failed("the GC check", name, e)
+
+
 @contextlib.contextmanager
 def stage(name: str, *, gc: bool | None = None, need: int | str = 0, device: int | None = None) -> Iterator[None]:
     """Mark a stage on the sampler; on a normal exit run the GC policy for it.
 
     gc=None runs the policy only for GC stages (STAGES and registered ones); any other name
     is just a mark.  On an exception nothing is collected here: the exception's frames still
-    hold the stage's tensors, and the host's own handler runs first."""
+    hold the stage's tensors, and the host's own handler runs first.  Bad arguments raise
+    at once; once the work has run, nothing of ours (the sampler, a device read, a probe)
+    can fail it: such errors are logged once."""
     if gc and (not isinstance(name, str) or name not in _known):
         _check_stage(name)
     need_b = parse_size(need, "need")
-    s = sampling.sampler()
-    token = s.begin(name)
+    s, token = _begin(name)
     ok = False
     try:
         yield
         ok = True
     finally:
-        s.end(token)
+        _end(name, s, token)
     if ok and (gc if gc is not None else name in _known):
-        guard().check(name, need=need_b, device=device)
+        _check_after(name, need_b, device)
 
 
 def after_stage(name: str, *, need: int | str = 0, device: int | None = None) -> Callable[[F], F]:
-    """Decorator: mark `fn` as stage `name` and run the GC policy after it returns."""
+    """Decorator: mark `fn` as stage `name` and run the GC policy after it returns.  The
+    result of `fn` is returned even when the GC check fails (logged once)."""
     _check_stage(name)
     need_b = parse_size(need, "need")
 
@@ -474,13 +572,12 @@ def after_stage(name: str, *, need: int | str = 0, device: int | None = None) ->
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            s = sampling.sampler()
-            token = s.begin(name)
+            s, token = _begin(name)
             try:
                 result = fn(*args, **kwargs)
             finally:
-                s.end(token)
-            guard().check(name, need=need_b, device=device)
+                _end(name, s, token)
+            _check_after(name, need_b, device)
             return result
 
         wrapper.__vramguard_stage__ = name  # type: ignore[attr-defined]

@@ -39,7 +39,14 @@ _MiB = 1 << 20
 
 
 class TilingError(RuntimeError):
-    """Tiling gave up: nothing fits, or back-off reached the minimum tile."""
+    """Tiling gave up: nothing fits, or back-off reached the minimum tile.
+
+    `stats` holds what tiled() reports in its `stats` argument (tiles finished, retries, the
+    tile sizes tried); it is {} when tiling never started."""
+
+    def __init__(self, message: str, stats: dict | None = None):
+        super().__init__(message)
+        self.stats = dict(stats or {})
 
 
 class Cancelled(Exception):
@@ -149,7 +156,7 @@ def calibrate(fn: Callable[[Any], Any], sample: Any, *, key: Any = None, sizes: 
     from .gcguard import in_sampling
 
     torch = sys.modules.get("torch")
-    if torch is None or not hasattr(sample, "device") or sample.device.type != "cuda":
+    if torch is None or not isinstance(sample, torch.Tensor) or sample.device.type != "cuda":
         c = _default_for(sample, layout, 1.0)
         return CostModel(c.fixed, c.per_px, "default (nothing to measure on this device)")
     if in_sampling():  # measuring allocates on the device: never inside a (compiled) sampling run
@@ -338,7 +345,15 @@ def _release() -> None:
 
 
 def _default_for(x: Any, layout: str, scale: float) -> CostModel:
-    c = x.shape[3] if layout == "nhwc" else x.shape[1]
+    """The default cost model for an image (or a calibration sample) of x's channels and dtype."""
+    shape = getattr(x, "shape", None)
+    if shape is None or not hasattr(x, "dtype"):
+        raise TypeError(f"image must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
+    if layout not in ("nhwc", "nchw"):
+        raise ValueError(f"layout must be 'nhwc' or 'nchw', got {layout!r}")
+    if len(shape) not in (3, 4):
+        raise ValueError(f"image must be 3-D or 4-D ({layout.upper()}), got shape {tuple(shape)}")
+    c = int(shape[-1] if layout == "nhwc" else shape[-3])
     elem = x.element_size() if hasattr(x, "element_size") else x.dtype.itemsize
     return default_cost(c, c, scale, elem)
 
@@ -376,6 +391,19 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
     t_start = time.perf_counter()
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _check_callbacks(progress=progress, cancel=cancel)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (filled in place) or None, got {type(stats).__name__}")
+    if max_batch is not None:
+        max_batch = _check_int(max_batch, "max_batch", 1)
+    if cost is not None and not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a vramguard.CostModel or None, got {type(cost).__name__}")
+    if model_key is not None:
+        try:
+            hash(model_key)
+        except TypeError:
+            raise TypeError(f"model_key must be hashable (e.g. id(model) or a str), got "
+                            f"{type(model_key).__name__}") from None
     if layout not in ("nhwc", "nchw"):
         raise ValueError(f"layout must be 'nhwc' or 'nchw', got {layout!r}")
     scale = _check_scale(scale)
@@ -533,16 +561,17 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
             job.regions = rest + job.regions
             log.info("vramguard: out of memory at tile %d; halving the batch to %d", done, job.b1 - job.b0)
         else:
-            # halve the area: the longer side first, so tiles stay near square
-            tx, ty = min(job.tile[0], tw), min(job.tile[1], th)
-            if tx >= ty:
-                tx = tx // 2 // align * align
-            else:
-                ty = ty // 2 // align * align
-            if min(tx, ty) < floor:
+            # halve the area: the longer side first, so tiles stay near square; never below the
+            # floor, but the floor itself is tried before giving up
+            smaller = _shrink(min(job.tile[0], tw), min(job.tile[1], th), floor, align)
+            if smaller is None:
+                st["seconds"] = time.perf_counter() - t_start
+                if stats is not None:
+                    stats.update(st)
                 raise TilingError(
                     f"out of memory even at the smallest tile: tried {st['tile_sizes']} px (overlap {overlap}, "
-                    f"minimum {floor}); {done} tiles finished; last error {msg}")
+                    f"minimum {floor}); {done} tiles finished; last error {msg}", st)
+            tx, ty = smaller
             job.tile = (tx, ty)
             st["tile_sizes"].append([tx, ty])
             job.regions = rest + job.regions
@@ -550,7 +579,7 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
                      done, st["tile_sizes"][-2], tx, ty)
         total = est_total()
     if canvas is None:
-        raise TilingError("no tile was processed")
+        raise TilingError("no tile was processed", st)
     result = canvas.finish()
     st["seconds"] = time.perf_counter() - t_start
     if stats is not None:
@@ -560,6 +589,23 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
     if is_torch:
         return torch.from_numpy(result)
     return result
+
+
+def _check_callbacks(**cbs: Any) -> None:
+    for name, cb in cbs.items():
+        if cb is not None and not callable(cb):
+            raise TypeError(f"{name} must be callable or None, got {type(cb).__name__}")
+
+
+def _shrink(tx: int, ty: int, floor: int, align: int) -> tuple[int, int] | None:
+    """The next smaller tile after an OOM: the longer side halved (aligned), but not below
+    `floor`; the other side when that one is at the floor already; None when both are."""
+    t = [tx, ty]
+    for i in ((0, 1) if tx >= ty else (1, 0)):
+        if t[i] > floor:
+            t[i] = max(floor, t[i] // 2 // align * align)
+            return t[0], t[1]
+    return None
 
 
 def _remaining(reg: _Region, xs: list[int], ys: list[int], r_i: int, c_i: int, tw: int, th: int,
@@ -586,9 +632,15 @@ def _to_numpy(res: Any, torch: Any) -> np.ndarray:
         a = res
     elif torch is not None and isinstance(res, torch.Tensor):
         t = res.detach()
+        if not t.is_floating_point():
+            raise TypeError(f"fn returned a tensor of dtype {t.dtype}; expected a float type")
         if t.dtype not in (torch.float32, torch.float16):
             t = t.float()
-        a = t.cpu().numpy()
+        try:
+            a = t.cpu().numpy()
+        except (RuntimeError, NotImplementedError, TypeError) as e:  # meta tensors, odd layouts
+            raise TypeError(f"fn returned a tensor that cannot be read back ({t.device}, {t.layout}): "
+                            f"{str(e)[:120]}") from None
     else:
         raise TypeError(f"fn must return a numpy.ndarray or torch.Tensor, got {type(res).__name__}")
     if a.dtype not in (np.float32, np.float16):
@@ -601,6 +653,16 @@ def _to_numpy(res: Any, torch: Any) -> np.ndarray:
 def tiled_many(fn: Callable[[Any], Any], images: Sequence[Any], **kw: Any) -> list[Any]:
     """Tile several images of different sizes, largest first (growing sizes fragment the
     caching allocator), returning results in the original order."""
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+        raise TypeError(f"images must be a sequence of arrays/tensors, got {type(images).__name__}")
+    images = list(images)
+    torch = sys.modules.get("torch")
+    kinds = (np.ndarray,) + ((torch.Tensor,) if torch is not None else ())
+    for i, im in enumerate(images):
+        if not isinstance(im, kinds):
+            raise TypeError(f"images[{i}] must be a numpy.ndarray or torch.Tensor, got {type(im).__name__}")
+        if im.ndim not in (3, 4):
+            raise ValueError(f"images[{i}] must be 3-D or 4-D, got shape {tuple(im.shape)}")
     order = sorted(range(len(images)), key=lambda i: -int(np.prod(images[i].shape)))
     out: list[Any] = [None] * len(images)
     for i in order:
