@@ -268,8 +268,8 @@ static int64_t outstanding(const slot_view *v, int d)
 static void drop_region(const char *msg)
 {
     char m[VG_REASON];
-    snprintf(m, sizeof m, "%s", msg); /* msg may point into L.reason */
-    snprintf(L.reason, VG_REASON, "ledger %.120s ignored: %s", L.path, m);
+    snprintf(m, sizeof m, "%.200s", msg); /* msg may point into L.reason */
+    snprintf(L.reason, VG_REASON, "ledger %.100s ignored: %.130s", L.path, m);
     if (L.reg != NULL)
         munmap(L.reg, sizeof(ledger_region));
     L.reg = NULL;
@@ -507,29 +507,41 @@ static int64_t others_of(const slot_view *views, const unsigned char *alive, int
     return sum;
 }
 
-int64_t vg_ledger_on_reading(int index, int64_t process_used)
+int64_t vg_ledger_others(int index)
 {
     pthread_once(&L_once, local_init);
     if (!atomic_load_explicit(&L.joined, memory_order_relaxed))
         return 0; /* not joined, the common case: costs one load */
+    if (index < 0 || index >= VG_LEDGER_DEVS)
+        return 0;
     lock_local();
     int64_t r = 0;
     if (check_region() == 0) {
-        if (index == VG_HOST) {
-            if (process_used >= 0)
-                publish_host(process_used, -1);
-        } else if (index >= 0 && index < VG_LEDGER_DEVS) {
-            if (process_used >= 0)
-                publish_used(index, process_used);
-            slot_view views[VG_LEDGER_SLOTS];
-            uint64_t seqs[VG_LEDGER_SLOTS];
-            unsigned char alive[VG_LEDGER_SLOTS];
-            sweep(views, seqs, alive);
-            r = others_of(views, alive, index);
-        }
+        slot_view views[VG_LEDGER_SLOTS];
+        uint64_t seqs[VG_LEDGER_SLOTS];
+        unsigned char alive[VG_LEDGER_SLOTS];
+        sweep(views, seqs, alive);
+        r = others_of(views, alive, index);
     }
     pthread_mutex_unlock(&L.lock);
     return r;
+}
+
+void vg_ledger_publish(int index, int64_t process_used)
+{
+    pthread_once(&L_once, local_init);
+    if (!atomic_load_explicit(&L.joined, memory_order_relaxed) || process_used < 0)
+        return;
+    if (index != VG_HOST && (index < 0 || index >= VG_LEDGER_DEVS))
+        return;
+    lock_local();
+    if (check_region() == 0) {
+        if (index == VG_HOST)
+            publish_host(process_used, -1);
+        else
+            publish_used(index, process_used);
+    }
+    pthread_mutex_unlock(&L.lock);
 }
 
 /* ================================================================ join / leave */
@@ -563,15 +575,16 @@ static int join_locked(const char *path)
         return -1;
     }
     struct stat sb;
+    /* Only a file that is ours in every way is stamped: an empty file someone else made
+     * readable (mode) is refused below like any foreign one. */
     if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size == 0 &&
-        sb.st_uid == geteuid()) {
+        sb.st_uid == geteuid() && (sb.st_mode & 077) == 0) {
         if (ftruncate(fd, (off_t)REGION_SIZE) != 0) {
             snprintf(msg, sizeof msg, "ftruncate: %s", strerror(errno));
             flock(fd, LOCK_UN);
             drop_region(msg);
             return -1;
         }
-        fchmod(fd, 0600); /* a umask cannot widen it, but be explicit */
         ledger_region *r =
             mmap(NULL, sizeof(ledger_region), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (r != MAP_FAILED) {
@@ -998,7 +1011,7 @@ static PyObject *py_ledger_others_planned(PyObject *Py_UNUSED(m), PyObject *dev_
         return NULL;
     int64_t r;
     Py_BEGIN_ALLOW_THREADS
-    r = vg_ledger_on_reading(d, -1);
+    r = vg_ledger_others(d);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(r);
 }

@@ -164,11 +164,15 @@ int vg_snapshot(vg_state *st, int index, const vg_override *ov, vg_snap *s)
         char reason[VG_REASON];
         vg_reading r;
         int rc;
-        int64_t others = 0;
+        int64_t others;
         Py_BEGIN_ALLOW_THREADS
+        /* Shared ledger (ledger.c): the others' plans are read BEFORE the source, so an
+         * allocation landing in between is counted twice (in free and in its plan), never
+         * not at all; ours is published after. */
+        others = vg_ledger_others(index);
         rc = vg_source_read_nogil(&st->src, index, &r, reason);
-        if (rc == 0) /* shared ledger (ledger.c): publish ours, read the others' plans */
-            others = vg_ledger_on_reading(index, r.process_used);
+        if (rc == 0)
+            vg_ledger_publish(index, r.process_used);
         Py_END_ALLOW_THREADS
         if (rc != 0) {
             PyErr_SetString(index == VG_HOST ? PyExc_OSError : PyExc_RuntimeError, reason);

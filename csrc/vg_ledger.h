@@ -17,12 +17,15 @@
 #define VG_LEDGER_SLOTS 64 /* participating processes per machine (per uid) */
 #define VG_LEDGER_DEVS 16  /* devices per slot; higher indices are not ledgered */
 
-/* Called by vg_snapshot() for every source reading, without the GIL.  Publishes this
- * process's measured use (`process_used` >= 0; host RAM: its RSS) when joined, sweeps dead
- * slots, and returns what the other participants have planned but not yet allocated on
- * device `index` (saturating sum of max(0, max(planned, pending) - used)); 0 when not joined,
- * for host RAM and for indices >= VG_LEDGER_DEVS. */
-int64_t vg_ledger_on_reading(int index, int64_t process_used);
+/* Called by vg_snapshot() for every source reading, without the GIL; both do nothing (one
+ * atomic load) when this process has not joined.
+ * vg_ledger_others: sweeps dead slots and returns what the OTHER participants have planned
+ * but not yet allocated on device `index` (saturating sum of max(0, max(planned, pending) -
+ * used)); 0 for host RAM and for indices >= VG_LEDGER_DEVS.
+ * vg_ledger_publish: records this process's measured use (`process_used` >= 0; for VG_HOST
+ * its RSS). */
+int64_t vg_ledger_others(int index);
+void vg_ledger_publish(int index, int64_t process_used);
 
 extern PyMethodDef vg_ledger_methods[];
 
