@@ -339,8 +339,10 @@ static int file_bad(int fd, char *msg)
     return 0;
 }
 
-/* Lock held, joined: 0 when the region may be read, else it was dropped. */
-static int check_region(void)
+/* Lock held, joined: 0 when the region may be read, else it was dropped.  `with_stat`: also
+ * fstat the file (one syscall); the publish that follows a budget read within the same
+ * snapshot skips it, every other entry point pays it. */
+static int check_region_ex(int with_stat)
 {
     if (L.reg == NULL)
         return -1;
@@ -349,7 +351,7 @@ static int check_region(void)
         drop_region("forked child: not joined (call ledger_join)");
         return -1;
     }
-    if (file_bad(L.fd, msg) < 0 || header_bad(&L.reg->h, msg) < 0) {
+    if ((with_stat && file_bad(L.fd, msg) < 0) || header_bad(&L.reg->h, msg) < 0) {
         drop_region(msg);
         return -1;
     }
@@ -363,6 +365,8 @@ static int check_region(void)
     }
     return 0;
 }
+
+static int check_region(void) { return check_region_ex(1); }
 
 /* ================================================================ sweep */
 
@@ -535,7 +539,8 @@ void vg_ledger_publish(int index, int64_t process_used)
     if (index != VG_HOST && (index < 0 || index >= VG_LEDGER_DEVS))
         return;
     lock_local();
-    if (check_region() == 0) {
+    /* no fstat: vg_snapshot() read the others (and checked the file) just before */
+    if (check_region_ex(index == VG_HOST) == 0) {
         if (index == VG_HOST)
             publish_host(process_used, -1);
         else
@@ -671,6 +676,37 @@ static void leave_locked(void)
     }
     drop_region("left");
     snprintf(L.reason, VG_REASON, "not joined (left)");
+}
+
+/* ================================================================ pinned host memory */
+
+/* Locked and pinned pages of this process (/proc/self/status VmLck, VmPin; bytes).  Kept apart
+ * from the host source: it is read on demand (host_pinned(), the ledger's host figures), not on
+ * every host snapshot.  0, or -1 when the file cannot be read. */
+static int read_pinned(int64_t *locked, int64_t *pinned)
+{
+    char buf[4096];
+    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    *locked = *pinned = -1;
+    static const char *keys[2] = {"\nVmLck:", "\nVmPin:"};
+    int64_t *out[2] = {locked, pinned};
+    for (int i = 0; i < 2; i++) {
+        const char *p = strstr(buf, keys[i]);
+        if (p == NULL)
+            continue;
+        char *end;
+        long long kb = strtoll(p + 7, &end, 10);
+        if (end != p + 7 && kb >= 0 && kb < (INT64_MAX >> 10))
+            *out[i] = (int64_t)kb << 10;
+    }
+    return 0;
 }
 
 /* ================================================================ Python face */
@@ -1016,6 +1052,33 @@ static PyObject *py_ledger_others_planned(PyObject *Py_UNUSED(m), PyObject *dev_
     return PyLong_FromLongLong(r);
 }
 
+/* host_pinned() -> {"locked": bytes or None, "pinned": bytes or None}; also recorded in
+ * this process's ledger slot (host_pinned = max of the two) when joined. */
+static PyObject *py_host_pinned(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+{
+    int64_t locked = -1, pinned = -1;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = read_pinned(&locked, &pinned);
+    if (rc == 0 && atomic_load_explicit(&L.joined, memory_order_relaxed)) {
+        lock_local();
+        if (check_region() == 0)
+            publish_host(-1, locked > pinned ? locked : pinned);
+        pthread_mutex_unlock(&L.lock);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/status");
+    PyObject *a = locked >= 0 ? PyLong_FromLongLong(locked) : Py_NewRef(Py_None);
+    PyObject *b = pinned >= 0 ? PyLong_FromLongLong(pinned) : Py_NewRef(Py_None);
+    if (a == NULL || b == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    return Py_BuildValue("{s:N,s:N}", "locked", a, "pinned", b);
+}
+
 PyMethodDef vg_ledger_methods[] = {
     {"ledger_join", (PyCFunction)(void (*)(void))py_ledger_join, METH_VARARGS | METH_KEYWORDS,
      "ledger_join($module, /, path=None)\n--\n\nJoin the shared ledger (default "
@@ -1040,4 +1103,7 @@ PyMethodDef vg_ledger_methods[] = {
     {"ledger_others_planned", py_ledger_others_planned, METH_O,
      "ledger_others_planned($module, device, /)\n--\n\nBytes the other participants have "
      "planned but not allocated on device."},
+    {"host_pinned", py_host_pinned, METH_NOARGS,
+     "host_pinned($module, /)\n--\n\nThis process's locked and pinned host memory (bytes, "
+     "/proc/self/status VmLck and VmPin; None where the kernel does not say)."},
     {NULL, NULL, 0, NULL}};

@@ -121,6 +121,12 @@ def publish_host(rss: int | None = None, pinned: int | None = None) -> None:
     _native.ledger_host(rss=rss, pinned=pinned)
 
 
+def host_pinned() -> dict[str, int | None]:
+    """This process's locked / pinned host memory in bytes (/proc/self/status VmLck, VmPin);
+    recorded in the ledger slot (host_pinned) when joined."""
+    return _native.host_pinned()
+
+
 def summary() -> dict[str, Any]:
     """What ``python -m vramguard status`` and the monitor should show: the status and the
     participants, JSON-ready (device keys as strings)."""
@@ -132,5 +138,5 @@ def summary() -> dict[str, Any]:
 
 
 __all__ = ["ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear", "default_path", "join",
-           "join_from_env", "leave", "others_planned", "participants",
+           "host_pinned", "join_from_env", "leave", "others_planned", "participants",
            "participants_consistent", "plan", "publish_host", "status", "summary", "sweep"]
