@@ -78,6 +78,7 @@ typedef struct {
     ledger_region *reg;
     int fd;
     pid_t owner; /* the process that joined; a forked child is not it */
+    uid_t euid;  /* ours, read at join (the region must belong to it) */
     int slot;
     int64_t start;
     char path[4096];
@@ -322,9 +323,9 @@ static int file_bad(int fd, char *msg)
         snprintf(msg, VG_REASON, "not a regular file");
         return -1;
     }
-    if (sb.st_uid != geteuid()) {
+    if (sb.st_uid != L.euid) {
         snprintf(msg, VG_REASON, "owned by uid %u, not %u", (unsigned)sb.st_uid,
-                 (unsigned)geteuid());
+                 (unsigned)L.euid);
         return -1;
     }
     if (sb.st_mode & 077) {
@@ -347,10 +348,8 @@ static int check_region_ex(int with_stat)
     if (L.reg == NULL)
         return -1;
     char msg[VG_REASON];
-    if (L.owner != getpid()) { /* a child forked without the atfork handler running */
-        drop_region("forked child: not joined (call ledger_join)");
-        return -1;
-    }
+    /* A forked child was already detached by after_fork_child (pthread_atfork): no getpid()
+     * here, this runs on every budget read. */
     if ((with_stat && file_bad(L.fd, msg) < 0) || header_bad(&L.reg->h, msg) < 0) {
         drop_region(msg);
         return -1;
@@ -565,6 +564,7 @@ static int join_locked(const char *path)
         return 0; /* already joined */
     snprintf(L.path, sizeof L.path, "%s", path);
     local_reset_fds();
+    L.euid = geteuid();
     int fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
         snprintf(L.reason, VG_REASON, "ledger %.200s ignored: open: %s", path, strerror(errno));
