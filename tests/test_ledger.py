@@ -164,6 +164,31 @@ def test_other_plan_shrinks_budget_and_dies_with_its_process(region):
         _end(p)
 
 
+def _planner_dev1(path, nbytes, ready):
+    _setup_device()
+    _native.simulate(1, total=TOTAL // 2, used=0)
+    ok = ledger.join(path)["joined"] and ledger.plan(1, nbytes)
+    ready.put(ok)
+    time.sleep(60)
+
+
+def test_plans_are_per_device(region):
+    _setup_device()
+    _native.simulate(1, total=TOTAL // 2, used=0)
+    vg.set_reserve(RESERVE, device=1)
+    ledger.join(region)
+    q = CTX.Queue()
+    p = CTX.Process(target=_planner_dev1, args=(region, 3 * GiB, q), daemon=True)
+    p.start()
+    try:
+        assert q.get(timeout=30) is True
+        assert vg.snapshot(0).budget == TOTAL - RESERVE
+        assert vg.snapshot(1).budget == TOTAL // 2 - RESERVE - 3 * GiB
+        assert ledger.others_planned(0) == 0 and ledger.others_planned(1) == 3 * GiB
+    finally:
+        _end(p)
+
+
 def test_claim_context_manager(region):
     _setup_device()
     ledger.join(region)
