@@ -135,6 +135,15 @@ def test_join_makes_a_private_versioned_region(region):
     assert not ledger.status()["joined"]
 
 
+def test_package_level_api(region):
+    assert vg.ledger_join(region)["joined"]
+    with vg.ledger_claim(0, GiB):
+        assert vg.ledger_participants()[0]["devices"][0]["planned"] == GiB
+    assert vg.ledger_status()["joined"]
+    vg.ledger_leave()
+    assert not vg.ledger_status()["joined"]
+
+
 def test_own_plan_does_not_shrink_own_budget(region):
     _setup_device()
     ledger.join(region)
