@@ -574,7 +574,16 @@ static int join_locked(const char *path)
     /* Creation race: the first to take the lock sizes and stamps the header; the magic is
      * written last, so a reader sees a whole header or a bad magic. */
     char msg[VG_REASON];
-    if (flock(fd, LOCK_EX) != 0) {
+    /* Non-blocking, bounded: a process sitting on the lock must not hang our join. */
+    int locked = -1;
+    for (int i = 0; i < 200 && locked != 0; i++) {
+        locked = flock(fd, LOCK_EX | LOCK_NB);
+        if (locked != 0 && errno != EWOULDBLOCK)
+            break;
+        if (locked != 0)
+            usleep(5000);
+    }
+    if (locked != 0) {
         snprintf(msg, sizeof msg, "flock: %s", strerror(errno));
         drop_region(msg);
         return -1;

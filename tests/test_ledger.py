@@ -467,3 +467,19 @@ def test_host_pinned_counts_locked_pages(region):
         assert ledger.participants()[0]["host_pinned"] >= after["locked"]
     finally:
         libc.munlock(buf, ctypes.c_size_t(len(buf)))
+
+
+def test_join_does_not_hang_on_a_held_lock(tmp_path):
+    import fcntl
+    path = tmp_path / "ledger"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        st = ledger.join(str(path))
+        assert not st["joined"] and "flock" in st["reason"]
+        assert time.monotonic() - t0 < 10
+    finally:
+        os.close(fd)
+    assert ledger.join(str(path))["joined"]
+    ledger.leave()
