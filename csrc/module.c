@@ -7,6 +7,7 @@
 #define VG_NUMPY_MAIN
 #include "vg.h"
 #include "vg_numpy.h"
+#include "vg_ledger.h"
 
 #include <errno.h>
 #include <string.h>
@@ -59,7 +60,8 @@ static int vg_exec(PyObject *m)
         return -1;
     if (PyModule_AddFunctions(m, vg_snapshot_methods) < 0 ||
         PyModule_AddFunctions(m, vg_devices_methods) < 0 ||
-        PyModule_AddFunctions(m, vg_tiler_methods) < 0)
+        PyModule_AddFunctions(m, vg_tiler_methods) < 0 ||
+        PyModule_AddFunctions(m, vg_ledger_methods) < 0)
         return -1;
     return 0;
 }

@@ -8,13 +8,14 @@
  * The reserve rule: reserve = max(ours (configured), the host's (probe), the call's). */
 #include "vg_snapshot.h"
 #include "vg_args.h"
+#include "vg_ledger.h"
 
 #include <math.h>
 #include <string.h>
 
 /* ================================================================ the budget */
 
-/* budget = max(0, free + evictable - reserve), and with a cap:
+/* budget = max(0, free + evictable - reserve - others_planned), and with a cap:
  *          min(that, max(0, cap - live)),  live = max(0, held - evictable),
  *          held = process_used if known, else framework_reserved if known, else used.
  * `free` counts other applications, so keeping `reserve` free leaves room for them.
@@ -22,6 +23,10 @@
 int64_t vg_budget(const vg_snap *s)
 {
     int64_t b = vg_sat_sub(vg_sat_add(s->free, s->evictable), s->reserve);
+    /* Shared ledger: what the other participants announced but have not allocated yet is
+     * not ours to plan with, so all participants' budgets add up to <= free - reserve. */
+    if (s->others_planned > 0)
+        b = vg_sat_sub(b, s->others_planned);
     if (b < 0)
         b = 0;
     if (s->cap > 0) {
@@ -159,14 +164,22 @@ int vg_snapshot(vg_state *st, int index, const vg_override *ov, vg_snap *s)
         char reason[VG_REASON];
         vg_reading r;
         int rc;
+        int64_t others;
         Py_BEGIN_ALLOW_THREADS
+        /* Shared ledger (ledger.c): the others' plans are read BEFORE the source, so an
+         * allocation landing in between is counted twice (in free and in its plan), never
+         * not at all; ours is published after. */
+        others = vg_ledger_others(index);
         rc = vg_source_read_nogil(&st->src, index, &r, reason);
+        if (rc == 0)
+            vg_ledger_publish(index, r.process_used);
         Py_END_ALLOW_THREADS
         if (rc != 0) {
             PyErr_SetString(index == VG_HOST ? PyExc_OSError : PyExc_RuntimeError, reason);
             return -1;
         }
         from_reading(s, &r);
+        s->others_planned = others;
         vg_devcfg c = limits_of(&st->src, index);
         s->reserve = c.reserve, s->cap = c.cap;
         /* The probe speaks for the framework's devices: not for simulated ones, whose

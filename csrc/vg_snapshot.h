@@ -16,6 +16,7 @@ typedef struct {
     int64_t total, free, used, process_used;
     int64_t framework_reserved, framework_allocated, framework_active;
     int64_t evictable, reserve, cap, budget;
+    int64_t others_planned; /* shared ledger: other participants' planned-not-allocated bytes */
     int64_t oom_count, retry_count;
     double timestamp; /* CLOCK_MONOTONIC seconds */
 } vg_snap;

@@ -17,6 +17,14 @@ from .accounting import (Host, Snapshot, budget_of, clear_limits, device_count, 
 from .gcguard import (STAGES, Decision, GCGuard, after_stage, configure_gc, gc_check, gc_stats,
                       guard, in_sampling, parse_log_line, register_stage, run, set_log_file, stage)
 from .reserve import effective_reserve, end_override, override_limits
+from . import ledger
+from .ledger import claim as ledger_claim
+from .ledger import clear as ledger_clear
+from .ledger import join as ledger_join
+from .ledger import leave as ledger_leave
+from .ledger import participants as ledger_participants
+from .ledger import plan as ledger_plan
+from .ledger import status as ledger_status
 from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
 from .tiling import (Cancelled, CostModel, Plan, TilingError, calibrate, cost_model, default_cost,
                      plan_tiles, tiled, tiled_many)
@@ -29,6 +37,8 @@ __all__ = [
     "probe", "register_probe", "set_cap", "set_reserve", "simulate", "simulate_clear", "snapshot",
     "snapshot_dict", "snapshots", "update_simulated",
     "effective_reserve", "end_override", "override_limits",
+    "ledger", "ledger_claim", "ledger_clear", "ledger_join", "ledger_leave", "ledger_participants",
+    "ledger_plan", "ledger_status",
     "Sampler", "peaks", "reset_sampler", "sampler", "stages", "timeline",
     "STAGES", "Decision", "GCGuard", "after_stage", "configure_gc", "gc_check", "gc_stats", "guard",
     "in_sampling", "parse_log_line", "register_stage", "run", "set_log_file", "stage",
