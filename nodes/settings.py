@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import vramguard as vg
+from vramguard import _forksafe
 from vramguard._units import short_repr
 
 log = logging.getLogger("vramguard")
@@ -57,7 +58,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                     "name": "Monitor warning level (%)", "tooltip": "The bar turns red past this VRAM use."},
 }
 
-_lock = threading.Lock()
+_lock = _forksafe.lock()
 _values: dict[str, Any] = {k: v["default"] for k, v in SCHEMA.items()}
 
 #: The first line of every JSON log file vramguard creates.  A log path may name only a new

@@ -58,6 +58,13 @@ class _CudaLike:
     def shape(self):
         return self.t.shape
 
+    @property
+    def dtype(self):
+        return self.t.dtype
+
+    def element_size(self):
+        return self.t.element_size()
+
 
 def test_calibration_cache_follows_the_model_object(monkeypatch):
     """Keyed by the model object (weakly), not id(model): a dead model's entry goes away, so a

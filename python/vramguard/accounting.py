@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from typing import Any, Callable, Iterable, Mapping
 
-from . import _native
+from . import _forksafe, _native
 from ._units import parse_size
 
 __all__ = ["Snapshot", "Host", "device_count", "default_device", "gpu_status", "snapshot", "snapshots", "host",
@@ -25,7 +24,7 @@ Snapshot = _native.Snapshot
 Host = _native.Host
 Probe = Callable[[int], "Mapping[str, Any] | None"]
 
-_probe_lock = threading.Lock()
+_probe_lock = _forksafe.lock()
 if hasattr(os, "register_at_fork"):  # a child must not inherit a lock held by a sampler thread
     os.register_at_fork(after_in_child=_native.after_fork_child)
 _probe_origin: str | None = None  # "user", "torch", "comfyui"

@@ -26,13 +26,11 @@ import math
 import os
 import re
 import sys
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
-from . import _native
+from . import _forksafe, _native
 from . import accounting as acc
 from . import sampling
 from ._units import fmt_bytes, parse_size, short_repr
@@ -88,8 +86,7 @@ class GCGuard:
         self.enabled = True
         self.device = device
         self._stage_on: dict[str, bool] = {s: True for s in STAGES}
-        self._lock = threading.Lock()
-        _all_guards.add(self)  # a forked child gets a fresh lock (see _after_fork_in_child)
+        self._lock = _forksafe.lock()
         self._stats: dict[str, StageStats] = {}
         self._run_stats: dict[str, StageStats] = {}
         self._failed_actions: set[str] = set()
@@ -311,9 +308,9 @@ def _get(snap: Any, key: str) -> int:
 
 
 # One collection at a time per process; a nested or concurrent check skips instead of waiting.
-_collect_lock = threading.Lock()
+_collect_lock = _forksafe.lock()
 # Open sampling runs (hooks.call_stage("unet", ...)): no collection while any is open.
-_sampling_lock = threading.Lock()
+_sampling_lock = _forksafe.lock()
 _sampling_runs = 0
 
 
@@ -334,13 +331,15 @@ def in_sampling() -> bool:
     return _sampling_runs > 0
 
 
-def _reset_locks_in_child() -> None:
-    global _collect_lock, _sampling_lock, _sampling_runs
-    _collect_lock, _sampling_lock, _sampling_runs = threading.Lock(), threading.Lock(), 0
+def _reset_in_child() -> None:
+    # the sampling runs of other threads do not exist in a forked child (its locks are reset
+    # by _forksafe)
+    global _sampling_runs
+    _sampling_runs = 0
 
 
 if hasattr(os, "register_at_fork"):  # a child must not inherit a lock held by another thread
-    os.register_at_fork(after_in_child=_reset_locks_in_child)
+    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def _default_release() -> None:
@@ -419,21 +418,7 @@ def parse_log_line(line: str) -> dict:
 
 # -------------------------------------------------------------------- process-wide guard
 _guard: GCGuard | None = None
-_guard_lock = threading.Lock()
-_all_guards: "weakref.WeakSet[GCGuard]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """A child forked while another thread held a guard's lock would block forever on it
-    (that thread does not exist in the child): give every lock a fresh, unlocked one."""
-    global _guard_lock
-    _guard_lock = threading.Lock()
-    for g in list(_all_guards):
-        g._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_guard_lock = _forksafe.lock()
 
 
 def guard() -> GCGuard:

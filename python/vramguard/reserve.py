@@ -12,15 +12,15 @@ between (a settings POST during the prompt) is left as it is.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from . import _forksafe
 from . import accounting as acc
 from ._units import parse_size
 
 __all__ = ["override_limits", "end_override", "effective_reserve"]
 
-_lock = threading.Lock()
+_lock = _forksafe.lock()
 # device (None = every device) -> {"before": limits, "set": limits} of the open override
 _open: dict[int | None, dict[str, dict[str, int]]] = {}
 

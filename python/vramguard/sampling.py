@@ -9,17 +9,16 @@ started) folds every sample in between, so each stage has a peak even without th
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from . import _native
+from . import _forksafe, _native
 from .accounting import default_device
 
 __all__ = ["Sampler", "sampler", "reset_sampler", "start", "stop", "timeline", "stages", "peaks"]
 
 Sampler = _native.Sampler
 
-_lock = threading.Lock()
+_lock = _forksafe.lock()
 _default: Sampler | None = None
 
 

@@ -19,7 +19,6 @@ import gc as _pygc
 import logging
 import math
 import sys
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import _native
+from . import _forksafe, _native
 from . import accounting as acc
 from ._units import fmt_bytes, parse_size
 
@@ -90,7 +89,7 @@ class _CostCache:
 
     def __init__(self, limit: int = 64):
         self.limit = limit
-        self._lock = threading.Lock()
+        self._lock = _forksafe.lock()
         self._by_obj: dict[int, dict[Any, CostModel]] = {}
         self._plain: dict[Any, CostModel] = {}
 
@@ -156,7 +155,8 @@ def calibrate(fn: Callable[[Any], Any], sample: Any, *, key: Any = None, sizes: 
     from .gcguard import in_sampling
 
     torch = sys.modules.get("torch")
-    if torch is None or not isinstance(sample, torch.Tensor) or sample.device.type != "cuda":
+    # duck-typed on purpose: NumPy 2 arrays have .device too (the string "cpu", no .type)
+    if torch is None or getattr(getattr(sample, "device", None), "type", None) != "cuda":
         c = _default_for(sample, layout, 1.0)
         return CostModel(c.fixed, c.per_px, "default (nothing to measure on this device)")
     if in_sampling():  # measuring allocates on the device: never inside a (compiled) sampling run
