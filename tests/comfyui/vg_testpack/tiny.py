@@ -62,7 +62,8 @@ def make_clip(seed: int = 2):
 
     target = comfy.supported_models_base.ClipTarget(
         comfy.sd1_clip.SD1Tokenizer,
-        functools.partial(comfy.sd1_clip.SD1ClipModel, textmodel_json_config=dict(CLIP)))
+        functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=functools.partial(
+            comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(CLIP), return_projected_pooled=False)))
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     init_weights(clip.cond_stage_model, seed)
     return clip
