@@ -374,14 +374,32 @@ def _check_every_node_run(c: Comfy) -> None:
     assert "IMPORT FAILED" not in c.log_tail(200000)
     stats = c.get("/vramguard/hooks")["gc_stats"]
     assert stats["upscale"]["collections"] >= 1 and stats["vae_decode"]["checks"] >= 1
-    # one sampling run, one unet check: Memory Guard and the automatic hook must not both count it
-    assert e["fired"].get("unet") == 1, e["fired"]
-    assert e["fired"].get("text_encode") == 1, e["fired"]
+    assert e["fired"].get("text_encode") == 1 and e["fired"].get("unet", 0) >= 1, e["fired"]
 
 
 def test_every_node_over_http(server):
     _check_server(server)
     _check_every_node_run(server)
+
+
+def test_memory_guard_one_unet_check_per_sampling_run(server):
+    """Memory Guard on the MODEL and the automatic unet hook: one sampling run, one check.
+    Fails on 0.1.0 (2 checks): MemoryGuard's OUTER_SAMPLE wrapper calls gc_check("unet")
+    (nodes/pack.py, MemoryGuard.execute) inside comfy.sample.sample, whose hook checks again
+    after it returns (python/vramguard/hooks.py: the depth guard covers nested hooked calls only)."""
+    e = server.run({
+        "1": _tiny(41),
+        "2": {"class_type": "VramguardMemoryGuard", "inputs": {"model": ["1", 0], "mode": "policy"}},
+        "3": _encode(["1", 1], "one check"),
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": 4, "steps": 2, "cfg": 1.5, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": "vg_test_vae.safetensors"}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
+        "8": _save(["7", 0], "vg_guard_once"),
+    })
+    _expect(e["fired"], {"text_encode": 1, "unet": 1, "vae_decode": 1})
 
 
 # ----------------------------------------------------------------------------- install routes
