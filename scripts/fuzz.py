@@ -375,19 +375,21 @@ def array(rng, shape=None, dtype=None):
 
 
 def snap_mapping(rng, valid=False):
+    """A snapshot as a mapping: plausible values, then (unless valid) one or two hostile ones."""
     keys = ["total", "free", "used", "process_used", "framework_reserved", "framework_allocated",
             "evictable", "reserve", "cap", "budget", "oom_count", "retry_count", "index"]
     m = {}
     for k in keys:
         if rng.random() < 0.5:
-            continue
-        if valid or rng.random() < 0.6:
             m[k] = rng.choice([0, 1, 1 << 20, 4 * GiB, 8 * GiB, 2 ** 62, 9 * 10 ** 18, 9.2e18, -1, None])
-        elif rng.random() < 0.5:
-            m[k] = rng.choice([10 ** 400, -10 ** 400, 2 ** 63, 2 ** 64 + 1, -2, float("nan"), float("inf"),
-                               True, "1", 1e400 if False else 1.8e308, hostile_number(rng, 1)])
-        else:
-            m[k] = adversarial(rng, 2)
+    if not valid:
+        for _ in range(rng.choice([1, 1, 1, 2])):
+            k = rng.choice(keys)
+            if rng.random() < 0.6:
+                m[k] = rng.choice([10 ** 400, -10 ** 400, 2 ** 63, 2 ** 64 + 1, -2, float("nan"), float("inf"),
+                                   True, "1", 1.8e308, hostile_number(rng, 1)])
+            else:
+                m[k] = adversarial(rng, 2)
     return m
 
 
@@ -637,7 +639,7 @@ def gen_native(t: Target, rng, ctx):
                 kw["now"] = rng.choice([0.0, 1e9, float("nan"), A(rng)])
             if rng.random() < 0.2:
                 kw["forced"] = A(rng)
-            return p.decide, args, kw, None
+            return p.decide, args, kw, (lambda r, m=args[0]: check_accepts_nonsense(m, r))
         if attr == "check":
             args = [rng.choice([0, 0, 1, -1, edge_int(rng), A(rng)])]
             if rng.random() < 0.5:
@@ -740,8 +742,38 @@ def _num(v):
     return int(v)
 
 
+SNAP_KEYS = ("total", "free", "used", "process_used", "framework_reserved", "framework_allocated",
+             "evictable", "reserve", "cap", "budget", "oom_count", "retry_count")
+
+
+def nonsense_field(m):
+    """A snapshot field no byte count can be (out of int64, < -1, not finite, hostile):
+    accepting it as 'unknown' or wrapping it is a wrong result."""
+    if type(m) is not dict:
+        return None
+    for k in SNAP_KEYS:
+        v = m.get(k)
+        if type(v) is int and not (-1 <= v < 2 ** 63):
+            return k, v
+        if type(v) is float and not (math.isfinite(v) and -1 <= v < 2.0 ** 63):
+            return k, v
+        if type(v) in (EvilInt, EvilFloat) and v.mode == "raise":
+            return k, v
+    return None
+
+
+def check_accepts_nonsense(m, r):
+    bad = nonsense_field(m)
+    if bad is not None:
+        return f"accepted snapshot field {bad[0]}={bad[1]!r:.60} and answered {r!r:.80}"
+    return None
+
+
 def check_budget(m, r):
     """budget() against the documented formula in exact integers (saturated to int64)."""
+    bad = check_accepts_nonsense(m, r)
+    if bad:
+        return bad
     if not isinstance(m, dict) or type(m) is not dict or not isinstance(r, int):
         return None
     f = {k: _num(m.get(k)) for k in ("free", "evictable", "reserve", "cap", "process_used",
@@ -1042,7 +1074,11 @@ def one_call(targets, seed, i, timeout):
     exc_name = None
     if t.name.startswith("_native.") and threads == 1 and dt > SLOW and ctx.reentries == 0:
         findings.append(("slow", f"a C entry point took {dt:.2f} s (> {SLOW:g} s)"))
+    seen = set()
     for e in excs:
+        if (type(e), str(e)[:100]) in seen:  # the same error from several threads: once
+            continue
+        seen.add((type(e), str(e)[:100]))
         kind = classify(e)
         exc_name = type(e).__name__
         if kind:
@@ -1244,6 +1280,7 @@ def main(argv=None):
                     help="count exceptions from NumPy/stdlib internals (foreign_exception) as findings")
     ap.add_argument("--list", action="store_true", help="list the targets and exit")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--progress", type=int, default=0, help="print a progress line every N calls")
     a = ap.parse_args(argv)
     timeout = a.timeout_per_call or (6.0 if SANITIZED else 2.0)
     targets = discover(a.only)
@@ -1306,6 +1343,10 @@ def main(argv=None):
             if ev[0] == "rec":
                 rec = ev[1]
                 counts["calls"] += 1
+                if a.progress and counts["calls"] % a.progress == 0:
+                    print(f"progress: {counts['calls']} calls, {time.monotonic() - t0:.0f} s, "
+                          f"{sum(counts[k] for k in fail_kinds)} findings "
+                          f"({dict((k, counts[k]) for k in sorted(fail_kinds) if counts[k])})", flush=True)
                 per_target[rec["target"]]["calls"] += 1
                 if rec["exc"]:
                     counts["exceptions"] += 1
