@@ -24,7 +24,10 @@ if os.environ.get("VRAMGUARD_WERROR"):
     cflags.append("-Werror")
 san = os.environ.get("VRAMGUARD_SANITIZE", "").strip()
 if san:
-    cflags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+    # -fno-wrapv: CPython's CFLAGS carry -fwrapv, which defines signed overflow and so turns
+    # UBSan's signed-integer-overflow check off; the sanitized build must see overflows.
+    cflags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g",
+               "-fno-wrapv"]
     ldflags += [f"-fsanitize={san}"]
 
 setup(
