@@ -244,6 +244,8 @@ def edge_int(rng):
 
 def hostile_number(rng, base=None):
     base = edge_int(rng) if base is None else base
+    if type(base) not in (int, float) or (type(base) is float and not math.isfinite(base)):
+        base = 1
     mode = rng.choice(["raise", "reenter", "reenter", "plain"])
     action = rng.choice(REENTER)
     k = rng.randrange(4)
@@ -528,11 +530,14 @@ def put_args(rng, ctx):
     if rng.random() < 0.2:  # a strided view of a bigger result
         big = np.zeros((nb, h + 2, w + 2, C) if layout == "nhwc" else (nb, C, h + 2, w + 2), rdt)
         res = big[:, 1:h + 1, 1:w + 1] if layout == "nhwc" else big[:, :, 1:h + 1, 1:w + 1]
-    if rng.random() < 0.12:  # the result is a view of the canvas output (aliasing)
+    aliased = rng.random() < 0.2
+    if aliased:  # the result is a view of the canvas output, in place or shifted
         out = ctx.canvas_out
-        sx = rng.choice([ox, 0])
+        sx = rng.choice([ox, 0, 0, max(0, ox - 1)])
         res = out[b0:b0 + nb, oy:oy + h, sx:sx + w] if layout == "nhwc" else out[b0:b0 + nb, :, oy:oy + h, sx:sx + w]
     args = [res, b0, ox, oy, valid_ramps(rng, ox, w), valid_ramps(rng, oy, h)]
+    if aliased and rng.random() < 0.7:  # unit weights: the plain-copy path
+        args[4], args[5] = [], []
     nmut = rng.choice([0, 0, 1, 1, 2])
     for _ in range(nmut):
         i = rng.randrange(6)
@@ -571,6 +576,8 @@ def gen_native(t: Target, rng, ctx):
 
             def check(r, args=args):
                 ok_types = all(type(x) is int for x in args[1:4]) and isinstance(args[0], np.ndarray)
+                if not ok_types:  # an int-like whose value we can't read back safely: don't judge
+                    ctx.canvas_mask = None
                 if ok_types and args[0].ndim == 4 and ctx.canvas_mask is not None:
                     layout = ctx.canvas_dims[0]
                     nb = args[0].shape[0]
@@ -1057,7 +1064,7 @@ def run_call(fn, args, kw, threads, timeout):
     return (results[0] if results else None), excs
 
 
-def one_call(targets, seed, i, timeout):
+def one_call(targets, seed, i, timeout, announce=None):
     """Run call i; returns a record {target, desc, findings: [(kind, detail)], exc}."""
     baseline()
     try:
@@ -1070,6 +1077,8 @@ def one_call(targets, seed, i, timeout):
     desc = describe(fn, args, kw) + (f"  [from {threads} threads at once]" if threads > 1 else "")
     if ctx.canvas is not None:
         desc += f"  [canvas: {ctx.canvas_desc}]"
+    if announce is not None:
+        announce(desc)
     findings = []
     t0 = time.monotonic()
     try:
@@ -1136,7 +1145,8 @@ def worker_main(targets, seed, start, end, wfd, quarantined, timeout):
             continue
         out.write(json.dumps({"i": i, "begin": tname}) + "\n")
         try:
-            rec = one_call(targets, seed, i, timeout)
+            rec = one_call(targets, seed, i, timeout,
+                           lambda d: out.write(json.dumps({"i": i, "begin": tname, "desc": d}) + "\n"))
         except BaseException as e:  # the harness itself, or a stale exception surfacing in it
             rec = {"target": tname, "desc": "(see replay)", "exc": type(e).__name__, "dt": 0.0,
                    "findings": [("leaked_exception", f"{type(e).__name__} escaped into the harness: "
@@ -1243,7 +1253,7 @@ def run_range(targets, seed, start, end, timeout, tmp, quarantined=frozenset()):
                 yield ("skip", rec["i"], rec["skip"])
                 current = None
             elif "begin" in rec:
-                current = (rec["i"], rec["begin"])
+                current = (rec["i"], rec["begin"], rec.get("desc", "(died while building the call)"))
             else:
                 current = None
                 yield ("rec", rec)
@@ -1251,12 +1261,12 @@ def run_range(targets, seed, start, end, timeout, tmp, quarantined=frozenset()):
         if current is None and not hung:
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
                 # died between calls (at exit, in a sentinel's cleanup...)
-                yield ("dead", last, "(between calls)", "crash", status_text(status), excerpt(err))
+                yield ("dead", last, "(between calls)", "crash", status_text(status), excerpt(err), "")
             i = last + 1 if last >= i else end
             if last + 1 >= end:
                 return
             continue
-        ci, cname = current if current else (last, "?")
+        ci, cname, cdesc = current if current else (last, "?", "?")
         san = SAN_RE.search(err)
         if hung:
             kind, detail = "hang", f"no answer within {timeout:g} s"
@@ -1264,7 +1274,7 @@ def run_range(targets, seed, start, end, timeout, tmp, quarantined=frozenset()):
             kind, detail = "sanitizer", san.group(0)[:300]
         else:
             kind, detail = "crash", status_text(status) + (f": {san.group(0)[:200]}" if san else "")
-        yield ("dead", ci, cname, kind, detail, excerpt(err))
+        yield ("dead", ci, cname, kind, detail, excerpt(err), cdesc)
         i = ci + 1
 
 
@@ -1294,7 +1304,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--start", type=int, default=0, help="first call index")
     ap.add_argument("--timeout-per-call", type=float, default=None,
-                    help="seconds before a call counts as a hang (default 2, 6 under sanitizers)")
+                    help="seconds before a call counts as a hang (default 2, 4 under sanitizers)")
     ap.add_argument("--only", default=None, help="regex: fuzz only targets whose name matches")
     ap.add_argument("--replay", type=int, default=None, help="describe and run call N in-process")
     ap.add_argument("--findings", default=None, help="append findings as JSON lines to this file")
@@ -1306,7 +1316,7 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--progress", type=int, default=0, help="print a progress line every N calls")
     a = ap.parse_args(argv)
-    timeout = a.timeout_per_call or (6.0 if SANITIZED else 2.0)
+    timeout = a.timeout_per_call or (4.0 if SANITIZED else 2.0)
     targets = discover(a.only)
     if not targets:
         print(f"no target matches {a.only!r}", file=sys.stderr)
@@ -1383,22 +1393,18 @@ def main(argv=None):
                 for kind, detail in rec["findings"]:
                     record(kind, rec["i"], rec["target"], detail, rec["desc"])
                 continue
-            _, i, name, kind, detail, err = ev
+            _, i, name, kind, detail, err, desc = ev
             counts["calls"] += 1
             per_target[name]["calls"] += 1
-            # regenerate the call's description in this (parent) process without running it
-            try:
-                baseline()
-                t, ctx, fn, args, kw, _, threads = build_call(targets, a.seed, i)
-                desc = describe(fn, args, kw) + (f"  [from {threads} threads at once]" if threads > 1 else "")
-                baseline()
-            except Exception as e:  # describing must never stop the run
-                desc = f"(could not describe: {e!r})"
-            rep = alone(targets, a.seed, i, timeout, tmp) if kind != "hang" or fatal_per_target[name] < 1 else None
-            detail += "; reproduces alone" if rep else "; only after earlier calls in this worker"
+            # replay the first few of each kind alone (a hang costs a timeout each time)
+            fatal_per_target[(name, kind)] += 1
+            if fatal_per_target[(name, kind)] <= (1 if kind == "hang" else 3):
+                rep = alone(targets, a.seed, i, timeout, tmp)
+                detail += "; reproduces alone" if rep else "; only after earlier calls in this worker"
             record(kind, i, name, detail, desc, err)
-            fatal_per_target[name] += 1
-            if fatal_per_target[name] >= a.quarantine_after and name not in quarantined:
+            # hangs cost a timeout each: quarantine the target after a few; crashes are cheap
+            limit = a.quarantine_after if kind == "hang" else 10 * a.quarantine_after
+            if fatal_per_target[(name, kind)] >= limit and name not in quarantined:
                 quarantined.add(name)
                 restart = i + 1
                 break
