@@ -1064,8 +1064,11 @@ def run_call(fn, args, kw, threads, timeout):
     return (results[0] if results else None), excs
 
 
+DROP: frozenset = frozenset()  # the minimiser's edits: keyword names to leave out, "__threads__"
+
+
 def one_call(targets, seed, i, timeout, announce=None):
-    """Run call i; returns a record {target, desc, findings: [(kind, detail)], exc}."""
+    """Run call i (less what DROP names); returns {target, desc, findings: [(kind, detail)], exc}."""
     baseline()
     try:
         t, ctx, fn, args, kw, check, threads = build_call(targets, seed, i)
@@ -1074,11 +1077,16 @@ def one_call(targets, seed, i, timeout, announce=None):
         return {"target": tname, "desc": "(setup)", "exc": type(e).__name__, "dt": 0.0,
                 "findings": [("system_error", f"while building the call: {type(e).__name__}: {e}")]
                 if classify(e) else [], "setup_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    kwnames = sorted(kw)
+    if DROP:
+        kw = {k: v for k, v in kw.items() if k not in DROP}
+        if "__threads__" in DROP:
+            threads = 1
     desc = describe(fn, args, kw) + (f"  [from {threads} threads at once]" if threads > 1 else "")
     if ctx.canvas is not None:
         desc += f"  [canvas: {ctx.canvas_desc}]"
     if announce is not None:
-        announce(desc)
+        announce(desc, kwnames, threads)
     findings = []
     t0 = time.monotonic()
     try:
@@ -1146,7 +1154,8 @@ def worker_main(targets, seed, start, end, wfd, quarantined, timeout):
         out.write(json.dumps({"i": i, "begin": tname}) + "\n")
         try:
             rec = one_call(targets, seed, i, timeout,
-                           lambda d: out.write(json.dumps({"i": i, "begin": tname, "desc": d}) + "\n"))
+                           lambda d, k, th: out.write(json.dumps({"i": i, "begin": tname, "desc": d, "kw": k,
+                                                                  "threads": th}) + "\n"))
         except BaseException as e:  # the harness itself, or a stale exception surfacing in it
             rec = {"target": tname, "desc": "(see replay)", "exc": type(e).__name__, "dt": 0.0,
                    "findings": [("leaked_exception", f"{type(e).__name__} escaped into the harness: "
@@ -1253,7 +1262,8 @@ def run_range(targets, seed, start, end, timeout, tmp, quarantined=frozenset()):
                 yield ("skip", rec["i"], rec["skip"])
                 current = None
             elif "begin" in rec:
-                current = (rec["i"], rec["begin"], rec.get("desc", "(died while building the call)"))
+                current = (rec["i"], rec["begin"], rec.get("desc", "(died while building the call)"),
+                           rec.get("kw", []), rec.get("threads", 1))
             else:
                 current = None
                 yield ("rec", rec)
@@ -1261,12 +1271,12 @@ def run_range(targets, seed, start, end, timeout, tmp, quarantined=frozenset()):
         if current is None and not hung:
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
                 # died between calls (at exit, in a sentinel's cleanup...)
-                yield ("dead", last, "(between calls)", "crash", status_text(status), excerpt(err), "")
+                yield ("dead", last, "(between calls)", "crash", status_text(status), excerpt(err), "", [], 1)
             i = last + 1 if last >= i else end
             if last + 1 >= end:
                 return
             continue
-        ci, cname, cdesc = current if current else (last, "?", "?")
+        ci, cname, cdesc, ckw, cth = current if current else (last, "?", "?", [], 1)
         san = SAN_RE.search(err)
         if hung:
             kind, detail = "hang", f"no answer within {timeout:g} s"
@@ -1274,7 +1284,7 @@ def run_range(targets, seed, start, end, timeout, tmp, quarantined=frozenset()):
             kind, detail = "sanitizer", san.group(0)[:300]
         else:
             kind, detail = "crash", status_text(status) + (f": {san.group(0)[:200]}" if san else "")
-        yield ("dead", ci, cname, kind, detail, excerpt(err), cdesc)
+        yield ("dead", ci, cname, kind, detail, excerpt(err), cdesc, ckw, cth)
         i = ci + 1
 
 
@@ -1290,10 +1300,27 @@ def alone(targets, seed, i, timeout, tmp):
     """Replay call i alone in a fresh worker: does it reproduce without earlier calls?"""
     for ev in run_range(targets, seed, i, i + 1, timeout, tmp):
         if ev[0] == "dead":
-            return ev[3]
+            return ev[3], ev[6]
         if ev[0] == "rec" and ev[1]["findings"]:
-            return ev[1]["findings"][0][0]
-    return None
+            return ev[1]["findings"][0][0], ev[1]["desc"]
+    return None, None
+
+
+def minimise(targets, seed, i, kind, kwnames, threads, timeout, tmp):
+    """Leave out each keyword argument (and the extra threads) in turn; keep every omission
+    after which call i alone still fails the same way.  Returns the smallest failing call."""
+    global DROP
+    dropped, best = set(), None
+    try:
+        for k in list(kwnames) + (["__threads__"] if threads > 1 else []):
+            DROP = frozenset(dropped | {k})
+            got, desc = alone(targets, seed, i, timeout, tmp)
+            if got == kind:
+                dropped.add(k)
+                best = desc
+    finally:
+        DROP = frozenset()
+    return best
 
 
 # ============================================================================ main
@@ -1393,14 +1420,18 @@ def main(argv=None):
                 for kind, detail in rec["findings"]:
                     record(kind, rec["i"], rec["target"], detail, rec["desc"])
                 continue
-            _, i, name, kind, detail, err, desc = ev
+            _, i, name, kind, detail, err, desc, kwnames, threads = ev
             counts["calls"] += 1
             per_target[name]["calls"] += 1
             # replay the first few of each kind alone (a hang costs a timeout each time)
             fatal_per_target[(name, kind)] += 1
             if fatal_per_target[(name, kind)] <= (1 if kind == "hang" else 3):
-                rep = alone(targets, a.seed, i, timeout, tmp)
+                rep, _ = alone(targets, a.seed, i, timeout, tmp)
                 detail += "; reproduces alone" if rep else "; only after earlier calls in this worker"
+                if rep == kind and kind != "hang" and (kwnames or threads > 1):
+                    small = minimise(targets, a.seed, i, kind, kwnames, threads, timeout, tmp)
+                    if small and small != desc:
+                        desc = f"{desc}\n      minimised: {small}"
             record(kind, i, name, detail, desc, err)
             # hangs cost a timeout each: quarantine the target after a few; crashes are cheap
             limit = a.quarantine_after if kind == "hang" else 10 * a.quarantine_after
