@@ -757,7 +757,7 @@ SNAP_KEYS = ("total", "free", "used", "process_used", "framework_reserved", "fra
 
 
 def nonsense_field(m):
-    """A snapshot field no byte count can be (out of int64, < -1, not finite, hostile):
+    """A snapshot field no byte count can be (out of int64, < -1, not finite):
     accepting it as 'unknown' or wrapping it is a wrong result."""
     if type(m) is not dict:
         return None
@@ -766,8 +766,6 @@ def nonsense_field(m):
         if type(v) is int and not (-1 <= v < 2 ** 63):
             return k, v
         if type(v) is float and not (math.isfinite(v) and -1 <= v < 2.0 ** 63):
-            return k, v
-        if type(v) in (EvilInt, EvilFloat) and v.mode == "raise":
             return k, v
     return None
 
