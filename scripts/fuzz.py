@@ -58,6 +58,31 @@ if SANITIZED and "allocator_may_return_null" not in os.environ.get("ASAN_OPTIONS
     os.environ["VG_FUZZ_REEXEC"] = "1"
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
+
+
+def _fake_nvml():
+    """Build tests/fakelibs/fake_nvml.c so calls can also run on a 'driver' device, where the
+    framework probe applies (simulated devices skip it).  Off with --no-fake-nvml, or when a
+    real NVML is in use (VRAMGUARD_NVML_LIB set), or without a C compiler."""
+    if "--no-fake-nvml" in sys.argv or os.environ.get("VRAMGUARD_NVML_LIB"):
+        return False
+    import subprocess
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fakelibs", "fake_nvml.c")
+    out = os.path.join(tempfile.mkdtemp(prefix="vgfuzz-nvml-"), "libfake-nvml.so")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    try:
+        subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O1", "-o", out, src], check=True,
+                       capture_output=True, env=env, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    os.environ["VRAMGUARD_NVML_LIB"] = out
+    os.environ["FAKE_NVML_DEVICES"] = f"{8 << 30}:{3 << 30}"
+    os.environ["FAKE_NVML_PROC_USED"] = str(1 << 30)
+    return True
+
+
+FAKE_NVML = _fake_nvml()
+
 import numpy as np  # noqa: E402
 
 import vramguard  # noqa: E402
@@ -302,6 +327,35 @@ def adversarial(rng, depth=0):
     if k == 20:
         return rng.choice(STAGES)
     return rng.choice(EDGE_FLOATS + [0, 1, 2])
+
+
+def hostile_probe(rng):
+    """A framework probe: good, raising, nonsense, or re-entering vramguard."""
+    k = rng.randrange(7)
+    if k == 0:
+        return (lambda i: {"reserved": 2 << 30, "allocated": 1 << 30, "oom_count": 1}), "good"
+    if k == 1:
+        def boom(i):
+            raise FuzzBoom("probe")
+        return boom, "raises"
+    if k == 2:
+        key = rng.choice(["reserved", "allocated", "active", "free", "evictable", "reserve", "oom_count"])
+        val = rng.choice([10 ** 400, -5, 2 ** 63, float("nan"), float("inf"), "x", True, hostile_number(rng, 1)])
+        return (lambda i: {key: val}), f"{{{key!r}: {val!r:.40}}}"
+    if k == 3:
+        val = adversarial(rng, 2)
+        return (lambda i: val), f"returns {val!r:.60}"
+    if k == 4:
+        action = rng.choice(["simulate_clear", "set_probe", "clear_limits", "shared_stop", "gc_check"])
+
+        def reent(i):
+            if CTX is not None:
+                CTX.reenter(action)
+            return {"reserved": 1 << 30}
+        return reent, f"re-enters {action}"
+    if k == 5:
+        return (lambda i: {"free": 9 * 10 ** 18, "evictable": 9 * 10 ** 18}), "huge free+evictable"
+    return (lambda: None), "takes no argument"
 
 
 def callable_value(rng):
@@ -1025,6 +1079,20 @@ def build_call(targets, seed, i):
     t = pick(targets, rng)
     ctx = Ctx(rng)
     CTX = ctx
+    ctx.state = ""
+    if FAKE_NVML and rng.random() < 0.3:  # the 'driver' device (fake NVML): the probe applies
+        _native.simulate_clear()
+        ctx.state = "[fake NVML device 0"
+        if rng.random() < 0.7:
+            p, pdesc = hostile_probe(rng)
+            if rng.random() < 0.5:
+                _native.set_probe(p)
+                ctx.state += f"; _native.set_probe({pdesc})"
+            else:
+                safe = rng.random() < 0.5
+                vramguard.register_probe(p, safe=safe)
+                ctx.state += f"; register_probe({pdesc}, safe={safe})"
+        ctx.state += "]"
     if t.name.startswith("_native."):
         fn, args, kw, check = gen_native(t, rng, ctx)
     else:
@@ -1083,6 +1151,8 @@ def one_call(targets, seed, i, timeout, announce=None):
     desc = describe(fn, args, kw) + (f"  [from {threads} threads at once]" if threads > 1 else "")
     if ctx.canvas is not None:
         desc += f"  [canvas: {ctx.canvas_desc}]"
+    if ctx.state:
+        desc += f"  {ctx.state}"
     if announce is not None:
         announce(desc, kwnames, threads)
     findings = []
@@ -1093,13 +1163,36 @@ def one_call(targets, seed, i, timeout, announce=None):
         result, excs = None, []
         findings.append(("leaked_exception", f"{type(e).__name__} surfaced after the call returned "
                          f"(left set by C code): {str(e)[:200]}"))
-    # a context manager: enter and leave it (stage(), run())
+    # a context manager: enter and leave it (stage(), run()); a decorator: wrap and call
+    # (after_stage).  Once the wrapped work has succeeded, nothing may raise: the host's node
+    # finished and must not fail because of our GC check.
+    work_wrapper = t.name.endswith((".stage", ".after_stage", ".run"))
     if not excs and hasattr(result, "__enter__") and hasattr(result, "__exit__"):
         try:
-            with result:
-                pass
+            result.__enter__()
+        except BaseException as e:  # entering may refuse bad arguments
+            excs.append(e)
+        else:
+            try:
+                result.__exit__(None, None, None)
+            except BaseException as e:
+                if work_wrapper:
+                    findings.append(("after_work", f"{type(e).__name__} raised after the stage's work "
+                                     f"succeeded: {str(e)[:200]}"))
+                else:
+                    excs.append(e)
+    elif not excs and work_wrapper and callable(result):
+        try:
+            wrapped = result(lambda: 42)
         except BaseException as e:
             excs.append(e)
+        else:
+            try:
+                if wrapped() != 42:
+                    findings.append(("after_work", "the wrapped function's result was lost"))
+            except BaseException as e:
+                findings.append(("after_work", f"{type(e).__name__} raised after the wrapped work "
+                                 f"succeeded: {str(e)[:200]}"))
     dt = time.monotonic() - t0
     exc_name = None
     if t.name.startswith("_native.") and threads == 1 and dt > SLOW and ctx.reentries == 0:
@@ -1338,6 +1431,8 @@ def main(argv=None):
     ap.add_argument("--strict-messages", action="store_true",
                     help="count exceptions from NumPy/stdlib internals (foreign_exception) as findings")
     ap.add_argument("--list", action="store_true", help="list the targets and exit")
+    ap.add_argument("--no-fake-nvml", action="store_true",
+                    help="simulated devices only (default: also a fake-NVML 'driver' device, probes on)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--progress", type=int, default=0, help="print a progress line every N calls")
     a = ap.parse_args(argv)
@@ -1368,7 +1463,7 @@ def main(argv=None):
     quarantined = set()
     signatures = collections.Counter()
     fail_kinds = {"crash", "hang", "sanitizer", "system_error", "base_exception", "leaked_exception",
-                  "invariant", "slow"}
+                  "invariant", "slow", "after_work"}
     if a.strict_messages:
         fail_kinds.add("foreign_exception")
     tmp = tempfile.mkdtemp(prefix="vgfuzz-")
@@ -1448,7 +1543,7 @@ def main(argv=None):
         print(f"  crashes {counts['crash']}, sanitizer reports {counts['sanitizer']}, hangs {counts['hang']}, "
               f"system errors {counts['system_error']}, leaked exceptions {counts['leaked_exception']}, "
               f"base exceptions {counts['base_exception']}, invariant violations {counts['invariant']}, "
-              f"slow C calls {counts['slow']}, "
+              f"slow C calls {counts['slow']}, errors after succeeded work {counts['after_work']}, "
               f"foreign exceptions {counts['foreign_exception']}, skipped (quarantined) {counts['skipped']}, "
               f"calls that could not be built {counts['setup_errors']}")
         if quarantined:
@@ -1462,7 +1557,7 @@ def main(argv=None):
                "sanitized": SANITIZED, "crashes": counts["crash"], "sanitizer_reports": counts["sanitizer"],
                "hangs": counts["hang"], "system_errors": counts["system_error"],
                "leaked_exceptions": counts["leaked_exception"], "base_exceptions": counts["base_exception"],
-               "invariant_violations": counts["invariant"], "slow_calls": counts["slow"], "foreign_exceptions": counts["foreign_exception"],
+               "invariant_violations": counts["invariant"], "slow_calls": counts["slow"], "after_work": counts["after_work"], "foreign_exceptions": counts["foreign_exception"],
                "skipped": counts["skipped"], "quarantined": sorted(quarantined), "findings": nfind,
                "distinct": [{"kind": f["kind"], "target": f["target"], "call": f["call"], "detail": f["detail"][:200],
                              "call_repr": f["call_repr"][:300]} for f in findings]}
