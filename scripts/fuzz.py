@@ -115,6 +115,9 @@ class Ctx:
 
     def reenter(self, action: str) -> None:
         self.reentries += 1
+        if getattr(self, "_inside", False):  # one level deep: a probe re-entering itself forever
+            return                            # is the caller's infinite recursion, not ours
+        self._inside = True
         try:
             if action == "finish" and self.canvas is not None:
                 self.canvas.finish()
@@ -134,6 +137,8 @@ class Ctx:
                 vramguard.gc_check("vae_decode", forced=True)
         except Exception:
             pass
+        finally:
+            self._inside = False
 
 
 REENTER = ["finish", "simulate_clear", "set_probe", "stop", "reset", "clear_limits", "shared_stop",
