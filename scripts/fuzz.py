@@ -30,7 +30,6 @@ import argparse
 import collections
 import faulthandler
 import inspect
-import io
 import json
 import math
 import os
@@ -621,7 +620,6 @@ def gen_native(t: Target, rng, ctx):
     """(callable, args, kwargs, check) for a native target, valid near the edges, then mutated."""
     n = t.name.split(".", 1)[1]
     A = adversarial
-    check = None
     if n == "Canvas":
         layout = rng.choice(["nhwc", "nchw", "NHWC", "x" * 1000, "nhwc\0"])
         a = array(rng, dtype=rng.choice([np.float32, np.float16, np.float64])) if rng.random() < 0.5 \
@@ -1140,6 +1138,7 @@ DROP: frozenset = frozenset()  # the minimiser's edits: keyword names to leave o
 
 def one_call(targets, seed, i, timeout, announce=None):
     """Run call i (less what DROP names); returns {target, desc, findings: [(kind, detail)], exc}."""
+    global CTX
     baseline()
     try:
         t, ctx, fn, args, kw, check, threads = build_call(targets, seed, i)

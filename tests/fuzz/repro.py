@@ -92,6 +92,13 @@ REPROS = {
     "budget_overflow": """
         print(n.budget({"free": 9 * 10**18, "evictable": 9 * 10**18}), "expected", 2**63 - 1)
     """,
+    # stage(): a bad device (or a probe's error) raises after the wrapped work succeeded
+    "stage_raises_after_work": """
+        vg.simulate("8GB", "1GB"); ran = []
+        try:
+            with vg.stage("vae_decode", device=1): ran.append(1)
+        except ValueError as e: print("work ran:", bool(ran), "then", repr(e))
+    """,
     # messages: parse_log_line leaks SyntaxError from ast.literal_eval
     "parse_log_line_syntaxerror": """
         line = ("GC: utilization={'gpu': 8, 'ram': 20, 'threshold': 0} gc={'collected': 510, 'saved': " + "[" * 500
