@@ -1454,7 +1454,8 @@ def main(argv=None):
         t, ctx, fn, args, kw, check, threads = build_call(targets, a.seed, a.replay)
         print(f"call {a.replay} (seed {a.seed}): target {t.name}: {describe(fn, args, kw, 4000)}"
               + (f" from {threads} threads" if threads > 1 else "")
-              + (f"  [canvas: {ctx.canvas_desc}]" if ctx.canvas is not None else ""), flush=True)
+              + (f"  [canvas: {ctx.canvas_desc}]" if ctx.canvas is not None else "")
+              + (f"  {ctx.state}" if ctx.state else ""), flush=True)
         rec = one_call(targets, a.seed, a.replay, timeout)
         print(json.dumps(rec))
         return 1 if rec["findings"] else 0
