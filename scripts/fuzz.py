@@ -59,6 +59,12 @@ if SANITIZED and "allocator_may_return_null" not in os.environ.get("ASAN_OPTIONS
 
 
 
+def _cleanup(path, _pid=os.getpid()):
+    import atexit
+    import shutil
+    atexit.register(lambda: os.getpid() == _pid and shutil.rmtree(path, ignore_errors=True))
+
+
 def _fake_nvml():
     """Build tests/fakelibs/fake_nvml.c so calls can also run on a 'driver' device, where the
     framework probe applies (simulated devices skip it).  Off with --no-fake-nvml, or when a
@@ -67,7 +73,9 @@ def _fake_nvml():
         return False
     import subprocess
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fakelibs", "fake_nvml.c")
-    out = os.path.join(tempfile.mkdtemp(prefix="vgfuzz-nvml-"), "libfake-nvml.so")
+    d = tempfile.mkdtemp(prefix="vgfuzz-nvml-")
+    _cleanup(d)
+    out = os.path.join(d, "libfake-nvml.so")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     try:
         subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O1", "-o", out, src], check=True,
@@ -1472,6 +1480,7 @@ def main(argv=None):
     if a.strict_messages:
         fail_kinds.add("foreign_exception")
     tmp = tempfile.mkdtemp(prefix="vgfuzz-")
+    _cleanup(tmp)
 
     def record(kind, i, target, detail, desc="", err=""):
         sig = (kind, target, re.sub(r"0x[0-9a-f]+|\d+", "N", detail)[:80])
