@@ -124,6 +124,8 @@ class Ctx:
         self.reentries += 1
         if getattr(self, "_inside", False):  # one level deep: a probe re-entering itself forever
             return                            # is the caller's infinite recursion, not ours
+        if self.reentries > 4:  # a per-tile callback forcing a GC every tile is slow by design
+            return
         self._inside = True
         try:
             if action == "finish" and self.canvas is not None:
