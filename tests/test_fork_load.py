@@ -14,7 +14,8 @@ import textwrap
 
 SANITIZED = bool(os.environ.get("VRAMGUARD_SANITIZED")) or "asan" in os.environ.get("LD_PRELOAD", "")
 FORKS = 120
-CHILD_TIMEOUT = 20.0 if SANITIZED else 10.0
+CHILD_TIMEOUT = 15.0 if SANITIZED else 5.0
+MAX_BAD = 3  # stop forking after this many hung/crashed children: enough evidence, bounded time
 
 SCRIPT = r"""
 import faulthandler, json, os, signal, sys, threading, time
@@ -34,6 +35,7 @@ def loop(fn):
         except Exception as e: print("load error:", type(e).__name__, e, file=sys.stderr)
 
 def gc_loop(): vg.gc_check("vae_decode", forced=True)
+def stats_loop(): vg.gc_stats(); vg.guard().reset_stats()
 def stage_loop():
     with vg.stage("unet"): pass
 def snap_loop(): vg.snapshot(0); vg.host(True)
@@ -43,7 +45,8 @@ def own_sampler_loop():
     s = _native.Sampler(0, interval=0.0005, capacity=64); s.start(); time.sleep(0.001); s.stop()
 
 threads = [threading.Thread(target=loop, args=(f,), daemon=True)
-           for f in (gc_loop, gc_loop, stage_loop, snap_loop, policy_loop, sampler_loop, own_sampler_loop)]
+           for f in (gc_loop, gc_loop, stats_loop, stats_loop, stats_loop, stage_loop, snap_loop, policy_loop,
+                     sampler_loop, own_sampler_loop)]
 for t in threads: t.start()
 time.sleep(0.05)
 
@@ -60,6 +63,8 @@ def child():
 ok = hung = crashed = failed = 0
 details = []
 for i in range(FORKS):
+    if hung + crashed + failed >= MAX_BAD:
+        break
     pid = os.fork()
     if pid == 0:
         try:
@@ -90,13 +95,14 @@ for i in range(FORKS):
 stop.set()
 for t in threads: t.join(10)
 shared.stop()
-print(json.dumps({"forks": FORKS, "ok": ok, "hung": hung, "crashed": crashed, "failed": failed,
+print(json.dumps({"forks": ok + hung + crashed + failed, "ok": ok, "hung": hung, "crashed": crashed, "failed": failed,
                   "details": details[:20], "parent_running": shared.running}))
 """
 
 
 def test_fork_under_load():
-    code = SCRIPT.replace("CHILD_TIMEOUT", repr(CHILD_TIMEOUT)).replace("FORKS", str(FORKS))
+    code = SCRIPT.replace("CHILD_TIMEOUT", repr(CHILD_TIMEOUT)).replace("FORKS", str(FORKS)) \
+                 .replace("MAX_BAD", str(MAX_BAD))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     try:
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -107,4 +113,5 @@ def test_fork_under_load():
     assert r.returncode == 0 and lines, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     res = json.loads(lines[-1])
     assert res["ok"] == FORKS, (f"{res['hung']} hung, {res['crashed']} crashed, {res['failed']} failed of "
-                                f"{FORKS} forks under load: {res['details']}\nstderr:\n{r.stderr[-4000:]}")
+                                f"{res['forks']} forks under load (stopped after {MAX_BAD} bad ones): "
+                                f"{res['details']}\nstderr:\n{r.stderr[-4000:]}")
