@@ -119,6 +119,7 @@ class Ctx:
         self.samplers: list = []
         self.policy = None
         self.reentries = 0
+        self.python = False
 
     def reenter(self, action: str) -> None:
         self.reentries += 1
@@ -414,10 +415,13 @@ def array(rng, shape=None, dtype=None):
             return a[:, : rng.randint(1, a.shape[1]), : rng.randint(1, a.shape[2])]
         return a
     if k == 1:  # huge, without allocating
+        # Python entry points do work proportional to a valid input: there a "huge" array is
+        # 4 M elements (bounded time), in the C core anything up to 2**60 (must be refused)
+        cap = 2 ** 22 if CTX is not None and CTX.python else 2 ** 60
         big, total = [], 1
         for _ in range(len(shape) or 4):
             d = rng.choice([1, 3, 2 ** 16, 2 ** 20, 2 ** 31])
-            if total * d >= 2 ** 60:
+            if total * d >= cap:
                 d = 1
             big.append(d)
             total *= d
@@ -674,7 +678,8 @@ def gen_native(t: Target, rng, ctx):
         args = [rng.choice([0, 5, -5, edge_int(rng)]), n_,
                 valid_ramps(rng, 0, 10) if rng.random() < 0.6 else hostile_ramps(rng)]
         if rng.random() < 0.3:
-            args[rng.randrange(2)] = hostile_number(rng)
+            k_ = rng.randrange(2)
+            args[k_] = hostile_number(rng, args[k_])
         return t.obj, args, {}, None
     if n == "Sampler":
         kw = {}
@@ -741,6 +746,10 @@ def gen_native(t: Target, rng, ctx):
             check_snapshot
     if n == "budget":
         m = snap_mapping(rng, valid=rng.random() < 0.6)
+        if rng.random() < 0.25:  # every byte count near the int64 limit: sums must saturate
+            for k in ("free", "evictable", "reserve", "cap", "process_used", "used"):
+                if rng.random() < 0.6:
+                    m[k] = rng.choice([0, 2 ** 62, 9 * 10 ** 18, 9.2e18, 2 ** 63 - 1])
         arg = m if rng.random() < 0.85 else A(rng)
         return t.obj, [arg], {}, (lambda r, m=arg: check_budget(m, r))
     if n == "plan":
@@ -1091,6 +1100,7 @@ def build_call(targets, seed, i):
     rng = random.Random(f"{seed}/{i}")
     t = pick(targets, rng)
     ctx = Ctx(rng)
+    ctx.python = not t.name.startswith("_native.")
     CTX = ctx
     ctx.state = ""
     if FAKE_NVML and rng.random() < 0.3:  # the 'driver' device (fake NVML): the probe applies
@@ -1111,7 +1121,10 @@ def build_call(targets, seed, i):
     else:
         fn, args, kw, check = gen_python(t, rng, ctx)
     threads = 1
-    if rng.random() < 0.06:
+    # methods of the stateful objects (one Sampler, one Canvas, one Policy shared by threads) get
+    # concurrent calls more often: that is where double joins and torn state live
+    shared_obj = t.name.startswith(("_native.Sampler.", "_native.Canvas.", "_native.Policy."))
+    if rng.random() < (0.25 if shared_obj else 0.04):
         threads = rng.choice([2, 2, 3, 4])
     return t, ctx, fn, args, kw, check, threads
 
