@@ -1,0 +1,228 @@
+"""Small SD-shaped VAEs from plain torch layers, sanely initialised (never torch.empty).
+
+Same attribute layout as ComfyUI's comfy.ldm.modules.diffusionmodules.model Decoder/Encoder
+(conv_in, mid.block_1/attn_1/block_2, up[i].block/attn/upsample, down[i]..., norm_out, conv_out),
+so vramguard.vae runs both. `comfy_decoder()` builds ComfyUI's real classes when a checkout is
+at $VRAMGUARD_COMFYUI or /work/comfy/ComfyUI (None otherwise), with the same init.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COMFY = os.environ.get("VRAMGUARD_COMFYUI", "/work/comfy/ComfyUI")
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = cin, cout
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.use_conv_shortcut = False
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, temb=None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(n), self.k(n), self.v(n)))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(o)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.with_conv, self.scale_factor = True, 2.0
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.with_conv = True
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1, z_channels: int = 4,
+                 out_ch: int = 3, groups: int = 8, attn_up: bool = False) -> None:
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks, self.tanh_out = len(ch_mult), num_res_blocks, False
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, groups)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, block_out, groups))
+                block_in = block_out
+                if attn_up and i_level == self.num_resolutions - 1:
+                    up.attn.append(AttnBlock(block_in, groups))
+            if i_level != 0:
+                up.upsample = Upsample(block_in)
+            self.up.insert(0, up)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for i_level in reversed(range(self.num_resolutions)):
+            for i_block in range(self.num_res_blocks + 1):
+                h = self.up[i_level].block[i_block](h)
+                if len(self.up[i_level].attn) > 0:
+                    h = self.up[i_level].attn[i_block](h)
+            if i_level != 0:
+                h = self.up[i_level].upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1, z_channels: int = 4,
+                 in_ch: int = 3, groups: int = 8) -> None:
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i_level in range(self.num_resolutions):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_in = ch * in_ch_mult[i_level]
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, block_out, groups))
+                block_in = block_out
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, groups)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i_level in range(self.num_resolutions):
+            for i_block in range(self.num_res_blocks):
+                h = self.down[i_level].block[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = self.down[i_level].downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def sane_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter drawn afresh (seeded): convs Kaiming-uniform (torch's default rule), norms
+    with weight ~ 1 +- 0.2 and bias +- 0.2 so statistics matter, biases small. Nothing left from
+    uninitialised memory: a VAE built on torch.empty decoded to all black (the old fixture bug)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)) or type(m).__name__ in ("Conv2d", "Conv3d"):
+                fan_in = m.weight[0].numel()
+                bound = (6.0 / fan_in) ** 0.5 / 2 ** 0.5
+                m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * bound)
+                if m.bias is not None:
+                    m.bias.copy_((torch.rand(m.bias.shape, generator=g) * 2 - 1) * 0.05)
+            elif isinstance(m, nn.GroupNorm) or type(m).__name__ == "GroupNorm":
+                m.weight.copy_(1 + (torch.rand(m.weight.shape, generator=g) * 2 - 1) * 0.2)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=g) * 2 - 1) * 0.2)
+    return model.eval()
+
+
+def sd_decoder(seed: int = 0, **kw) -> Decoder:
+    return sane_init(Decoder(**kw), seed)
+
+
+def sd_encoder(seed: int = 0, **kw) -> Encoder:
+    return sane_init(Encoder(**kw), seed)
+
+
+def comfy_available() -> str | None:
+    """None when ComfyUI's VAE classes import, else why not."""
+    if not os.path.isfile(os.path.join(COMFY, "comfy", "ldm", "modules", "diffusionmodules", "model.py")):
+        return f"no ComfyUI checkout at {COMFY} (set VRAMGUARD_COMFYUI)"
+    try:
+        _comfy_model()
+    except Exception as e:  # missing requirements (psutil, einops, safetensors, comfy_aimdo...)
+        return f"ComfyUI at {COMFY} does not import here: {type(e).__name__}: {e}"
+    return None
+
+
+def _comfy_model():
+    if COMFY not in sys.path:
+        sys.path.insert(0, COMFY)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True        # no CUDA here; must be set before model_management imports
+    import comfy.ldm.modules.diffusionmodules.model as m
+    return m
+
+
+def comfy_decoder(seed: int = 0, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1):
+    """ComfyUI's real Decoder class (32-group GroupNorm, its attention), sanely initialised."""
+    m = _comfy_model()
+    d = m.Decoder(ch=ch, out_ch=3, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=[],
+                  in_channels=3, resolution=256, z_channels=4)
+    return sane_init(d, seed)
+
+
+def comfy_encoder(seed: int = 0, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1):
+    m = _comfy_model()
+    e = m.Encoder(ch=ch, out_ch=3, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=[],
+                  in_channels=3, resolution=256, z_channels=4, double_z=True)
+    return sane_init(e, seed)
+
+
+def test_card_latent(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A latent with structure at every scale: smooth gradients + blobs + fine noise (SD-like std ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    chans = []
+    for c in range(4):
+        f = 1.5 + c
+        base = torch.sin(f * xx * 3.1 + c) * torch.cos(f * yy * 2.3 - c) + 0.6 * (xx * (c - 1.5) / 1.5 + yy)
+        chans.append(base)
+    z = torch.stack(chans)[None]
+    return z + 0.3 * torch.randn(z.shape, generator=g)
+
+
+def gradient_latent(h: int, w: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack([xx, yy, 0.5 * (xx + yy), -xx])[None] * 1.5
