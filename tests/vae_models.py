@@ -226,3 +226,74 @@ def test_card_latent(h: int, w: int, seed: int = 0) -> torch.Tensor:
 def gradient_latent(h: int, w: int) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     return torch.stack([xx, yy, 0.5 * (xx + yy), -xx])[None] * 1.5
+
+
+class LiveBytes:
+    """Peak bytes of live tensors created by torch ops while active (a device-peak proxy on CPU),
+    and the largest single tensor. Views count with their base (first storage seen)."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self.largest = 0
+        self._seen: set[int] = set()
+
+    def __enter__(self) -> "LiveBytes":
+        import weakref
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key in outer._seen or st.nbytes() == 0:
+                            continue
+                        outer._seen.add(key)
+                        n = st.nbytes()
+                        outer.live += n
+                        outer.peak = max(outer.peak, outer.live)
+                        outer.largest = max(outer.largest, n)
+                        weakref.finalize(t, outer._free, key, n)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
+    """PSNR in dB of a against b for signals spanning peak_to_peak (2 for [-1, 1])."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak_to_peak ** 2 / mse)).item()
+
+
+def seam_ratio(img: torch.Tensor, ys: list[int], xs: list[int]) -> float:
+    """Gradient energy across tile borders (rows ys, columns xs, in pixels) over the mean elsewhere."""
+    dy = (img[:, :, 1:, :] - img[:, :, :-1, :]).double() ** 2   # dy[i] is between rows i and i+1
+    dx = (img[:, :, :, 1:] - img[:, :, :, :-1]).double() ** 2
+    my = torch.zeros(dy.shape[2], dtype=torch.bool)
+    mx = torch.zeros(dx.shape[3], dtype=torch.bool)
+    for y in ys:
+        if 0 < y < img.shape[2]:
+            my[y - 1] = True
+    for x in xs:
+        if 0 < x < img.shape[3]:
+            mx[x - 1] = True
+    e_border, n_border = dy[:, :, my].sum() + dx[..., mx].sum(), dy[:, :, my].numel() + dx[..., mx].numel()
+    e_rest, n_rest = dy[:, :, ~my].sum() + dx[..., ~mx].sum(), dy[:, :, ~my].numel() + dx[..., ~mx].numel()
+    if n_border == 0:
+        return 1.0
+    return float((e_border / n_border) / (e_rest / n_rest))
