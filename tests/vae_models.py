@@ -248,12 +248,14 @@ class LiveBytes:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                given = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                         if isinstance(a, torch.Tensor)}
                 for t in tree_flatten(out)[0]:
                     if isinstance(t, torch.Tensor) and t.device.type != "meta":
                         st = t.untyped_storage()
                         key = st.data_ptr()
-                        if key in outer._seen or st.nbytes() == 0:
-                            continue
+                        if key in outer._seen or key in given or st.nbytes() == 0:
+                            continue   # a view of (or in-place on) memory that already existed
                         outer._seen.add(key)
                         n = st.nbytes()
                         outer.live += n
@@ -297,3 +299,216 @@ def seam_ratio(img: torch.Tensor, ys: list[int], xs: list[int]) -> float:
     if n_border == 0:
         return 1.0
     return float((e_border / n_border) / (e_rest / n_rest))
+
+
+# ------------------------------------------------------------------ a Wan 2.1-shaped video VAE decoder
+# Same class names, attributes and cache protocol as ComfyUI's comfy.ldm.wan.vae (CausalConv3d with
+# a cache of the last 2 input frames, RMS_norm, per-frame AttentionBlock, Resample upsample2d /
+# upsample3d with the "Rep" first-chunk rule), written with plain torch layers.
+
+CACHE_T = 2
+
+
+class CausalConv3d(nn.Conv3d):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._padding = 2 * self.padding[0]
+        self.padding = (0, self.padding[1], self.padding[2])
+
+    def forward(self, x, cache_x=None, cache_list=None, cache_idx=None):
+        if cache_list is not None:
+            cache_x = cache_list[cache_idx]
+            cache_list[cache_idx] = None
+        if self._padding > 0:
+            need = self._padding
+            parts = []
+            if cache_x is not None:
+                need = max(0, need - cache_x.shape[2])
+            if need:
+                shape = list(x.shape)
+                shape[2] = need
+                parts.append(torch.zeros(shape, dtype=x.dtype, device=x.device))
+            if cache_x is not None:
+                parts.append(cache_x.to(x.device))
+            x = torch.cat(parts + [x], 2)
+        return super().forward(x)
+
+
+class RMS_norm(nn.Module):
+    def __init__(self, dim, images=True):
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+def _frames(x):          # b c t h w -> (b t) c h w
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _unframes(x, b, t):  # (b t) c h w -> b c t h w
+    bt, c, h, w = x.shape
+    return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class Resample(nn.Module):
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.dim, self.mode = dim, mode
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                      nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        b, c, t, h, w = x.shape
+        if self.mode == "upsample3d" and feat_cache is not None:
+            idx = feat_idx[0]
+            if feat_cache[idx] is None:
+                feat_cache[idx] = "Rep"
+            else:
+                cache_x = x[:, :, -CACHE_T:]
+                x = self.time_conv(x) if isinstance(feat_cache[idx], str) else self.time_conv(x, feat_cache[idx])
+                feat_cache[idx] = cache_x
+                x = x.reshape(b, 2, c, t, h, w)
+                x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)
+            feat_idx[0] += 1
+        t = x.shape[2]
+        return _unframes(self.resample(_frames(x)), b, t)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.residual = nn.Sequential(RMS_norm(in_dim, images=False), nn.SiLU(),
+                                      CausalConv3d(in_dim, out_dim, 3, padding=1),
+                                      RMS_norm(out_dim, images=False), nn.SiLU(), nn.Dropout(0.0),
+                                      CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        old_x = x
+        for layer in self.residual:
+            if isinstance(layer, CausalConv3d) and feat_cache is not None:
+                idx = feat_idx[0]
+                cache_x = x[:, :, -CACHE_T:]
+                x = layer(x, cache_list=feat_cache, cache_idx=idx)
+                feat_cache[idx] = cache_x
+                feat_idx[0] += 1
+            else:
+                x = layer(x)
+        return x + self.shortcut(old_x)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMS_norm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        b, c, t, h, w = x.shape
+        f = self.norm(_frames(x))
+        q, k, v = (u.flatten(2).transpose(1, 2).unsqueeze(1) for u in self.to_qkv(f).chunk(3, dim=1))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        return _unframes(self.proj(o), b, t) + x
+
+
+class Decoder3d(nn.Module):
+    """Wan 2.1's decoder layout (dims = dim * [mult[-1]] + mult[::-1], up 2d/3d), small."""
+
+    def __init__(self, dim=16, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 temperal_upsample=(False, True, True)):
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1]] + list(dim_mult[::-1])]
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        ups = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i in (1, 2, 3):
+                in_dim = in_dim // 2
+            for _ in range(num_res_blocks + 1):
+                ups.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                ups.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*ups)
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
+                                  CausalConv3d(out_dim, 3, 3, padding=1))
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        idx = feat_idx[0]
+        cache_x = x[:, :, -CACHE_T:]
+        x = self.conv1(x, feat_cache[idx])
+        feat_cache[idx] = cache_x
+        feat_idx[0] += 1
+        for layer in [*self.middle, *self.upsamples]:
+            x = layer(x, feat_cache, feat_idx)
+        for layer in self.head:
+            if isinstance(layer, CausalConv3d):
+                cache_x = x[:, :, -CACHE_T:]
+                x = layer(x, feat_cache[feat_idx[0]])
+                feat_cache[feat_idx[0]] = cache_x
+                feat_idx[0] += 1
+            else:
+                x = layer(x)
+        return x
+
+
+def wan_decode(decoder, z, conv2=None):
+    """WanVAE.decode's loop (ComfyUI 0.30): conv2, then latent frames [0], [1, 2], [3, 4], ... with
+    one cache slot per CausalConv3d / Resample; works on our Decoder3d and on ComfyUI's."""
+    n = sum(1 for m in decoder.modules() if type(m).__name__ == "CausalConv3d")
+    feat = [None] * n
+    x = conv2(z) if conv2 is not None else z
+    out = []
+    with torch.no_grad():
+        for i in range(1 + x.shape[2] // 2):
+            a, b = (0, 1) if i == 0 else (1 + 2 * (i - 1), 1 + 2 * i)
+            if a >= x.shape[2]:
+                break
+            o = decoder(x[:, :, a:b], feat_cache=feat, feat_idx=[0])
+            out.extend(o if isinstance(o, list) else [o])
+    return torch.cat(out, 2)
+
+
+def wan_decoder(seed: int = 0, **kw) -> Decoder3d:
+    m = Decoder3d(**kw)
+    sane_init(m, seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1000)
+        for mod in m.modules():
+            if isinstance(mod, RMS_norm):
+                mod.gamma.copy_(1 + (torch.rand(mod.gamma.shape, generator=g) * 2 - 1) * 0.2)
+    return m
+
+
+def comfy_wan_decoder(seed: int = 0, dim: int = 16, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1):
+    _comfy_model()
+    import comfy.ldm.wan.vae as w
+    d = w.Decoder3d(dim=dim, z_dim=4, dim_mult=list(dim_mult), num_res_blocks=num_res_blocks,
+                    temperal_upsample=[False, True, True])
+    sane_init(d, seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1000)
+        for mod in d.modules():
+            if type(mod).__name__ == "RMS_norm":
+                mod.gamma.copy_(1 + (torch.rand(mod.gamma.shape, generator=g) * 2 - 1) * 0.2)
+    return d.eval()
+
+
+def video_latent(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A moving test card: the image latent drifting right and pulsing over time, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for i in range(t):
+        base = test_card_latent(h, w + t, seed=seed)[..., i:i + w]
+        frames.append(base * (1 + 0.2 * torch.sin(torch.tensor(i * 0.7))))
+    z = torch.stack(frames, 2)
+    return z + 0.1 * torch.randn(z.shape, generator=g)

@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "plan_grid", "VaeTilingError", "Step", "compile_decoder",
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "plan_grid", "plan_video_grid", "VaeTilingError", "Step", "compile_decoder",
            "compile_encoder", "run_program"]
 
 log = logging.getLogger("vramguard")
@@ -327,19 +327,21 @@ def _span(lo: int, hi: int, halo: tuple[int, int], n: int) -> tuple[int, int]:
     return max(0, lo - halo[0]), min(n, hi + halo[1])
 
 
+def _step_bytes(s: Step, th: int, tw: int) -> int:
+    """Planned device working set (elements, batch 1) of one step on a th x tw latent-px tile."""
+    if s.kind == "attn":
+        return 0
+    hi = th * s.res_in + s.halo[0] + s.halo[1]
+    wi = tw * s.res_in + s.halo[0] + s.halo[1]
+    in_b = hi * wi * s.in_channels
+    r = s.res_out / s.res_in
+    out_b = int(hi * r + 2) * int(wi * r + 2) * s.out_channels
+    return int((in_b + out_b) * s.work)
+
+
 def _tile_bytes(p: Program, th: int, tw: int, batch: int, elem: int) -> int:
     """Planned device working set of one th x tw (latent px) tile: the largest over the steps."""
-    worst = 0
-    for s in p.steps:
-        hi = th * s.res_in + s.halo[0] + s.halo[1]
-        wi = tw * s.res_in + s.halo[0] + s.halo[1]
-        if s.kind == "attn":
-            continue
-        in_b = hi * wi * s.in_channels
-        r = s.res_out / s.res_in
-        out_b = int(hi * r + 2) * int(wi * r + 2) * s.out_channels
-        worst = max(worst, int((in_b + out_b) * s.work))
-    return worst * batch * elem
+    return max(_step_bytes(s, th, tw) for s in p.steps) * batch * elem
 
 
 def _attn_bytes(p: Program, h: int, w: int, th: int, tw: int, batch: int, elem: int) -> int:
@@ -401,9 +403,34 @@ def _tile_scope() -> Any:
     return contextlib.nullcontext()
 
 
+def _coarsest(p: Program, s: Step, base: list[Rect], grid: tuple[int, int] | None, lh: int, lw: int,
+              budget: int | None, batch: int, elem: int) -> list[Rect]:
+    """The step's tiles: `base` (the grid at the resolution that needs it), or fewer, larger tiles
+    where the step's own working set still fits the budget (low-resolution steps: that saves the
+    halo compute of tiny tiles)."""
+    if budget is None or grid is None:
+        return base
+    rows, cols = grid
+    for f in range(max(rows, cols), 1, -1):
+        r2, c2 = -(-rows // f), -(-cols // f)
+        th, tw = -(-lh // r2), -(-lw // c2)
+        if s.kind == "attn":
+            n, nq = lh * lw * s.res_in ** 2, th * tw * s.res_in ** 2
+            need = (2 * n * s.in_channels + 4 * nq * s.in_channels + nq * n) * batch * elem
+        else:
+            need = _step_bytes(s, th, tw) * batch * elem
+        if need <= budget:
+            return grid_rects(lh, lw, r2, c2)
+    return base
+
+
 def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, store_device: Any = None,
-                progress: Callable[[int, int], None] | None = None) -> Any:
-    """Run a compiled program tile by tile; returns the output map on store_device."""
+                progress: Callable[[int, int], None] | None = None, budget: int | None = None,
+                grid: tuple[int, int] | None = None) -> Any:
+    """Run a compiled program tile by tile; returns the output map on store_device.
+
+    rects: the tiles (latent px) at the step that needs the most memory; with budget and grid
+    given, steps that fit in fewer tiles of the same grid (merged f x f) use those."""
     import torch
     if x.ndim != 4:
         raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
@@ -424,8 +451,9 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         st.add(x)
         stats[p.input] = st
     ctx = _Ctx(stats)
-    rects = list(rects)
-    total = len(p.steps) * len(rects)
+    base = list(rects)
+    replanned = False
+    total = 0
     done_units = 0
     for i, s in enumerate(p.steps):
         H, W = lh * s.res_out, lw * s.res_out
@@ -436,6 +464,8 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         kv = None
         if s.kind == "attn":
             kv = _attn_kv(ctx, s, maps[s.inputs[0]], device)
+        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, maps[p.input].element_size())
+        total += len(rects)
         k = 0
         while k < len(rects):
             y0, y1, x0, x1 = rects[k]
@@ -470,8 +500,9 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                 finer = [q for r in rects[k:] for q in _split(r)]
                 log.warning("vramguard: tiled VAE out of memory at step %s tile %s; %d tiles done, "
                             "re-planned the rest as %d smaller tiles", s.name, rects[k], k, len(finer))
-                total += (len(finer) - (len(rects) - k)) * (len(p.steps) - i)
+                total += len(finer) - (len(rects) - k)
                 rects = rects[:k] + finer
+                base, replanned = rects, True       # later steps: the same (finer) cover
                 continue
             k += 1
             done_units += 1
@@ -560,7 +591,8 @@ def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any,
         rows, cols = plan.rows, plan.cols
     rects = grid_rects(lh, lw, rows, cols)
     log.info("vramguard: tiled VAE %s %dx%d latent as %dx%d tiles", what, lh, lw, rows, cols)
-    return run_program(p, x, rects=rects, device=device, store_device=store_device, progress=progress)
+    return run_program(p, x, rects=rects, device=device, store_device=store_device, progress=progress,
+                       budget=budget, grid=(rows, cols))
 
 
 def decode_tiled(decoder: Any, latent: Any, *, budget_bytes: int, tile: int | tuple[int, int] | None = None,
@@ -586,3 +618,279 @@ def encode_tiled(encoder: Any, image: Any, *, budget_bytes: int, tile: int | tup
     """
     p = compile_encoder(encoder, quant_conv)
     return _run(p, image, "image", budget_bytes, tile, grid, device, store_device, progress)
+
+
+# ---------------------------------------------------------------------------------- video (Wan-shaped)
+#
+# Wan 2.1's decoder (ComfyUI comfy.ldm.wan.vae.Decoder3d) is causal in time and decodes chunk by
+# chunk (latent frames 1, then 2, 2, ...) with per-conv caches of the last two input frames. Its
+# norms are RMS norms over channels (per pixel, local), so in space only the convs and the
+# per-frame mid attention reach beyond a pixel. decode_video_tiled keeps Wan's chunking and its
+# caches, and inside each chunk runs every layer over spatial tiles (1-px halos; attention by query
+# tiles against K/V of the whole frame), with each cache kept as whole frames in the store and
+# sliced with the same halo as the tile. So caches are respected exactly, there is no seam in time
+# (chunk boundaries are Wan's own) and none in space.
+
+def _cls(m: Any) -> str:
+    return type(m).__name__
+
+
+def _video_layers(decoder: Any) -> list[Any]:
+    _check_video(decoder)
+    return [decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head]
+
+
+def _check_video(decoder: Any) -> None:
+    import torch
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
+    missing = [n for n in ("conv1", "middle", "upsamples", "head") if not hasattr(decoder, n)]
+    if missing:
+        raise VaeTilingError(f"decoder {type(decoder).__name__} lacks {missing}: not a Wan-shaped Decoder3d")
+    for m in [*decoder.middle, *decoder.upsamples]:
+        if _cls(m) not in ("ResidualBlock", "AttentionBlock", "Resample"):
+            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped decoder")
+        if _cls(m) == "Resample" and m.mode not in ("upsample2d", "upsample3d", "none"):
+            raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in a decoder")
+
+
+class _VideoRun:
+    """Runs one Wan decoder chunk layer by layer over spatial tiles; owns the caches (whole frames)."""
+
+    def __init__(self, rects: list[Rect], device: Any, store: Any, progress: Any) -> None:
+        self.rects = rects
+        self.device = device
+        self.store = store
+        self.cache: dict[int, Any] = {}       # id(conv) -> last input frames (full size), or "Rep"
+        self.progress = progress
+        self.done = 0
+
+    # one layer-synchronous step over all tiles: out[tile] = fn(slices of the inputs with halo)
+    def step(self, fn: Callable[..., Any], ins: list[Any], res: int, scale: int, out_c: int, halo: int,
+             out_frames: int) -> Any:
+        import torch
+        x0 = ins[0]
+        b, _, _, hi, wi = x0.shape
+        out = torch.empty(b, out_c, out_frames, hi * scale, wi * scale, dtype=x0.dtype, device=self.store)
+        k = 0
+        rects = self.rects
+        while k < len(rects):
+            y0, y1, c0, c1 = rects[k]
+            oy0, oy1, ox0, ox1 = y0 * res * scale, y1 * res * scale, c0 * res * scale, c1 * res * scale
+            iy0, iy1 = _span(y0 * res, y1 * res, (halo, halo), hi)
+            ix0, ix1 = _span(c0 * res, c1 * res, (halo, halo), wi)
+            oom = False
+            try:
+                with _tile_scope(), torch.no_grad():
+                    sl = [t[..., iy0:iy1, ix0:ix1].to(self.device) if isinstance(t, torch.Tensor) else t
+                          for t in ins]
+                    y = fn(*sl)
+                    py, px = iy0 * scale, ix0 * scale
+                    y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2] != out_frames:
+                        raise VaeTilingError(f"video step: tile output {tuple(y.shape)} does not cover "
+                                             f"{out_frames}x{oy1 - oy0}x{ox1 - ox0}")
+                    out[..., oy0:oy1, ox0:ox1] = y
+                    del y, sl
+            except Exception as e:   # noqa: BLE001 - only OOM is handled
+                if not _is_oom(e):
+                    raise
+                oom = True
+            if oom:
+                _release()
+                finer = [q for r in rects[k:] for q in _split(r)]
+                log.warning("vramguard: tiled video VAE out of memory at tile %s; %d tiles done, "
+                            "re-planned the rest as %d smaller tiles", rects[k], k, len(finer))
+                rects = self.rects = rects[:k] + finer
+                continue
+            k += 1
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done)
+        return out
+
+    def conv(self, conv: Any, x: Any, res: int, pre: Callable[[Any], Any] | None = None) -> Any:
+        """A CausalConv3d (optionally after a pointwise pre-op) with Wan's cache of 2 input frames."""
+        cache = self.cache.get(id(conv))
+        kt = conv.weight.shape[2]
+        halo = (conv.weight.shape[3] - 1) // 2
+        t = x.shape[2]
+
+        # the cache holds raw input frames; pre is pointwise, so pre(cache) is what Wan cached
+        def fn(xs: Any, cs: Any = None) -> Any:
+            h = pre(xs) if pre is not None else xs
+            if kt == 1:
+                return conv(h)
+            cpre = pre(cs) if (cs is not None and pre is not None) else cs
+            return conv(h, cpre)
+
+        ins = [x] if cache is None or kt == 1 else [x, cache]
+        out = self.step(fn, ins, res, 1, conv.weight.shape[0], halo, t)
+        if kt > 1:
+            self.cache[id(conv)] = x[:, :, -2:].clone()
+        return out
+
+
+def _rms(norm: Any, x: Any) -> Any:
+    return norm(x)
+
+
+def _wan_residual(run: _VideoRun, blk: Any, x: Any, res: int) -> Any:
+    import torch.nn.functional as F
+    n1, _, c1, n2, _, _, c2 = list(blk.residual)
+    # Wan caches the conv's *input* (after norm and SiLU): keep the pre-op output's last frames
+    h = run.conv(c1, x, res, pre=lambda t: F.silu(n1(t)))
+    sc = blk.shortcut
+
+    def tail(hs: Any, xs: Any, cs: Any = None) -> Any:
+        a = F.silu(n2(hs))
+        ca = F.silu(n2(cs)) if cs is not None else None
+        return (c2(a, ca) if ca is not None else c2(a)) + sc(xs)
+
+    cache = run.cache.get(id(c2))
+    ins = [h, x] if cache is None else [h, x, cache]
+    halo = (c2.weight.shape[3] - 1) // 2
+    out = run.step(tail, ins, res, 1, c2.weight.shape[0], halo, h.shape[2])
+    run.cache[id(c2)] = h[:, :, -2:].clone()
+    return out
+
+
+def _wan_attention(run: _VideoRun, blk: Any, x: Any, res: int) -> Any:
+    """Wan's per-frame single-head attention: K/V of each whole frame, queries by tile."""
+    import torch
+    import torch.nn.functional as F
+    b, c, t, h, w = x.shape
+    kk = torch.empty(b * t, 1, h * w, c, dtype=x.dtype, device=run.device)
+    vv = torch.empty_like(kk)
+    rows = max(1, (1 << 20) // max(1, w * c * t))
+    with torch.no_grad():
+        for r0 in range(0, h, rows):
+            xs = x[:, :, :, r0:r0 + rows].to(run.device)
+            n = xs.shape[3] * w
+            f = xs.permute(0, 2, 1, 3, 4).reshape(b * t, c, -1, w)
+            _, k, v = blk.to_qkv(blk.norm(f)).chunk(3, dim=1)
+            kk[:, 0, r0 * w:r0 * w + n] = k.flatten(2).transpose(1, 2)
+            vv[:, 0, r0 * w:r0 * w + n] = v.flatten(2).transpose(1, 2)
+
+    def fn(xs: Any) -> Any:
+        tb, tc, tt, th, tw = xs.shape
+        f = xs.permute(0, 2, 1, 3, 4).reshape(tb * tt, tc, th, tw)
+        q, _, _ = blk.to_qkv(blk.norm(f)).chunk(3, dim=1)
+        q = q.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        o = F.scaled_dot_product_attention(q, kk, vv).squeeze(1).transpose(1, 2).reshape(tb * tt, tc, th, tw)
+        o = blk.proj(o).reshape(tb, tt, tc, th, tw).permute(0, 2, 1, 3, 4)
+        return xs + o
+
+    return run.step(fn, [x], res, 1, c, 0, t)
+
+
+def _wan_resample(run: _VideoRun, blk: Any, x: Any, res: int) -> tuple[Any, int]:
+    if blk.mode == "none":
+        return x, res
+    conv2d = blk.resample[1]
+    c_out = conv2d.weight.shape[0]
+    t = x.shape[2]
+    if blk.mode == "upsample2d":
+        return run.step(lambda xs: blk(xs), [x], res, 2, c_out, 1, t), res * 2
+    # upsample3d: Wan's state per chunk: None -> "Rep" (no time conv on the first chunk) ->
+    # time conv with zero padding -> time conv with the cache of the last 2 input frames
+    state = run.cache.get(id(blk))
+    t_out = t if state is None else 2 * t
+
+    def fn(xs: Any, cs: Any = None) -> Any:
+        fc = [None] if state is None else (["Rep"] if isinstance(state, str) else [cs])
+        return blk(xs, feat_cache=fc, feat_idx=[0])
+
+    ins = [x] if not hasattr(state, "shape") else [x, state]
+    out = run.step(fn, ins, res, 2, c_out, 1, t_out)
+    run.cache[id(blk)] = "Rep" if state is None else x[:, :, -2:].clone()
+    return out, res * 2
+
+
+def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
+    import torch.nn.functional as F
+    res = 1
+    h = run.conv(decoder.conv1, x, res)
+    for layer in [*decoder.middle, *decoder.upsamples]:
+        name = _cls(layer)
+        if name == "ResidualBlock":
+            h = _wan_residual(run, layer, h, res)
+        elif name == "AttentionBlock":
+            h = _wan_attention(run, layer, h, res)
+        else:
+            h, res = _wan_resample(run, layer, h, res)
+    n, _, conv = list(decoder.head)
+    return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
+
+
+def video_chunks(t: int) -> list[tuple[int, int]]:
+    """Wan's latent-frame chunks: [0, 1), then two frames at a time (WanVAE.decode)."""
+    return [(0, 1)] + [(1 + 2 * (i - 1), min(t, 1 + 2 * i)) for i in range(1, 1 + t // 2) if 1 + 2 * (i - 1) < t]
+
+
+def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4) -> GridPlan:
+    """Fewest near-square spatial tiles for a Wan-shaped decoder (a conservative estimate: every
+    layer's channels at the output resolution, 2 chunk frames x 4 (time upsampling) + 2 cached)."""
+    import torch
+    up = 1
+    chans = 0
+    for m in decoder.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            chans = max(chans, m.weight.shape[0] + m.weight.shape[1])
+        if _cls(m) == "Resample" and m.mode.startswith("upsample"):
+            up *= 2
+    frames = 2 * 4 + 2
+    attn_c = max([m.proj.weight.shape[0] for m in decoder.modules() if _cls(m) == "AttentionBlock"] or [0])
+    for n in range(1, h * w + 1):
+        rows = max(1, round(math.sqrt(n * h / w)))
+        cols = -(-n // rows)
+        if rows > h or cols > w:
+            continue
+        th, tw = -(-h // rows), -(-w // cols)
+        need = 4 * frames * (th * up + 2) * (tw * up + 2) * chans
+        need += 2 * 2 * h * w * attn_c + 2 * frames * th * tw * h * w
+        need *= batch * elem
+        if need <= budget_bytes:
+            return GridPlan(rows, cols, need)
+    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}")
+
+
+def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                       conv2: Any = None, device: Any = None, store_device: Any = None,
+                       progress: Callable[[int], None] | None = None) -> Any:
+    """Decode a Wan-shaped video latent (B, C, T, H, W) in Wan's time chunks and spatial tiles.
+
+    Equals WanVAE.decode (conv2, then the chunked decoder with caches) to float rounding; returns
+    (B, 3, 1 + 4 * (T - 1), 8H, 8W) for Wan 2.1 in [-1, 1]. A ComfyUI Wan VAE maps on as
+    decoder = vae.first_stage_model.decoder, conv2 = vae.first_stage_model.conv2.
+    """
+    import torch
+    if not isinstance(latent, torch.Tensor):
+        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+    if latent.ndim != 5 or min(latent.shape) < 1:
+        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
+    if not latent.is_floating_point():
+        raise TypeError(f"latent must be floating point, got {latent.dtype}")
+    if not torch.isfinite(latent).all():
+        raise ValueError("latent holds non-finite values")
+    budget = _check_budget(budget_bytes)
+    _check_video(decoder)
+    lh, lw = latent.shape[3], latent.shape[4]
+    if grid is not None:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+        rows, cols = min(grid[0], lh), min(grid[1], lw)
+    else:
+        plan = plan_video_grid(decoder, lh, lw, budget_bytes=budget, batch=latent.shape[0],
+                               elem=latent.element_size())
+        rows, cols = plan.rows, plan.cols
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
+    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress)
+    with torch.no_grad():
+        x = conv2(latent) if conv2 is not None else latent
+        outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2])]
+    log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks x %d tiles", x.shape[2], lh, lw,
+             len(outs), len(run.rects))
+    return torch.cat(outs, 2)
