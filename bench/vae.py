@@ -195,8 +195,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--latent", default="24x32")
+    ap.add_argument("--latent", default="16x24")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--video-latent", default="3x6x8", help="T x H x W latent frames/px")
     ap.add_argument("--no-video", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -212,9 +213,9 @@ def main():
     if has_comfy:
         bench_model("ComfyUI Decoder", vm.comfy_decoder(seed=11), z, args, True, rows)
     enc_psnr = bench_encode(vm.sd_encoder(seed=2), ref.clamp(-1, 1), args)
-    video = None
-    if not args.no_video and hasattr(vae, "decode_video_tiled"):
-        video = bench_video(args)
+    video = video_c = None
+    if not args.no_video:
+        video, video_c = bench_video(args, has_comfy)
     if args.png:
         write_png(args.png, vm.comfy_decoder(seed=11) if has_comfy else dec, has_comfy, lh, lw)
     ours = [r for r in rows if r["path"] == "ours"]
@@ -223,6 +224,7 @@ def main():
         "psnr_min_db": min(r["psnr"] for r in ours),
         "psnr_min_db_comfy_tiled": min(r["psnr"] for r in comfy) if comfy else None,
         "video_psnr_min_db": video,
+        "video_psnr_min_db_comfy_tiled": video_c,
         "compute_vs_untiled_max": max(r["xflop"] for r in ours),
         "compute_vs_untiled_max_comfy": max(r["xflop"] for r in comfy) if comfy else None,
         "time_vs_untiled_max": max(r["xtime"] for r in ours),
@@ -234,12 +236,62 @@ def main():
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))
 
 
-def bench_video(args):
-    return vae_video_bench(args)
+def time_seam(v, bounds):
+    """Frame-difference energy across the given frame boundaries over the mean elsewhere."""
+    d = (v[:, :, 1:] - v[:, :, :-1]).double() ** 2
+    m = torch.zeros(d.shape[2], dtype=torch.bool)
+    for f in bounds:
+        if 0 < f < v.shape[2]:
+            m[f - 1] = True
+    return float(d[:, :, m].mean() / d[:, :, ~m].mean())
 
 
-def vae_video_bench(args):
-    return None
+def comfy_tiled_3d(dec, z, tx, ty, ov):
+    import comfy.utils
+    return comfy.utils.tiled_scale_multidim(
+        z, lambda a: vm.wan_decode(dec, a), tile=(999, ty, tx), overlap=(1, ov, ov),
+        upscale_amount=(lambda a: max(0, a * 4 - 3), 8, 8), out_channels=3, index_formulas=(4, 8, 8),
+        output_device="cpu")
+
+
+def bench_video(args, has_comfy):
+    lt, lh, lw = (int(v) for v in args.video_latent.split("x"))
+    z = vm.video_latent(lt, lh, lw, seed=6)
+    models = [("ours-Wan-shaped", vm.wan_decoder(seed=5))]
+    if has_comfy:
+        models.append(("ComfyUI Wan Decoder3d", vm.comfy_wan_decoder(seed=5)))
+    # output frame where each of Wan's time chunks starts: latent 0 -> 1 frame, later ones 4 each
+    bounds = [1 + 4 * (a - 1) for a, _ in vae.video_chunks(lt)[1:]]
+    worst, worst_c = math.inf, math.inf
+    for label, dec in models:
+        ref, t0, t1 = timed(lambda: vm.wan_decode(dec, z), 1)
+        f_ref = flops(lambda: vm.wan_decode(dec, z))
+        tref = time_seam(ref, bounds)
+        print(f"\nvideo {label}: latent {lt}x{lh}x{lw} -> {tuple(ref.shape[2:])}, untiled (Wan's chunked "
+              f"decode) {t0:.2f} s, {f_ref / 1e9:.1f} GFLOP; chunk starts at frames {bounds}")
+        print(f"{'grid':>5} {'path':>6} {'PSNR dB':>8} {'max err':>9} {'seam xy':>7} {'seam t':>7} {'time s':>7} "
+              f"{'xFLOP':>6}")
+        for rows, cols in [(1, 2), (2, 3)]:
+            ys, xs = borders(rows, cols, lh, lw)
+            sref = vm.seam_ratio(ref.flatten(1, 2), ys, xs)
+            run = lambda: vae.decode_video_tiled(dec, z, budget_bytes=1 << 40, grid=(rows, cols))  # noqa: E731
+            out, a, _ = timed(run, 1)
+            p = vm.psnr(out, ref)
+            worst = min(worst, p)
+            print(f"{rows}x{cols:<3} {'ours':>6} {p:8.1f} {(out - ref).abs().max().item():9.2e} "
+                  f"{vm.seam_ratio(out.flatten(1, 2), ys, xs) / sref:7.3f} {time_seam(out, bounds) / tref:7.3f} "
+                  f"{a:7.2f} {flops(run) / f_ref:6.3f}")
+            if has_comfy:
+                ty, tx = math.ceil(lh / rows), math.ceil(lw / cols)
+                ov = max(1, min(8, min(tx, ty) // 4))
+                runc = lambda: comfy_tiled_3d(dec, z, tx, ty, ov)  # noqa: E731
+                out, a, _ = timed(runc, 1)
+                p = vm.psnr(out, ref)
+                worst_c = min(worst_c, p)
+                print(f"{rows}x{cols:<3} {'comfy':>6} {p:8.1f} {(out - ref).abs().max().item():9.2e} "
+                      f"{vm.seam_ratio(out.flatten(1, 2), ys, xs) / sref:7.3f} "
+                      f"{time_seam(out, bounds) / tref:7.3f} {a:7.2f} {flops(runc) / f_ref:6.3f}")
+    return worst, (worst_c if worst_c < math.inf else None)
 
 
 if __name__ == "__main__":
