@@ -14,7 +14,8 @@ Per tile grid (2, 4, 6, 9, 16 tiles and a non-square 3x5):
     (VAEDecodeTiled's default 64 px at 8x)
 Columns: PSNR (dB, [-1, 1] signal) and max |error| against untiled; seam: gradient energy on the
 grid's tile borders / elsewhere, divided by the same ratio of the untiled image (1.00 = no seam);
-time min-max of --repeat runs; FLOPs (torch.utils.flop_counter, repeatable) over one untiled
+process CPU time (s) min-max of --repeat runs (wall time on a shared machine
+measures the neighbours); FLOPs (torch.utils.flop_counter, repeatable) over one untiled
 pass; peak: live bytes of tensors torch ops created during the call (a device-peak proxy on
 CPU: ours keeps its full-size step outputs in the store, which is the device here) and, for
 ours, the largest one tile's work held (what the device holds when the store is the host).
@@ -42,13 +43,15 @@ GRIDS = [(1, 2), (2, 2), (2, 3), (3, 3), (4, 4), (3, 5)]
 
 
 def timed(fn, repeat):
+    """(result, min, max) of the process CPU time of `repeat` runs: on a shared machine wall time
+    mostly measures the neighbours; CPU time of this process is what the work cost."""
     ts = []
     out = None
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = time.process_time()
         with torch.no_grad():
             out = fn()
-        ts.append(time.perf_counter() - t)
+        ts.append(time.process_time() - t)
     return out, min(ts), max(ts)
 
 

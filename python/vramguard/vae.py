@@ -242,20 +242,29 @@ def _finish(p: Program) -> Program:
 # ---------------------------------------------------------------------------------- execution
 
 class _Stats:
-    """Per-sample, per-channel sums of x and x^2 in float64 over everything written so far."""
+    """Per-sample, per-channel count, mean and sum of squared deviations (M2) over everything written
+    so far. Each tile gives its own mean/variance in one stable pass (torch.var_mean, the tile's
+    dtype); tiles merge in float64 with Chan's parallel formula, so large means do not cancel."""
 
     def __init__(self, b: int, c: int, device: Any) -> None:
         import torch
-        self.s1 = torch.zeros(b, c, dtype=torch.float64, device=device)
-        self.s2 = torch.zeros(b, c, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(b, c, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(b, c, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, t: Any) -> None:
         import torch
-        t64 = t.to(torch.float64)
-        self.s1 += t64.sum(dim=(2, 3)).to(self.s1.device)
-        self.s2 += (t64 * t64).sum(dim=(2, 3)).to(self.s2.device)
-        self.n += t.shape[2] * t.shape[3]
+        nt = t.shape[2] * t.shape[3]
+        if nt == 0:
+            return
+        var_t, mean_t = torch.var_mean(t, dim=(2, 3), correction=0)
+        mean_t = mean_t.to(self.mean.device, torch.float64)
+        m2_t = var_t.to(self.mean.device, torch.float64) * nt
+        n = self.n + nt
+        delta = mean_t - self.mean
+        self.mean += delta * (nt / n)
+        self.m2 += m2_t + delta * delta * (self.n * nt / n)
+        self.n = n
 
 
 class _Ctx:
@@ -270,12 +279,14 @@ class _Ctx:
         if ck not in self.cache:
             st = self.stats[key]
             g = norm.num_groups
-            b, c = st.s1.shape
+            b, c = st.mean.shape
             if c % g:
                 raise VaeTilingError(f"GroupNorm {c} channels not divisible by {g} groups")
-            cnt = st.n * (c // g)
-            mean = st.s1.view(b, g, -1).sum(-1) / cnt
-            var = (st.s2.view(b, g, -1).sum(-1) / cnt - mean * mean).clamp_min(0.0)
+            # group = channels with equal counts: mean of means; variance = mean of the channel
+            # variances + variance of the channel means (law of total variance)
+            cm = st.mean.view(b, g, -1)
+            mean = cm.mean(-1)
+            var = ((st.m2.view(b, g, -1) / st.n).mean(-1) + ((cm - mean[..., None]) ** 2).mean(-1)).clamp_min(0.0)
             rstd = torch.rsqrt(var + norm.eps)
             mean_c = mean.repeat_interleave(c // g, dim=1)
             rstd_c = rstd.repeat_interleave(c // g, dim=1)
@@ -590,9 +601,12 @@ def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any,
         plan = plan_grid(p, lh, lw, budget_bytes=budget, batch=x.shape[0], elem=x.element_size(), tile=t)
         rows, cols = plan.rows, plan.cols
     rects = grid_rects(lh, lw, rows, cols)
+    # Steps may merge tiles only up to the working set the grid plans for its largest step: so an
+    # explicit grid keeps its meaning (and its peak) however large the budget.
+    cap = min(budget, _tile_bytes(p, -(-lh // rows), -(-lw // cols), x.shape[0], x.element_size()))
     log.info("vramguard: tiled VAE %s %dx%d latent as %dx%d tiles", what, lh, lw, rows, cols)
     return run_program(p, x, rects=rects, device=device, store_device=store_device, progress=progress,
-                       budget=budget, grid=(rows, cols))
+                       budget=cap, grid=(rows, cols))
 
 
 def decode_tiled(decoder: Any, latent: Any, *, budget_bytes: int, tile: int | tuple[int, int] | None = None,
