@@ -1,0 +1,910 @@
+"""Seamless tiled VAE decode/encode: the untiled result, to float rounding, at one pass of compute.
+
+    img = vae.decode_tiled(decoder, latent, budget_bytes=2 << 30)
+    z = vae.encode_tiled(encoder, image, budget_bytes=2 << 30)
+
+A VAE is not local: every GroupNorm normalises with statistics of the whole feature map and the
+mid-block attention is global, so running whole tiles through the network (however wide the
+feather) gives a different image. Here the network runs *layer-synchronously*: the module is
+compiled into a short program of steps (one per conv between two norms, one per attention, one
+per up/down-sample), each step runs tile by tile over full-size feature maps kept in a store,
+and each tile reads its input with a halo of the step's own receptive field (1 px for a 3x3 conv).
+While a step writes its tiles it sums, per sample and channel, x and x^2 (float64) of its output;
+the next GroupNorm uses those sums, i.e. exactly the untiled statistics. Attention is done by
+query tiles against K/V of the whole map (row-wise softmax is exact under query tiling). So the
+only difference from untiled is summation order; the extra compute is the 1-px halos.
+
+The price is memory traffic: the step outputs live in the store (`store_device`, default: the
+compute device when they fit in the budget, else the CPU). The device holds one tile's working
+set, plus K/V of the attention map (latent resolution; small).
+
+Supported modules: ComfyUI's `comfy.ldm.modules.diffusionmodules.model.Decoder` / `Encoder`
+(2-D; `conv_in`, `mid.block_1/attn_1/block_2`, `up[i].block/attn/upsample` or `down[i]...`,
+`norm_out`, `conv_out`) and modules with the same attribute layout (tests/vae_models.py).
+A ComfyUI `VAE` object maps on as: decoder = vae.first_stage_model.decoder, with
+`post_quant_conv=vae.first_stage_model.post_quant_conv` (a 1x1 conv; None where absent); the
+LATENT a graph carries is already in VAE space (the model's latent_format scale/shift is undone by
+the sampler), and the decoder output is in [-1, 1]: ComfyUI's `process_output` is
+`(x + 1) / 2` clamped to [0, 1], NCHW -> NHWC (`movedim(1, -1)`). For encode:
+encoder = first_stage_model.encoder, `quant_conv=first_stage_model.quant_conv`, the image in
+`2 * x - 1` NCHW; the result holds mean and logvar (2*z channels); ComfyUI's regulariser keeps
+the mean (`z[:, :z_channels]`).
+
+On an out-of-memory error in a tile the finished tiles of the step (and their statistics) are
+kept, the rest of the grid is split finer and the run goes on: the result is unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "plan_grid", "plan_video_grid", "VaeTilingError", "Step", "compile_decoder",
+           "compile_encoder", "run_program"]
+
+log = logging.getLogger("vramguard")
+
+
+class VaeTilingError(RuntimeError):
+    """The tiled VAE gave up: the module is not a supported layout, or nothing fits."""
+
+
+# ---------------------------------------------------------------------------------- program
+
+@dataclass
+class Step:
+    """One layer-synchronous step: out = fn(ctx, *inputs) over full maps, run tile by tile.
+
+    res_in/res_out: resolution of the inputs/output relative to the latent grid (integers);
+    halo: (before, after) input pixels each tile reads beyond its own area; fn must map an input
+    slice starting at input pixel p onto output pixels starting at p * res_out / res_in.
+    kind "attn": a global attention block, run by query tiles.
+    """
+    name: str
+    fn: Callable[..., Any] | None
+    inputs: tuple[str, ...]
+    output: str
+    out_channels: int
+    res_in: int
+    res_out: int
+    halo: tuple[int, int] = (1, 1)
+    kind: str = "local"
+    module: Any = None
+    work: float = 3.0          # working-set multiplier over (input slice + output tile), for the plan
+    in_channels: int = 0
+    normed: tuple[str, ...] = ()   # maps this step GroupNorms (their whole-map statistics are gathered)
+
+
+@dataclass
+class Program:
+    steps: list[Step]
+    input: str
+    output: str
+    latent_scale: int          # input res relative to latent grid (decoder 1, encoder 8)
+    out_channels: int
+    needs_stats: set[str] = field(default_factory=set)
+
+
+def _silu(x: Any) -> Any:
+    import torch.nn.functional as F
+    return F.silu(x)
+
+
+def _resnet_steps(blk: Any, name: str, x: str, res: int, prog_steps: list[Step]) -> str:
+    cin = blk.norm1.num_channels
+    cout = blk.conv1.out_channels if hasattr(blk.conv1, "out_channels") else blk.conv1.weight.shape[0]
+
+    def first(ctx: "_Ctx", xs: Any) -> Any:
+        return blk.conv1(_silu(ctx.gn(blk.norm1, xs, x)))
+
+    h = name + ".h"
+
+    def second(ctx: "_Ctx", xs: Any, hs: Any) -> Any:
+        out = blk.conv2(_silu(ctx.gn(blk.norm2, hs, h)))
+        if getattr(blk, "conv_shortcut", None) is not None and getattr(blk, "use_conv_shortcut", False):
+            xs = blk.conv_shortcut(xs)
+        elif getattr(blk, "nin_shortcut", None) is not None:
+            xs = blk.nin_shortcut(xs)
+        return xs + out
+
+    prog_steps.append(Step(name + ".a", first, (x,), h, cout, res, res, in_channels=cin,
+                           normed=(x,)))
+    out = name + ".out"
+    prog_steps.append(Step(name + ".b", second, (x, h), out, cout, res, res, in_channels=cin + cout,
+                           normed=(h,)))
+    return out
+
+
+def _attn_step(attn: Any, name: str, x: str, res: int, steps: list[Step]) -> str:
+    c = attn.norm.num_channels
+    out = name + ".out"
+    steps.append(Step(name, None, (x,), out, c, res, res, halo=(0, 0), kind="attn", module=attn, in_channels=c,
+                      normed=(x,)))
+    return out
+
+
+def _check_layout(m: Any, names: Sequence[str], what: str) -> None:
+    import torch
+    if not isinstance(m, torch.nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(m).__name__}")
+    missing = [n for n in names if not hasattr(m, n)]
+    if missing:
+        raise VaeTilingError(f"{what} {type(m).__name__} lacks {missing}: not a supported VAE layout "
+                             "(ComfyUI Decoder/Encoder attribute names)")
+    for sub in m.modules():
+        w = getattr(sub, "weight", None)
+        if isinstance(sub, (torch.nn.Conv3d,)) or (w is not None and getattr(w, "ndim", 0) == 5):
+            raise VaeTilingError(f"{what} has 3-D convolutions (a video VAE): not supported by the 2-D path")
+
+
+def compile_decoder(decoder: Any, post_quant_conv: Any = None) -> Program:
+    """The decoder as a list of layer-synchronous steps (ComfyUI Decoder layout)."""
+    _check_layout(decoder, ("conv_in", "mid", "up", "norm_out", "conv_out", "num_resolutions", "num_res_blocks"),
+                  "decoder")
+    steps: list[Step] = []
+    cur = "z"
+    if post_quant_conv is not None:
+        c = post_quant_conv.weight.shape[0]
+        steps.append(Step("post_quant_conv", lambda ctx, xs: post_quant_conv(xs), (cur,), "pq", c, 1, 1,
+                          halo=(0, 0), in_channels=post_quant_conv.weight.shape[1]))
+        cur = "pq"
+    cin = decoder.conv_in.weight.shape[1]
+    steps.append(Step("conv_in", lambda ctx, xs: decoder.conv_in(xs), (cur,), "conv_in",
+                      decoder.conv_in.weight.shape[0], 1, 1, in_channels=cin))
+    cur = "conv_in"
+    cur = _resnet_steps(decoder.mid.block_1, "mid.block_1", cur, 1, steps)
+    cur = _attn_step(decoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
+    cur = _resnet_steps(decoder.mid.block_2, "mid.block_2", cur, 1, steps)
+    res = 1
+    for i_level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[i_level]
+        for i_block in range(decoder.num_res_blocks + 1):
+            cur = _resnet_steps(up.block[i_block], f"up{i_level}.block{i_block}", cur, res, steps)
+            if len(up.attn) > 0:
+                cur = _attn_step(up.attn[i_block], f"up{i_level}.attn{i_block}", cur, res, steps)
+        if i_level != 0:
+            us = up.upsample
+            if getattr(us, "scale_factor", 2.0) not in (2, 2.0) or not getattr(us, "with_conv", True):
+                raise VaeTilingError("decoder upsample is not nearest x2 + conv")
+            c = us.conv.weight.shape[0]
+            steps.append(Step(f"up{i_level}.upsample", lambda ctx, xs, us=us: us(xs), (cur,), f"up{i_level}.us",
+                              c, res, res * 2, work=6.0, in_channels=c))
+            cur = f"up{i_level}.us"
+            res *= 2
+    tanh = bool(getattr(decoder, "tanh_out", False))
+
+    def tail(ctx: "_Ctx", xs: Any) -> Any:
+        y = decoder.conv_out(_silu(ctx.gn(decoder.norm_out, xs, name_in)))
+        return y.tanh() if tanh else y
+
+    name_in = cur
+    cout = decoder.conv_out.weight.shape[0]
+    steps.append(Step("conv_out", tail, (cur,), "out", cout, res, res, in_channels=decoder.norm_out.num_channels,
+                      normed=(cur,)))
+    return _finish(Program(steps, "z", "out", 1, cout))
+
+
+def compile_encoder(encoder: Any, quant_conv: Any = None) -> Program:
+    """The encoder as a list of layer-synchronous steps (ComfyUI Encoder layout)."""
+    _check_layout(encoder, ("conv_in", "mid", "down", "norm_out", "conv_out", "num_resolutions", "num_res_blocks"),
+                  "encoder")
+    res = 2 ** (encoder.num_resolutions - 1)
+    steps: list[Step] = []
+    steps.append(Step("conv_in", lambda ctx, xs: encoder.conv_in(xs), ("x",), "conv_in",
+                      encoder.conv_in.weight.shape[0], res, res, in_channels=encoder.conv_in.weight.shape[1]))
+    cur = "conv_in"
+    for i_level in range(encoder.num_resolutions):
+        down = encoder.down[i_level]
+        for i_block in range(encoder.num_res_blocks):
+            cur = _resnet_steps(down.block[i_block], f"down{i_level}.block{i_block}", cur, res, steps)
+            if len(down.attn) > 0:
+                cur = _attn_step(down.attn[i_block], f"down{i_level}.attn{i_block}", cur, res, steps)
+        if i_level != encoder.num_resolutions - 1:
+            ds = down.downsample
+            if not getattr(ds, "with_conv", True):
+                raise VaeTilingError("encoder downsample without conv is not supported")
+            c = ds.conv.weight.shape[0]
+            # Downsample pads one zero row/column at the end only: a tile starting at an even
+            # pixel needs no halo before and one pixel after.
+            steps.append(Step(f"down{i_level}.downsample", lambda ctx, xs, ds=ds: ds(xs), (cur,),
+                              f"down{i_level}.ds", c, res, res // 2, halo=(0, 1), in_channels=c))
+            cur = f"down{i_level}.ds"
+            res //= 2
+    cur = _resnet_steps(encoder.mid.block_1, "mid.block_1", cur, res, steps)
+    cur = _attn_step(encoder.mid.attn_1, "mid.attn_1", cur, res, steps)
+    cur = _resnet_steps(encoder.mid.block_2, "mid.block_2", cur, res, steps)
+    name_in = cur
+
+    def tail(ctx: "_Ctx", xs: Any) -> Any:
+        return encoder.conv_out(_silu(ctx.gn(encoder.norm_out, xs, name_in)))
+
+    cout = encoder.conv_out.weight.shape[0]
+    steps.append(Step("conv_out", tail, (cur,), "conv_out", cout, res, res, in_channels=encoder.norm_out.num_channels,
+                      normed=(cur,)))
+    cur = "conv_out"
+    if quant_conv is not None:
+        steps.append(Step("quant_conv", lambda ctx, xs: quant_conv(xs), (cur,), "out", quant_conv.weight.shape[0],
+                          res, res, halo=(0, 0), in_channels=cout))
+        cout = quant_conv.weight.shape[0]
+    else:
+        steps[-1].output = "out"
+    top = 2 ** (encoder.num_resolutions - 1)
+    return _finish(Program(steps, "x", "out", top, cout))
+
+
+def _finish(p: Program) -> Program:
+    for s in p.steps:
+        p.needs_stats.update(s.normed)
+    return p
+
+
+# ---------------------------------------------------------------------------------- execution
+
+class _Stats:
+    """Per-sample, per-channel count, mean and sum of squared deviations (M2) over everything written
+    so far. Each tile gives its own mean/variance in one stable pass (torch.var_mean, the tile's
+    dtype); tiles merge in float64 with Chan's parallel formula, so large means do not cancel."""
+
+    def __init__(self, b: int, c: int, device: Any) -> None:
+        import torch
+        self.mean = torch.zeros(b, c, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(b, c, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, t: Any) -> None:
+        import torch
+        nt = t.shape[2] * t.shape[3]
+        if nt == 0:
+            return
+        var_t, mean_t = torch.var_mean(t, dim=(2, 3), correction=0)
+        mean_t = mean_t.to(self.mean.device, torch.float64)
+        m2_t = var_t.to(self.mean.device, torch.float64) * nt
+        n = self.n + nt
+        delta = mean_t - self.mean
+        self.mean += delta * (nt / n)
+        self.m2 += m2_t + delta * delta * (self.n * nt / n)
+        self.n = n
+
+
+class _Ctx:
+    def __init__(self, stats: dict[str, _Stats]) -> None:
+        self.stats = stats
+        self.cache: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+    def gn(self, norm: Any, x: Any, key: str) -> Any:
+        """GroupNorm of a tile with the statistics of the whole map `key`."""
+        import torch
+        ck = (id(norm), key)
+        if ck not in self.cache:
+            st = self.stats[key]
+            g = norm.num_groups
+            b, c = st.mean.shape
+            if c % g:
+                raise VaeTilingError(f"GroupNorm {c} channels not divisible by {g} groups")
+            # group = channels with equal counts: mean of means; variance = mean of the channel
+            # variances + variance of the channel means (law of total variance)
+            cm = st.mean.view(b, g, -1)
+            mean = cm.mean(-1)
+            var = ((st.m2.view(b, g, -1) / st.n).mean(-1) + ((cm - mean[..., None]) ** 2).mean(-1)).clamp_min(0.0)
+            rstd = torch.rsqrt(var + norm.eps)
+            mean_c = mean.repeat_interleave(c // g, dim=1)
+            rstd_c = rstd.repeat_interleave(c // g, dim=1)
+            if norm.weight is not None:
+                w = norm.weight.to(torch.float64).to(mean_c.device)
+                bb = norm.bias.to(torch.float64).to(mean_c.device)
+                scale = rstd_c * w
+                shift = bb - mean_c * scale
+            else:
+                scale, shift = rstd_c, -mean_c * rstd_c
+            self.cache[ck] = (scale, shift)
+        scale, shift = self.cache[ck]
+        scale = scale.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+        shift = shift.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+        return torch.addcmul(shift, x, scale)
+
+
+def _is_oom(e: BaseException) -> bool:
+    from .tiling import _is_oom as tiling_is_oom
+    return tiling_is_oom(e)
+
+
+def _release() -> None:
+    from .tiling import _release as tiling_release
+    tiling_release()
+
+
+Rect = tuple[int, int, int, int]   # y0, y1, x0, x1 on the latent grid
+
+
+def _split(r: Rect) -> list[Rect]:
+    y0, y1, x0, x1 = r
+    ys = [y0, y1] if y1 - y0 < 2 else [y0, (y0 + y1) // 2, y1]
+    xs = [x0, x1] if x1 - x0 < 2 else [x0, (x0 + x1) // 2, x1]
+    if len(ys) == 2 and len(xs) == 2:
+        raise VaeTilingError(f"out of memory at the smallest tile (1 latent px at {r})")
+    return [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
+
+
+def grid_rects(h: int, w: int, rows: int, cols: int) -> list[Rect]:
+    """rows x cols near-equal tiles covering an h x w latent grid."""
+    ys = [h * i // rows for i in range(rows + 1)]
+    xs = [w * j // cols for j in range(cols + 1)]
+    return [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(rows) for j in range(cols)
+            if ys[i + 1] > ys[i] and xs[j + 1] > xs[j]]
+
+
+def _span(lo: int, hi: int, halo: tuple[int, int], n: int) -> tuple[int, int]:
+    return max(0, lo - halo[0]), min(n, hi + halo[1])
+
+
+def _step_bytes(s: Step, th: int, tw: int) -> int:
+    """Planned device working set (elements, batch 1) of one step on a th x tw latent-px tile."""
+    if s.kind == "attn":
+        return 0
+    hi = th * s.res_in + s.halo[0] + s.halo[1]
+    wi = tw * s.res_in + s.halo[0] + s.halo[1]
+    in_b = hi * wi * s.in_channels
+    r = s.res_out / s.res_in
+    out_b = int(hi * r + 2) * int(wi * r + 2) * s.out_channels
+    return int((in_b + out_b) * s.work)
+
+
+def _tile_bytes(p: Program, th: int, tw: int, batch: int, elem: int) -> int:
+    """Planned device working set of one th x tw (latent px) tile: the largest over the steps."""
+    return max(_step_bytes(s, th, tw) for s in p.steps) * batch * elem
+
+
+def _attn_bytes(p: Program, h: int, w: int, th: int, tw: int, batch: int, elem: int) -> int:
+    worst = 0
+    for s in p.steps:
+        if s.kind != "attn":
+            continue
+        n = h * w * s.res_in * s.res_in
+        nq = th * tw * s.res_in * s.res_in
+        c = s.in_channels
+        # K, V of the whole map + one query tile's q/normed x/out + its score block
+        worst = max(worst, 2 * n * c + 4 * nq * c + nq * n)
+    return worst * batch * elem
+
+
+@dataclass
+class GridPlan:
+    rows: int
+    cols: int
+    tile_bytes: int          # planned device working set, bytes (largest tile, largest step)
+
+    @property
+    def tiles(self) -> int:
+        return self.rows * self.cols
+
+
+def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
+              tile: int | tuple[int, int] | None = None) -> GridPlan:
+    """The fewest near-square tiles whose working set fits in budget_bytes (latent grid h x w)."""
+    if tile is not None:
+        th, tw = (tile, tile) if isinstance(tile, int) else tile
+        rows, cols = -(-h // th), -(-w // tw)
+        th, tw = -(-h // rows), -(-w // cols)
+        need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
+        return GridPlan(rows, cols, need)
+    best: GridPlan | None = None
+    for n in range(1, h * w + 1):
+        # candidate grids with n tiles, tiles as square as possible
+        for rows in range(1, n + 1):
+            if n % rows:
+                continue
+            cols = n // rows
+            if rows > h or cols > w:
+                continue
+            th, tw = -(-h // rows), -(-w // cols)
+            need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
+            if need <= budget_bytes and (best is None or max(th / tw, tw / th) < best_aspect):
+                best, best_aspect = GridPlan(rows, cols, need), max(th / tw, tw / th)
+        if best is not None:
+            return best
+        if n > 4096:
+            break
+    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}: even a 1-px tile needs more")
+
+
+# A test hook: every tile's device work runs inside this context (tests count allocations in it).
+def _tile_scope() -> Any:
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _coarsest(p: Program, s: Step, base: list[Rect], grid: tuple[int, int] | None, lh: int, lw: int,
+              budget: int | None, batch: int, elem: int) -> list[Rect]:
+    """The step's tiles: `base` (the grid at the resolution that needs it), or fewer, larger tiles
+    where the step's own working set still fits the budget (low-resolution steps: that saves the
+    halo compute of tiny tiles)."""
+    if budget is None or grid is None:
+        return base
+    rows, cols = grid
+    for f in range(max(rows, cols), 1, -1):
+        r2, c2 = -(-rows // f), -(-cols // f)
+        th, tw = -(-lh // r2), -(-lw // c2)
+        if s.kind == "attn":
+            n, nq = lh * lw * s.res_in ** 2, th * tw * s.res_in ** 2
+            need = (2 * n * s.in_channels + 4 * nq * s.in_channels + nq * n) * batch * elem
+        else:
+            need = _step_bytes(s, th, tw) * batch * elem
+        if need <= budget:
+            return grid_rects(lh, lw, r2, c2)
+    return base
+
+
+def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, store_device: Any = None,
+                progress: Callable[[int, int], None] | None = None, budget: int | None = None,
+                grid: tuple[int, int] | None = None) -> Any:
+    """Run a compiled program tile by tile; returns the output map on store_device.
+
+    rects: the tiles (latent px) at the step that needs the most memory; with budget and grid
+    given, steps that fit in fewer tiles of the same grid (merged f x f) use those."""
+    import torch
+    if x.ndim != 4:
+        raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
+    b = x.shape[0]
+    if x.shape[2] % p.latent_scale or x.shape[3] % p.latent_scale:
+        raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is not a multiple of {p.latent_scale}")
+    lh, lw = x.shape[2] // p.latent_scale, x.shape[3] // p.latent_scale
+    device = torch.device(device) if device is not None else x.device
+    store = torch.device(store_device) if store_device is not None else x.device
+    maps: dict[str, Any] = {p.input: x.to(store)}
+    stats: dict[str, _Stats] = {}
+    last_use: dict[str, int] = {}
+    for i, s in enumerate(p.steps):
+        for n in s.inputs:
+            last_use[n] = i
+    if p.input in p.needs_stats:
+        st = _Stats(b, x.shape[1], store)
+        st.add(x)
+        stats[p.input] = st
+    ctx = _Ctx(stats)
+    base = list(rects)
+    replanned = False
+    total = 0
+    done_units = 0
+    for i, s in enumerate(p.steps):
+        H, W = lh * s.res_out, lw * s.res_out
+        Hi, Wi = lh * s.res_in, lw * s.res_in
+        dtype = maps[s.inputs[0]].dtype
+        out = torch.empty(b, s.out_channels, H, W, dtype=dtype, device=store)
+        st = _Stats(b, s.out_channels, store) if s.output in p.needs_stats else None
+        kv = None
+        if s.kind == "attn":
+            kv = _attn_kv(ctx, s, maps[s.inputs[0]], device)
+        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, maps[p.input].element_size())
+        total += len(rects)
+        k = 0
+        while k < len(rects):
+            y0, y1, x0, x1 = rects[k]
+            oy0, oy1, ox0, ox1 = y0 * s.res_out, y1 * s.res_out, x0 * s.res_out, x1 * s.res_out
+            iy0, iy1 = _span(y0 * s.res_in, y1 * s.res_in, s.halo, Hi)
+            ix0, ix1 = _span(x0 * s.res_in, x1 * s.res_in, s.halo, Wi)
+            oom = False
+            try:
+                with _tile_scope(), torch.no_grad():
+                    ins = [maps[n][:, :, iy0:iy1, ix0:ix1].to(device) for n in s.inputs]
+                    if s.kind == "attn":
+                        y = _attn_tile(ctx, s, ins[0], kv)
+                    else:
+                        y = s.fn(ctx, *ins)
+                    r_num, r_den = s.res_out, s.res_in
+                    py, px = iy0 * r_num // r_den, ix0 * r_num // r_den
+                    y = y[:, :, oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    if y.shape[2] != oy1 - oy0 or y.shape[3] != ox1 - ox0:
+                        raise VaeTilingError(f"step {s.name}: tile output {tuple(y.shape)} does not cover "
+                                             f"{oy1 - oy0}x{ox1 - ox0}")
+                    out[:, :, oy0:oy1, ox0:ox1] = y
+                    if st is not None:
+                        st.add(y)
+                    del y, ins
+            except Exception as e:   # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not _is_oom(e):
+                    raise
+                oom = True
+            if oom:
+                # leave the except block first: its frame holds the tile's tensors
+                _release()
+                finer = [q for r in rects[k:] for q in _split(r)]
+                log.warning("vramguard: tiled VAE out of memory at step %s tile %s; %d tiles done, "
+                            "re-planned the rest as %d smaller tiles", s.name, rects[k], k, len(finer))
+                total += len(finer) - (len(rects) - k)
+                rects = rects[:k] + finer
+                base, replanned = rects, True       # later steps: the same (finer) cover
+                continue
+            k += 1
+            done_units += 1
+            if progress is not None:
+                progress(done_units, total)
+        maps[s.output] = out
+        if st is not None:
+            stats[s.output] = st
+        for n in s.inputs:
+            if last_use.get(n) == i and n != p.input:
+                del maps[n]
+        ctx.cache.clear()
+    return maps[p.output]
+
+
+def _attn_kv(ctx: _Ctx, s: Step, xfull: Any, device: Any) -> tuple[Any, Any]:
+    """K and V of the whole map (1x1 convs, so computed in slices) as (B, 1, N, C)."""
+    import torch
+    a = s.module
+    b, c, h, w = xfull.shape
+    k = torch.empty(b, 1, h * w, c, dtype=xfull.dtype, device=device)
+    v = torch.empty_like(k)
+    rows = max(1, (1 << 20) // max(1, w * c))
+    with torch.no_grad():
+        for r0 in range(0, h, rows):
+            xs = ctx.gn(a.norm, xfull[:, :, r0:r0 + rows].to(device), s.inputs[0])
+            n0, n1 = r0 * w, min(h, r0 + rows) * w
+            k[:, 0, n0:n1] = a.k(xs).flatten(2).transpose(1, 2)
+            v[:, 0, n0:n1] = a.v(xs).flatten(2).transpose(1, 2)
+    return k, v
+
+
+def _attn_tile(ctx: _Ctx, s: Step, xs: Any, kv: tuple[Any, Any]) -> Any:
+    import torch.nn.functional as F
+    a = s.module
+    b, c, h, w = xs.shape
+    q = a.q(ctx.gn(a.norm, xs, s.inputs[0])).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+    o = F.scaled_dot_product_attention(q, kv[0], kv[1])
+    o = o.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+    return xs + a.proj_out(o)
+
+
+# ---------------------------------------------------------------------------------- public API
+
+def _check_budget(budget_bytes: Any) -> int:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int):
+        raise TypeError(f"budget_bytes must be an int, got {type(budget_bytes).__name__}")
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
+    return budget_bytes
+
+
+def _check_tile(tile: Any) -> Any:
+    if tile is None:
+        return None
+    t = (tile, tile) if isinstance(tile, int) and not isinstance(tile, bool) else tile
+    if (not isinstance(t, (tuple, list)) or len(t) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in t)):
+        raise TypeError(f"tile must be an int or (rows, cols) ints in latent px, got {tile!r}")
+    if min(t) < 1:
+        raise ValueError(f"tile must be >= 1 latent px, got {tile!r}")
+    return tuple(t)
+
+
+def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any, device: Any,
+         store_device: Any, progress: Any) -> Any:
+    import torch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{what} must be a non-empty NCHW tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} holds non-finite values")
+    budget = _check_budget(budget_bytes)
+    t = _check_tile(tile)
+    lh, lw = x.shape[2] // p.latent_scale, x.shape[3] // p.latent_scale
+    if grid is not None:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+        rows, cols = min(grid[0], lh), min(grid[1], lw)
+    else:
+        plan = plan_grid(p, lh, lw, budget_bytes=budget, batch=x.shape[0], elem=x.element_size(), tile=t)
+        rows, cols = plan.rows, plan.cols
+    rects = grid_rects(lh, lw, rows, cols)
+    # Steps may merge tiles only up to the working set the grid plans for its largest step: so an
+    # explicit grid keeps its meaning (and its peak) however large the budget.
+    cap = min(budget, _tile_bytes(p, -(-lh // rows), -(-lw // cols), x.shape[0], x.element_size()))
+    log.info("vramguard: tiled VAE %s %dx%d latent as %dx%d tiles", what, lh, lw, rows, cols)
+    return run_program(p, x, rects=rects, device=device, store_device=store_device, progress=progress,
+                       budget=cap, grid=(rows, cols))
+
+
+def decode_tiled(decoder: Any, latent: Any, *, budget_bytes: int, tile: int | tuple[int, int] | None = None,
+                 grid: tuple[int, int] | None = None, post_quant_conv: Any = None, device: Any = None,
+                 store_device: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
+    """Decode an NCHW latent tile by tile; equals decoder(post_quant_conv(latent)) to float rounding.
+
+    budget_bytes: device working memory the tiles may use (the plan picks the fewest tiles that fit);
+    tile: tile size in latent px (int or (rows, cols)) instead of the plan; grid: (rows, cols) tiles.
+    Returns NCHW in the decoder's output range ([-1, 1] for SD-family VAEs), on store_device.
+    """
+    p = compile_decoder(decoder, post_quant_conv)
+    return _run(p, latent, "latent", budget_bytes, tile, grid, device, store_device, progress)
+
+
+def encode_tiled(encoder: Any, image: Any, *, budget_bytes: int, tile: int | tuple[int, int] | None = None,
+                 grid: tuple[int, int] | None = None, quant_conv: Any = None, device: Any = None,
+                 store_device: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
+    """Encode an NCHW image (the encoder's input range, [-1, 1] for SD) tile by tile.
+
+    Height and width must be multiples of the encoder's downscale (2**(levels-1)); tile and grid
+    are in latent px. Returns the encoder (+quant_conv) output: mean and logvar channels.
+    """
+    p = compile_encoder(encoder, quant_conv)
+    return _run(p, image, "image", budget_bytes, tile, grid, device, store_device, progress)
+
+
+# ---------------------------------------------------------------------------------- video (Wan-shaped)
+#
+# Wan 2.1's decoder (ComfyUI comfy.ldm.wan.vae.Decoder3d) is causal in time and decodes chunk by
+# chunk (latent frames 1, then 2, 2, ...) with per-conv caches of the last two input frames. Its
+# norms are RMS norms over channels (per pixel, local), so in space only the convs and the
+# per-frame mid attention reach beyond a pixel. decode_video_tiled keeps Wan's chunking and its
+# caches, and inside each chunk runs every layer over spatial tiles (1-px halos; attention by query
+# tiles against K/V of the whole frame), with each cache kept as whole frames in the store and
+# sliced with the same halo as the tile. So caches are respected exactly, there is no seam in time
+# (chunk boundaries are Wan's own) and none in space.
+
+def _cls(m: Any) -> str:
+    return type(m).__name__
+
+
+def _video_layers(decoder: Any) -> list[Any]:
+    _check_video(decoder)
+    return [decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head]
+
+
+def _check_video(decoder: Any) -> None:
+    import torch
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
+    missing = [n for n in ("conv1", "middle", "upsamples", "head") if not hasattr(decoder, n)]
+    if missing:
+        raise VaeTilingError(f"decoder {type(decoder).__name__} lacks {missing}: not a Wan-shaped Decoder3d")
+    for m in [*decoder.middle, *decoder.upsamples]:
+        if _cls(m) not in ("ResidualBlock", "AttentionBlock", "Resample"):
+            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped decoder")
+        if _cls(m) == "Resample" and m.mode not in ("upsample2d", "upsample3d", "none"):
+            raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in a decoder")
+
+
+class _VideoRun:
+    """Runs one Wan decoder chunk layer by layer over spatial tiles; owns the caches (whole frames)."""
+
+    def __init__(self, rects: list[Rect], device: Any, store: Any, progress: Any) -> None:
+        self.rects = rects
+        self.device = device
+        self.store = store
+        self.cache: dict[int, Any] = {}       # id(conv) -> last input frames (full size), or "Rep"
+        self.progress = progress
+        self.done = 0
+
+    # one layer-synchronous step over all tiles: out[tile] = fn(slices of the inputs with halo)
+    def step(self, fn: Callable[..., Any], ins: list[Any], res: int, scale: int, out_c: int, halo: int,
+             out_frames: int) -> Any:
+        import torch
+        x0 = ins[0]
+        b, _, _, hi, wi = x0.shape
+        out = torch.empty(b, out_c, out_frames, hi * scale, wi * scale, dtype=x0.dtype, device=self.store)
+        k = 0
+        rects = self.rects
+        while k < len(rects):
+            y0, y1, c0, c1 = rects[k]
+            oy0, oy1, ox0, ox1 = y0 * res * scale, y1 * res * scale, c0 * res * scale, c1 * res * scale
+            iy0, iy1 = _span(y0 * res, y1 * res, (halo, halo), hi)
+            ix0, ix1 = _span(c0 * res, c1 * res, (halo, halo), wi)
+            oom = False
+            try:
+                with _tile_scope(), torch.no_grad():
+                    sl = [t[..., iy0:iy1, ix0:ix1].to(self.device) if isinstance(t, torch.Tensor) else t
+                          for t in ins]
+                    y = fn(*sl)
+                    py, px = iy0 * scale, ix0 * scale
+                    y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2] != out_frames:
+                        raise VaeTilingError(f"video step: tile output {tuple(y.shape)} does not cover "
+                                             f"{out_frames}x{oy1 - oy0}x{ox1 - ox0}")
+                    out[..., oy0:oy1, ox0:ox1] = y
+                    del y, sl
+            except Exception as e:   # noqa: BLE001 - only OOM is handled
+                if not _is_oom(e):
+                    raise
+                oom = True
+            if oom:
+                _release()
+                finer = [q for r in rects[k:] for q in _split(r)]
+                log.warning("vramguard: tiled video VAE out of memory at tile %s; %d tiles done, "
+                            "re-planned the rest as %d smaller tiles", rects[k], k, len(finer))
+                rects = self.rects = rects[:k] + finer
+                continue
+            k += 1
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done)
+        return out
+
+    def conv(self, conv: Any, x: Any, res: int, pre: Callable[[Any], Any] | None = None) -> Any:
+        """A CausalConv3d (optionally after a pointwise pre-op) with Wan's cache of 2 input frames."""
+        cache = self.cache.get(id(conv))
+        kt = conv.weight.shape[2]
+        halo = (conv.weight.shape[3] - 1) // 2
+        t = x.shape[2]
+
+        # the cache holds raw input frames; pre is pointwise, so pre(cache) is what Wan cached
+        def fn(xs: Any, cs: Any = None) -> Any:
+            h = pre(xs) if pre is not None else xs
+            if kt == 1:
+                return conv(h)
+            cpre = pre(cs) if (cs is not None and pre is not None) else cs
+            return conv(h, cpre)
+
+        ins = [x] if cache is None or kt == 1 else [x, cache]
+        out = self.step(fn, ins, res, 1, conv.weight.shape[0], halo, t)
+        if kt > 1:
+            self.cache[id(conv)] = x[:, :, -2:].clone()
+        return out
+
+
+def _rms(norm: Any, x: Any) -> Any:
+    return norm(x)
+
+
+def _wan_residual(run: _VideoRun, blk: Any, x: Any, res: int) -> Any:
+    import torch.nn.functional as F
+    n1, _, c1, n2, _, _, c2 = list(blk.residual)
+    # Wan caches the conv's *input* (after norm and SiLU): keep the pre-op output's last frames
+    h = run.conv(c1, x, res, pre=lambda t: F.silu(n1(t)))
+    sc = blk.shortcut
+
+    def tail(hs: Any, xs: Any, cs: Any = None) -> Any:
+        a = F.silu(n2(hs))
+        ca = F.silu(n2(cs)) if cs is not None else None
+        return (c2(a, ca) if ca is not None else c2(a)) + sc(xs)
+
+    cache = run.cache.get(id(c2))
+    ins = [h, x] if cache is None else [h, x, cache]
+    halo = (c2.weight.shape[3] - 1) // 2
+    out = run.step(tail, ins, res, 1, c2.weight.shape[0], halo, h.shape[2])
+    run.cache[id(c2)] = h[:, :, -2:].clone()
+    return out
+
+
+def _wan_attention(run: _VideoRun, blk: Any, x: Any, res: int) -> Any:
+    """Wan's per-frame single-head attention: K/V of each whole frame, queries by tile."""
+    import torch
+    import torch.nn.functional as F
+    b, c, t, h, w = x.shape
+    kk = torch.empty(b * t, 1, h * w, c, dtype=x.dtype, device=run.device)
+    vv = torch.empty_like(kk)
+    rows = max(1, (1 << 20) // max(1, w * c * t))
+    with torch.no_grad():
+        for r0 in range(0, h, rows):
+            xs = x[:, :, :, r0:r0 + rows].to(run.device)
+            n = xs.shape[3] * w
+            f = xs.permute(0, 2, 1, 3, 4).reshape(b * t, c, -1, w)
+            _, k, v = blk.to_qkv(blk.norm(f)).chunk(3, dim=1)
+            kk[:, 0, r0 * w:r0 * w + n] = k.flatten(2).transpose(1, 2)
+            vv[:, 0, r0 * w:r0 * w + n] = v.flatten(2).transpose(1, 2)
+
+    def fn(xs: Any) -> Any:
+        tb, tc, tt, th, tw = xs.shape
+        f = xs.permute(0, 2, 1, 3, 4).reshape(tb * tt, tc, th, tw)
+        q, _, _ = blk.to_qkv(blk.norm(f)).chunk(3, dim=1)
+        q = q.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        o = F.scaled_dot_product_attention(q, kk, vv).squeeze(1).transpose(1, 2).reshape(tb * tt, tc, th, tw)
+        o = blk.proj(o).reshape(tb, tt, tc, th, tw).permute(0, 2, 1, 3, 4)
+        return xs + o
+
+    return run.step(fn, [x], res, 1, c, 0, t)
+
+
+def _wan_resample(run: _VideoRun, blk: Any, x: Any, res: int) -> tuple[Any, int]:
+    if blk.mode == "none":
+        return x, res
+    conv2d = blk.resample[1]
+    c_out = conv2d.weight.shape[0]
+    t = x.shape[2]
+    if blk.mode == "upsample2d":
+        return run.step(lambda xs: blk(xs), [x], res, 2, c_out, 1, t), res * 2
+    # upsample3d: Wan's state per chunk: None -> "Rep" (no time conv on the first chunk) ->
+    # time conv with zero padding -> time conv with the cache of the last 2 input frames
+    state = run.cache.get(id(blk))
+    t_out = t if state is None else 2 * t
+
+    def fn(xs: Any, cs: Any = None) -> Any:
+        fc = [None] if state is None else (["Rep"] if isinstance(state, str) else [cs])
+        return blk(xs, feat_cache=fc, feat_idx=[0])
+
+    ins = [x] if not hasattr(state, "shape") else [x, state]
+    out = run.step(fn, ins, res, 2, c_out, 1, t_out)
+    run.cache[id(blk)] = "Rep" if state is None else x[:, :, -2:].clone()
+    return out, res * 2
+
+
+def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
+    import torch.nn.functional as F
+    res = 1
+    h = run.conv(decoder.conv1, x, res)
+    for layer in [*decoder.middle, *decoder.upsamples]:
+        name = _cls(layer)
+        if name == "ResidualBlock":
+            h = _wan_residual(run, layer, h, res)
+        elif name == "AttentionBlock":
+            h = _wan_attention(run, layer, h, res)
+        else:
+            h, res = _wan_resample(run, layer, h, res)
+    n, _, conv = list(decoder.head)
+    return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
+
+
+def video_chunks(t: int) -> list[tuple[int, int]]:
+    """Wan's latent-frame chunks: [0, 1), then two frames at a time (WanVAE.decode)."""
+    return [(0, 1)] + [(1 + 2 * (i - 1), min(t, 1 + 2 * i)) for i in range(1, 1 + t // 2) if 1 + 2 * (i - 1) < t]
+
+
+def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4) -> GridPlan:
+    """Fewest near-square spatial tiles for a Wan-shaped decoder (a conservative estimate: every
+    layer's channels at the output resolution, 2 chunk frames x 4 (time upsampling) + 2 cached)."""
+    import torch
+    up = 1
+    chans = 0
+    for m in decoder.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            chans = max(chans, m.weight.shape[0] + m.weight.shape[1])
+        if _cls(m) == "Resample" and m.mode.startswith("upsample"):
+            up *= 2
+    frames = 2 * 4 + 2
+    attn_c = max([m.proj.weight.shape[0] for m in decoder.modules() if _cls(m) == "AttentionBlock"] or [0])
+    for n in range(1, h * w + 1):
+        rows = max(1, round(math.sqrt(n * h / w)))
+        cols = -(-n // rows)
+        if rows > h or cols > w:
+            continue
+        th, tw = -(-h // rows), -(-w // cols)
+        need = 4 * frames * (th * up + 2) * (tw * up + 2) * chans
+        need += 2 * 2 * h * w * attn_c + 2 * frames * th * tw * h * w
+        need *= batch * elem
+        if need <= budget_bytes:
+            return GridPlan(rows, cols, need)
+    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}")
+
+
+def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                       conv2: Any = None, device: Any = None, store_device: Any = None,
+                       progress: Callable[[int], None] | None = None) -> Any:
+    """Decode a Wan-shaped video latent (B, C, T, H, W) in Wan's time chunks and spatial tiles.
+
+    Equals WanVAE.decode (conv2, then the chunked decoder with caches) to float rounding; returns
+    (B, 3, 1 + 4 * (T - 1), 8H, 8W) for Wan 2.1 in [-1, 1]. A ComfyUI Wan VAE maps on as
+    decoder = vae.first_stage_model.decoder, conv2 = vae.first_stage_model.conv2.
+    """
+    import torch
+    if not isinstance(latent, torch.Tensor):
+        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+    if latent.ndim != 5 or min(latent.shape) < 1:
+        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
+    if not latent.is_floating_point():
+        raise TypeError(f"latent must be floating point, got {latent.dtype}")
+    if not torch.isfinite(latent).all():
+        raise ValueError("latent holds non-finite values")
+    budget = _check_budget(budget_bytes)
+    _check_video(decoder)
+    lh, lw = latent.shape[3], latent.shape[4]
+    if grid is not None:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+        rows, cols = min(grid[0], lh), min(grid[1], lw)
+    else:
+        plan = plan_video_grid(decoder, lh, lw, budget_bytes=budget, batch=latent.shape[0],
+                               elem=latent.element_size())
+        rows, cols = plan.rows, plan.cols
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
+    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress)
+    with torch.no_grad():
+        x = conv2(latent) if conv2 is not None else latent
+        outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2])]
+    log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks x %d tiles", x.shape[2], lh, lw,
+             len(outs), len(run.rects))
+    return torch.cat(outs, 2)

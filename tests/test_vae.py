@@ -1,0 +1,360 @@
+"""Tiled VAE decode/encode (vramguard.vae) against the untiled module, on small sanely-initialised
+SD-shaped VAEs (tests/vae_models.py) and, where a checkout imports, ComfyUI's real classes."""
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: the VAE tiler runs torch modules")
+
+import vae_models as vm  # noqa: E402
+from vramguard import vae  # noqa: E402
+
+torch.set_num_threads(2)
+GRIDS = [(1, 2), (2, 2), (2, 3), (3, 3), (4, 4), (3, 5)]      # 2, 4, 6, 9, 16 tiles, a non-square 15
+LH, LW = 12, 20                                                 # latent -> 96 x 160 image
+
+
+@pytest.fixture(scope="module")
+def dec():
+    return vm.sd_decoder(seed=1)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return vm.sd_encoder(seed=2)
+
+
+@pytest.fixture(scope="module")
+def z():
+    return vm.test_card_latent(LH, LW, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ref(dec, z):
+    with torch.no_grad():
+        return dec(z)
+
+
+def _borders(rows, cols, h, w, scale):
+    ys = [h * i // rows * scale for i in range(1, rows)]
+    xs = [w * j // cols * scale for j in range(1, cols)]
+    return ys, xs
+
+
+def test_fixture_is_sane(dec, enc, ref):
+    """The old fixture bug (weights from uninitialised memory, all-black decode) must not recur."""
+    for m in (dec, enc):
+        for name, p in m.named_parameters():
+            assert torch.isfinite(p).all(), name
+            assert p.abs().max() < 10, name
+            if p.numel() > 1:
+                assert p.std() > 0, f"{name} is constant"
+    assert torch.isfinite(ref).all()
+    assert ref.std() > 0.1, f"decode is (nearly) constant: std {ref.std():.4f}"
+    assert ref.abs().max() < 20
+    # spatial structure, not a flat field: neighbouring pixels differ much less than distant ones
+    assert (ref[..., 1:] - ref[..., :-1]).abs().mean() < 0.5 * (ref - ref.mean()).abs().mean()
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+def test_decode_matches_untiled(dec, z, ref, grid):
+    out = vae.decode_tiled(dec, z, budget_bytes=1 << 30, grid=grid)
+    assert out.shape == ref.shape
+    assert vm.psnr(out, ref) >= 45.0
+    assert (out - ref).abs().max().item() < 1e-3
+    ys, xs = _borders(*grid, LH, LW, 8)
+    ratio = vm.seam_ratio(out, ys, xs) / vm.seam_ratio(ref, ys, xs)
+    assert abs(ratio - 1) < 1e-3, ratio
+
+
+def test_metrics_catch_naive_tiling(dec, z, ref):
+    """The same metrics fail on tiles decoded independently (what the synchronisation fixes)."""
+    rows, cols = 2, 3
+    out = torch.empty_like(ref)
+    rects = vae.grid_rects(LH, LW, rows, cols)
+    with torch.no_grad():
+        for y0, y1, x0, x1 in rects:
+            out[:, :, y0 * 8:y1 * 8, x0 * 8:x1 * 8] = dec(z[:, :, y0:y1, x0:x1])
+    assert vm.psnr(out, ref) < 45.0
+    ys, xs = _borders(rows, cols, LH, LW, 8)
+    assert vm.seam_ratio(out, ys, xs) / vm.seam_ratio(ref, ys, xs) > 1.05
+
+
+def test_decode_attention_in_up_blocks_and_batch():
+    d = vm.sd_decoder(seed=4, attn_up=True, ch_mult=(1, 2, 2))
+    zz = torch.cat([vm.test_card_latent(13, 17, seed=5), vm.gradient_latent(13, 17)])
+    with torch.no_grad():
+        r = d(zz)
+    out = vae.decode_tiled(d, zz, budget_bytes=1 << 30, grid=(3, 4))
+    assert vm.psnr(out, r) >= 45.0
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3), (4, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_encode_matches_untiled(enc, ref, grid):
+    img = ref.clamp(-1, 1)
+    with torch.no_grad():
+        r = enc(img)
+    out = vae.encode_tiled(enc, img, budget_bytes=1 << 30, grid=grid)
+    assert out.shape == r.shape
+    assert torch.isfinite(r).all() and r.std() > 0.1
+    span = (r.max() - r.min()).item()
+    assert vm.psnr(out, r, peak_to_peak=span) >= 45.0
+    assert (out - r).abs().max().item() < 1e-3 * span
+
+
+def test_post_and_quant_conv(dec, enc, z, ref):
+    pq = torch.nn.Conv2d(4, 4, 1)
+    q = torch.nn.Conv2d(8, 8, 1)
+    vm.sane_init(pq, 7)
+    vm.sane_init(q, 8)
+    with torch.no_grad():
+        r = dec(pq(z))
+        rz = q(enc(ref.clamp(-1, 1)))
+    assert vm.psnr(vae.decode_tiled(dec, z, budget_bytes=1 << 30, grid=(2, 2), post_quant_conv=pq), r) >= 45
+    oz = vae.encode_tiled(enc, ref.clamp(-1, 1), budget_bytes=1 << 30, grid=(2, 2), quant_conv=q)
+    assert (oz - rz).abs().max() < 1e-3
+
+
+def test_compute_close_to_one_pass(dec, z):
+    """FLOPs (torch's counter, repeatable) of the 16-tile decode within 1.25x of one untiled pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        dec(z)
+    base = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        vae.decode_tiled(dec, z, budget_bytes=1 << 30, grid=(4, 4))
+    assert base > 0
+    assert fc.get_total_flops() / base <= 1.25, fc.get_total_flops() / base
+
+
+def test_budget_plans_more_tiles_and_peak_stays_under_it(dec, z, ref, monkeypatch):
+    p = vae.compile_decoder(dec)
+    big = vae.plan_grid(p, LH, LW, budget_bytes=1 << 30)
+    assert big.tiles == 1
+    budget = big.tile_bytes // 5
+    small = vae.plan_grid(p, LH, LW, budget_bytes=budget)
+    assert small.tiles > 1 and small.tile_bytes <= budget
+    # measured: live bytes of what one tile's work allocates (inputs moved to the device, every
+    # intermediate, the output) stay under the planned working set
+    peaks = []
+
+    class Scope:
+        def __enter__(self):
+            self.lb = vm.LiveBytes().__enter__()
+
+        def __exit__(self, *e):
+            self.lb.__exit__(*e)
+            peaks.append(self.lb.peak)
+
+    monkeypatch.setattr(vae, "_tile_scope", Scope)
+    out = vae.decode_tiled(dec, z, budget_bytes=budget)
+    assert vm.psnr(out, ref) >= 45
+    assert peaks and max(peaks) <= small.tile_bytes, (max(peaks), small.tile_bytes)
+    assert max(peaks) > small.tile_bytes // 20          # the proxy does see the tile's tensors
+    with pytest.raises(vae.VaeTilingError, match="nothing fits"):
+        vae.decode_tiled(dec, z, budget_bytes=1000)
+
+
+def test_oom_keeps_finished_tiles_and_replans(dec, z, ref, caplog):
+    """An OOM in the 4th tile of one step: tiles 1-3 are not redone, the rest re-planned finer."""
+    target = dec.up[0].block[0].conv1      # full resolution: the step that sets the grid
+    calls = {"n": 0, "raised": 0}
+    real = target.forward
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 4 and not calls["raised"]:
+            calls["raised"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(x)
+
+    target.forward = flaky
+    try:
+        with caplog.at_level(logging.WARNING, logger="vramguard"):
+            budget = vae.plan_grid(vae.compile_decoder(dec), LH, LW, budget_bytes=1 << 40,
+                                   tile=(-(-LH // 2), -(-LW // 3))).tile_bytes
+            out = vae.decode_tiled(dec, z, budget_bytes=budget, grid=(2, 3))
+    finally:
+        del target.forward
+    assert calls["raised"] == 1
+    # 3 finished + 1 failed + the 3 remaining tiles split in 4 each
+    assert calls["n"] == 3 + 1 + 3 * 4, calls
+    assert "out of memory" in caplog.text and "3 tiles done" in caplog.text
+    assert vm.psnr(out, ref) >= 45.0
+
+
+def test_other_errors_propagate(dec, z):
+    target = dec.conv_in
+    target.forward = lambda x: (_ for _ in ()).throw(ValueError("boom"))
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            vae.decode_tiled(dec, z, budget_bytes=1 << 30, grid=(2, 2))
+    finally:
+        del target.forward
+
+
+def test_progress_reports_every_tile(dec, z):
+    seen = []
+    vae.decode_tiled(dec, z, budget_bytes=1 << 30, grid=(2, 2), progress=lambda d, t: seen.append((d, t)))
+    n_steps = len(vae.compile_decoder(dec).steps)
+    done = [d for d, _ in seen]
+    assert done == list(range(1, len(seen) + 1))
+    assert seen[-1][0] == seen[-1][1]
+    assert n_steps < len(seen) <= 4 * n_steps        # low-resolution steps run in fewer tiles
+
+
+def test_bad_inputs(dec, enc, z):
+    with pytest.raises(TypeError, match="budget_bytes"):
+        vae.decode_tiled(dec, z, budget_bytes=1.5)
+    with pytest.raises(ValueError, match="budget_bytes must be > 0, got 0"):
+        vae.decode_tiled(dec, z, budget_bytes=0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        vae.decode_tiled(dec, z.numpy(), budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="NCHW"):
+        vae.decode_tiled(dec, z[0], budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="NCHW"):
+        vae.decode_tiled(dec, z[:, :, :0], budget_bytes=1 << 30)
+    bad = z.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        vae.decode_tiled(dec, bad, budget_bytes=1 << 30)
+    with pytest.raises(TypeError, match="floating point"):
+        vae.decode_tiled(dec, z.to(torch.int32), budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="tile must be >= 1"):
+        vae.decode_tiled(dec, z, budget_bytes=1 << 30, tile=0)
+    with pytest.raises(TypeError, match="tile must be"):
+        vae.decode_tiled(dec, z, budget_bytes=1 << 30, tile="big")
+    with pytest.raises(ValueError, match="grid"):
+        vae.decode_tiled(dec, z, budget_bytes=1 << 30, grid=(0, 2))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        vae.encode_tiled(enc, torch.zeros(1, 3, 36, 40), budget_bytes=1 << 30)
+    with pytest.raises(vae.VaeTilingError, match="lacks"):
+        vae.decode_tiled(torch.nn.Conv2d(4, 3, 3), z, budget_bytes=1 << 30)
+    with pytest.raises(TypeError, match="nn.Module"):
+        vae.decode_tiled(object(), z, budget_bytes=1 << 30)
+
+
+def test_tile_size_argument(dec, z, ref):
+    out = vae.decode_tiled(dec, z, budget_bytes=1 << 30, tile=(7, 9))      # 3 x 4 tiles, ragged
+    assert vm.psnr(out, ref) >= 45.0
+
+
+# ------------------------------------------------------------------ ComfyUI's real classes
+
+_why = vm.comfy_available()
+
+
+@pytest.mark.skipif(_why is not None, reason=str(_why))
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3), (3, 3), (4, 4), (2, 5)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_comfyui_decoder_and_encoder(grid):
+    d = vm.comfy_decoder(seed=11)
+    e = vm.comfy_encoder(seed=12)
+    zz = vm.test_card_latent(16, 20, seed=13)
+    with torch.no_grad():
+        r = d(zz)
+        rz = e(r.clamp(-1, 1))
+    assert r.std() > 0.1
+    out = vae.decode_tiled(d, zz, budget_bytes=1 << 30, grid=grid)
+    assert vm.psnr(out, r) >= 45.0
+    oz = vae.encode_tiled(e, r.clamp(-1, 1), budget_bytes=1 << 30, grid=grid)
+    assert vm.psnr(oz, rz, peak_to_peak=(rz.max() - rz.min()).item()) >= 45.0
+
+
+# ------------------------------------------------------------------ video (Wan 2.1-shaped)
+
+VT, VH, VW = 4, 4, 6          # latent chunks [0], [1, 2], [3]: the third runs on cached frames
+
+
+def _time_seam(v, bounds):
+    d = (v[:, :, 1:] - v[:, :, :-1]).double() ** 2
+    m = torch.zeros(d.shape[2], dtype=torch.bool)
+    m[[f - 1 for f in bounds]] = True
+    return float(d[:, :, m].mean() / d[:, :, ~m].mean())
+
+
+@pytest.fixture(scope="module")
+def wan():
+    d = vm.wan_decoder(seed=5)
+    zv = vm.video_latent(VT, VH, VW, seed=6)
+    return d, zv, vm.wan_decode(d, zv)
+
+
+def test_video_fixture_is_sane(wan):
+    d, zv, ref = wan
+    assert all(torch.isfinite(p).all() for p in d.parameters())
+    assert ref.shape == (1, 3, 1 + 4 * (VT - 1), VH * 8, VW * 8)
+    assert ref.std() > 0.1
+    assert (ref[:, :, 1:] - ref[:, :, :-1]).abs().mean() > 1e-3      # frames differ: it moves
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_video_matches_wan_chunked_decode(wan, grid):
+    d, zv, ref = wan
+    out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=grid)
+    assert out.shape == ref.shape
+    assert vm.psnr(out, ref) >= 45.0
+    assert (out - ref).abs().max() < 1e-3
+    ys, xs = _borders(*grid, VH, VW, 8)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    bounds = [1 + 4 * (a - 1) for a, _ in vae.video_chunks(VT)[1:]]
+    assert bounds == [1, 9]
+    assert abs(_time_seam(out, bounds) / _time_seam(ref, bounds) - 1) < 1e-3
+
+
+def test_video_metrics_catch_dropped_caches(wan):
+    """Chunks decoded without the causal caches: the time-seam metric and PSNR both fail."""
+    d, zv, ref = wan
+    n = sum(1 for m in d.modules() if type(m).__name__ == "CausalConv3d")
+    feat = [None] * n
+    with torch.no_grad():
+        parts = [d(zv[:, :, :1], feat_cache=feat, feat_idx=[0])]
+        rep = {i for i, f in enumerate(feat) if isinstance(f, str)}     # the time-upsample slots
+        for a, b in vae.video_chunks(VT)[1:]:
+            feat = ["Rep" if i in rep else None for i in range(n)]     # every frame cache dropped
+            parts.append(d(zv[:, :, a:b], feat_cache=feat, feat_idx=[0]))
+    naive = torch.cat(parts, 2)
+    assert naive.shape == ref.shape
+    assert vm.psnr(naive, ref) < 45.0
+    assert abs(_time_seam(naive, [1, 9]) / _time_seam(ref, [1, 9]) - 1) > 0.01   # ours: < 0.001
+
+
+def test_video_oom_replans(wan):
+    d, zv, ref = wan
+    conv = d.upsamples[-1].residual[2]
+    real, n = conv.forward, {"k": 0}
+
+    def flaky(*a, **kw):
+        n["k"] += 1
+        if n["k"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    conv.forward = flaky
+    try:
+        out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=(2, 2))
+    finally:
+        del conv.forward
+    assert vm.psnr(out, ref) >= 45.0
+
+
+def test_video_bad_inputs(wan, dec):
+    d, zv, _ = wan
+    with pytest.raises(ValueError, match="B, C, T, H, W"):
+        vae.decode_video_tiled(d, zv[0], budget_bytes=1 << 30)
+    with pytest.raises(vae.VaeTilingError, match="Wan-shaped"):
+        vae.decode_video_tiled(dec, zv, budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="budget_bytes"):
+        vae.decode_video_tiled(d, zv, budget_bytes=-1)
+    plan = vae.plan_video_grid(d, 64, 64, budget_bytes=64 << 20)
+    assert plan.tiles > 1 and plan.tile_bytes <= 64 << 20
+
+
+@pytest.mark.skipif(_why is not None, reason=str(_why))
+def test_comfyui_wan_decoder3d():
+    d = vm.comfy_wan_decoder(seed=5)
+    zv = vm.video_latent(VT, VH, VW, seed=6)
+    ref = vm.wan_decode(d, zv)
+    mine = vm.wan_decoder(seed=5)
+    assert (vm.wan_decode(mine, zv) - ref).abs().max() < 1e-4      # our test model is the same network
+    out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=(2, 3))
+    assert vm.psnr(out, ref) >= 45.0

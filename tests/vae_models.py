@@ -1,0 +1,514 @@
+"""Small SD-shaped VAEs from plain torch layers, sanely initialised (never torch.empty).
+
+Same attribute layout as ComfyUI's comfy.ldm.modules.diffusionmodules.model Decoder/Encoder
+(conv_in, mid.block_1/attn_1/block_2, up[i].block/attn/upsample, down[i]..., norm_out, conv_out),
+so vramguard.vae runs both. `comfy_decoder()` builds ComfyUI's real classes when a checkout is
+at $VRAMGUARD_COMFYUI or /work/comfy/ComfyUI (None otherwise), with the same init.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COMFY = os.environ.get("VRAMGUARD_COMFYUI", "/work/comfy/ComfyUI")
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = cin, cout
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.use_conv_shortcut = False
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, temb=None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(n), self.k(n), self.v(n)))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(o)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.with_conv, self.scale_factor = True, 2.0
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.with_conv = True
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1, z_channels: int = 4,
+                 out_ch: int = 3, groups: int = 8, attn_up: bool = False) -> None:
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks, self.tanh_out = len(ch_mult), num_res_blocks, False
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, groups)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, block_out, groups))
+                block_in = block_out
+                if attn_up and i_level == self.num_resolutions - 1:
+                    up.attn.append(AttnBlock(block_in, groups))
+            if i_level != 0:
+                up.upsample = Upsample(block_in)
+            self.up.insert(0, up)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for i_level in reversed(range(self.num_resolutions)):
+            for i_block in range(self.num_res_blocks + 1):
+                h = self.up[i_level].block[i_block](h)
+                if len(self.up[i_level].attn) > 0:
+                    h = self.up[i_level].attn[i_block](h)
+            if i_level != 0:
+                h = self.up[i_level].upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1, z_channels: int = 4,
+                 in_ch: int = 3, groups: int = 8) -> None:
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i_level in range(self.num_resolutions):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_in = ch * in_ch_mult[i_level]
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, block_out, groups))
+                block_in = block_out
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in)
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, groups)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i_level in range(self.num_resolutions):
+            for i_block in range(self.num_res_blocks):
+                h = self.down[i_level].block[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = self.down[i_level].downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def sane_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter drawn afresh (seeded): convs Kaiming-uniform (torch's default rule), norms
+    with weight ~ 1 +- 0.2 and bias +- 0.2 so statistics matter, biases small. Nothing left from
+    uninitialised memory: a VAE built on torch.empty decoded to all black (the old fixture bug)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)) or type(m).__name__ in ("Conv2d", "Conv3d"):
+                fan_in = m.weight[0].numel()
+                bound = (6.0 / fan_in) ** 0.5 / 2 ** 0.5
+                m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * bound)
+                if m.bias is not None:
+                    m.bias.copy_((torch.rand(m.bias.shape, generator=g) * 2 - 1) * 0.05)
+            elif isinstance(m, nn.GroupNorm) or type(m).__name__ == "GroupNorm":
+                m.weight.copy_(1 + (torch.rand(m.weight.shape, generator=g) * 2 - 1) * 0.2)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=g) * 2 - 1) * 0.2)
+    return model.eval()
+
+
+def sd_decoder(seed: int = 0, **kw) -> Decoder:
+    return sane_init(Decoder(**kw), seed)
+
+
+def sd_encoder(seed: int = 0, **kw) -> Encoder:
+    return sane_init(Encoder(**kw), seed)
+
+
+def comfy_available() -> str | None:
+    """None when ComfyUI's VAE classes import, else why not."""
+    if not os.path.isfile(os.path.join(COMFY, "comfy", "ldm", "modules", "diffusionmodules", "model.py")):
+        return f"no ComfyUI checkout at {COMFY} (set VRAMGUARD_COMFYUI)"
+    try:
+        _comfy_model()
+    except Exception as e:  # missing requirements (psutil, einops, safetensors, comfy_aimdo...)
+        return f"ComfyUI at {COMFY} does not import here: {type(e).__name__}: {e}"
+    return None
+
+
+def _comfy_model():
+    if COMFY not in sys.path:
+        sys.path.insert(0, COMFY)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True        # no CUDA here; must be set before model_management imports
+    import comfy.ldm.modules.diffusionmodules.model as m
+    return m
+
+
+def comfy_decoder(seed: int = 0, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1):
+    """ComfyUI's real Decoder class (32-group GroupNorm, its attention), sanely initialised."""
+    m = _comfy_model()
+    d = m.Decoder(ch=ch, out_ch=3, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=[],
+                  in_channels=3, resolution=256, z_channels=4)
+    return sane_init(d, seed)
+
+
+def comfy_encoder(seed: int = 0, ch: int = 32, ch_mult=(1, 2, 2, 4), num_res_blocks: int = 1):
+    m = _comfy_model()
+    e = m.Encoder(ch=ch, out_ch=3, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=[],
+                  in_channels=3, resolution=256, z_channels=4, double_z=True)
+    return sane_init(e, seed)
+
+
+def test_card_latent(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A latent with structure at every scale: smooth gradients + blobs + fine noise (SD-like std ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    chans = []
+    for c in range(4):
+        f = 1.5 + c
+        base = torch.sin(f * xx * 3.1 + c) * torch.cos(f * yy * 2.3 - c) + 0.6 * (xx * (c - 1.5) / 1.5 + yy)
+        chans.append(base)
+    z = torch.stack(chans)[None]
+    return z + 0.3 * torch.randn(z.shape, generator=g)
+
+
+def gradient_latent(h: int, w: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack([xx, yy, 0.5 * (xx + yy), -xx])[None] * 1.5
+
+
+class LiveBytes:
+    """Peak bytes of live tensors created by torch ops while active (a device-peak proxy on CPU),
+    and the largest single tensor. Views count with their base (first storage seen)."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self.largest = 0
+        self._seen: set[int] = set()
+
+    def __enter__(self) -> "LiveBytes":
+        import weakref
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                given = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                         if isinstance(a, torch.Tensor)}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key in outer._seen or key in given or st.nbytes() == 0:
+                            continue   # a view of (or in-place on) memory that already existed
+                        outer._seen.add(key)
+                        n = st.nbytes()
+                        outer.live += n
+                        outer.peak = max(outer.peak, outer.live)
+                        outer.largest = max(outer.largest, n)
+                        weakref.finalize(t, outer._free, key, n)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
+    """PSNR in dB of a against b for signals spanning peak_to_peak (2 for [-1, 1])."""
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak_to_peak ** 2 / mse)).item()
+
+
+def seam_ratio(img: torch.Tensor, ys: list[int], xs: list[int]) -> float:
+    """Gradient energy across tile borders (rows ys, columns xs, in pixels) over the mean elsewhere."""
+    dy = (img[:, :, 1:, :] - img[:, :, :-1, :]).double() ** 2   # dy[i] is between rows i and i+1
+    dx = (img[:, :, :, 1:] - img[:, :, :, :-1]).double() ** 2
+    my = torch.zeros(dy.shape[2], dtype=torch.bool)
+    mx = torch.zeros(dx.shape[3], dtype=torch.bool)
+    for y in ys:
+        if 0 < y < img.shape[2]:
+            my[y - 1] = True
+    for x in xs:
+        if 0 < x < img.shape[3]:
+            mx[x - 1] = True
+    e_border, n_border = dy[:, :, my].sum() + dx[..., mx].sum(), dy[:, :, my].numel() + dx[..., mx].numel()
+    e_rest, n_rest = dy[:, :, ~my].sum() + dx[..., ~mx].sum(), dy[:, :, ~my].numel() + dx[..., ~mx].numel()
+    if n_border == 0:
+        return 1.0
+    return float((e_border / n_border) / (e_rest / n_rest))
+
+
+# ------------------------------------------------------------------ a Wan 2.1-shaped video VAE decoder
+# Same class names, attributes and cache protocol as ComfyUI's comfy.ldm.wan.vae (CausalConv3d with
+# a cache of the last 2 input frames, RMS_norm, per-frame AttentionBlock, Resample upsample2d /
+# upsample3d with the "Rep" first-chunk rule), written with plain torch layers.
+
+CACHE_T = 2
+
+
+class CausalConv3d(nn.Conv3d):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._padding = 2 * self.padding[0]
+        self.padding = (0, self.padding[1], self.padding[2])
+
+    def forward(self, x, cache_x=None, cache_list=None, cache_idx=None):
+        if cache_list is not None:
+            cache_x = cache_list[cache_idx]
+            cache_list[cache_idx] = None
+        if self._padding > 0:
+            need = self._padding
+            parts = []
+            if cache_x is not None:
+                need = max(0, need - cache_x.shape[2])
+            if need:
+                shape = list(x.shape)
+                shape[2] = need
+                parts.append(torch.zeros(shape, dtype=x.dtype, device=x.device))
+            if cache_x is not None:
+                parts.append(cache_x.to(x.device))
+            x = torch.cat(parts + [x], 2)
+        return super().forward(x)
+
+
+class RMS_norm(nn.Module):
+    def __init__(self, dim, images=True):
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+def _frames(x):          # b c t h w -> (b t) c h w
+    b, c, t, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def _unframes(x, b, t):  # (b t) c h w -> b c t h w
+    bt, c, h, w = x.shape
+    return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class Resample(nn.Module):
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.dim, self.mode = dim, mode
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                      nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        b, c, t, h, w = x.shape
+        if self.mode == "upsample3d" and feat_cache is not None:
+            idx = feat_idx[0]
+            if feat_cache[idx] is None:
+                feat_cache[idx] = "Rep"
+            else:
+                cache_x = x[:, :, -CACHE_T:]
+                x = self.time_conv(x) if isinstance(feat_cache[idx], str) else self.time_conv(x, feat_cache[idx])
+                feat_cache[idx] = cache_x
+                x = x.reshape(b, 2, c, t, h, w)
+                x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)
+            feat_idx[0] += 1
+        t = x.shape[2]
+        return _unframes(self.resample(_frames(x)), b, t)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.residual = nn.Sequential(RMS_norm(in_dim, images=False), nn.SiLU(),
+                                      CausalConv3d(in_dim, out_dim, 3, padding=1),
+                                      RMS_norm(out_dim, images=False), nn.SiLU(), nn.Dropout(0.0),
+                                      CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        old_x = x
+        for layer in self.residual:
+            if isinstance(layer, CausalConv3d) and feat_cache is not None:
+                idx = feat_idx[0]
+                cache_x = x[:, :, -CACHE_T:]
+                x = layer(x, cache_list=feat_cache, cache_idx=idx)
+                feat_cache[idx] = cache_x
+                feat_idx[0] += 1
+            else:
+                x = layer(x)
+        return x + self.shortcut(old_x)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMS_norm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        b, c, t, h, w = x.shape
+        f = self.norm(_frames(x))
+        q, k, v = (u.flatten(2).transpose(1, 2).unsqueeze(1) for u in self.to_qkv(f).chunk(3, dim=1))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        return _unframes(self.proj(o), b, t) + x
+
+
+class Decoder3d(nn.Module):
+    """Wan 2.1's decoder layout (dims = dim * [mult[-1]] + mult[::-1], up 2d/3d), small."""
+
+    def __init__(self, dim=16, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 temperal_upsample=(False, True, True)):
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1]] + list(dim_mult[::-1])]
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        ups = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i in (1, 2, 3):
+                in_dim = in_dim // 2
+            for _ in range(num_res_blocks + 1):
+                ups.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                ups.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*ups)
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
+                                  CausalConv3d(out_dim, 3, 3, padding=1))
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        idx = feat_idx[0]
+        cache_x = x[:, :, -CACHE_T:]
+        x = self.conv1(x, feat_cache[idx])
+        feat_cache[idx] = cache_x
+        feat_idx[0] += 1
+        for layer in [*self.middle, *self.upsamples]:
+            x = layer(x, feat_cache, feat_idx)
+        for layer in self.head:
+            if isinstance(layer, CausalConv3d):
+                cache_x = x[:, :, -CACHE_T:]
+                x = layer(x, feat_cache[feat_idx[0]])
+                feat_cache[feat_idx[0]] = cache_x
+                feat_idx[0] += 1
+            else:
+                x = layer(x)
+        return x
+
+
+def wan_decode(decoder, z, conv2=None):
+    """WanVAE.decode's loop (ComfyUI 0.30): conv2, then latent frames [0], [1, 2], [3, 4], ... with
+    one cache slot per CausalConv3d / Resample; works on our Decoder3d and on ComfyUI's."""
+    n = sum(1 for m in decoder.modules() if type(m).__name__ == "CausalConv3d")
+    feat = [None] * n
+    x = conv2(z) if conv2 is not None else z
+    out = []
+    with torch.no_grad():
+        for i in range(1 + x.shape[2] // 2):
+            a, b = (0, 1) if i == 0 else (1 + 2 * (i - 1), 1 + 2 * i)
+            if a >= x.shape[2]:
+                break
+            o = decoder(x[:, :, a:b], feat_cache=feat, feat_idx=[0])
+            out.extend(o if isinstance(o, list) else [o])
+    return torch.cat(out, 2)
+
+
+def wan_decoder(seed: int = 0, **kw) -> Decoder3d:
+    m = Decoder3d(**kw)
+    sane_init(m, seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1000)
+        for mod in m.modules():
+            if isinstance(mod, RMS_norm):
+                mod.gamma.copy_(1 + (torch.rand(mod.gamma.shape, generator=g) * 2 - 1) * 0.2)
+    return m
+
+
+def comfy_wan_decoder(seed: int = 0, dim: int = 16, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1):
+    _comfy_model()
+    import comfy.ldm.wan.vae as w
+    d = w.Decoder3d(dim=dim, z_dim=4, dim_mult=list(dim_mult), num_res_blocks=num_res_blocks,
+                    temperal_upsample=[False, True, True])
+    sane_init(d, seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1000)
+        for mod in d.modules():
+            if type(mod).__name__ == "RMS_norm":
+                mod.gamma.copy_(1 + (torch.rand(mod.gamma.shape, generator=g) * 2 - 1) * 0.2)
+    return d.eval()
+
+
+def video_latent(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A moving test card: the image latent drifting right and pulsing over time, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for i in range(t):
+        base = test_card_latent(h, w + t, seed=seed)[..., i:i + w]
+        frames.append(base * (1 + 0.2 * torch.sin(torch.tensor(i * 0.7))))
+    z = torch.stack(frames, 2)
+    return z + 0.1 * torch.randn(z.shape, generator=g)
