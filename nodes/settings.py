@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -73,10 +74,11 @@ class SettingError(ValueError):
 
 
 def user_dir() -> str:
+    # a running ComfyUI has imported folder_paths long before it loads custom nodes; a checkout
+    # that is merely importable (tests, scripts) is not the host
+    fp = sys.modules.get("folder_paths")
     try:
-        import folder_paths
-
-        return os.path.abspath(folder_paths.get_user_directory())
+        return os.path.abspath(fp.get_user_directory())
     except Exception:
         return os.path.abspath(os.environ.get("VRAMGUARD_USER_DIR", os.path.join(os.getcwd(), "user")))
 

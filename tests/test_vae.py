@@ -9,6 +9,20 @@ torch = pytest.importorskip("torch", reason="torch is not installed: the VAE til
 import vae_models as vm  # noqa: E402
 from vramguard import vae  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_comfyui_left_behind():
+    """ComfyUI's real Decoder is imported from a checkout for some tests here; afterwards the
+    checkout must not stay importable, or later tests would see a 'running ComfyUI' (the adapter
+    and the settings' user directory look for comfy.* / folder_paths)."""
+    import sys
+    path, mods = list(sys.path), set(sys.modules)
+    yield
+    sys.path[:] = path
+    for name in set(sys.modules) - mods:
+        if name.split(".")[0] in ("comfy", "comfy_extras", "folder_paths", "comfy_aimdo", "comfy_api"):
+            del sys.modules[name]
+
 torch.set_num_threads(2)
 GRIDS = [(1, 2), (2, 2), (2, 3), (3, 3), (4, 4), (3, 5)]      # 2, 4, 6, 9, 16 tiles, a non-square 15
 LH, LW = 12, 20                                                 # latent -> 96 x 160 image
@@ -241,10 +255,15 @@ def test_tile_size_argument(dec, z, ref):
 
 # ------------------------------------------------------------------ ComfyUI's real classes
 
-_why = vm.comfy_available()
+@pytest.fixture
+def comfy_classes():
+    """Imported lazily (not at collection), so no other test module runs with a ComfyUI on sys.path."""
+    why = vm.comfy_available()
+    if why is not None:
+        pytest.skip(why)
 
 
-@pytest.mark.skipif(_why is not None, reason=str(_why))
+@pytest.mark.usefixtures("comfy_classes")
 @pytest.mark.parametrize("grid", [(1, 2), (2, 3), (3, 3), (4, 4), (2, 5)], ids=lambda g: f"{g[0]}x{g[1]}")
 def test_comfyui_decoder_and_encoder(grid):
     d = vm.comfy_decoder(seed=11)
@@ -349,7 +368,7 @@ def test_video_bad_inputs(wan, dec):
     assert plan.tiles > 1 and plan.tile_bytes <= 64 << 20
 
 
-@pytest.mark.skipif(_why is not None, reason=str(_why))
+@pytest.mark.usefixtures("comfy_classes")
 def test_comfyui_wan_decoder3d():
     d = vm.comfy_wan_decoder(seed=5)
     zv = vm.video_latent(VT, VH, VW, seed=6)
