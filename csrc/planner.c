@@ -205,7 +205,9 @@ static void plan_core(const plan_in *in, plan_out *out, axis_cand *cx, int64_t c
 {
     memset(out, 0, sizeof *out);
     double room = (double)in->budget - in->fixed;
-    double amax = in->per_px > 0 ? room / in->per_px : INFINITY;
+    /* the fixed part alone over the budget: nothing fits, whatever the tile (with per_px 0
+     * the area bound would otherwise be infinite) */
+    double amax = room < 0 ? -1 : in->per_px > 0 ? room / in->per_px : INFINITY;
     axis_in ax = axis_of(in, in->w), ay = axis_of(in, in->h);
     int64_t kx = axis_candidates(&ax, VG_PLAN_MAX_TILES, cx, capx);
     int64_t ky = axis_candidates(&ay, VG_PLAN_MAX_TILES, cy, capy);

@@ -228,3 +228,17 @@ def test_plans_never_exceed_the_tile_limit():
         if p["fits"]:
             assert p["tiles"] <= MAX_TILES
             assert len(p["xs"]) * len(p["ys"]) == p["tiles"]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(width=2, height=2, budget=0, fixed_bytes=1 << 30, min_tile=1 << 20, max_tile=1 << 20),
+    dict(width=4096, height=1, budget=1 << 20, overlap=1000, fixed_bytes=1 << 30, min_tile=1 << 20),
+    dict(width=2110, height=1 << 20, budget=1, fixed_bytes=1 << 30, batch=1 << 20, feather=1.0),
+    dict(width=64, height=64, budget=100, fixed_bytes=101),
+])
+def test_fixed_cost_over_budget_never_fits(kw):
+    """Found by scripts/fuzz.py: with per_px 0 the planner said 'fits' with a predicted peak
+    (the fixed bytes) above the budget."""
+    r = _native.plan(**kw)
+    assert not r["fits"], r
+    assert "budget" in r["why"]
