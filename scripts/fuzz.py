@@ -95,6 +95,11 @@ import numpy as np  # noqa: E402
 import vramguard  # noqa: E402
 from vramguard import _native  # noqa: E402
 
+try:  # imported once here, before the workers fork: some targets import torch lazily, and a
+    import torch  # noqa: F401,E402  first import (seconds) inside a call would read as a hang
+except ImportError:
+    pass
+
 GiB = 1 << 30
 MiB = 1 << 20
 SKIP_NAMES = {"after_fork_child"}  # documented child-only hook: calling it under load is misuse
