@@ -628,15 +628,82 @@ def _vae_ratio(vae: Any, attr: str) -> int | None:
     return r
 
 
+def _vae_program(direction: str, vae: Any, ndim: int) -> tuple[Any, dict] | None:
+    """The seamless (layer-synchronous) tiled path for this VAE, or None where its modules are
+    not a layout vramguard.vae knows (then the planner's overlap tiling or ComfyUI's own path)."""
+    from .. import vae as vae_mod
+
+    fsm = getattr(vae, "first_stage_model", None)
+    if fsm is None or getattr(vae, "handles_tiling", False):
+        return None
+    try:
+        if direction == "decode" and ndim == 4:
+            vae_mod.compile_decoder(fsm.decoder, getattr(fsm, "post_quant_conv", None))
+            return vae_mod.decode_tiled, {"decoder": fsm.decoder,
+                                          "post_quant_conv": getattr(fsm, "post_quant_conv", None)}
+        if direction == "encode" and ndim == 4:
+            vae_mod.compile_encoder(fsm.encoder, getattr(fsm, "quant_conv", None))
+            return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "quant_conv", None)}
+        if direction == "decode" and ndim == 5:
+            vae_mod._check_video(fsm.decoder)
+            return vae_mod.decode_video_tiled, {"decoder": fsm.decoder, "conv2": getattr(fsm, "conv2", None)}
+    except (vae_mod.VaeTilingError, AttributeError, TypeError) as e:
+        log.info("vramguard: seamless tiled VAE not available for %s (%s); using overlap tiling",
+                 type(fsm).__name__, e)
+    return None
+
+
+def _vae_seamless(direction: str, vae: Any, x: Any, reserve_gb: float) -> Any | None:
+    """VAE decode/encode through vramguard.vae: the untiled result to float rounding, at about
+    one pass of compute (GroupNorm statistics over the whole map, global attention)."""
+    import torch
+
+    dec = direction == "decode"
+    z = x["samples"] if dec else None
+    found = _vae_program(direction, vae, z.ndim if dec else 4)
+    if found is None:
+        return None
+    run, mods = found
+    dev, dtype = vae.device, vae.vae_dtype
+    load_models([getattr(vae, "patcher", None)], force_full_load=getattr(vae, "disable_offload", False))
+    budget = _budget(dev, reserve_gb)
+    cb = progress(1)
+    tick: Any = cb  # image steps report (done, total); video chunks only done
+    if dec:
+        src = z.to(dtype)
+        if z.ndim == 5:
+            tick = lambda done: cb(done, done + 1)  # noqa: E731
+    else:
+        px = vae.vae_encode_crop_pixels(x) if hasattr(vae, "vae_encode_crop_pixels") else x
+        src = vae.process_input(px[:, :, :, :3].movedim(-1, 1)).to(dtype)
+    with gcguard.stage("vae_decode" if dec else "vae_encode"), torch.no_grad():
+        out = run(**mods, **{"latent" if dec else "image": src}, budget_bytes=budget, device=dev,
+                  store_device=torch.device("cpu"), progress=tick)
+    out = out.float()
+    if not dec:
+        return {"samples": out[:, : out.shape[1] // 2].contiguous()}  # the regulariser's mean
+    img = vae.process_output(out)
+    if img.ndim == 5:  # video (B, C, T, H, W) -> frames as IMAGE
+        img = img.movedim(1, -1).reshape(-1, *img.shape[-2:], img.shape[1])
+        return img.contiguous()
+    return img.movedim(1, -1).contiguous()
+
+
 def vae_tiled(direction: str, vae: Any, x: Any, overlap: int, reserve_gb: float = -1.0) -> Any:
     """VAE Decode / Encode (tiled, auto).  direction "decode": x is a LATENT dict, returns an
-    IMAGE; "encode": x is an IMAGE, returns a LATENT dict.  The tile size comes from the
-    planner with ComfyUI's own VAE cost estimate; VAEs vramguard cannot tile (video, audio,
-    self-tiling) go through ComfyUI's own call, still as a GC stage."""
+    IMAGE; "encode": x is an IMAGE, returns a LATENT dict.  Image VAEs of the SD/SDXL/Flux
+    layout and Wan-shaped video VAEs run seamless (vramguard.vae); other image VAEs are tiled
+    by the planner with ComfyUI's own cost estimate; the rest (audio, self-tiling) go through
+    ComfyUI's own call, still as a GC stage."""
     import torch
 
     if direction not in ("decode", "encode"):
         raise ValueError(f"direction must be 'decode' or 'encode', got {direction!r}")
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
+    done = _vae_seamless(direction, vae, x, reserve_gb)
+    if done is not None:
+        return done
     dec = direction == "decode"
     stage = "vae_decode" if dec else "vae_encode"
     ratio = _vae_ratio(vae, "upscale_ratio" if dec else "downscale_ratio")

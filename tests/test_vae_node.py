@@ -1,0 +1,80 @@
+"""The VAE Decode/Encode (tiled, auto) nodes take the seamless path (vramguard.vae) for an
+SD-layout VAE: a ComfyUI-shaped VAE object (first_stage_model with decoder/encoder and
+post_quant_conv/quant_conv, process_input/output, device, vae_dtype) decoded through the adapter
+equals the untiled decode to float rounding, even when the budget forces many tiles."""
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, os.path.dirname(__file__))
+import vae_models as vm  # noqa: E402
+
+from vramguard import accounting as acc  # noqa: E402
+from vramguard.adapters import comfyui  # noqa: E402
+
+
+class _FSM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = vm.sd_decoder(seed=3)
+        self.encoder = vm.sd_encoder(seed=4)
+        self.post_quant_conv = torch.nn.Conv2d(4, 4, 1)
+        self.quant_conv = torch.nn.Conv2d(8, 8, 1)
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def encode(self, x):
+        return self.quant_conv(self.encoder(x))[:, :4]
+
+
+class _VAE:
+    """The attributes of comfy.sd.VAE the adapter reads."""
+
+    def __init__(self):
+        self.first_stage_model = _FSM().eval()
+        self.device = torch.device("cpu")
+        self.vae_dtype = torch.float32
+        self.patcher = None
+
+    def process_output(self, x):
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def process_input(self, x):
+        return x * 2 - 1
+
+
+@pytest.fixture
+def small_host_budget(monkeypatch):
+    # a host "card" so small that the decode needs many tiles
+    monkeypatch.setattr(comfyui, "_budget", lambda dev, reserve_gb: 24 << 20)
+
+
+def test_decode_node_is_seamless(small_host_budget, caplog):
+    v = _VAE()
+    z = vm.test_card_latent(24, 32, seed=5)
+    with torch.no_grad():
+        ref = v.process_output(v.first_stage_model.decode(z)).movedim(1, -1)
+    with caplog.at_level("INFO", logger="vramguard"):
+        img = comfyui.vae_tiled("decode", v, {"samples": z}, overlap=8)
+    assert "tiled VAE" in caplog.text and "as 1x1 tiles" not in caplog.text, caplog.text
+    assert img.shape == ref.shape
+    assert vm.psnr(img * 2 - 1, ref * 2 - 1) >= 45.0
+
+
+def test_encode_node_is_seamless_and_keeps_the_mean(small_host_budget):
+    v = _VAE()
+    x = torch.rand(1, 96, 128, 3)
+    with torch.no_grad():
+        ref = v.first_stage_model.encode(v.process_input(x.movedim(-1, 1)))
+    out = comfyui.vae_tiled("encode", v, x, overlap=64)["samples"]
+    assert out.shape == ref.shape
+    assert vm.psnr(out, ref, peak_to_peak=float(ref.max() - ref.min())) >= 45.0
+
+
+def test_unknown_layout_falls_back_to_overlap_tiling():
+    v = _VAE()
+    v.first_stage_model.decoder = torch.nn.Identity()
+    assert comfyui._vae_program("decode", v, 4) is None
