@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(__file__))
 import vae_models as vm  # noqa: E402
 
-from vramguard import accounting as acc  # noqa: E402
 from vramguard.adapters import comfyui  # noqa: E402
 
 
