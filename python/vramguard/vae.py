@@ -388,23 +388,20 @@ def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, 
         th, tw = -(-h // rows), -(-w // cols)
         need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
         return GridPlan(rows, cols, need)
-    best: GridPlan | None = None
+    # n tiles as rows x cols with tiles as square as possible (rows ~ sqrt(n h / w)); O(h w) tries
     for n in range(1, h * w + 1):
-        # candidate grids with n tiles, tiles as square as possible
-        for rows in range(1, n + 1):
-            if n % rows:
-                continue
-            cols = n // rows
+        r = math.sqrt(n * h / w)
+        best: GridPlan | None = None
+        for rows in {max(1, math.floor(r)), max(1, math.ceil(r))}:
+            cols = -(-n // rows)
             if rows > h or cols > w:
                 continue
             th, tw = -(-h // rows), -(-w // cols)
             need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
-            if need <= budget_bytes and (best is None or max(th / tw, tw / th) < best_aspect):
-                best, best_aspect = GridPlan(rows, cols, need), max(th / tw, tw / th)
+            if need <= budget_bytes and (best is None or need < best.tile_bytes):
+                best = GridPlan(rows, cols, need)
         if best is not None:
             return best
-        if n > 4096:
-            break
     raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}: even a 1-px tile needs more")
 
 
