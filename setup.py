@@ -36,7 +36,13 @@ if san:
     # linking with the UBSan flag pulls in its runtime (libubsan) as a dependency of the module
     ldflags += [f"-fsanitize={san}", "-fsanitize=signed-integer-overflow"]
 
+# Objects of differently-flagged builds never mix: a sanitized build's objects left in build/
+# were picked up by the next plain `pip install .` (an ASan .so that cannot be imported).
+flavour = "-".join(x for x in (("san-" + san.replace(",", "+")) if san else "plain",
+                               "debug" if os.environ.get("VRAMGUARD_DEBUG") else "") if x)
+
 setup(
+    options={"build": {"build_base": os.path.join("build", flavour)}},
     ext_modules=[
         Extension(
             "vramguard._native",

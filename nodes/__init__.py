@@ -50,6 +50,17 @@ def _setup() -> None:
         vg.sampler().start()
     except Exception as e:
         log.warning("vramguard: memory sampler not started: %s", e)
+    try:
+        # opt-in (VRAMGUARD_LEDGER=1): several ComfyUI instances on one GPU see each other's
+        # planned peaks in their budgets
+        import vramguard as vg
+
+        joined = vg.ledger.join_from_env()
+        if joined is not None:
+            log.info("vramguard: shared ledger %s", "joined" if joined.get("joined") else
+                     f"not joined: {joined.get('reason')}")
+    except Exception as e:
+        log.warning("vramguard: shared ledger not joined: %s", e)
 
 
 _setup()

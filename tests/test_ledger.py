@@ -483,3 +483,28 @@ def test_join_does_not_hang_on_a_held_lock(tmp_path):
         os.close(fd)
     assert ledger.join(str(path))["joined"]
     ledger.leave()
+
+
+def test_tiled_node_stage_announces_its_planned_peak(region, monkeypatch):
+    """A tiled stage of the ComfyUI adapter claims its planned peak in the ledger while it runs
+    (and clears it after), when this process joined."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    from vramguard.adapters import comfyui
+
+    _setup_device()
+    ledger.join(region)
+    seen = []
+
+    def fn(t):
+        mine = [q for q in ledger.participants() if q["self"]][0]
+        seen.append(mine["devices"].get(0, {}).get("planned", 0))
+        return t
+
+    x = torch.rand(1, 96, 96, 3)
+    out = comfyui._run_tiled("upscale", fn, x, dev=torch.device("cuda", 0), overlap=8, min_tile=16,
+                             budget=8 << 20, cost=vg.CostModel(0, 256))
+    assert out.shape == x.shape
+    assert seen and min(seen) > 0, seen
+    mine = [q for q in ledger.participants() if q["self"]][0]
+    assert mine["devices"] == {}

@@ -561,8 +561,20 @@ def _run_tiled(stage: str, fn: Any, x: Any, *, layout: str = "nhwc", dev: Any = 
     idx = device_index(dev)
     if gcguard.guard().low_vram and p.fits and idx is not None:
         unload_models(dev, int(p.predicted_peak_bytes) + int(acc.snapshot(idx).reserve))
-    with gcguard.stage(stage):
+    with _ledger_claim(idx, p), gcguard.stage(stage):
         return tiling.tiled(fn, x, layout=layout, progress=progress(max(1, p.tiles) * x.shape[0]), **kw)
+
+
+def _ledger_claim(idx: int | None, plan: Any) -> Any:
+    """Announce the planned peak in the shared ledger (when this process joined it) for the
+    duration of a tiled stage, so the other participants' budgets leave room for it."""
+    import contextlib
+
+    from .. import ledger
+
+    if idx is None or not plan.fits or not ledger.status().get("joined"):
+        return contextlib.nullcontext()
+    return ledger.claim(idx, int(plan.predicted_peak_bytes))
 
 
 def _model_key(upscale_model: Any, dev: Any) -> tuple:
