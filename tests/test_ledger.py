@@ -488,7 +488,6 @@ def test_join_does_not_hang_on_a_held_lock(tmp_path):
 def test_tiled_node_stage_announces_its_planned_peak(region, monkeypatch):
     """A tiled stage of the ComfyUI adapter claims its planned peak in the ledger while it runs
     (and clears it after), when this process joined."""
-    np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
     from vramguard.adapters import comfyui
 
