@@ -793,11 +793,14 @@ static PyObject *Canvas_coverage(Canvas *cv, PyObject *Py_UNUSED(a))
 static PyObject *Canvas_get_puts(Canvas *cv, void *Py_UNUSED(c)) { return PyLong_FromLongLong(cv->puts); }
 
 static PyMethodDef Canvas_methods[] = {
-    {"put", (PyCFunction)Canvas_put, METH_VARARGS, "put(result, b0, ox, oy, xramps, yramps)"},
-    {"finish", (PyCFunction)Canvas_finish, METH_NOARGS, "Return the output if complete; close."},
-    {"coverage", (PyCFunction)Canvas_coverage, METH_NOARGS, "Per-row covered-to x (B x H)."},
+    {"put", (PyCFunction)Canvas_put, METH_VARARGS,
+     "put($self, result, b0, ox, oy, xramps, yramps, /)\n--\n\nBlend one tile result into the output."},
+    {"finish", (PyCFunction)Canvas_finish, METH_NOARGS,
+     "finish($self, /)\n--\n\nReturn the output if every pixel was covered; close."},
+    {"coverage", (PyCFunction)Canvas_coverage, METH_NOARGS,
+     "coverage($self, /)\n--\n\nPer-row covered-to x (B x H)."},
     {"weights", (PyCFunction)Canvas_weights, METH_VARARGS | METH_STATIC,
-     "weights(origin, n, ramps) -> float64 weight profile"},
+     "weights(origin, n, ramps, /)\n--\n\nThe float64 weight profile of one axis."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef Canvas_getset[] = {
@@ -805,7 +808,7 @@ static PyGetSetDef Canvas_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Canvas_slots[] = {
-    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0): blends tile results into out."},
+    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0)\n--\n\nBlends tile results into out."},
     {Py_tp_new, Canvas_new},
     {Py_tp_dealloc, Canvas_dealloc},
     {Py_tp_traverse, Canvas_traverse},

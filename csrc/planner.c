@@ -506,7 +506,7 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 
 PyMethodDef vg_tiler_methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
-     "plan(width, height, *, overlap=0, align=1, fixed_bytes=0, per_px_bytes=0, budget, batch=1, "
-     "min_tile=0, max_tile=None, feather=0.5, depth=None, depth_overlap=0, depth_align=1, "
-     "depth_min=1) -> dict"},
+     "plan($module, width, height, *, overlap=0, align=1, fixed_bytes=0, per_px_bytes=0, budget, "
+     "batch=1, min_tile=0, max_tile=None, feather=0.5, depth=None, depth_overlap=0, depth_align=1, "
+     "depth_min=1)\n--\n\nThe largest tile that fits the budget, as an even grid (dict)."},
     {NULL, NULL, 0, NULL}};

@@ -18,8 +18,7 @@ STUB = Path(__file__).resolve().parent.parent / "python" / "vramguard" / "_nativ
 # Owned by csrc/tiler.c (being split into planner.c / canvas.c on another branch, which adds
 # the signatures): their presence is checked, their parameters only once they have a
 # __text_signature__.  Remove on merge.
-PENDING_SIGNATURES = {"plan", "Canvas", "Canvas.put", "Canvas.finish", "Canvas.coverage",
-                      "Canvas.weights"}
+PENDING_SIGNATURES: set[str] = set()  # every function and method has a __text_signature__
 
 P = inspect.Parameter
 KINDS = {"posonly": P.POSITIONAL_ONLY, "args": P.POSITIONAL_OR_KEYWORD, "vararg": P.VAR_POSITIONAL,
