@@ -40,6 +40,10 @@ fi
 #    sanitizer report.
 logdir=$(mktemp -d)
 asan=$(gcc -print-file-name=libasan.so)
+# libstdc++ preloaded right after libasan: ASan resolves its __cxa_throw interceptor at start-up,
+# and without the C++ runtime loaded by then the first C++ exception (torch raising on a meta
+# tensor) aborts with "CHECK failed: real___cxa_throw != 0".
+asan="$asan $(gcc -print-file-name=libstdc++.so)"
 common="detect_odr_violation=0:alloc_dealloc_mismatch=0:new_delete_type_mismatch=0:halt_on_error=1"
 set +e
 LD_PRELOAD="$asan" PYTHONMALLOC=malloc \
