@@ -84,6 +84,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$stamp_want" ]; then
 fi
 
 # 3. vramguard from this checkout (the C core is rebuilt: cheap, and it must match the tree).
+#    build/ goes first: setuptools would reuse objects of an earlier (sanitizer) build.
+rm -rf "$here/build"
 "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$here" >&2
 
 "$venv/bin/python" - "$comfy" <<'EOF' >&2
