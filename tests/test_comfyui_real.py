@@ -478,6 +478,7 @@ import sys
 sys.path.insert(0, {ROOT!r})
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
+import utils.extra_config  # as main.py does first: on 0.3.x a later import would find comfy/utils.py as `utils`
 import server
 assert not hasattr(server.PromptServer, "instance")
 import vramguard_nodes
