@@ -19,30 +19,33 @@
  *          min(that, max(0, cap - live)),  live = max(0, held - evictable),
  *          held = process_used if known, else framework_reserved if known, else used.
  * `free` counts other applications, so keeping `reserve` free leaves room for them.
- * Sums saturate: a hand-written snapshot may hold any int64. */
+ * Computed in 128-bit integers and clamped to [0, INT64_MAX] once at the end: a hand-written
+ * snapshot may hold any int64, and saturating each step would lose what a later subtraction
+ * gives back (free + evictable past INT64_MAX, then minus a large reserve). */
 int64_t vg_budget(const vg_snap *s)
 {
-    int64_t b = vg_sat_sub(vg_sat_add(s->free, s->evictable), s->reserve);
+    typedef __int128 i128;
+    i128 b = (i128)s->free + s->evictable - s->reserve;
     /* Shared ledger: what the other participants announced but have not allocated yet is
      * not ours to plan with, so all participants' budgets add up to <= free - reserve. */
     if (s->others_planned > 0)
-        b = vg_sat_sub(b, s->others_planned);
+        b -= s->others_planned;
     if (b < 0)
         b = 0;
     if (s->cap > 0) {
         int64_t held = s->process_used >= 0        ? s->process_used
                        : s->framework_reserved >= 0 ? s->framework_reserved
                                                     : s->used;
-        int64_t live = vg_sat_sub(held, s->evictable);
+        i128 live = (i128)held - s->evictable;
         if (live < 0)
             live = 0;
-        int64_t room = vg_sat_sub(s->cap, live);
+        i128 room = (i128)s->cap - live;
         if (room < 0)
             room = 0;
         if (room < b)
             b = room;
     }
-    return b;
+    return b > INT64_MAX ? INT64_MAX : (int64_t)b;
 }
 
 /* ================================================================ probe and snapshot */

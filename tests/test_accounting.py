@@ -363,3 +363,14 @@ def test_policy_check_and_sampler_on_host_ram():
     p2 = _native.Policy(threshold=100.0)
     collect, reason, snap = p2.check(None, False, 1 << 62)  # need more than any host has
     assert collect and reason == "budget"
+
+
+def test_budget_is_exact_past_int64_in_between():
+    """Found by scripts/fuzz.py: free + evictable past INT64_MAX was saturated before the
+    reserve was subtracted, so a large reserve took away more than it should."""
+    free, ev, res = 9_200_000_000_000_000_000, 4_611_686_018_427_387_904, 9_000_000_000_000_000_000
+    assert _native.budget({"free": free, "evictable": ev, "reserve": res}) == free + ev - res
+    assert _native.budget({"free": free, "evictable": ev, "reserve": 0}) == 2**63 - 1
+    # with a cap: live = max(0, held - evictable), room = cap - live
+    assert _native.budget({"free": free, "evictable": ev, "reserve": res, "cap": 2**62,
+                           "process_used": 2**62 + 5}) == 2**62
