@@ -371,3 +371,17 @@ def test_set_reserve_without_a_gpu_is_what_cpu_nodes_plan_with():
     assert comfyui._budget(torch.device("cpu"), -1) == 0
     comfyui.prompt_finished("p")
     assert vg.effective_reserve()["override"] is None and comfyui._budget(torch.device("cpu"), -1) > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x", None])
+def test_gb_inputs_fail_at_once_naming_the_input(bad):
+    """A NaN reserve_gb used to pass and fail deep inside (int(nan)); now the node fails before
+    any work with the input's name."""
+    from vramguard.adapters import comfyui
+
+    with pytest.raises((ValueError, TypeError), match="reserve_gb"):
+        comfyui.set_reserve_for_prompt(bad, 0.0)
+    with pytest.raises((ValueError, TypeError), match="reserve_gb"):
+        comfyui._budget(None, bad)
+    with pytest.raises((ValueError, TypeError), match="cap_gb"):
+        comfyui.set_reserve_for_prompt(1.0, bad)

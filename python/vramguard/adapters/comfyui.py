@@ -42,6 +42,7 @@ from typing import Any, Callable
 from .. import accounting as acc
 from .. import gcguard
 from .. import reserve as _reserve
+from .._units import parse_size
 from ..hooks import HookSet, call_stage
 
 log = logging.getLogger("vramguard")
@@ -523,12 +524,23 @@ def unload_models_node(value: Any) -> Any:
     return value
 
 
+def _gb(value: Any, what: str, *, unset_ok: bool = False) -> int | None:
+    """A node's GB input as bytes, checked before any work: NaN, ±inf, negative (except the
+    -1 "not set" of the tiled nodes) and non-numbers fail with the input's name and value."""
+    import math
+
+    if unset_ok and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 \
+            and math.isfinite(value):
+        return None
+    return parse_size(value, what, default_unit=_GiB)
+
+
 def set_reserve_for_prompt(reserve_gb: float, cap_gb: float, device: int = -1) -> int:
     """Set Reserve: reserve and cap for the rest of this prompt (ComfyUI's prompt hook ends
     the override; outside ComfyUI, vramguard.end_override() does).  Returns the budget now,
     in MiB, of that device (the default device for -1; host RAM without a GPU)."""
     dev = None if device < 0 else device
-    _reserve.override_limits(reserve=int(reserve_gb * _GiB), cap=int(cap_gb * _GiB), device=dev)
+    _reserve.override_limits(reserve=_gb(reserve_gb, "reserve_gb"), cap=_gb(cap_gb, "cap_gb"), device=dev)
     sync_aimdo_headroom()
     target = dev if dev is not None and dev < acc.device_count() else acc.default_device()
     return int(acc.snapshot(target).budget) >> 20
@@ -540,13 +552,10 @@ def _budget(dev: Any, reserve_gb: float) -> int:
     from .. import tiling
 
     target = plan_device(dev)
-    if reserve_gb >= 0:
-        reserve: int | None = int(reserve_gb * _GiB)
-    elif target == "host":
+    reserve = _gb(reserve_gb, "reserve_gb", unset_ok=True)
+    if reserve is None and target == "host":
         # a CPU device's "VRAM" is host RAM: the settings' reserve applies to it, as before
         reserve = int(acc.limits()["reserve"])
-    else:
-        reserve = None
     return tiling.resolve_budget(reserve=reserve, device=target)
 
 
