@@ -385,3 +385,34 @@ def test_gb_inputs_fail_at_once_naming_the_input(bad):
         comfyui._budget(None, bad)
     with pytest.raises((ValueError, TypeError), match="cap_gb"):
         comfyui.set_reserve_for_prompt(1.0, bad)
+
+
+def test_tiled_stages_make_room_first_through_comfyui(monkeypatch):
+    """Before tiling, the stage's model is loaded through ComfyUI asking for the untiled working
+    set (capped at the card minus the reserve), so ComfyUI unloads idle models first; what was
+    freed is logged."""
+    import sys
+    import types
+
+    from vramguard.adapters import comfyui
+
+    vg.simulate(8 * GiB, used=6 * GiB)
+    try:
+        vg.set_reserve(GiB, device=0)
+        asked = []
+
+        def load_models_gpu(models, memory_required=0, force_full_load=False):
+            asked.append(memory_required)
+            vg.update_simulated(0, used=1 * GiB)  # ComfyUI unloaded an idle model
+
+        mm = types.SimpleNamespace(get_torch_device=lambda: torch.device("cuda", 0), load_models_gpu=load_models_gpu)
+        monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+        dev = torch.device("cuda", 0)
+        comfyui.load_with_room([object()], 3 * GiB, dev, "upscale")
+        assert asked == [3 * GiB]
+        comfyui.load_with_room([object()], 100 * GiB, dev, "upscale")  # more than the card holds
+        assert asked[-1] == 8 * GiB - GiB
+        assert vg.snapshot(0).budget == 6 * GiB
+    finally:
+        vg.simulate_clear()
+        vg.clear_limits()

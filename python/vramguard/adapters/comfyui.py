@@ -297,6 +297,27 @@ def load_models(patchers: list, memory_required: int = 0, force_full_load: bool 
         mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=force_full_load)
 
 
+def load_with_room(patchers: list, working: int, dev: Any, what: str, force_full_load: bool = False) -> None:
+    """Make room first: load the stage's model through ComfyUI asking for `working` bytes of
+    working memory beside it, so ComfyUI unloads idle models (and, under Dynamic VRAM, evicts
+    weights) until the stage's untiled working set — or as much of it as the card can hold
+    beside the reserve — is free.  The plan is then made against what was freed, instead of
+    tiling small while a sampled-out UNet sits idle in VRAM.  Logs what was freed and why."""
+    idx = device_index(dev)
+    before = None
+    if idx is not None and idx < acc.device_count():
+        before = acc.snapshot(idx)
+        working = max(0, min(int(working), before.total - before.reserve))
+    load_models(patchers, memory_required=max(0, int(working)), force_full_load=force_full_load)
+    if before is not None:
+        after = acc.snapshot(idx)
+        freed = max(0, after.free - before.free)
+        if freed:
+            log.info("vramguard: made room for %s on cuda:%d: %.0f MiB freed by ComfyUI (asked for a "
+                     "working set of %.0f MiB beside the %.0f MiB reserve); budget now %.0f MiB", what, idx,
+                     freed / _MiB, working / _MiB, after.reserve / _MiB, after.budget / _MiB)
+
+
 def progress(total: int) -> Callable[[int, int], None]:
     """A progress callback; in ComfyUI it also raises the user's Cancel between tiles."""
     utils, mm = comfy("utils"), comfy("model_management")
@@ -609,10 +630,16 @@ def upscale_tiled(upscale_model: Any, image: Any, overlap: int = 32, reserve_gb:
     alpha = None
     if image.shape[-1] == 4:
         alpha, image = image[..., 3:4], image[..., :3]
+    from .. import tiling
+
+    key = _model_key(upscale_model, dev)
+    cost = tiling.cost_model(key)
     if patcher is not None:
-        # >= 0.30: a (Core)ModelPatcher owns the weights; ComfyUI moves them, fully, and never .to()
-        load_models([patcher], memory_required=int((512 * 512 * 3) * image.element_size() * max(scale, 1.0) * 384),
-                    force_full_load=True)
+        # >= 0.30: a (Core)ModelPatcher owns the weights; ComfyUI moves them, fully, and never
+        # .to(); asking for the untiled working set makes room first
+        guess = cost or tiling.default_cost(3, 3, scale, image.element_size())
+        load_with_room([patcher], int(guess.bytes_for(image.shape[2], image.shape[1], image.shape[0])), dev,
+                       "upscale", force_full_load=True)
     elif hasattr(upscale_model, "to"):
         upscale_model.to(dev)
 
@@ -621,10 +648,6 @@ def upscale_tiled(upscale_model: Any, image: Any, overlap: int = 32, reserve_gb:
             y = upscale_model(t.movedim(-1, -3).to(dev).float())
         return y.movedim(-3, -1)
 
-    from .. import tiling
-
-    key = _model_key(upscale_model, dev)
-    cost = tiling.cost_model(key)
     if cost is None and device_index(dev) is not None:
         cost = tiling.calibrate(fn, image[:1].to(dev), key=key)
     out = _run_tiled("upscale", fn, image, dev=dev, scale=scale, overlap=overlap, cost=cost,
@@ -686,7 +709,11 @@ def _vae_seamless(direction: str, vae: Any, x: Any, reserve_gb: float) -> Any | 
         return None
     run, mods = found
     dev, dtype = vae.device, vae.vae_dtype
-    load_models([getattr(vae, "patcher", None)], force_full_load=getattr(vae, "disable_offload", False))
+    est = getattr(vae, "memory_used_decode" if dec else "memory_used_encode", None)
+    shape = tuple(z.shape) if dec else (x.shape[0], 3, x.shape[1], x.shape[2])
+    working = int(est(shape, dtype)) if callable(est) else 0
+    load_with_room([getattr(vae, "patcher", None)], working, dev, "vae_decode" if dec else "vae_encode",
+                   force_full_load=getattr(vae, "disable_offload", False))
     budget = _budget(dev, reserve_gb)
     cb = progress(1)
     tick: Any = cb  # image steps report (done, total); video chunks only done
@@ -754,8 +781,9 @@ def vae_tiled(direction: str, vae: Any, x: Any, overlap: int, reserve_gb: float 
     from .. import tiling
 
     cost = tiling.CostModel(64 * _MiB, per_px, "ComfyUI VAE estimate")
-    load_models([getattr(vae, "patcher", None)], memory_required=int(per_px * (64 * 64 if dec else 512 * 512)),
-                force_full_load=getattr(vae, "disable_offload", False))
+    h, w = (src.shape[2], src.shape[3]) if dec else (src.shape[1], src.shape[2])
+    load_with_room([getattr(vae, "patcher", None)], int(cost.bytes_for(w, h, src.shape[0])), dev, stage,
+                   force_full_load=getattr(vae, "disable_offload", False))
 
     def fn(t):
         with torch.no_grad():
