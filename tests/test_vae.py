@@ -377,3 +377,23 @@ def test_comfyui_wan_decoder3d():
     assert (vm.wan_decode(mine, zv) - ref).abs().max() < 1e-4      # our test model is the same network
     out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=(2, 3))
     assert vm.psnr(out, ref) >= 45.0
+
+
+@pytest.mark.parametrize("h,w,exc", [(-(2**63), -1, ValueError), (0, 4, ValueError), (2**40, 2**40, ValueError),
+                                     (4.0, 4, TypeError), (True, 4, TypeError)])
+def test_plan_grid_rejects_bad_sizes_at_once(h, w, exc):
+    """Found by scripts/fuzz.py: plan_grid looped h*w times (2**63 for h=-2**63, w=-1)."""
+    p = vae.compile_decoder(vm.sd_decoder(seed=0))
+    with pytest.raises(exc):
+        vae.plan_grid(p, h, w, budget_bytes=1 << 20)
+    with pytest.raises(TypeError, match="vae.Program"):
+        vae.plan_grid({"total": -1}, 4, 4, budget_bytes=1 << 20)
+
+
+def test_plan_grid_is_bounded_when_nothing_fits():
+    import time
+    p = vae.compile_decoder(vm.sd_decoder(seed=0))
+    t = time.perf_counter()
+    with pytest.raises(vae.VaeTilingError, match="at most"):
+        vae.plan_grid(p, 1 << 20, 1 << 20, budget_bytes=2)
+    assert time.perf_counter() - t < 30

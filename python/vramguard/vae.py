@@ -382,14 +382,27 @@ class GridPlan:
 def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
               tile: int | tuple[int, int] | None = None) -> GridPlan:
     """The fewest near-square tiles whose working set fits in budget_bytes (latent grid h x w)."""
+    if not isinstance(p, Program):
+        raise TypeError(f"p must be a vae.Program (compile_decoder/compile_encoder), got {type(p).__name__}")
+    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
+    budget_bytes = _check_budget(budget_bytes)
+    tile = _check_tile(tile)
     if tile is not None:
         th, tw = (tile, tile) if isinstance(tile, int) else tile
         rows, cols = -(-h // th), -(-w // tw)
         th, tw = -(-h // rows), -(-w // cols)
         need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
         return GridPlan(rows, cols, need)
-    # n tiles as rows x cols with tiles as square as possible (rows ~ sqrt(n h / w)); O(h w) tries
-    for n in range(1, h * w + 1):
+    # n tiles as rows x cols with tiles as square as possible (rows ~ sqrt(n h / w)); bounded
+    # like the C planner: at most MAX_TILES tries.  A tile's working set shrinks with the tile,
+    # so when the finest allowed grid does not fit, nothing does: answer at once.
+    nmax = min(h * w, MAX_TILES)
+    rows = min(h, max(1, round(math.sqrt(nmax * h / w))))
+    cols = min(w, -(-nmax // rows))
+    th, tw = -(-h // rows), -(-w // cols)
+    if _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem) > budget_bytes:
+        raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} with at most {MAX_TILES} tiles")
+    for n in range(1, nmax + 1):
         r = math.sqrt(n * h / w)
         best: GridPlan | None = None
         for rows in {max(1, math.floor(r)), max(1, math.ceil(r))}:
@@ -402,7 +415,22 @@ def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, 
                 best = GridPlan(rows, cols, need)
         if best is not None:
             return best
-    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}: even a 1-px tile needs more")
+    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} with at most {MAX_TILES} tiles")
+
+
+MAX_TILES = 65536  # as the C planner (planner.c): planning stays bounded for any input
+_MAX_SIDE = 1 << 20
+
+
+def _check_grid_args(h: Any, w: Any, batch: Any, elem: Any) -> tuple[int, int, int, int]:
+    out = []
+    for name, v, hi in (("h", h, _MAX_SIDE), ("w", w, _MAX_SIDE), ("batch", batch, 1 << 16), ("elem", elem, 16)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if not 1 <= v <= hi:
+            raise ValueError(f"{name} must be 1..{hi}, got {v}")
+        out.append(v)
+    return out[0], out[1], out[2], out[3]
 
 
 # A test hook: every tile's device work runs inside this context (tests count allocations in it).
@@ -843,6 +871,9 @@ def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: i
     """Fewest near-square spatial tiles for a Wan-shaped decoder (a conservative estimate: every
     layer's channels at the output resolution, 2 chunk frames x 4 (time upsampling) + 2 cached)."""
     import torch
+    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
+    budget_bytes = _check_budget(budget_bytes)
+    _check_video(decoder)
     up = 1
     chans = 0
     for m in decoder.modules():
@@ -852,7 +883,7 @@ def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: i
             up *= 2
     frames = 2 * 4 + 2
     attn_c = max([m.proj.weight.shape[0] for m in decoder.modules() if _cls(m) == "AttentionBlock"] or [0])
-    for n in range(1, h * w + 1):
+    for n in range(1, min(h * w, MAX_TILES) + 1):
         rows = max(1, round(math.sqrt(n * h / w)))
         cols = -(-n // rows)
         if rows > h or cols > w:
