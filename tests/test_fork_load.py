@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SANITIZED = bool(os.environ.get("VRAMGUARD_SANITIZED")) or "asan" in os.environ.get("LD_PRELOAD", "")
 FORKS = 120
 CHILD_TIMEOUT = 15.0 if SANITIZED else 5.0
@@ -100,6 +102,11 @@ print(json.dumps({"forks": ok + hung + crashed + failed, "ok": ok, "hung": hung,
 """
 
 
+@pytest.mark.skipif(SANITIZED, reason=(
+    "GCC 12's libasan has no fork interceptor (LLVM added allocator fork handlers in 15): a child "
+    "forked while another thread is inside ASan's malloc deadlocks in the allocator before any "
+    "vramguard code runs (seen as a hang with no faulthandler output, ~1 in 120 forks). The plain "
+    "pass runs this test in full; the ASan pass runs the 16-thread hammer."))
 def test_fork_under_load():
     code = SCRIPT.replace("CHILD_TIMEOUT", repr(CHILD_TIMEOUT)).replace("FORKS", str(FORKS)) \
                  .replace("MAX_BAD", str(MAX_BAD))
