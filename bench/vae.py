@@ -69,14 +69,7 @@ def peak(fn):
 
 def ours_tile_peak(fn):
     peaks = []
-
-    class Scope:
-        def __enter__(self):
-            self.lb = vm.LiveBytes().__enter__()
-
-        def __exit__(self, *e):
-            self.lb.__exit__(*e)
-            peaks.append(self.lb.peak)
+    Scope = vm.tile_peak_scope(peaks)
 
     old = vae._tile_scope
     vae._tile_scope = Scope

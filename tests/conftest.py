@@ -73,3 +73,12 @@ def g():
     guard.calls = calls
     yield guard
     gcguard._guard = None
+
+
+@pytest.fixture
+def fresh_stage_peaks():
+    """Stage peaks and a Set Reserve override are process-wide: leave none behind for other
+    files' tests."""
+    yield
+    vg.sampler().reset()
+    vg.end_override()

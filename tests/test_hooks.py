@@ -17,12 +17,7 @@ from vramguard.hooks import HookSet, call_stage
 GiB = 1 << 30
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stage_peaks():
-    """Stage peaks are process-wide: leave none behind for other files' tests."""
-    yield
-    vg.sampler().reset()
-    vg.end_override()
+pytestmark = pytest.mark.usefixtures("fresh_stage_peaks")
 
 
 # ------------------------------------------------------------------ generic hooks

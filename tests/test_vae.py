@@ -151,14 +151,7 @@ def test_budget_plans_more_tiles_and_peak_stays_under_it(dec, z, ref, monkeypatc
     # measured: live bytes of what one tile's work allocates (inputs moved to the device, every
     # intermediate, the output) stay under the planned working set
     peaks = []
-
-    class Scope:
-        def __enter__(self):
-            self.lb = vm.LiveBytes().__enter__()
-
-        def __exit__(self, *e):
-            self.lb.__exit__(*e)
-            peaks.append(self.lb.peak)
+    Scope = vm.tile_peak_scope(peaks)
 
     monkeypatch.setattr(vae, "_tile_scope", Scope)
     out = vae.decode_tiled(dec, z, budget_bytes=budget)

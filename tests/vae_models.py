@@ -276,6 +276,18 @@ class LiveBytes:
         self._mode.__exit__(*exc)
 
 
+def tile_peak_scope(peaks: list):
+    """A stand-in for vramguard.vae._tile_scope that appends each tile's live-byte peak to `peaks`."""
+    class Scope:
+        def __enter__(self):
+            self.lb = LiveBytes().__enter__()
+
+        def __exit__(self, *e):
+            self.lb.__exit__(*e)
+            peaks.append(self.lb.peak)
+    return Scope
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
     """PSNR in dB of a against b for signals spanning peak_to_peak (2 for [-1, 1])."""
     mse = torch.mean((a.double() - b.double()) ** 2).item()
