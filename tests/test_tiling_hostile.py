@@ -127,3 +127,17 @@ def test_calibrate_names_a_bad_sample(sample, exc, needle):
 def test_calibrate_3d_sample_without_cuda():
     c = tiling.calibrate(lambda t: t, np.zeros((16, 16, 4), np.float32))
     assert c.source.startswith("default") and c.per_px > 0
+
+
+def test_explicit_tile_still_checks_budget_and_batches_from_it():
+    """Found by the 1M-call fuzz run: with tile= given, budget/card/reserve were never read (a
+    budget of '-1GB' passed) and every image of a batch was its own call (75 s for 2**20 1-px
+    images)."""
+    from numpy.lib.stride_tricks import as_strided
+
+    img = as_strided(np.zeros(1, np.float32), shape=(1 << 20, 3, 1, 1), strides=(0, 0, 0, 0))
+    with pytest.raises(ValueError, match="budget"):
+        tiling.tiled(lambda t: t, img, tile=74, budget="-1GB")
+    calls = []
+    out = tiling.tiled(lambda t: calls.append(t.shape[0]) or t, img, tile=74, budget="1GB")
+    assert out.shape == img.shape and len(calls) < 64 and sum(calls) == 1 << 20

@@ -456,7 +456,11 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
                              f"max(min_tile, 2*overlap, align) = {floor} px")
         t0 = (max(floor, tile // align * align) if tile < W else W,
               max(floor, tile // align * align) if tile < H else H)
-        batch = max_batch or 1
+        # the tile is given, the batch still comes from the budget (which is checked here too):
+        # as many images per call as fit, so a large batch of small images is a few calls
+        room = resolve_budget(budget=budget, card=card, reserve=reserve, device=device) - c.fixed
+        per = max(1.0, c.bytes_for(t0[0], t0[1], 1) - c.fixed)
+        batch = max_batch or int(max(1, min(B, room // per)))
     else:
         p = plan_tiles(W, H, scale=scale, overlap=overlap, align=align, channels=C, batch=B, cost=c,
                        budget=budget, card=card, reserve=reserve, device=device, min_tile=floor,
