@@ -138,6 +138,8 @@ def test_explicit_tile_still_checks_budget_and_batches_from_it():
     img = as_strided(np.zeros(1, np.float32), shape=(1 << 20, 3, 1, 1), strides=(0, 0, 0, 0))
     with pytest.raises(ValueError, match="budget"):
         tiling.tiled(lambda t: t, img, tile=74, budget="-1GB")
+    with pytest.raises(tiling.TilingError, match="budget is"):  # not even one image fits: say so
+        tiling.tiled(lambda t: t, img, tile=175, budget=1)
     calls = []
     out = tiling.tiled(lambda t: calls.append(t.shape[0]) or t, img, tile=74, budget="1GB")
     assert out.shape == img.shape and len(calls) < 64 and sum(calls) == 1 << 20

@@ -458,9 +458,12 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
               max(floor, tile // align * align) if tile < H else H)
         # the tile is given, the batch still comes from the budget (which is checked here too):
         # as many images per call as fit, so a large batch of small images is a few calls
-        room = resolve_budget(budget=budget, card=card, reserve=reserve, device=device) - c.fixed
+        b = resolve_budget(budget=budget, card=card, reserve=reserve, device=device)
         per = max(1.0, c.bytes_for(t0[0], t0[1], 1) - c.fixed)
-        batch = max_batch or int(max(1, min(B, room // per)))
+        if b - c.fixed < per:
+            raise TilingError(f"tile {t0[0]}x{t0[1]} needs {fmt_bytes(int(c.fixed + per))} for one image; the "
+                              f"budget is {fmt_bytes(b)} (cost model {c.source})")
+        batch = max_batch or int(max(1, min(B, (b - c.fixed) // per)))
     else:
         p = plan_tiles(W, H, scale=scale, overlap=overlap, align=align, channels=C, batch=B, cost=c,
                        budget=budget, card=card, reserve=reserve, device=device, min_tile=floor,
