@@ -253,6 +253,22 @@ static void write_end(ledger_slot *s)
     atomic_store_explicit(&s->seq, (q | 1) + 1, memory_order_release);
 }
 
+/* Every figure of slot `s` to 0 and its start time to `start`, inside one sequence-lock write
+ * (reclaiming a dead slot, joining, leaving). */
+static void reset_slot(ledger_slot *s, int64_t start)
+{
+    write_begin(s);
+    atomic_store_explicit(&s->start, start, memory_order_relaxed);
+    atomic_store_explicit(&s->host_rss, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->host_pinned, 0, memory_order_relaxed);
+    for (int d = 0; d < VG_LEDGER_DEVS; d++) {
+        atomic_store_explicit(&s->dev[d].used, 0, memory_order_relaxed);
+        atomic_store_explicit(&s->dev[d].planned, 0, memory_order_relaxed);
+        atomic_store_explicit(&s->dev[d].pending, 0, memory_order_relaxed);
+    }
+    write_end(s);
+}
+
 /* Byte figures from the region: negative or absurd values count as 0 / the maximum. */
 static int64_t clamp_bytes(int64_t x) { return x < 0 ? 0 : x; }
 
@@ -376,16 +392,7 @@ static int reclaim(int k, int64_t pid)
     int64_t expect = pid;
     if (!atomic_compare_exchange_strong(&s->pid, &expect, -(int64_t)L.owner))
         return 0;
-    write_begin(s);
-    atomic_store_explicit(&s->start, 0, memory_order_relaxed);
-    atomic_store_explicit(&s->host_rss, 0, memory_order_relaxed);
-    atomic_store_explicit(&s->host_pinned, 0, memory_order_relaxed);
-    for (int d = 0; d < VG_LEDGER_DEVS; d++) {
-        atomic_store_explicit(&s->dev[d].used, 0, memory_order_relaxed);
-        atomic_store_explicit(&s->dev[d].planned, 0, memory_order_relaxed);
-        atomic_store_explicit(&s->dev[d].pending, 0, memory_order_relaxed);
-    }
-    write_end(s);
+    reset_slot(s, 0);
     atomic_store_explicit(&s->pid, 0, memory_order_release);
     drop_pidfd(k);
     L.swept_total++;
@@ -647,17 +654,8 @@ static int join_locked(const char *path)
         return -1;
     }
     ledger_slot *me = &L.reg->slot[L.slot];
-    write_begin(me);
-    atomic_store_explicit(&me->start, L.start, memory_order_relaxed);
-    atomic_store_explicit(&me->host_rss, 0, memory_order_relaxed);
-    atomic_store_explicit(&me->host_pinned, 0, memory_order_relaxed);
     atomic_store_explicit(&me->updates, 0, memory_order_relaxed);
-    for (int d = 0; d < VG_LEDGER_DEVS; d++) {
-        atomic_store_explicit(&me->dev[d].used, 0, memory_order_relaxed);
-        atomic_store_explicit(&me->dev[d].planned, 0, memory_order_relaxed);
-        atomic_store_explicit(&me->dev[d].pending, 0, memory_order_relaxed);
-    }
-    write_end(me);
+    reset_slot(me, L.start);
     L.reason[0] = 0;
     atomic_store(&L.joined, 1);
     return 0;
@@ -670,16 +668,7 @@ static void leave_locked(void)
         int64_t expect = (int64_t)L.owner;
         /* mark it ours-being-released, zero it, free it: same order as a sweep */
         if (atomic_compare_exchange_strong(&me->pid, &expect, -(int64_t)L.owner)) {
-            write_begin(me);
-            atomic_store_explicit(&me->start, 0, memory_order_relaxed);
-            for (int d = 0; d < VG_LEDGER_DEVS; d++) {
-                atomic_store_explicit(&me->dev[d].used, 0, memory_order_relaxed);
-                atomic_store_explicit(&me->dev[d].planned, 0, memory_order_relaxed);
-                atomic_store_explicit(&me->dev[d].pending, 0, memory_order_relaxed);
-            }
-            atomic_store_explicit(&me->host_rss, 0, memory_order_relaxed);
-            atomic_store_explicit(&me->host_pinned, 0, memory_order_relaxed);
-            write_end(me);
+            reset_slot(me, 0);
             atomic_store_explicit(&me->pid, 0, memory_order_release);
         }
     }
