@@ -317,6 +317,16 @@ def _release() -> None:
 Rect = tuple[int, int, int, int]   # y0, y1, x0, x1 on the latent grid
 
 
+def _refine_after_oom(rects: list[Rect], k: int, what: str) -> list[Rect]:
+    """After an OOM at tile k (outside the except block, whose frame held the tile's tensors):
+    release the cache and split the unfinished tiles finer; the finished ones are kept."""
+    _release()
+    finer = [q for r in rects[k:] for q in _split(r)]
+    log.warning("vramguard: tiled %s out of memory at tile %s; %d tiles done, re-planned the rest as %d "
+                "smaller tiles", what, rects[k], k, len(finer))
+    return rects[:k] + finer
+
+
 def _split(r: Rect) -> list[Rect]:
     y0, y1, x0, x1 = r
     ys = [y0, y1] if y1 - y0 < 2 else [y0, (y0 + y1) // 2, y1]
@@ -531,13 +541,9 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                     raise
                 oom = True
             if oom:
-                # leave the except block first: its frame holds the tile's tensors
-                _release()
-                finer = [q for r in rects[k:] for q in _split(r)]
-                log.warning("vramguard: tiled VAE out of memory at step %s tile %s; %d tiles done, "
-                            "re-planned the rest as %d smaller tiles", s.name, rects[k], k, len(finer))
-                total += len(finer) - (len(rects) - k)
-                rects = rects[:k] + finer
+                refined = _refine_after_oom(rects, k, f"VAE step {s.name}")
+                total += len(refined) - len(rects)
+                rects = refined
                 base, replanned = rects, True       # later steps: the same (finer) cover
                 continue
             k += 1
@@ -736,11 +742,7 @@ class _VideoRun:
                     raise
                 oom = True
             if oom:
-                _release()
-                finer = [q for r in rects[k:] for q in _split(r)]
-                log.warning("vramguard: tiled video VAE out of memory at tile %s; %d tiles done, "
-                            "re-planned the rest as %d smaller tiles", rects[k], k, len(finer))
-                rects = self.rects = rects[:k] + finer
+                rects = self.rects = _refine_after_oom(rects, k, "video VAE")
                 continue
             k += 1
             self.done += 1
