@@ -82,7 +82,7 @@ class Nvml:
     with the reason when NVML is not there."""
 
     def __init__(self, uuid: str | None = None, index: int = 0):
-        path = os.environ.get("VRAMGUARD_NVML_PATH") or "libnvidia-ml.so.1"
+        path = os.environ.get("VRAMGUARD_NVML_LIB") or "libnvidia-ml.so.1"
         self.lib = ctypes.CDLL(path)
         self._check(self.lib.nvmlInit_v2(), "nvmlInit_v2")
         self.handle = ctypes.c_void_p()

@@ -1,0 +1,96 @@
+"""scripts/gpu_check.sh --cpu-smoke: the GPU command runs end to end without a GPU.
+
+It must write the report, name every GPU step as skipped with a reason, and run the CPU
+smoke of each GPU bench (whose code would otherwise first run on a lent GPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+GPU_STEPS = ("tests", "snapshot", "upscale", "calibrate", "gc", "vae", "tiling")
+
+
+def _run(tmp_path, *args, timeout=170):
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    if not SCRIPT.exists():
+        pytest.fail(f"{SCRIPT} is missing")
+    pytest.importorskip("torch", reason="the benches' CPU smoke runs need torch")
+    out = tmp_path_factory.mktemp("gpu_check")
+    # --no-build: the extension under test is already importable (building it again costs
+    # ~10 s here); the GPU run builds it.
+    r = _run(out, "--cpu-smoke", "--no-build", "--budget", "150", "--out", str(out))
+    return r, out
+
+
+def test_cpu_smoke_writes_the_report(smoke):
+    r, out = smoke
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    md = (out / "gpu_report.md").read_text()
+    lines = [json.loads(ln) for ln in (out / "gpu_report.json").read_text().splitlines()]
+    assert "mode **cpu-smoke**" in md and "## Machine" in md
+    steps = {ln["step"]: ln for ln in lines if ln.get("kind") == "step"}
+    assert lines[-1]["kind"] == "summary" and lines[-1]["done"] is True
+    for name in GPU_STEPS:
+        st = steps[name]
+        assert st["status"] == "skipped", (name, st)
+        assert st["reason"].startswith("--cpu-smoke: needs an NVIDIA GPU"), (name, st["reason"])
+        # the markdown names the step, its status and the reason in the steps table
+        assert f"| {name} | skipped |" in md and st["reason"] in md
+        assert st["smoke"]["status"] == "ok", (name, st["smoke"])
+    assert steps["facts"]["status"] == "passed"
+    assert steps["build"]["status"] == "skipped" and "--no-build" in steps["build"]["reason"]
+
+
+def test_cpu_smoke_ran_the_bench_code(smoke):
+    _, out = smoke
+    steps = {ln["step"]: ln for ln in map(json.loads, (out / "gpu_report.json").read_text().splitlines())
+             if ln.get("kind") == "step"}
+    up = steps["upscale"]["smoke"]["result"]["smoke"]
+    # injected OOMs: the fixed-tile rival halved and restarted, ours backed off, both finished
+    assert up["comfy"]["ooms"] == [1, 1, 1] and up["comfy"]["tiles_tried"] == [32, 16]
+    assert all(n >= 1 for n in up["ours"]["ooms"]) and up["shape_ok"] is True
+    gc_res = steps["gc"]["smoke"]["result"]["profiles"]
+    pols = next(iter(gc_res.values()))["policies"]
+    assert set(pols) == {"ours", "comfyui", "sdnext", "always", "never"}
+    assert pols["never"]["collections"]["max"] == 0 and pols["always"]["collections"]["min"] > 0
+    cases = steps["tests"]["smoke"]["cases"]
+    assert cases and all(c["outcome"] == "skipped" and c["message"] for c in cases)
+
+
+def test_bad_step_name_is_refused(tmp_path):
+    r = _run(tmp_path, "--cpu-smoke", "--only", "nope", timeout=60)
+    assert r.returncode == 2 and "unknown step" in r.stderr
+
+
+def test_snapshot_bench_and_sampler_on_the_fake_nvml(fake_nvml, tmp_path):
+    """The NVML halves of the GPU benches (vramguard's NVML path next to a raw ctypes NVML read,
+    and the NVML sampler helper) run here against tests/fakelibs/fake_nvml.c."""
+    env = dict(os.environ, VRAMGUARD_NVML_LIB=str(fake_nvml), FAKE_NVML_DEVICES=f"{8 << 30}:{3 << 30}")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_snapshot.py"), "--calls", "200"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["source_before_context"] == "nvml"
+    assert res["us"]["ours_nvml"]["n"] == 5 and res["us"]["ctypes_nvml_before_ctx"]["n"] == 5
+    assert res["agree_before_context"] == {"free_ours_vs_ctypes_nvml_max_mib": 0.0, "total_ours_eq_ctypes_nvml": True}
+    code = ("import sys, time, json; sys.path.insert(0, sys.argv[1]); from gpu_common import Helper\n"
+            "s = Helper('sampler', '-', '0.002'); a = s.ask('read'); s.ask('start w'); time.sleep(0.3)\n"
+            "b = s.ask('stop'); s.close(); print(json.dumps([a, b]))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    read, win = json.loads(r.stdout.strip().splitlines()[-1])
+    assert read == {"total": 8 << 30, "free": 5 << 30, "used": 3 << 30}
+    assert win["max_used"] == 3 << 30 and win["samples"] >= 10 and win["hz"] >= 30
