@@ -523,6 +523,11 @@ def main(argv: list[str]) -> int:
             if st.name != "facts" and ((only and st.name not in only) or st.name in skip):
                 st.status, st.reason = "skipped", "not selected (--only / --skip)"
                 if st.name == "build":  # say which vramguard the later steps import instead
+                    prev = os.path.join(BUILD, "lib")
+                    if os.path.isdir(os.path.join(prev, "vramguard")) and not a.no_build:
+                        ctx["env"]["PYTHONPATH"] = prev + (os.pathsep + ctx["pythonpath0"] if ctx["pythonpath0"] else "")
+                        when = _dt.datetime.fromtimestamp(os.path.getmtime(prev), _dt.timezone.utc)
+                        st.reason += f"; using the previous build in build/gpu_check/lib ({when:%Y-%m-%d %H:%M} UTC)"
                     verify_import(st, ctx)
                     if st.status == "failed":
                         st.status = "skipped"

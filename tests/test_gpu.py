@@ -81,3 +81,34 @@ def test_sampler_sees_an_allocation_peak(torch_cuda):
     s.stop()
     assert r["peak_used"] >= base >= r["start_used"] + (900 << 20)
     assert r["end_used"] < r["peak_used"]
+
+
+@needs_gpu
+def test_calibrated_tiling_keeps_the_measured_peak_in_the_budget(torch_cuda):
+    # The planner's promise on a real device: with the cost model vramguard.calibrate measured,
+    # the tiles it picks for a budget allocate no more than that budget (torch's own peak).
+    torch = torch_cuda
+    from vramguard.demo import make_net
+
+    net = make_net("cuda", channels=32, blocks=4)
+    img = torch.rand(1, 512, 512, 3, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def fn(t):
+        with torch.no_grad():
+            return net(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    cost = vg.calibrate(fn, img)
+    assert cost.source == "measured" and cost.per_px > 0
+    budget = 192 << 20
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    st: dict = {}
+    out = vg.tiled(fn, img, scale=4, overlap=16, cost=cost, budget=budget, stats=st)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert st["retries"] == 0 and st["tiles"] > 1, st      # the budget forced tiling, no OOM back-off
+    assert peak <= budget, f"measured {peak >> 20} MiB > budget {budget >> 20} MiB; tile {st['tile_sizes']}"
+    assert tuple(out.shape) == (1, 2048, 2048, 3) and bool(torch.isfinite(out).all())
+    torch.cuda.empty_cache()

@@ -94,3 +94,33 @@ def test_snapshot_bench_and_sampler_on_the_fake_nvml(fake_nvml, tmp_path):
     read, win = json.loads(r.stdout.strip().splitlines()[-1])
     assert read == {"total": 8 << 30, "free": 5 << 30, "used": 3 << 30}
     assert win["max_used"] == 3 << 30 and win["samples"] >= 10 and win["hz"] >= 30
+
+
+_CMP = """
+import sys, torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+import comfy.utils as cu
+from gpu_upscale import comfy_tiled_scale
+torch.manual_seed(0)
+for H, W, tile, ov in [(100, 130, 32, 4), (64, 64, 32, 4), (50, 70, 16, 4), (33, 20, 64, 8)]:
+    x = torch.rand(2, 3, H, W)
+    f = lambda a: torch.nn.functional.interpolate(a, scale_factor=4, mode="bicubic") + a.mean()
+    ref = cu.tiled_scale(x, f, tile_x=tile, tile_y=tile, overlap=ov, upscale_amount=4, out_channels=3)
+    got = comfy_tiled_scale(torch, x, f, tile_x=tile, tile_y=tile, overlap=ov, upscale_amount=4, out_channels=3)
+    assert ref.shape == got.shape and torch.equal(ref, got), (H, W, tile, ov, (ref - got).abs().max())
+print("same")
+"""
+
+
+@pytest.mark.comfyui
+def test_upscale_rival_is_comfyuis_tiled_scale():
+    """bench/gpu_upscale.py's copy of ComfyUI's approach computes exactly what comfy.utils.tiled_scale
+    does (same tiles, masks and division), so the GPU comparison is against ComfyUI itself."""
+    root = os.environ.get("VRAMGUARD_COMFYUI")
+    py = os.environ.get("VRAMGUARD_COMFYUI_PYTHON", sys.executable)
+    if not root or not Path(root, "comfy", "utils.py").is_file():
+        pytest.skip("VRAMGUARD_COMFYUI is not set to a ComfyUI checkout")
+    r = subprocess.run([py, "-c", _CMP, str(ROOT / "bench"), root], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and "ModuleNotFoundError" in r.stderr:
+        pytest.skip(f"{py} cannot import comfy.utils: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0 and r.stdout.strip() == "same", r.stderr[-2000:]
