@@ -415,7 +415,11 @@ def write_report(ctx: dict, steps: list[Step], done: bool) -> None:
     md = [f"# vramguard GPU check ({'complete' if done else 'in progress / cut short'})", "",
           f"- started {ctx['started']} UTC; mode **{'cpu-smoke' if ctx['smoke'] else 'gpu'}**; "
           f"command `scripts/gpu_check.sh {' '.join(ctx['argv'])}`",
-          f"- elapsed {time.monotonic() - ctx['t0']:.1f} s of a {ctx['budget']:.0f} s budget", ""]
+          f"- elapsed {time.monotonic() - ctx['t0']:.1f} s of a {ctx['budget']:.0f} s budget"]
+    if ctx["smoke"]:
+        md.append("- CPU smoke: the figures under \"CPU smoke run\" come from toy sizes on the CPU with injected "
+                  "OOMs; they show the code runs, they are not measurements")
+    md.append("")
     f = ctx.get("facts") or {}
     if f:
         md += ["## Machine", "",

@@ -31,8 +31,8 @@ Profile format (tolerant; what the loader accepts):
           "live"|"retained"|"delta_live": size (may be < 0),  kept (weights in / out)
           "seconds"|"dt"|"duration": s}
   or torch.cuda.memory_stats figures at each stage boundary: "allocated_bytes.all.current"
-  (and "allocated_bytes.all.peak"): work = peak - previous current, live = current - previous
-  current, garbage only where given.  A key ending in _bytes/_kib/_mib/_gib overrides the unit.
+  (and "allocated_bytes.all.peak"): work = peak - max(current, previous current), live = current
+  - previous current (the first boundary's current is the resident set), garbage only where given.  A key ending in _bytes/_kib/_mib/_gib overrides the unit.
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -394,15 +394,28 @@ def replay(torch: Any, dev: Device, prof: dict, pol: Policy, n_prompts: int, sca
     return rec
 
 
-def make_heap(n: int) -> list:
-    """~n tracked objects in cyclic structures, like a host's module graph and caches."""
-    heap = []
-    for i in range(n // 4):
-        d = {"i": i, "name": f"obj{i}"}
-        lst = [d, (i, i + 1)]
-        d["back"] = lst
-        heap.append(lst)
-    return heap
+class _Node:
+    """A host object: an instance with attributes, a child list and a back reference."""
+
+    def __init__(self, i: int, parent: Any):
+        self.key = f"n{i}"
+        self.parent = parent
+        self.children: list = []
+
+
+def python_heap(n: int) -> list:
+    """About n GC-tracked objects (instances, their __dict__s, child lists) in parent/child
+    cycles: the shape of a host's node graph, caches and module objects, for gc.collect to walk."""
+    roots: list = []
+    parent = None
+    for i in range(max(1, n // 2)):  # two tracked objects each: the instance and its list
+        node = _Node(i, parent)
+        if parent is not None:
+            parent.children.append(node)
+        parent = node if i % 64 else None  # chains of 64, each a cycle through the back refs
+        if parent is None or i % 64 == 1:
+            roots.append(node)
+    return roots
 
 
 def main() -> None:
@@ -434,7 +447,7 @@ def main() -> None:
     if not profs:
         profs = [normalise(SYNTHETIC, "synthetic")]
         res["profile_note"] = f"no usable *.json under {a.profiles}: the built-in synthetic profile"
-    heap = make_heap(heap_n)
+    heap = python_heap(heap_n)
     t0 = time.perf_counter()
     gc.collect()
     res["heap_objects"] = heap_n

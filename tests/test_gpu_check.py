@@ -124,3 +124,41 @@ def test_upscale_rival_is_comfyuis_tiled_scale():
     if r.returncode != 0 and "ModuleNotFoundError" in r.stderr:
         pytest.skip(f"{py} cannot import comfy.utils: {r.stderr.strip()[-200:]}")
     assert r.returncode == 0 and r.stdout.strip() == "same", r.stderr[-2000:]
+
+
+def test_gc_profile_loader_is_tolerant(tmp_path):
+    """bench/gpu_gc.py reads recorded profiles in the shapes it documents, and reports a file it
+    cannot use instead of stopping."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_gc
+    finally:
+        sys.path.pop(0)
+    GiB = 1 << 30
+    (tmp_path / "a.json").write_text(json.dumps({
+        "name": "canon", "unit": "GiB", "card": 8, "resident": 2, "prompts": 3,
+        "stages": [{"stage": "unet", "work": 1.5, "garbage": 0.25, "seconds": 4},
+                   {"name": "vae_decode", "working_set_mib": 512, "dt": 1}]}))
+    (tmp_path / "b.json").write_text(json.dumps([  # torch.cuda.memory_stats at each stage end, two prompts
+        {"stage": "text_encode", "prompt": 0, "allocated_bytes.all.current": 2 * GiB, "allocated_bytes.all.peak": 3 * GiB},
+        {"stage": "unet", "prompt": 0, "allocated_bytes.all.current": 3 * GiB, "allocated_bytes.all.peak": 5 * GiB},
+        {"stage": "unet", "prompt": 1, "allocated_bytes.all.current": 2 * GiB, "allocated_bytes.all.peak": 4 * GiB,
+         "garbage": 123}]))
+    (tmp_path / "c.json").write_text('{"stages": [{"no_name": 1}]}')
+    (tmp_path / "d.json").write_text("not json")
+    profs, errors = gpu_gc.load_profiles(str(tmp_path))
+    by = {p["name"]: p for p in profs}
+    assert set(by) == {"canon", "b"} and len(errors) == 2
+    assert any("c.json" in e and "no usable stages" in e for e in errors) and any("d.json" in e for e in errors)
+    c = by["canon"]
+    assert c["card"] == 8 * GiB and c["resident"] == 2 * GiB and c["repeat_prompts"] == 3
+    assert c["prompts"] == [[{"stage": "unet", "work": 1.5 * GiB, "garbage": 0.25 * GiB, "live": 0.0, "seconds": 4.0},
+                             {"stage": "vae_decode", "work": 512.0 * (1 << 20), "garbage": 0.0, "live": 0.0,
+                              "seconds": 1.0}]]
+    b = by["b"]
+    assert b["resident"] == 2 * GiB and [len(p) for p in b["prompts"]] == [2, 1]
+    enc, unet0 = b["prompts"][0]
+    assert enc["work"] == 1 * GiB and enc["live"] == 0
+    assert unet0["work"] == 2 * GiB and unet0["live"] == 1 * GiB
+    unet1 = b["prompts"][1][0]
+    assert unet1["work"] == 1 * GiB and unet1["live"] == -1 * GiB and unet1["garbage"] == 123
