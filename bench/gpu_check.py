@@ -119,9 +119,11 @@ def tail(text: str, n: int = 30) -> str:
 # ---------------------------------------------------------------- the steps
 
 FACTS_PY = r"""
-import json, os, platform, sys
+import json, os, platform, shutil, sys, sysconfig
 d = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
-     "cpus": os.cpu_count()}
+     "cpus": os.cpu_count(),
+     "python_h": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
+     "cc": shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")}
 try:
     import torch
     d["torch"] = torch.__version__
@@ -210,7 +212,10 @@ def step_build(st: Step, ctx: dict, limit: float) -> None:
                            "build/pip")
         if rc2 != 0:
             st.status = "timeout" if rc is None or rc2 is None else "failed"
-            st.reason = f"setup.py build exit {rc}; pip --target exit {rc2}"
+            f = ctx.get("facts") or {}
+            st.reason = (f"setup.py build exit {rc}; pip --target exit {rc2} (Python.h present: "
+                         f"{f.get('python_h')}, C compiler: {f.get('cc')}); with a vramguard built elsewhere "
+                         f"on PYTHONPATH, run again with --no-build")
             st.log_tail = tail(out, 15) + "\n---\n" + tail(out2, 15)
             return
         lib, how = site, "pip install --target"
@@ -429,7 +434,8 @@ def write_report(ctx: dict, steps: list[Step], done: bool) -> None:
                f"- torch {f.get('torch')} (CUDA {f.get('torch_cuda')}), cuda available: {f.get('cuda_available')}"
                + (f" ({f.get('cuda_reason')})" if f.get("cuda_reason") else ""),
                f"- nvcc: {f.get('nvcc')}; python {f.get('python')} ({f.get('executable')}); numpy {f.get('numpy')}; "
-               f"pynvml {f.get('pynvml')}; {f.get('cpus')} CPUs; {f.get('platform')}",
+               f"pynvml {f.get('pynvml')}; {f.get('cpus')} CPUs; {f.get('platform')}; Python.h "
+               f"{'present' if f.get('python_h') else 'MISSING'}; C compiler {f.get('cc')}",
                f"- commit: {f.get('commit', '-')}", ""]
     md += ["## Steps", "", "| step | status | seconds | reason / headline | CPU smoke |", "| --- | --- | --- | --- | --- |"]
     for st in steps:

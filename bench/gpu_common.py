@@ -267,7 +267,11 @@ def _sampler_main(argv: list[str]) -> None:
     """start NAME / stop: a window; the loop reads NVML every `interval` seconds meanwhile."""
     uuid = argv[0] if argv and argv[0] != "-" else None
     interval = float(argv[1]) if len(argv) > 1 else 0.002
-    nv = Nvml(uuid=uuid)
+    fallback = None
+    try:
+        nv = Nvml(uuid=uuid)
+    except RuntimeError as e:  # a UUID spelled differently: the first device, said so in "read"
+        nv, fallback = Nvml(index=0), f"{e}; sampling NVML device 0"
     lock = threading.Lock()
     win: dict[str, Any] = {}
     halt = threading.Event()
@@ -280,6 +284,7 @@ def _sampler_main(argv: list[str]) -> None:
                 if win:
                     win["n"] += 1
                     win["max_used"] = max(win["max_used"], used)
+                    win["min_free"] = min(win["min_free"], free)
                     win["max_gap"] = max(win["max_gap"], t - win["last"])
                     win["last"] = t
                     win["total"] = total
@@ -293,7 +298,7 @@ def _sampler_main(argv: list[str]) -> None:
             with lock:
                 win.clear()
                 now = time.monotonic()
-                win.update(name=words[1] if len(words) > 1 else "", n=0, max_used=0, max_gap=0.0,
+                win.update(name=words[1] if len(words) > 1 else "", n=0, max_used=0, min_free=1 << 62, max_gap=0.0,
                            t0=now, last=now, total=0)
             return {"started": win["name"]}
         if words[0] == "stop":
@@ -304,10 +309,14 @@ def _sampler_main(argv: list[str]) -> None:
                 win.clear()
             secs = time.monotonic() - d["t0"]
             return {"name": d["name"], "samples": d["n"], "seconds": secs, "hz": d["n"] / secs if secs else 0.0,
-                    "max_gap_ms": d["max_gap"] * 1e3, "max_used": d["max_used"], "total": d["total"]}
+                    "max_gap_ms": d["max_gap"] * 1e3, "max_used": d["max_used"], "min_free": d["min_free"],
+                    "total": d["total"]}
         if words[0] == "read":
             total, free, used = nv.memory()
-            return {"total": total, "free": free, "used": used}
+            r = {"total": total, "free": free, "used": used}
+            if fallback:
+                r["uuid_fallback"] = fallback
+            return r
         raise ValueError(f"unknown command {words[0]!r}")
 
     try:

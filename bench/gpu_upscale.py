@@ -174,14 +174,14 @@ def one_run(torch, name, call, sampler, dev_is_cuda):
     rec = {"seconds": secs, "error": err, **st}
     if sampler is not None:
         w = sampler.ask("stop")
-        rec.update(peak_used=w["max_used"], total=w["total"], hz=w["hz"], max_gap_ms=w["max_gap_ms"],
-                   samples=w["samples"])
+        rec.update(peak_used=w["max_used"], min_free=w["min_free"], total=w["total"], hz=w["hz"],
+                   max_gap_ms=w["max_gap_ms"], samples=w["samples"])
     if dev_is_cuda:
         rec["torch_max_reserved"] = torch.cuda.max_memory_reserved()
     return out, rec
 
 
-def summarise(runs: list[dict], limit: int | None) -> dict:
+def summarise(runs: list[dict], limit: int | None, reserve: int | None = None) -> dict:
     ok = [r for r in runs if r["error"] is None]
     d = {"seconds": ranges([r["seconds"] for r in ok]), "failed_runs": len(runs) - len(ok),
          "errors": sorted({r["error"] for r in runs if r["error"]}),
@@ -192,6 +192,8 @@ def summarise(runs: list[dict], limit: int | None) -> dict:
         d["max_gap_ms"] = round(max(r["max_gap_ms"] for r in runs), 2)
         if limit is not None:
             d["peak_over_limit_mib"] = round((max(r["peak_used"] for r in runs) - limit) / MiB, 1)
+        if reserve is not None:  # the same invariant read as free memory: never below the reserve
+            d["min_free_minus_reserve_mib"] = round((min(r["min_free"] for r in runs) - reserve) / MiB, 1)
     for k in ("tile_sizes", "tiles_tried", "tiles"):
         if runs and k in runs[-1]:
             d[k] = runs[-1][k]
@@ -279,6 +281,8 @@ def main() -> None:
                 res["sampler_error"] = str(e)
             holder = Helper("holder", "0")
             first = sampler.ask("read") if sampler else None
+            if first and first.get("uuid_fallback"):
+                res["sampler_note"] = first["uuid_fallback"]
             free_now = first["free"] if first else torch.cuda.mem_get_info()[0]
             roomy_free = min(16 * GiB, free_now - GiB)
             tight_free = min(int(0.8 * need512), free_now - GiB)
@@ -332,7 +336,7 @@ def main() -> None:
                     print(f"{sname:6s} {side:6s} run {r}: {rec['seconds']:.3f} s  ooms {rec.get('ooms')}  "
                           f"peak {rec.get('peak_used', 0) / MiB:.0f} MiB  err {rec['error']}", flush=True)
             for side in runs:
-                sres[side] = summarise(runs[side], limit)
+                sres[side] = summarise(runs[side], limit, reserve if limit is not None else None)
             o, c = sres["ours"]["seconds"]["median"], sres["comfy"]["seconds"]["median"]
             sres["speedup_median"] = round(c / o, 3) if o and c else None
             if sres["ours"]["seconds"]["n"] and sres["comfy"]["seconds"]["n"]:
@@ -348,6 +352,7 @@ def main() -> None:
             }
             if limit is not None:
                 sres["checks"]["ours_peak_le_limit"] = sres["ours"].get("peak_over_limit_mib", 1) <= 0
+                sres["checks"]["ours_free_never_below_reserve"] = sres["ours"].get("min_free_minus_reserve_mib", -1) >= 0
                 sres["checks"]["sampled_ge_100hz"] = min(sres["ours"].get("min_hz", 0), sres["comfy"].get("min_hz", 0)) >= 100
             res[sname] = sres
             out_last = outs
