@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -255,10 +256,7 @@ def junit_cases(path: str) -> list[dict]:
 
 
 def pytest_run(ctx: dict, targets: list[str], limit: float, title: str) -> dict:
-    xml = os.path.join(BUILD, f"junit-{title}.xml")
-    os.makedirs(BUILD, exist_ok=True)
-    if os.path.exists(xml):
-        os.remove(xml)
+    xml = os.path.join(ctx["tmp"], f"junit-{title}.xml")
     cmd = [ctx["py"], "-m", "pytest", "-q", "-rA", "-m", "gpu", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={xml}", *targets]
     rc, out, secs = run(cmd, limit, ctx["env"], ctx["log"], title)
@@ -527,6 +525,7 @@ def main(argv: list[str]) -> int:
     }
     steps = make_steps()
     deadline = ctx["t0"] + a.budget
+    ctx["tmp"] = tempfile.mkdtemp(prefix="gpu_check-")
     with open(ctx["log_path"], "w", encoding="utf-8") as log:
         ctx["log"] = log
         for st in steps:
@@ -579,6 +578,7 @@ def main(argv: list[str]) -> int:
                   + (f"  [smoke: {st.smoke.get('status')}]" if st.smoke else ""), flush=True)
             write_report(ctx, steps, done=False)
         write_report(ctx, steps, done=True)
+    shutil.rmtree(ctx["tmp"], ignore_errors=True)
     bad_steps = [s.name for s in steps if s.status in ("failed", "timeout")]
     bad_smoke = [s.name for s in steps if s.smoke and s.smoke.get("status") != "ok"]
     print(f"gpu_check: report {os.path.join(out_dir, 'gpu_report.md')}"

@@ -447,6 +447,9 @@ def main() -> None:
     if not profs:
         profs = [normalise(SYNTHETIC, "synthetic")]
         res["profile_note"] = f"no usable *.json under {a.profiles}: the built-in synthetic profile"
+    if a.smoke:  # smoke: collections walk only the small heap below, not torch's objects
+        gc.collect()
+        gc.freeze()
     heap = python_heap(heap_n)
     t0 = time.perf_counter()
     gc.collect()
@@ -456,7 +459,7 @@ def main() -> None:
         card = int(prof["card"] or float(a.card) * GiB)
         n = a.prompts or prof.get("repeat_prompts") or 5
         if a.smoke:
-            n = min(n, 2)
+            n = 1
         dev = Device(torch, devname, int(card * scale) if a.smoke else card)
         pres: dict = {"card_gib": round(card / GiB, 2), "prompts": n, "notes": prof["notes"],
                       "source": prof.get("source") or prof.get("path"), "policies": {}}
