@@ -98,6 +98,13 @@ def ksampler(g, model_src, pos, neg, lat, xy=(820, 160)):
     return ks
 
 
+def side_by_side(g, core, tiled, x, prefix):
+    """Save the core node's image and vramguard's, one above the other."""
+    for node, name, y in ((core, "core", 40), (tiled, "vramguard_tiled", 340)):
+        save = g.node("SaveImage", (x, y), [f"{prefix}_{name}"], (320, 270))
+        g.link(node, 0, save, "images")
+
+
 def upscale_vs_core():
     g = Graph()
     img = g.node("LoadImage", (20, 40), ["example.png", "image"], (320, 320))
@@ -108,10 +115,7 @@ def upscale_vs_core():
     tiled = g.node("VramguardUpscaleImageTiled", (400, 260), [32, -1.0, 0], (320, 130))
     g.link(up, 0, tiled, "upscale_model")
     g.link(img, 0, tiled, "image")
-    s1 = g.node("SaveImage", (760, 40), ["upscale_core"], (320, 270))
-    s2 = g.node("SaveImage", (760, 340), ["upscale_vramguard_tiled"], (320, 270))
-    g.link(core, 0, s1, "images")
-    g.link(tiled, 0, s2, "images")
+    side_by_side(g, core, tiled, 760, "upscale")
     g.note("Core 'Upscale Image (using Model)' vs vramguard's 'Upscale Image (tiled, auto)'.\n"
            "The tiled node picks the largest tile that fits the VRAM budget (reserve_gb -1 = the settings' "
            "reserve), blends the tiles without seams, and on out-of-memory shrinks the tile and keeps the "
@@ -129,10 +133,7 @@ def tiled_vae_decode():
     tiled = g.node("VramguardVAEDecodeTiled", (1180, 200), [8, -1.0], (320, 110))
     g.link(ks, 0, tiled, "samples")
     g.link(ckpt, 2, tiled, "vae")
-    s1 = g.node("SaveImage", (1540, 40), ["vae_core"], (320, 270))
-    s2 = g.node("SaveImage", (1540, 340), ["vae_vramguard_tiled"], (320, 270))
-    g.link(core, 0, s1, "images")
-    g.link(tiled, 0, s2, "images")
+    side_by_side(g, core, tiled, 1540, "vae")
     g.note("'VAE Decode (tiled, auto)' decodes in tiles that fit the budget and gives the untiled image "
            "(GroupNorm statistics over the whole image, global attention): compare the two outputs.",
            (1180, 360))

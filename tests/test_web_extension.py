@@ -77,20 +77,26 @@ console.log(JSON.stringify({ afterSetup, postsAtSetup, afterReject, final: globa
 """
 
 
-def test_rejected_value_is_reverted_and_startup_syncs(tmp_path):
+def run_extension(tmp_path, app_js: str, api_js: str, driver: str, *args: str) -> dict:
+    """vramguard.js under node beside stand-ins of the frontend's scripts/app.js and api.js; the
+    driver's last stdout line, as JSON."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node (JavaScript) not installed")
     (tmp_path / "scripts").mkdir()
     (tmp_path / "extensions" / "vramguard").mkdir(parents=True)
-    (tmp_path / "scripts" / "app.js").write_text(APP)
-    (tmp_path / "scripts" / "api.js").write_text(API)
+    (tmp_path / "scripts" / "app.js").write_text(app_js)
+    (tmp_path / "scripts" / "api.js").write_text(api_js)
     shutil.copy(JS, tmp_path / "extensions" / "vramguard" / "vramguard.js")
-    (tmp_path / "driver.mjs").write_text(DRIVER)
+    (tmp_path / "driver.mjs").write_text(driver)
     (tmp_path / "package.json").write_text('{"type": "module"}')
-    r = subprocess.run([node, "driver.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([node, "driver.mjs", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_rejected_value_is_reverted_and_startup_syncs(tmp_path):
+    d = run_extension(tmp_path, APP, API, DRIVER)
     assert d["afterSetup"] == 70 and d["postsAtSetup"] == 0      # the dialog shows what Python uses
     assert d["afterReject"] == 70                                 # reverted after the 400
     posts = [c for c in d["calls"] if c[0] == "post"]
@@ -181,19 +187,7 @@ process.exit(0);  // the monitor's keep-alive timer would keep node running
 
 
 def _run_monitor(tmp_path, mode):
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node (JavaScript) not installed")
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "extensions" / "vramguard").mkdir(parents=True)
-    (tmp_path / "scripts" / "app.js").write_text(MON_APP)
-    (tmp_path / "scripts" / "api.js").write_text(MON_API)
-    shutil.copy(JS, tmp_path / "extensions" / "vramguard" / "vramguard.js")
-    (tmp_path / "driver.mjs").write_text(MON_DRIVER)
-    (tmp_path / "package.json").write_text('{"type": "module"}')
-    r = subprocess.run([node, "driver.mjs", mode], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_extension(tmp_path, MON_APP, MON_API, MON_DRIVER, mode)
 
 
 def _attr_pct(html, vg, key=None):
