@@ -144,7 +144,10 @@ globalThis.__before = []; globalThis.__fetched = []; globalThis.__executed = [];
 globalThis.document = { visibilityState: "visible", body: new El("body"), addEventListener() {},
   createElement: (t) => new El(t) };
 const MODE = process.argv[2];
-globalThis.__menu = MODE === "topbar" ? { settingsGroup: { element: new El("div") } } : undefined;
+// app.menu as the frontend builds it: the settings group's element sits in the menu's element
+// (which the frontend mounts in the top bar later)
+const group = new El("div"); group.parentNode = new El("div"); group.isConnected = false;
+globalThis.__menu = MODE === "topbar" ? { settingsGroup: { element: group } } : undefined;
 const { app } = await import("./scripts/app.js");
 const { api } = await import("./scripts/api.js");
 await import("./extensions/vramguard/vramguard.js");

@@ -228,9 +228,11 @@ const monitor = {
     if (cmd?.execute) return cmd.execute(`Workspace.ToggleBottomPanelTab.${PANEL_ID}`);
   },
   place(el) {
-    // the top menu bar's slot for extension buttons (frontends 1.2+ with app.menu)
+    // the top menu bar's slot for extension buttons (app.menu: its element is the legacy-menu
+    // container the frontend mounts in the top bar, possibly after setup() runs; inserting
+    // beside the settings group needs only its parent, which exists from the start)
     const group = app.menu?.settingsGroup?.element;
-    if (group && typeof group.before === "function" && group.isConnected !== false) {
+    if (group && typeof group.before === "function" && group.parentNode) {
       group.before(el);
       el.style.cssText = "display:inline-flex;align-items:center;gap:6px;padding:0 6px;height:100%;" +
         "font:10px sans-serif;color:var(--fg-color,#ddd);cursor:pointer;user-select:none";
@@ -248,6 +250,9 @@ const monitor = {
     el.id = "vramguard-monitor";
     el.setAttribute?.("role", "status");
     el.setAttribute?.("aria-label", "vramguard memory monitor");
+    // not empty before the first reading: the frontend shows its legacy-menu slot only with content
+    el.innerHTML = `<span style="opacity:.7;font-size:10px">VRAM…</span>`;
+    el.title = "vramguard: waiting for the first reading";
     this.placement = this.place(el);
     el.addEventListener?.("click", () => this.openPanel());
     this.el = el;
