@@ -9,10 +9,12 @@ Environment switches (used by .ci/run):
   VRAMGUARD_DEBUG=1                     -O0 -g
 """
 import glob
+import importlib.util
 import os
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 # Every C file in csrc/ is part of the module (the layers are listed in csrc/vg.h); globbing
 # keeps a file split from needing a setup.py edit.
@@ -41,7 +43,25 @@ if san:
 flavour = "-".join(x for x in (("san-" + san.replace(",", "+")) if san else "plain",
                                "debug" if os.environ.get("VRAMGUARD_DEBUG") else "") if x)
 
+
+
+class BuildPyWithHash(build_py):
+    """Also writes vramguard/_source_hash: what install.py compares to skip a rebuild only when
+    the installed build came from the same sources (install.py's source_hash)."""
+
+    def run(self):
+        super().run()
+        spec = importlib.util.spec_from_file_location("vramguard_install", os.path.join(HERE, "install.py"))
+        if spec is None or not os.path.isfile(spec.origin):
+            return  # an sdist without install.py: no hash, install.py then always rebuilds
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        with open(os.path.join(self.build_lib, "vramguard", mod.HASH_FILE), "w", encoding="ascii") as f:
+            f.write(mod.source_hash(HERE) + "\n")
+
+
 setup(
+    cmdclass={"build_py": BuildPyWithHash},
     options={"build": {"build_base": os.path.join("build", flavour)}},
     ext_modules=[
         Extension(

@@ -341,26 +341,72 @@ class Monitor:
 monitor = Monitor()
 
 
+# snapshot fields the monitor shows when this build has them (fragmentation figures are newer
+# than the first snapshots): read with getattr so an older or newer core both work
+_DEVICE_FIELDS = ("total", "free", "used", "process_used", "framework_reserved", "framework_allocated",
+                  "evictable", "reserve", "cap", "budget", "largest_free_block", "inactive_split")
+
+
+def _optional(fn_name: str, default: Any) -> Any:
+    """vramguard.ledger.<fn_name>() if this build has it, else `default`; never raises."""
+    fn = getattr(getattr(vg, "ledger", None), fn_name, None)
+    if not callable(fn):
+        return default
+    try:
+        return fn()
+    except Exception as e:  # a corrupted ledger region must not break the monitor
+        log.debug("vramguard: monitor: ledger.%s failed: %s", fn_name, e)
+        return default
+
+
+def _pinned() -> int | None:
+    """Pinned + locked host bytes of this process (ledger.host_pinned()), None where unknown."""
+    d = _optional("host_pinned", None)
+    if not isinstance(d, dict):
+        return None
+    vals = [v for v in (d.get("pinned"), d.get("locked")) if isinstance(v, int) and v >= 0]
+    return max(vals) if vals else None  # VmPin pages are a subset of VmLck when both are counted
+
+
 def payload() -> dict[str, Any]:
+    """What the monitor shows (GET /vramguard/status and the 'vramguard.monitor' event).
+
+    Sizes are bytes; a figure this build or device does not have is null.  Fields: devices
+    (one per GPU: index, name, source and _DEVICE_FIELDS), ram (total, used, available,
+    process_rss, pinned, cgroup_limit), reserve_setting, last_stage, stages (the last 8 closed
+    stages with peaks and seconds), ledger (joined, participants, others_planned per device) or
+    null, warn, gpu_reason."""
     devs = []
     try:
         for s in vg.snapshots():
-            devs.append({"index": s.index, "name": s.name, "total": s.total, "used": s.used,
-                         "reserve": s.reserve, "budget": s.budget})
+            d = {"index": s.index, "name": s.name, "source": getattr(s, "source", None)}
+            d.update({k: getattr(s, k, None) for k in _DEVICE_FIELDS})
+            devs.append(d)
     except Exception as e:
         devs = []
         log.debug("vramguard: monitor snapshot failed: %s", e)
     h = vg.host()
-    last = None
-    for rec in reversed(vg.stages()):
-        if rec["end"] is not None:
-            last = {"name": rec["name"], "peak_used": rec["peak_used"], "peak_rss": rec["peak_rss"]}
-            break
+    closed = [rec for rec in vg.stages() if rec["end"] is not None][-8:]
+    stages = [{"name": r["name"], "peak_used": r["peak_used"], "peak_process": r.get("peak_process"),
+               "peak_rss": r["peak_rss"], "seconds": round(r["end"] - r["start"], 3)} for r in closed]
+    last = stages[-1] if stages else None
+    led = _optional("summary", None)
+    ledger = None
+    if isinstance(led, dict) and isinstance(led.get("ledger"), dict) and led["ledger"].get("joined"):
+        parts = led.get("participants") or []
+        ledger = {"joined": True, "participants": len(parts),
+                  "others_planned": {str(d["index"]): sum(
+                      int(p.get("devices", {}).get(str(d["index"]), {}).get("outstanding", 0) or 0)
+                      for p in parts if not p.get("self")) for d in devs}}
     # the reserve in force per device (in "devices") can differ from the dialog's: a Set Reserve
     # node, or ComfyUI's --reserve-vram / --vram-headroom (the larger one is used)
-    return {"devices": devs, "ram": {"total": h.total, "used": h.total - h.available},
+    return {"devices": devs,
+            "ram": {"total": h.total, "used": h.total - h.available, "available": h.available,
+                    "process_rss": h.process_rss, "pinned": _pinned(),
+                    "cgroup_limit": getattr(h, "cgroup_limit", None)},
             "reserve_setting": int(float(get("ReserveGB")) * (1 << 30)),
-            "last_stage": last, "warn": get("MonitorWarn"), "gpu_reason": None if devs else vg.gpu_status()["devices_reason"]}
+            "last_stage": last, "stages": stages, "ledger": ledger, "warn": get("MonitorWarn"),
+            "gpu_reason": None if devs else vg.gpu_status()["devices_reason"]}
 
 
 # ----------------------------------------------------------------------------- HTTP routes

@@ -402,6 +402,57 @@ def test_memory_guard_one_unet_check_per_sampling_run(server):
     _expect(e["fired"], {"text_encode": 1, "unet": 1, "vae_decode": 1})
 
 
+# ----------------------------------------------------------------------------- example workflows
+def _tiny_models(prompt: dict) -> dict:
+    """An example workflow's API prompt on this suite's tiny models and sizes: the same graph and
+    nodes, except that a checkpoint loader becomes the test pack's MODEL + CLIP and a VAELoader."""
+    out, vae_of = {}, {}
+    for nid, node in prompt.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            out[nid] = _tiny(int(nid))
+            vae_of[nid] = f"9{nid}"
+            out[vae_of[nid]] = {"class_type": "VAELoader", "inputs": {"vae_name": "vg_test_vae.safetensors"}}
+    for nid, node in prompt.items():
+        if nid in vae_of:
+            continue
+        ct, inp = node["class_type"], dict(node["inputs"])
+        for k, v in inp.items():
+            if isinstance(v, list) and v[0] in vae_of and v[1] == 2:
+                inp[k] = [vae_of[v[0]], 0]
+        if ct == "UpscaleModelLoader":
+            inp["model_name"] = "vg_test_x4.safetensors"
+        elif ct == "EmptyLatentImage":
+            inp.update(width=64, height=64)
+        elif ct == "KSampler":
+            inp["steps"] = 2
+        elif ct == "LoadImage":
+            inp["image"] = "vg_example.png"
+        out[nid] = {"class_type": ct, "inputs": inp}
+    return out
+
+
+def test_example_workflows_run(server):
+    """example_workflows/*.json: every node type exists in this ComfyUI with the pack loaded, and
+    each workflow, converted to an API prompt as the frontend does, runs through the executor."""
+    from PIL import Image
+    from workflow_api import EXAMPLES, UI_ONLY, load, to_prompt
+
+    info = server.get("/object_info")
+    (server.base / "input").mkdir(exist_ok=True)
+    Image.new("RGB", (48, 32), (200, 120, 40)).save(server.base / "input" / "vg_example.png")
+    paths = sorted(EXAMPLES.glob("*.json"))
+    assert len(paths) >= 4
+    for path in paths:
+        wf = load(path)
+        missing = sorted({n["type"] for n in wf["nodes"] if n["type"] not in UI_ONLY and n["type"] not in info})
+        assert not missing, f"{path.name}: node types this ComfyUI does not know: {missing}"
+        prompt = _tiny_models(to_prompt(wf, info))
+        entry = server.run(prompt)
+        for nid, node in prompt.items():
+            if node["class_type"] in ("SaveImage", "PreviewImage"):
+                assert entry["outputs"].get(nid, {}).get("images"), f"{path.name}: node {nid} made no image"
+
+
 # ----------------------------------------------------------------------------- install routes
 def test_git_clone_route(base):
     clone = base / "custom_nodes" / "vramguard"
@@ -420,6 +471,9 @@ def test_git_clone_route(base):
     try:
         _check_server(c)
         _check_every_node_run(c)
+        # the templates browser lists the pack's example_workflows/ (clone route)
+        listed = c.get("/workflow_templates").get("vramguard", [])
+        assert sorted(listed) == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json")), listed
     finally:
         c.stop()
     # settings persist across restarts: ComfyUI stores the changed value, Python re-applies it

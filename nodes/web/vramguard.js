@@ -71,12 +71,31 @@ async function push(id, value, old) {
   }
 }
 
+// ---------------------------------------------------------------------------- the monitor
+// One compact element: a bar per GPU and one for host RAM.  Where the frontend has its top menu
+// bar (app.menu, the slot Crystools' monitor uses too) it sits there, before the settings
+// buttons; on frontends without one it floats at the bottom right, clear of the sidebar and of
+// LiteGraph's info text.  Hovering shows what each figure is and why (no GPU: the reason);
+// clicking opens the "VRAM" bottom panel tab with the details (frontends with bottom panels).
+const GiB = 2 ** 30;
+const PANEL_ID = "vramguard-memory";
+const HOLD_MS = 10000; // the peak-hold marker keeps the highest reading this long
+
+function fmt(b) {
+  if (b === null || b === undefined || !Number.isFinite(Number(b)) || Number(b) < 0) return "n/a";
+  b = Number(b);
+  if (b >= GiB) return `${(b / GiB).toFixed(b >= 10 * GiB ? 1 : 2)} GB`;
+  return `${Math.round(b / 2 ** 20)} MB`;
+}
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+const pct = (v, total) => (total > 0 ? Math.max(0, Math.min(100, (100 * Number(v || 0)) / total)) : 0);
+
 const monitor = {
-  el: null, refresh: 2, warn: 90, timer: null,
+  el: null, panel: null, refresh: 2, warn: 90, timer: null, last: null, peaks: {}, placement: null,
   configure(values) {
     this.refresh = Number(values["vramguard.MonitorRefresh"] ?? this.refresh);
     this.warn = Number(values["vramguard.MonitorWarn"] ?? this.warn);
-    if (this.el) this.el.style.display = this.refresh > 0 ? "block" : "none";
+    if (this.el) this.el.style.display = this.refresh > 0 ? "" : "none";
     this.tell();
   },
   // The server sends nothing unless a visible tab asked for it within 30 s.
@@ -91,47 +110,151 @@ const monitor = {
     clearTimeout(this.timer);
     if (visible) this.timer = setTimeout(() => this.tell(), 10000);
   },
-  bar(label, used, total, reserve, warnPct) {
-    const pct = total > 0 ? (100 * used) / total : 0;
-    const res = total > 0 && reserve ? (100 * (total - reserve)) / total : null;
-    const color = pct >= warnPct ? "#d33" : pct >= warnPct * 0.8 ? "#d90" : "#3a7";
-    const gb = (b) => (b / 2 ** 30).toFixed(1);
-    return `<div style="margin:2px 0"><div style="display:flex;justify-content:space-between;gap:8px">
-      <span>${label}</span><span>${gb(used)}/${gb(total)} GB</span></div>
-      <div style="position:relative;height:6px;background:#444;border-radius:3px">
-      <div style="width:${Math.min(100, pct).toFixed(1)}%;height:100%;background:${color};border-radius:3px"></div>
-      ${res !== null ? `<div title="reserve" style="position:absolute;left:${res.toFixed(1)}%;top:-2px;width:2px;height:10px;background:#fff"></div>` : ""}
-      </div></div>`;
+  // the highest reading of the last HOLD_MS, per bar
+  hold(key, v, now) {
+    const p = this.peaks[key];
+    if (!p || v >= p.v || now - p.t > HOLD_MS) this.peaks[key] = { v, t: now };
+    return this.peaks[key].v;
   },
-  render(d) {
-    if (!this.el || this.refresh <= 0) return;
-    let html = "";
+  color(p, warn) {
+    return p >= warn ? "#e04040" : p >= warn * 0.8 ? "#e0a020" : "#3fae6a";
+  },
+  // A bar: used (coloured), evictable cache (lighter), reserve (hatched, at the end), the
+  // budget (green line under the bar, from live bytes up to what may still be allocated) and
+  // the peak-hold marker (white tick).
+  bar(key, label, g, warn, now) {
+    const total = Number(g.total || 0);
+    const used = Number(g.used || 0);
+    const evict = Math.max(0, Math.min(used, Number(g.evictable || 0)));
+    const live = used - evict;
+    const peak = this.hold(key, used, now);
+    const u = pct(used, total);
+    let h = `<span data-vg="bar" data-key="${esc(key)}" style="display:inline-flex;flex-direction:column;gap:1px;min-width:76px">`;
+    h += `<span style="display:flex;justify-content:space-between;gap:4px;font-size:10px;line-height:11px">` +
+      `<span>${esc(label)}</span><span>${esc(fmt(used).replace(" GB", ""))}/${esc(fmt(total))}</span></span>`;
+    h += `<span style="position:relative;display:block;height:7px;background:#3a3a3a;border-radius:2px;overflow:hidden">`;
+    h += `<span data-vg="used" style="position:absolute;left:0;top:0;bottom:0;width:${u.toFixed(1)}%;background:${this.color(u, warn)}"></span>`;
+    if (evict > 0) {
+      h += `<span data-vg="evictable" style="position:absolute;top:0;bottom:0;left:${pct(live, total).toFixed(1)}%;` +
+        `width:${pct(evict, total).toFixed(1)}%;background:rgba(255,255,255,.35)"></span>`;
+    }
+    if (g.pinned > 0) {
+      h += `<span data-vg="pinned" style="position:absolute;left:0;top:0;bottom:0;width:${pct(g.pinned, total).toFixed(1)}%;background:#9b59d0"></span>`;
+    }
+    if (g.reserve > 0) {
+      h += `<span data-vg="reserve" style="position:absolute;top:0;bottom:0;right:0;width:${pct(g.reserve, total).toFixed(1)}%;` +
+        `background:repeating-linear-gradient(45deg,rgba(224,64,64,.55) 0 2px,transparent 2px 4px)"></span>`;
+    }
+    h += `<span data-vg="peak" style="position:absolute;top:0;bottom:0;left:calc(${pct(peak, total).toFixed(1)}% - 1px);width:2px;background:#fff"></span>`;
+    h += `</span>`;
+    if (g.budget !== undefined && g.budget !== null) {
+      h += `<span style="position:relative;display:block;height:2px">` +
+        `<span data-vg="budget" style="position:absolute;top:0;height:2px;left:${pct(live, total).toFixed(1)}%;` +
+        `width:${Math.min(pct(g.budget, total), 100 - pct(live, total)).toFixed(1)}%;background:#5fd08a"></span></span>`;
+    }
+    return h + `</span>`;
+  },
+  tooltip(d, now) {
+    const lines = [];
     for (const g of d.devices || []) {
-      html += this.bar(`GPU${g.index}`, g.used, g.total, g.reserve, d.warn ?? this.warn);
-      if (d.reserve_setting !== undefined && g.reserve !== d.reserve_setting) {
-        // a Set Reserve node or ComfyUI's own --reserve-vram is in force, not the dialog's value
-        html += `<div style="opacity:.8">reserve in force ${(g.reserve / 2 ** 30).toFixed(2)} GB ` +
-          `(setting ${(d.reserve_setting / 2 ** 30).toFixed(2)} GB)</div>`;
+      const key = `gpu${g.index}`;
+      lines.push(`GPU ${g.index}: ${g.name || "?"}${g.source && g.source !== "nvml" ? ` (${g.source})` : ""}`);
+      lines.push(`  used ${fmt(g.used)} of ${fmt(g.total)} (all processes); this process ${fmt(g.process_used)}`);
+      if (g.evictable > 0) lines.push(`  evictable cache ${fmt(g.evictable)} (this process can release it; lighter part of the bar)`);
+      lines.push(`  reserve ${fmt(g.reserve)}: kept free for the desktop and other apps (hatched)` +
+        (d.reserve_setting !== undefined && g.reserve !== d.reserve_setting
+          ? `; setting ${fmt(d.reserve_setting)}, a Set Reserve node or ComfyUI's --reserve-vram is in force` : ""));
+      lines.push(`  budget ${fmt(g.budget)}: what may still be allocated = free + evictable - reserve` +
+        (g.cap > 0 ? `, at most cap ${fmt(g.cap)} - live` : "") + " (green line)");
+      lines.push(`  peak of the last ${HOLD_MS / 1000} s ${fmt(this.peaks[key]?.v)} (white tick)`);
+      if (g.largest_free_block !== null && g.largest_free_block !== undefined) {
+        lines.push(`  largest free block ${fmt(g.largest_free_block)}; inactive split ${fmt(g.inactive_split)} (fragmentation)`);
       }
+      const other = d.ledger?.others_planned?.[String(g.index)];
+      if (other > 0) lines.push(`  other vramguard processes plan ${fmt(other)} more (shared ledger)`);
     }
-    if (!(d.devices || []).length) {
-      const why = String(d.gpu_reason || "").replace(/"/g, "&quot;");
-      html += `<div style="opacity:.7" title="${why}">no GPU (hover for why)</div>`;
+    if (!(d.devices || []).length) lines.push(`no GPU: ${d.gpu_reason || "none found"}`);
+    if (d.ram) {
+      lines.push(`RAM: used ${fmt(d.ram.used)} of ${fmt(d.ram.total)} (whole machine${d.ram.cgroup_limit ? ", container limit " + fmt(d.ram.cgroup_limit) : ""})`);
+      lines.push(`  ComfyUI process ${fmt(d.ram.process_rss)}; pinned/locked ${fmt(d.ram.pinned)} (purple)`);
     }
-    if (d.ram) html += this.bar("RAM", d.ram.used, d.ram.total, 0, d.warn ?? this.warn);
     const s = d.last_stage;
     if (s) {
-      const peak = s.peak_used >= 0 ? s.peak_used : s.peak_rss;
-      html += `<div style="opacity:.8">last: ${s.name} peak ${(peak / 2 ** 30).toFixed(2)} GB</div>`;
+      const onGpu = s.peak_used !== null && s.peak_used >= 0 && (d.devices || []).length;
+      lines.push(`last stage: ${s.name}, peak ${onGpu ? fmt(s.peak_used) + " device" : fmt(s.peak_rss) + " RAM (process)"}` +
+        (s.seconds !== undefined ? `, ${s.seconds} s` : ""));
     }
-    this.el.innerHTML = html;
+    if (d.ledger?.joined) lines.push(`shared ledger: ${d.ledger.participants} process(es)`);
+    lines.push(this.placement === "topbar" || this.panel ? "click: details in the bottom panel (VRAM tab)" : "");
+    return lines.filter(Boolean).join("\n");
+  },
+  render(d) {
+    if (!d || typeof d !== "object") return;
+    this.last = d;
+    const now = Date.now();
+    const warn = Number(d.warn ?? this.warn);
+    let html = "";
+    for (const g of d.devices || []) html += this.bar(`gpu${g.index}`, `GPU${g.index}`, g, warn, now);
+    if (!(d.devices || []).length) html += `<span data-vg="nogpu" style="opacity:.75;font-size:10px">no GPU</span>`;
+    if (d.ram) html += this.bar("ram", "RAM", { ...d.ram, reserve: 0, budget: null }, warn, now);
+    if (this.el && this.refresh > 0) {
+      this.el.innerHTML = html;
+      this.el.title = this.tooltip(d, now);
+    }
+    if (this.panel) this.renderPanel(this.panel);
+  },
+  renderPanel(el) {
+    const d = this.last;
+    if (!d) { el.innerHTML = `<div style="padding:8px;opacity:.7">waiting for the first reading…</div>`; return; }
+    const row = (cells) => `<tr>${cells.map((c) => `<td style="padding:2px 10px 2px 0">${c}</td>`).join("")}</tr>`;
+    let h = `<div style="padding:6px 10px;font:12px sans-serif"><table data-vg="devices">`;
+    h += row(["device", "used", "this process", "evictable", "reserve", "cap", "budget", "largest free block", "inactive split"].map((x) => `<b>${x}</b>`));
+    for (const g of d.devices || []) {
+      h += row([esc(`${g.index}: ${g.name}`), fmt(g.used) + " / " + fmt(g.total), fmt(g.process_used), fmt(g.evictable),
+        fmt(g.reserve), g.cap > 0 ? fmt(g.cap) : "none", fmt(g.budget), fmt(g.largest_free_block), fmt(g.inactive_split)]);
+    }
+    if (!(d.devices || []).length) h += row([`no GPU: ${esc(d.gpu_reason || "none found")}`]);
+    if (d.ram) h += row(["host RAM", fmt(d.ram.used) + " / " + fmt(d.ram.total), fmt(d.ram.process_rss), "", "", "", "", "pinned " + fmt(d.ram.pinned), ""]);
+    h += `</table><table data-vg="stages" style="margin-top:6px">` + row(["<b>stage</b>", "<b>device peak</b>", "<b>RAM peak (process)</b>", "<b>seconds</b>"]);
+    for (const s of (d.stages || []).slice().reverse()) {
+      h += row([esc(s.name), s.peak_used >= 0 ? fmt(s.peak_used) : "n/a", fmt(s.peak_rss), esc(s.seconds)]);
+    }
+    h += `</table>`;
+    if (d.ledger?.joined) h += `<div>shared ledger: ${esc(d.ledger.participants)} process(es)</div>`;
+    el.innerHTML = h + `</div>`;
+  },
+  openPanel() {
+    const cmd = app.extensionManager?.command;
+    if (cmd?.execute) return cmd.execute(`Workspace.ToggleBottomPanelTab.${PANEL_ID}`);
+  },
+  place(el) {
+    // the top menu bar's slot for extension buttons (app.menu: its element is the legacy-menu
+    // container the frontend mounts in the top bar, possibly after setup() runs; inserting
+    // beside the settings group needs only its parent, which exists from the start)
+    const group = app.menu?.settingsGroup?.element;
+    if (group && typeof group.before === "function" && group.parentNode) {
+      group.before(el);
+      el.style.cssText = "display:inline-flex;align-items:center;gap:6px;padding:0 6px;height:100%;" +
+        "font:10px sans-serif;color:var(--fg-color,#ddd);cursor:pointer;user-select:none";
+      return "topbar";
+    }
+    // older frontends: a floating box at the bottom right (the sidebar and LiteGraph's info text
+    // are at the left)
+    document.body.appendChild(el);
+    el.style.cssText = "position:fixed;right:12px;bottom:12px;z-index:1000;display:inline-flex;gap:6px;" +
+      "padding:4px 8px;font:10px sans-serif;color:#ddd;background:rgba(20,20,20,.85);border-radius:6px;cursor:default";
+    return "floating";
   },
   mount() {
     const el = document.createElement("div");
     el.id = "vramguard-monitor";
-    el.style.cssText = "position:fixed;left:8px;bottom:8px;z-index:1000;width:190px;padding:6px 8px;" +
-      "font:11px sans-serif;color:#ddd;background:rgba(20,20,20,.85);border-radius:6px;pointer-events:none";
-    document.body.appendChild(el);
+    el.setAttribute?.("role", "status");
+    el.setAttribute?.("aria-label", "vramguard memory monitor");
+    // not empty before the first reading: the frontend shows its legacy-menu slot only with content
+    el.innerHTML = `<span style="opacity:.7;font-size:10px">VRAM…</span>`;
+    el.title = "vramguard: waiting for the first reading";
+    this.placement = this.place(el);
+    el.addEventListener?.("click", () => this.openPanel());
     this.el = el;
     api.addEventListener("vramguard.monitor", (ev) => this.render(ev.detail));
     document.addEventListener("visibilitychange", () => this.tell());
@@ -140,6 +263,21 @@ const monitor = {
 
 app.registerExtension({
   name: "vramguard",
+  // the details, in the bottom panel (frontends that have one; others ignore these keys)
+  bottomPanelTabs: [{
+    id: PANEL_ID,
+    title: "VRAM",
+    type: "custom",
+    render: (el) => { monitor.panel = el; monitor.renderPanel(el); },
+    destroy: () => { monitor.panel = null; },
+  }],
+  commands: [{
+    id: "vramguard.ShowMemoryPanel",
+    label: "vramguard: memory details",
+    icon: "pi pi-chart-bar",
+    function: () => monitor.openPanel(),
+  }],
+  menuCommands: [{ path: ["View"], commands: ["vramguard.ShowMemoryPanel"] }],
   // the frontend lists a category's settings last-registered first: register in reverse
   settings: schema.slice().reverse().map((s) => ({
     id: s.id,

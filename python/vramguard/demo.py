@@ -83,7 +83,7 @@ def run_demo(out_dir: str = "vramguard_out", *, size: int = 384, reserve: Any = 
     import torch
     from PIL import Image
 
-    from .timeline_png import render_timeline
+    from .timeline_png import gc_events_from_jsonl, render_sampler
 
     os.makedirs(out_dir, exist_ok=True)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,10 +134,13 @@ def run_demo(out_dir: str = "vramguard_out", *, size: int = 384, reserve: Any = 
                 return net(t.to(dev).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
         st: dict = {}
+        tile_times: list[float] = []  # tile boundaries for the timeline (monotonic, the sampler's clock)
         t0 = time.perf_counter()
+        budget_at = time.monotonic()
         with gcguard.run("demo") as g:
             with gcguard.stage("upscale"):
-                out = tiling.tiled(fn, x, scale=4, overlap=overlap, cost=cost, budget=b, stats=st)
+                out = tiling.tiled(fn, x, scale=4, overlap=overlap, cost=cost, budget=b, stats=st,
+                                   progress=lambda done, total: tile_times.append(time.monotonic()))
             seconds = time.perf_counter() - t0
             # one forced collection, so the log shows its shape; inside the run, so the run's
             # summary (written when the run ends) comes after it and counts it
@@ -145,7 +148,10 @@ def run_demo(out_dir: str = "vramguard_out", *, size: int = 384, reserve: Any = 
         s.stop()
         out_np = out[0].numpy() if hasattr(out, "numpy") else out[0]
         Image.fromarray((np.clip(out_np, 0, 1) * 255).round().astype(np.uint8)).save(paths["image"])
-        render_timeline(s.timeline(), s.stages()).save(paths["timeline"])
+        where = "GPU" if dev == "cuda" else "CPU, no GPU"
+        render_sampler(s, title=f"vramguard demo: x4 tiled upscale on {where}, tile budget {fmt_bytes(b)}",
+                       budget=b, budget_at=budget_at, gc_events=gc_events_from_jsonl(paths["gc_jsonl"]),
+                       tiles=tile_times).save(paths["timeline"])
         summary = {
             "device": dev, "input": [size, size], "output": list(out_np.shape[:2]),
             "budget_bytes": b, "tile": list(plan.tile), "tiles": st["tiles"], "grid": list(plan.grid),

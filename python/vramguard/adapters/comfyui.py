@@ -823,10 +823,10 @@ def timeline_image(width: int, height: int, reset: bool) -> Any:
     import torch
 
     from .. import sampling
-    from ..timeline_png import render_timeline
+    from ..timeline_png import render_sampler
 
     s = sampling.sampler()
-    img = render_timeline(s.timeline(), s.stages(), width=width, height=height)
+    img = render_sampler(s, width=width, height=height)
     if reset:
         s.reset()
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
