@@ -424,7 +424,7 @@ static void publish(AllocSim *a)
             d->process_used = d->used;
         d->fw_reserved = a->reserved, d->fw_allocated = a->allocated;
         d->oom_count = a->oom_count, d->retry_count = a->retry_count;
-        d->inactive_split = f.inactive_split, d->largest_free = f.largest_now;
+        d->inactive_split = f.inactive_split, d->largest_free = f.largest_free;
         d->expandable = a->expandable;
     }
     pthread_mutex_unlock(&st->src.lock);

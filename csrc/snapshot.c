@@ -156,6 +156,10 @@ static void from_reading(vg_snap *s, const vg_reading *r)
     s->timestamp = r->timestamp;
     s->inactive_split = r->inactive_split, s->largest_free = r->largest_free;
     s->expandable = r->expandable;
+    /* A simulated device driven by an AllocSim: its cache is reusable, as the probe's rule
+     * says for real devices (issue 16). */
+    if (r->framework_reserved > r->framework_allocated && r->framework_allocated >= 0)
+        s->evictable = r->framework_reserved - r->framework_allocated;
 }
 
 /* The configured limits in force for `index` (VG_HOST: host RAM's own). */
