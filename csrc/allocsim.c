@@ -40,7 +40,7 @@
 typedef struct {
     int64_t off, size, req; /* offset in its segment, rounded size, bytes asked for */
     int32_t seg, prev, next; /* neighbours by address in the segment; -1 = none */
-    uint32_t gen;            /* bumped on every reuse of the slot: stale handles are refused */
+    uint32_t gen;            /* bumped on every allocation in the slot: stale handles are refused */
     uint8_t in_use, allocated;
 } sim_block;
 
@@ -293,6 +293,7 @@ static alloc_rc sim_malloc(AllocSim *a, int64_t req, int32_t *out)
         return rc;
     sim_block *b = &a->blk[*out];
     b->allocated = 1, b->req = req;
+    b->gen++; /* a block slot outlives its allocations: every handle is new */
     if (a->expandable)
         for (int64_t p = page_lo(b->off); p < page_hi(b->off, b->size); p++)
             a->ref[pool][p]++;
@@ -527,7 +528,7 @@ static PyObject *oom_error(AllocSim *a, int64_t req)
 static PyObject *AllocSim_malloc(AllocSim *a, PyObject *arg)
 {
     int64_t req;
-    if (vg_parse_bytes(arg, "nbytes", 0, &req) < 0)
+    if (vg_parse_bytes(arg, "nbytes", 1, &req) < 0)
         return NULL;
     if (req == 0)
         return PyLong_FromLong(0); /* like torch: an empty tensor holds no block */
