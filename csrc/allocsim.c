@@ -283,7 +283,8 @@ static alloc_rc sim_malloc(AllocSim *a, int64_t req, int32_t *out)
     int64_t size = round_size(req);
     int pool = pool_of(size);
     alloc_rc rc = try_alloc(a, pool, size, out);
-    if (rc == A_OOM && release_cached(a) > 0) {
+    if (rc == A_OOM) { /* torch counts the retry whether or not the release freed anything */
+        release_cached(a);
         a->retry_count++;
         rc = try_alloc(a, pool, size, out);
     }
