@@ -282,7 +282,8 @@ def guarded_batch(fn: Callable[[Any], Any], items: Any, *, chunk: int | None = N
     return j - i results (a sequence, array or tensor).  The first chunk is `chunk`, else
     batch_size() from per_item / cost x width x height over the budget, else everything.
     After an OOM the cache is released (`release`, default: gc + the framework's cache, or
-    the AllocSim's empty_cache) and the chunk halves; an OOM at chunk 1 propagates.
+    the AllocSim's empty_cache) and the chunk halves; a single item is retried once after
+    the release, and its second OOM propagates.
     prewarm_chunk=True reserves the first chunk's working set first (see prewarm).
     Returns a list for sequence results, else the concatenation along axis 0.  `stats`
     (a dict) is filled with items, chunks, ooms, first_chunk and chunk (the last used)."""
@@ -315,7 +316,7 @@ def guarded_batch(fn: Callable[[Any], Any], items: Any, *, chunk: int | None = N
     if prewarm_chunk and n and each > 0:
         prewarm(int(fixed + each * chunk), device=device, allocator=sim)
     parts: list[Any] = []
-    i = 0
+    i, retried_at = 0, -1
     while i < n:
         c = min(chunk, n - i)
         failed: BaseException | None = None
@@ -337,11 +338,13 @@ def guarded_batch(fn: Callable[[Any], Any], items: Any, *, chunk: int | None = N
         # outside the except block: the exception frame no longer pins the chunk's memory
         st["ooms"] += 1
         rel()
-        if c == 1:
+        if c == 1 and retried_at == i:  # one item, after a release, twice: it does not fit
             st["chunk"] = 1
             if stats is not None:
                 stats.update(st)
             raise failed
+        if c == 1:
+            retried_at = i  # a single item is retried once after the release
         chunk = max(1, c // 2)
         log.info("vramguard: out of memory at a chunk of %d items (item %d of %d); halving to %d", c, i, n, chunk)
     st["chunk"] = chunk
