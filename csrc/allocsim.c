@@ -82,6 +82,21 @@ static int64_t segment_size(int64_t size)
 }
 static int should_split(int pool, int64_t rest) { return pool == 0 ? rest >= KB512 : rest > SMALL_SIZE; }
 
+/* Room for element n of a growing array (doubling, at most MAX_BLOCKS): 0, or -1. */
+static int room_for_one(void **arr, int32_t *cap, int32_t n, size_t elem, int32_t first)
+{
+    if (n < *cap)
+        return 0;
+    if (*cap >= MAX_BLOCKS)
+        return -1;
+    int32_t c = *cap ? *cap * 2 : first;
+    void *p = realloc(*arr, elem * (size_t)c);
+    if (p == NULL)
+        return -1;
+    *arr = p, *cap = c;
+    return 0;
+}
+
 static int32_t new_block(AllocSim *a)
 {
     if (a->free_slot >= 0) {
@@ -93,15 +108,8 @@ static int32_t new_block(AllocSim *a)
         a->blk[i].in_use = 1;
         return i;
     }
-    if (a->nblk == a->capblk) {
-        if (a->capblk >= MAX_BLOCKS)
-            return -1;
-        int32_t cap = a->capblk ? a->capblk * 2 : 64;
-        sim_block *b = realloc(a->blk, sizeof *b * (size_t)cap);
-        if (b == NULL)
-            return -1;
-        a->blk = b, a->capblk = cap;
-    }
+    if (room_for_one((void **)&a->blk, &a->capblk, a->nblk, sizeof *a->blk, 64) < 0)
+        return -1;
     int32_t i = a->nblk++;
     memset(&a->blk[i], 0, sizeof a->blk[i]);
     a->blk[i].in_use = 1;
@@ -124,15 +132,8 @@ static int32_t new_segment(AllocSim *a, int pool, int64_t size)
             break;
         }
     if (s < 0) {
-        if (a->nseg == a->capseg) {
-            if (a->capseg >= MAX_BLOCKS)
-                return -1;
-            int32_t cap = a->capseg ? a->capseg * 2 : 16;
-            sim_seg *g = realloc(a->seg, sizeof *g * (size_t)cap);
-            if (g == NULL)
-                return -1;
-            a->seg = g, a->capseg = cap;
-        }
+        if (room_for_one((void **)&a->seg, &a->capseg, a->nseg, sizeof *a->seg, 16) < 0)
+            return -1;
         s = a->nseg++;
     }
     int32_t b = new_block(a);

@@ -232,3 +232,22 @@ def test_real_allocator_changing_sizes():
         assert s.inactive_split is not None and s.expandable_segments is not None
     finally:
         a.close()
+
+
+def test_status_shows_fragmentation():
+    from vramguard import cli
+
+    vg.simulate("1GB", "0")
+    a = vg.simulate_allocator(0)
+    try:
+        keep = a.malloc(2 * MiB)
+        a.free(a.malloc(3 * MiB))
+        text = cli.status_text(cli.status_data())
+        assert "GPU 0: fragmentation: 18.00 MiB in inactive splits, largest free block 18.00 MiB" in text
+        assert "expandable_segments off" in text and all(len(line) <= 80 for line in text.splitlines())
+        a.free(keep)
+    finally:
+        vg.clear_allocators()
+    vg.simulate_clear()
+    vg.simulate("1GB", "0")  # no allocator model: nothing to say
+    assert "fragmentation" not in cli.status_text(cli.status_data())

@@ -147,7 +147,9 @@ def prewarm(what: Any, *, cost: CostModel | None = None, batch: int = 1, device:
     allocator: an AllocSim (else the one registered for `device`, else torch's CUDA
     allocator when torch has CUDA up).  Returns the bytes allocated (0: nothing to warm, e.g.
     no GPU, or it did not fit — then a warning is logged, or with strict=True the OOM
-    propagates)."""
+    propagates).  Count only tensors above 1 MiB in the working set: torch serves smaller
+    ones from its small pool, which never uses the prewarmed block, and a block sized for
+    them only takes room the small pool then lacks."""
     if isinstance(what, (int, float, str)) and not isinstance(what, bool):
         nbytes = parse_size(what, "prewarm bytes")
     else:
