@@ -212,3 +212,40 @@ def test_drives_the_simulated_device():
         a.free(y)
     finally:
         vg.clear_allocators()
+
+
+def test_thread_hammer_one_model():
+    import threading
+
+    a = _native.AllocSim(256 * MiB, expandable_segments=False)
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        mine = []
+        try:
+            for _ in range(400):
+                if mine and rng.random() < 0.5:
+                    a.free(mine.pop(rng.randrange(len(mine))))
+                else:
+                    try:
+                        mine.append(a.malloc(rng.choice([700, 3 * MiB, 12 * MiB])))
+                    except MemoryError:
+                        pass
+                if rng.random() < 0.05:
+                    a.empty_cache(), a.stats()
+            for h in mine:
+                a.free(h)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    s = a.stats()
+    assert s["allocated"] == 0 and s["live_blocks"] == 0 and s["num_malloc"] == s["num_free"]
+    a.empty_cache()
+    assert a.stats()["reserved"] == 0

@@ -243,8 +243,9 @@ def test_status_shows_fragmentation():
         keep = a.malloc(2 * MiB)
         a.free(a.malloc(3 * MiB))
         text = cli.status_text(cli.status_data())
-        assert "GPU 0: fragmentation: 18.00 MiB in inactive splits, largest free block 18.00 MiB" in text
-        assert "expandable_segments off" in text and all(len(line) <= 80 for line in text.splitlines())
+        flat = " ".join(text.split())  # wrapped at 80 columns
+        assert "GPU 0: fragmentation: 18.00 MiB in inactive splits, largest free block 18.00 MiB" in flat
+        assert "expandable_segments off" in flat and all(len(line) <= 80 for line in text.splitlines())
         a.free(keep)
     finally:
         vg.clear_allocators()
