@@ -232,6 +232,19 @@ def test_batch_nodes_registered_and_thin():
     assert 1 <= n <= 64 and "default cost model" in info
 
 
+def test_memory_snapshot_node_shows_fragmentation():
+    pytest.importorskip("torch", reason="the nodes exchange torch tensors")
+    from vramguard_nodes import pack
+
+    vg.simulate("1GB", "0")
+    a = vg.simulate_allocator(0)
+    keep = a.malloc(2 * MiB)
+    a.free(a.malloc(3 * MiB))
+    text = pack.MemorySnapshot().execute(0)["result"][0]
+    assert "inactive splits" in text and "largest free block   18.00 MiB" in text and "expandable segments  off" in text
+    a.free(keep)
+
+
 def test_vae_decode_batched_node_on_a_fake_vae():
     torch = pytest.importorskip("torch", reason="the nodes exchange torch tensors")
     from vramguard_nodes import pack

@@ -522,6 +522,11 @@ def memory_report(device: int) -> tuple[str, dict[str, Any]]:
         lines.append(f"  {k:20s} {fmt_bytes(getattr(s, k))}")
     if s.oom_count is not None:
         lines.append(f"  {'oom / retries':20s} {s.oom_count} / {s.retry_count}")
+    if s.inactive_split is not None or s.largest_free_block is not None:  # issue 16: fragmentation
+        lines.append(f"  {'inactive splits':20s} {fmt_bytes(s.inactive_split)}")
+        lines.append(f"  {'largest free block':20s} {fmt_bytes(s.largest_free_block)}")
+    if s.expandable_segments is not None:
+        lines.append(f"  {'expandable segments':20s} {'on' if s.expandable_segments else 'off'}")
     eff = _reserve.effective_reserve(idx)
     if eff["override"] is not None:
         lines.append(f"  reserve set by Set Reserve for this prompt: {fmt_bytes(eff['override'])} "
