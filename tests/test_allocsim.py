@@ -215,7 +215,7 @@ def test_drives_the_simulated_device():
 
 
 def test_thread_hammer_one_model():
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     a = _native.AllocSim(256 * MiB, expandable_segments=False)
     errors = []
@@ -239,11 +239,8 @@ def test_thread_hammer_one_model():
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(worker, range(8)))
     assert not errors
     s = a.stats()
     assert s["allocated"] == 0 and s["live_blocks"] == 0 and s["num_malloc"] == s["num_free"]
