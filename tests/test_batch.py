@@ -192,6 +192,13 @@ def test_guard_on_the_allocator_model_halves_a_chunk_too_big():
     assert st["ooms"] >= 1 and st["chunk"] * 40 * MiB <= 1 << 30 and a.stats()["oom_count"] == st["ooms"]
 
 
+def test_host_device_has_nothing_to_warm():
+    assert vg.prewarm("1GB", device="host") == 0
+    assert vg.guarded_batch(lambda c: c, [1, 2], device="host", per_item=1, budget="1GB") == [1, 2]
+    with pytest.raises(TypeError, match="device"):
+        vg.prewarm("1GB", device="gpu0")
+
+
 def test_prewarm_chunk_reserves_before_the_first_chunk():
     a = _native.AllocSim(1 << 30)
     vg.guarded_batch(batch.simulated_fn(a, 10 * MiB), list(range(8)), per_item=10 * MiB, budget="1GB",

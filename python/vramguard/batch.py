@@ -130,8 +130,11 @@ def _torch_cuda(device: int | None) -> Any | None:
 
 
 def _target(device: Any) -> int | None:
+    """A GPU index, None for host RAM ("host"/"cpu"); None means the default device."""
     if device is None:
         return acc.default_device()
+    if isinstance(device, str) and device in ("host", "cpu"):
+        return None
     if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
         raise TypeError(f"device must be a device index or None, got {short_repr(device)}")
     return int(device)
@@ -301,7 +304,7 @@ def guarded_batch(fn: Callable[[Any], Any], items: Any, *, chunk: int | None = N
     if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__len__") or not hasattr(items, "__getitem__"):
         raise TypeError(f"items must be a list, tuple, array or tensor, got {type(items).__name__}")
     n = len(items)
-    sim = allocator if allocator is not None else simulated_allocator(_target(device) if device is not None else None)
+    sim = allocator if allocator is not None else simulated_allocator(_target(device))
     fixed = each = 0.0
     if chunk is not None:
         chunk = _check_count(chunk, "chunk", 1, MAX_BATCH)
