@@ -155,6 +155,7 @@ static PyObject *py_simulate(PyObject *m, PyObject *args, PyObject *kw)
     } else {
         snprintf(d.name, VG_NAME, "Simulated GPU %d", index);
         d.fw_reserved = d.fw_allocated = d.oom_count = d.retry_count = -1;
+        d.inactive_split = d.largest_free = -1, d.expandable = -1; /* until an AllocSim drives it */
     }
     if (v[0] >= 0)
         d.total = v[0];

@@ -32,13 +32,26 @@ typedef struct {
 } Policy;
 
 typedef enum {
-    R_FORCED, R_OOM, R_RETRY, R_BUDGET, R_GROWTH, R_THRESHOLD, R_LOWVRAM,
+    R_FORCED, R_OOM, R_RETRY, R_BUDGET, R_GROWTH, R_THRESHOLD, R_LOWVRAM, R_FRAGMENTATION,
     R_HYSTERESIS, R_BELOW, R_BELOW_ZLUDA, R_NREASONS
 } vg_reason;
 
 static const char *reason_text[R_NREASONS] = {
-    "forced", "oom", "retries", "budget", "growth", "threshold", "low-vram",
+    "forced", "oom", "retries", "budget", "growth", "threshold", "low-vram", "fragmentation",
     "hysteresis", "below-threshold", "below-threshold (low-VRAM not applied: ZLUDA)"};
+
+/* Fragmentation (issue 16): the budget covers `need`, yet no single block that large can be
+ * had without a release — neither a cached free block nor a new segment from the free
+ * device bytes above the reserve.  The cache is the obstacle: releasing it turns whole free
+ * segments back into device memory.  Needs the allocator's largest-block figure. */
+static int fragmented(const vg_snap *s, int64_t need)
+{
+    if (need <= 0 || s->largest_free < 0 || s->budget < need)
+        return 0;
+    int64_t fresh = vg_sat_sub(s->free, s->reserve);
+    int64_t can = s->largest_free > fresh ? s->largest_free : fresh;
+    return can < need;
+}
 
 /* The decision itself; caller holds p->lock.  Updates counter baselines as it sees them. */
 static int64_t live_bytes(const vg_snap *s)
@@ -69,6 +82,8 @@ static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, d
         r = R_RETRY;
     else if (p->last_collect > 0 && now - p->last_collect < p->min_interval)
         r = R_HYSTERESIS;
+    else if (fragmented(s, need))
+        r = R_FRAGMENTATION;
     else if (need > 0 && s->budget < need)
         r = R_BUDGET;
     else if (stage >= 0 && p->growth > 0 && p->base_live[stage] >= 0 &&

@@ -8,6 +8,7 @@
 #include "vg.h"
 #include "vg_numpy.h"
 #include "vg_ledger.h"
+#include "vg_allocsim.h"
 
 #include <errno.h>
 #include <string.h>
@@ -57,6 +58,8 @@ static int vg_exec(PyObject *m)
     st->src_ok = 1;
     if (vg_snapshot_add_types(m, st) < 0 || vg_sampler_add_type(m, st) < 0 ||
         vg_policy_add_type(m, st) < 0 || vg_tiler_add_types(m, st) < 0)
+        return -1;
+    if (vg_allocsim_add_type(m, st) < 0) /* issue 16: the caching-allocator model */
         return -1;
     if (PyModule_AddFunctions(m, vg_snapshot_methods) < 0 ||
         PyModule_AddFunctions(m, vg_devices_methods) < 0 ||

@@ -70,6 +70,34 @@ static int64_t probe_field(PyObject *d, const char *key)
     return (int64_t)x;
 }
 
+/* A flag: None/absent -1, a bool or a number 0/1; -2 with TypeError otherwise. */
+static int flag_value(PyObject *v, const char *key)
+{
+    double x;
+    if (v == NULL || v == Py_None)
+        return -1;
+    if (PyBool_Check(v))
+        return v == Py_True;
+    if (!vg_as_double(v, &x) || (x != 0 && x != 1)) {
+        vg_raise(PyExc_TypeError, key, "%s must be True, False or None, got %.200R", key, v);
+        return -2;
+    }
+    return x != 0;
+}
+
+/* The probe's fragmentation figures (issue 16), all optional. */
+static int apply_probe_fragmentation(PyObject *r, vg_snap *s)
+{
+    int64_t split = probe_field(r, "inactive_split"), largest;
+    if (split == -2 || (largest = probe_field(r, "largest_free_block")) == -2)
+        return -1;
+    int exp = flag_value(PyDict_GetItemString(r, "expandable_segments"), "framework probe: expandable_segments");
+    if (exp == -2)
+        return -1;
+    s->inactive_split = split, s->largest_free = largest, s->expandable = exp;
+    return 0;
+}
+
 static int apply_probe(vg_state *st, vg_snap *s)
 {
     PyObject *r = PyObject_CallFunction(st->probe, "i", s->index);
@@ -93,6 +121,7 @@ static int apply_probe(vg_state *st, vg_snap *s)
             Py_DECREF(r);
             return -1;
         }
+    int frag = apply_probe_fragmentation(r, s);
     Py_DECREF(r);
     s->framework_reserved = f[0], s->framework_allocated = f[1], s->framework_active = f[2];
     s->oom_count = f[3], s->retry_count = f[4];
@@ -108,7 +137,7 @@ static int apply_probe(vg_state *st, vg_snap *s)
         s->evictable = f[5] - s->free;
     if (f[7] > s->reserve)
         s->reserve = f[7];
-    return 0;
+    return frag < 0 ? -1 : 0;
 }
 
 static void from_reading(vg_snap *s, const vg_reading *r)
@@ -125,6 +154,12 @@ static void from_reading(vg_snap *s, const vg_reading *r)
     s->framework_active = -1;
     s->oom_count = r->oom_count, s->retry_count = r->retry_count;
     s->timestamp = r->timestamp;
+    s->inactive_split = r->inactive_split, s->largest_free = r->largest_free;
+    s->expandable = r->expandable;
+    /* A simulated device driven by an AllocSim: its cache is reusable, as the probe's rule
+     * says for real devices (issue 16). */
+    if (r->framework_reserved > r->framework_allocated && r->framework_allocated >= 0)
+        s->evictable = r->framework_reserved - r->framework_allocated;
 }
 
 /* The configured limits in force for `index` (VG_HOST: host RAM's own). */
@@ -157,6 +192,7 @@ static void card_snapshot(vg_snap *s, int64_t card)
     s->framework_reserved = s->framework_allocated = s->framework_active = -1;
     s->oom_count = s->retry_count = -1;
     s->timestamp = vg_now();
+    s->inactive_split = s->largest_free = -1, s->expandable = -1;
 }
 
 int vg_snapshot(vg_state *st, int index, const vg_override *ov, vg_snap *s)
@@ -219,8 +255,12 @@ static PyStructSequence_Field snap_fields[] = {
     {"oom_count", "framework OOM counter, or None"},
     {"retry_count", "framework alloc-retry counter, or None"},
     {"timestamp", "monotonic seconds"},
+    {"inactive_split", "bytes in free allocator blocks beside live ones (not releasable), or None"},
+    {"largest_free_block", "the largest block one request could get without a cache release, or None"},
+    {"expandable_segments", "PYTORCH_CUDA_ALLOC_CONF expandable_segments on, or None"},
     {NULL, NULL}};
-#define SNAP_NFIELDS 17
+#define SNAP_NFIELDS 20
+#define SNAP_F_INACTIVE 17 /* the fragmentation fields (issue 16) */
 
 static PyStructSequence_Desc snap_desc = {"vramguard.Snapshot",
                                           "Device memory at one instant (bytes).", snap_fields,
@@ -280,6 +320,9 @@ PyObject *vg_snap_to_py(vg_state *st, const vg_snap *s)
         opt_int(s->oom_count),
         opt_int(s->retry_count),
         PyFloat_FromDouble(s->timestamp),
+        opt_int(s->inactive_split),
+        opt_int(s->largest_free),
+        s->expandable < 0 ? Py_NewRef(Py_None) : PyBool_FromLong(s->expandable),
     };
     return fill_seq(st->SnapshotType, v, SNAP_NFIELDS);
 }
@@ -354,6 +397,21 @@ int vg_snap_from_py(vg_state *st, PyObject *obj, vg_snap *s)
                         "snapshot total/free/used/evictable/reserve/cap must be >= 0");
         return -1;
     }
+    if (field_i64(obj, is_seq, SNAP_F_INACTIVE, -1, &s->inactive_split) < 0 ||
+        field_i64(obj, is_seq, SNAP_F_INACTIVE + 1, -1, &s->largest_free) < 0)
+        return -1;
+    PyObject *ev = NULL;
+    if (is_seq)
+        ev = Py_XNewRef(PyStructSequence_GetItem(obj, SNAP_F_INACTIVE + 2));
+    else if ((ev = PyMapping_GetItemString(obj, snap_fields[SNAP_F_INACTIVE + 2].name)) == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return -1;
+        PyErr_Clear();
+    }
+    s->expandable = flag_value(ev, "snapshot field expandable_segments");
+    Py_XDECREF(ev);
+    if (s->expandable == -2)
+        return -1;
     if (s->budget < 0) /* absent: derive it the one way it is ever derived */
         s->budget = vg_budget(s);
     return 0;

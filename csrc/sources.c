@@ -375,6 +375,8 @@ static void reading_init(vg_reading *r, int index, double now)
     r->timestamp = now;
     r->process_used = r->framework_reserved = r->framework_allocated = -1;
     r->oom_count = r->retry_count = -1;
+    r->inactive_split = r->largest_free = -1;
+    r->expandable = -1;
 }
 
 static void sim_read(const vg_simdev *d, vg_reading *r, double now)
@@ -392,6 +394,8 @@ static void sim_read(const vg_simdev *d, vg_reading *r, double now)
     r->framework_allocated = d->fw_allocated;
     r->oom_count = d->oom_count;
     r->retry_count = d->retry_count;
+    r->inactive_split = d->inactive_split, r->largest_free = d->largest_free;
+    r->expandable = d->expandable;
     snprintf(r->name, VG_NAME, "%s", d->name);
     snprintf(r->uuid, VG_NAME, "SIM-%d", r->index);
     r->source = "simulated";

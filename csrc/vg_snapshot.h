@@ -19,6 +19,10 @@ typedef struct {
     int64_t others_planned; /* shared ledger: other participants' planned-not-allocated bytes */
     int64_t oom_count, retry_count;
     double timestamp; /* CLOCK_MONOTONIC seconds */
+    /* fragmentation (issue 16); -1 = unknown: free allocator blocks beside live ones, the
+     * largest block a request could get without a release, expandable segments 1/0 */
+    int64_t inactive_split, largest_free;
+    int expandable;
 } vg_snap;
 
 /* Per-call overrides; -1 = not given. */

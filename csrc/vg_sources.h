@@ -25,6 +25,10 @@ typedef struct {
     int64_t total, free, used, process_used;
     int64_t framework_reserved, framework_allocated, oom_count, retry_count;
     double timestamp; /* CLOCK_MONOTONIC seconds */
+    /* fragmentation (issue 16): the allocator's free blocks beside live ones, the largest
+     * block a request could get now, expandable segments on (1) / off (0); -1 = unknown */
+    int64_t inactive_split, largest_free;
+    int expandable;
 } vg_reading;
 
 typedef struct {
@@ -42,6 +46,8 @@ typedef struct {
     int64_t nscript;
     double *script_t;
     int64_t *script_used, *script_proc;
+    int64_t inactive_split, largest_free; /* driven by an AllocSim (allocsim.c); -1 = none */
+    int expandable;
 } vg_simdev;
 
 typedef struct {

@@ -235,6 +235,72 @@ class MemoryTimeline(_Live):
         return (host.timeline_image(width, height, reset),)
 
 
+class BatchSizeAuto(_Node):
+    DESCRIPTION = ("The largest batch of images of this size whose working set fits the VRAM budget, from the "
+                   "model's and the VAE's own memory estimates (the planner's default cost model without them).")
+    RETURN_TYPES = ("INT", "STRING")
+    RETURN_NAMES = ("batch_size", "info")
+    OUTPUT_TOOLTIPS = ("Batch size (at least 1)", "How it was computed")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 1024, "min": 8, "max": 16384, "step": 8, "tooltip": "Image width"}),
+            "height": ("INT", {"default": 1024, "min": 8, "max": 16384, "step": 8, "tooltip": "Image height"}),
+            "max_batch": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "Never more than this"}),
+            "reserve_gb": _reserve_input(),
+        }, "optional": {
+            "model": ("MODEL", {"tooltip": "The diffusion model (its own memory estimate)"}),
+            "vae": ("VAE", {"tooltip": "The VAE (its decode estimate)"}),
+        }}
+
+    def execute(self, width: int, height: int, max_batch: int = 64, reserve_gb: float = -1.0, model: Any = None,
+                vae: Any = None):
+        return host.batch_size_auto(width, height, max_batch, reserve_gb, model, vae)
+
+
+class VAEDecodeBatched(_Node):
+    DESCRIPTION = ("Decode a batch of latents in the largest chunk that fits the VRAM budget; on out-of-memory "
+                   "the chunk halves and finished frames are kept, in order.")
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("Decoded images, in the batch's order",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "samples": ("LATENT", {"tooltip": "Latents to decode"}),
+            "vae": ("VAE", {"tooltip": "The VAE"}),
+            "reserve_gb": _reserve_input(),
+        }}
+
+    def execute(self, samples: dict, vae: Any, reserve_gb: float = -1.0):
+        return (host.vae_decode_batched(vae, samples, reserve_gb),)
+
+
+class ReserveForLargest(_Node):
+    DESCRIPTION = ("Before a run of changing sizes, make torch's cache hold one block for the largest size's "
+                   "working set, so smaller sizes reuse it instead of fragmenting the cache.")
+    RETURN_TYPES = (ANY, "INT")
+    RETURN_NAMES = ("passthrough", "reserved_mb")
+    OUTPUT_TOOLTIPS = ("The input, unchanged", "MiB now held in torch's cache for the run")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 1360, "min": 8, "max": 16384, "step": 8, "tooltip": "Largest width"}),
+            "height": ("INT", {"default": 1536, "min": 8, "max": 16384, "step": 8, "tooltip": "Largest height"}),
+            "batch": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Batch size of the run"}),
+        }, "optional": {
+            "passthrough": (ANY, {"tooltip": "Connect what must run before the reservation"}),
+            "model": ("MODEL", {"tooltip": "The diffusion model (its own memory estimate)"}),
+            "vae": ("VAE", {"tooltip": "The VAE (its decode estimate)"}),
+        }}
+
+    def execute(self, width: int, height: int, batch: int = 1, passthrough: Any = None, model: Any = None,
+                vae: Any = None):
+        return (passthrough, host.reserve_for_largest(width, height, batch, model, vae))
+
+
 # key: (class, display name)
 NODES: dict[str, tuple[type, str]] = {
     "VramguardMemorySnapshot": (MemorySnapshot, "Memory Snapshot"),
@@ -246,6 +312,9 @@ NODES: dict[str, tuple[type, str]] = {
     "VramguardVAEEncodeTiled": (VAEEncodeTiled, "VAE Encode (tiled, auto)"),
     "VramguardMemoryGuard": (MemoryGuard, "Memory Guard"),
     "VramguardMemoryTimeline": (MemoryTimeline, "Memory Timeline"),
+    "VramguardBatchSizeAuto": (BatchSizeAuto, "Batch Size (auto)"),
+    "VramguardVAEDecodeBatched": (VAEDecodeBatched, "VAE Decode (batch guard)"),
+    "VramguardReserveForLargest": (ReserveForLargest, "Reserve for Largest"),
 }
 NODE_CLASS_MAPPINGS = {k: cls for k, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {k: name for k, (_, name) in NODES.items()}

@@ -686,6 +686,8 @@ def gen_native(t: Target, rng, ctx):
             k_ = rng.randrange(2)
             args[k_] = hostile_number(rng, args[k_])
         return t.obj, args, {}, None
+    if n == "AllocSim" or n.startswith("AllocSim."):  # issue 16: the caching-allocator model
+        return gen_allocsim(t, n, rng)
     if n == "Sampler":
         kw = {}
         for k, gen in (("device", lambda: rng.choice([0, None, 1, -1, edge_int(rng)])),
@@ -908,6 +910,46 @@ def check_plan(args, kw, r):
     return None
 
 
+def gen_allocsim(t, n, rng):
+    """AllocSim: a model with a random history (live, freed and stale handles), then one call
+    with sizes and handles near the edges or hostile."""
+    sizes = [0, 1, 511, 512, 513, MiB, MiB + 1, 10 * MiB - 1, 20 * MiB, GiB, 2 ** 40, 2 ** 40 + 1,
+             9 * 10 ** 18, 2 ** 63, -1, edge_int(rng)]
+    if n == "AllocSim":
+        kw = {}
+        if rng.random() < 0.3:
+            kw["device"] = rng.choice([0, 1, -1, True, None, edge_int(rng)])
+        if rng.random() < 0.4:
+            kw["expandable_segments"] = rng.choice([True, False, 0, 1, None, "yes"])
+        args = [rng.choice([0, MiB, 64 * MiB, GiB, 2 ** 40, 2 ** 40 + 1, -1, "1GB", None, edge_int(rng)])]
+        if rng.random() < 0.2:
+            args = [adversarial(rng)]
+        return t.obj, args[: rng.randint(0, 1)] if "device" in kw else args, kw, None
+    a = _native.AllocSim(rng.choice([8 * MiB, 64 * MiB, GiB]), expandable_segments=rng.random() < 0.4)
+    live, dead = [], []
+    for _ in range(rng.randint(0, 40)):
+        if live and rng.random() < 0.4:
+            h = live.pop(rng.randrange(len(live)))
+            a.free(h)
+            dead.append(h)
+        else:
+            try:
+                live.append(a.malloc(rng.choice([1, 700, 3 * MiB, 12 * MiB, 30 * MiB])))
+            except MemoryError:
+                pass
+        if rng.random() < 0.05:
+            a.empty_cache()
+    attr = n.split(".")[1]
+    if attr in ("malloc",):
+        return a.malloc, [rng.choice(sizes) if rng.random() < 0.8 else adversarial(rng)], {}, None
+    if attr in ("free", "block_size"):
+        pool = live + dead + [0, 1, 2 ** 32, 2 ** 64 - 1, 2 ** 64, -1, edge_int(rng)]
+        return getattr(a, attr), [rng.choice(pool) if rng.random() < 0.8 else adversarial(rng)], {}, None
+    if t.kind == "prop":
+        return (lambda: getattr(a, attr)), [], {}, None
+    return getattr(a, attr), [], {}, None
+
+
 def make_sampler(rng, ctx):
     if rng.random() < 0.3:
         s = vramguard.sampler()  # the process-wide one: shared
@@ -1045,6 +1087,7 @@ def baseline():
     _native.simulate(0, total=8 * GiB, used=2 * GiB, reserved=GiB, allocated=GiB // 2)
     _native.clear_limits()
     vramguard.gcguard._guard = None
+    vramguard.batch.clear_allocators()
 
 
 def describe(fn, args, kw, limit=600):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("fresh_stage_peaks")
 # ------------------------------------------------------------------ schemas
 def test_mappings_and_schemas():
     m, names = vramguard_nodes.NODE_CLASS_MAPPINGS, vramguard_nodes.NODE_DISPLAY_NAME_MAPPINGS
-    assert set(m) == set(names) and len(m) == 9
+    assert set(m) == set(names) and len(m) == 12  # 9 + the batch nodes (issue 16)
     assert set(names.values()) >= {"Memory Snapshot", "GC Checkpoint", "Unload Models", "Set Reserve",
                                    "Upscale Image (tiled, auto)", "VAE Decode (tiled, auto)",
                                    "VAE Encode (tiled, auto)", "Memory Guard", "Memory Timeline"}

@@ -26,6 +26,8 @@ from .ledger import participants as ledger_participants
 from .ledger import plan as ledger_plan
 from .ledger import status as ledger_status
 from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
+from .batch import (AllocSim, batch_size, clear_allocators, guarded_batch, prewarm, reserve_for,
+                    simulate_allocator, simulated_allocator)
 from .tiling import (Cancelled, CostModel, Plan, TilingError, calibrate, cost_model, default_cost,
                      plan_tiles, tiled, tiled_many)
 
@@ -44,4 +46,6 @@ __all__ = [
     "in_sampling", "parse_log_line", "register_stage", "run", "set_log_file", "stage",
     "Cancelled", "CostModel", "Plan", "TilingError", "calibrate", "cost_model", "default_cost",
     "plan_tiles", "tiled", "tiled_many",
+    "AllocSim", "batch_size", "clear_allocators", "guarded_batch", "prewarm", "reserve_for",
+    "simulate_allocator", "simulated_allocator",
 ]

@@ -149,6 +149,21 @@ def _wrap(text: str, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, _WIDTH, subsequent_indent=indent, break_on_hyphens=False) or [""]
 
 
+def _fragmentation_lines(d: dict) -> list[str]:
+    """The allocator's fragmentation for one device (issue 16), when the probe knows it."""
+    split, largest, exp = d.get("inactive_split"), d.get("largest_free_block"), d.get("expandable_segments")
+    if split is None and largest is None and exp is None:
+        return []
+    parts = []
+    if split is not None:
+        parts.append(f"{fmt_bytes(split)} in inactive splits")
+    if largest is not None:
+        parts.append(f"largest free block {fmt_bytes(largest)}")
+    if exp is not None:
+        parts.append(f"expandable_segments {'on' if exp else 'off'}")
+    return _wrap(f"GPU {d['index']}: fragmentation: {', '.join(parts)}")
+
+
 def status_text(data: dict) -> str:
     """The status table; every line fits 80 columns (G = GiB, M = MiB)."""
     lines = []
@@ -170,6 +185,8 @@ def status_text(data: dict) -> str:
         for d in data["devices"]:
             if d["cap"]:
                 lines.append(f"GPU {d['index']}: cap {fmt_bytes(d['cap'])} on this process")
+        for d in data["devices"]:
+            lines += _fragmentation_lines(d)
     h = data["host"]
     lines += _wrap(f"host RAM: total {fmt_bytes(h['total'])}, available {fmt_bytes(h['available'])}, "
                    f"this process {fmt_bytes(h['process_rss'])}")

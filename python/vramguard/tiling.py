@@ -659,7 +659,8 @@ def _to_numpy(res: Any, torch: Any) -> np.ndarray:
 
 def tiled_many(fn: Callable[[Any], Any], images: Sequence[Any], **kw: Any) -> list[Any]:
     """Tile several images of different sizes, largest first (growing sizes fragment the
-    caching allocator), returning results in the original order."""
+    caching allocator) after prewarming the cache for the largest one's tiles (see
+    vramguard.prewarm), returning results in the original order."""
     if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
         raise TypeError(f"images must be a sequence of arrays/tensors, got {type(images).__name__}")
     images = list(images)
@@ -671,6 +672,10 @@ def tiled_many(fn: Callable[[Any], Any], images: Sequence[Any], **kw: Any) -> li
         if im.ndim not in (3, 4):
             raise ValueError(f"images[{i}] must be 3-D or 4-D, got shape {tuple(im.shape)}")
     order = sorted(range(len(images)), key=lambda i: -int(np.prod(images[i].shape)))
+    if images:  # and reserve the cache for the largest tile set before the first (issue 16)
+        from . import batch
+
+        batch.prewarm_for_tiles(images[order[0]], kw)
     out: list[Any] = [None] * len(images)
     for i in order:
         out[i] = tiled(fn, images[i], **kw)

@@ -522,6 +522,11 @@ def memory_report(device: int) -> tuple[str, dict[str, Any]]:
         lines.append(f"  {k:20s} {fmt_bytes(getattr(s, k))}")
     if s.oom_count is not None:
         lines.append(f"  {'oom / retries':20s} {s.oom_count} / {s.retry_count}")
+    if s.inactive_split is not None or s.largest_free_block is not None:  # issue 16: fragmentation
+        lines.append(f"  {'inactive splits':20s} {fmt_bytes(s.inactive_split)}")
+        lines.append(f"  {'largest free block':20s} {fmt_bytes(s.largest_free_block)}")
+    if s.expandable_segments is not None:
+        lines.append(f"  {'expandable segments':20s} {'on' if s.expandable_segments else 'off'}")
     eff = _reserve.effective_reserve(idx)
     if eff["override"] is not None:
         lines.append(f"  reserve set by Set Reserve for this prompt: {fmt_bytes(eff['override'])} "
@@ -830,3 +835,70 @@ def timeline_image(width: int, height: int, reset: bool) -> Any:
     if reset:
         s.reset()
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+# ----------------------------------------------------------------------------- batches (issue 16)
+def _item_bytes(width: int, height: int, model: Any = None, vae: Any = None) -> tuple[int, str]:
+    """Device bytes one item of width x height pixels costs, by the host's own estimates:
+    the diffusion model's memory_required over its latent, plus the VAE's decode estimate;
+    without either, the planner's default cost model.  Returns (bytes, what it came from)."""
+    import torch
+
+    from .. import tiling
+
+    lw, lh = max(1, width // 8), max(1, height // 8)
+    total, src = 0, []
+    inner = getattr(model, "model", None)
+    if inner is not None and callable(getattr(inner, "memory_required", None)):
+        ch = int(getattr(getattr(inner, "latent_format", None), "latent_channels", 4) or 4)
+        total += int(inner.memory_required([1, ch, lh, lw]))
+        src.append("model")
+    if vae is not None and callable(getattr(vae, "memory_used_decode", None)):
+        ch = int(getattr(vae, "latent_channels", 4) or 4)
+        total += int(vae.memory_used_decode((1, ch, lh, lw), getattr(vae, "vae_dtype", torch.float32)))
+        src.append("vae")
+    if not src:
+        c = tiling.default_cost(4, 3, 8.0)
+        return int(c.per_px * lw * lh), "default cost model"
+    return total, "+".join(src) + " estimate"
+
+
+def batch_size_auto(width: int, height: int, max_batch: int, reserve_gb: float = -1.0, model: Any = None,
+                    vae: Any = None) -> tuple[int, str]:
+    """Batch Size (auto): the largest batch of width x height images whose working set fits
+    the budget of the compute device (at least 1: the batch guard catches the rest)."""
+    from .. import batch
+
+    each, src = _item_bytes(width, height, model, vae)
+    budget = _budget(torch_device(), reserve_gb)
+    n = batch.batch_size(per_item=each, budget=budget, max_batch=max_batch)
+    info = f"batch {max(1, n)}: {each >> 20} MiB per {width}x{height} item ({src}), budget {budget >> 20} MiB"
+    if n == 0:
+        info += " (not even one fits: 1, and the guard halves tiles/chunks on OOM)"
+    return max(1, n), info
+
+
+def vae_decode_batched(vae: Any, samples: dict, reserve_gb: float = -1.0) -> Any:
+    """VAE Decode (batch guard): ComfyUI's own decode over the batch in the largest chunk that
+    fits, halved on out-of-memory, finished frames kept, as the vae_decode GC stage."""
+    from .. import batch
+
+    z = samples["samples"]
+    est = getattr(vae, "memory_used_decode", None)
+    each = int(est((1,) + tuple(z.shape[1:]), vae.vae_dtype)) if callable(est) else None
+    dev = getattr(vae, "device", None) or torch_device()
+    with gcguard.stage("vae_decode"):
+        img = batch.guarded_batch(vae.decode, z, per_item=each, budget=_budget(dev, reserve_gb))
+    return img.reshape(-1, *img.shape[-3:]) if img.ndim == 5 else img
+
+
+def reserve_for_largest(width: int, height: int, batch_n: int, model: Any = None, vae: Any = None) -> int:
+    """Reserve for Largest: torch's cache made to hold one block for the largest working set
+    of the run (width x height x batch) before it starts.  Returns the MiB reserved."""
+    from .. import batch
+
+    each, _ = _item_bytes(width, height, model, vae)
+    idx = device_index(torch_device())
+    if idx is None:
+        return 0
+    return batch.prewarm(each * batch_n, device=idx) >> 20
