@@ -19,6 +19,7 @@ typedef struct {
     int64_t others_planned; /* shared ledger: other participants' planned-not-allocated bytes */
     int64_t oom_count, retry_count;
     double timestamp; /* CLOCK_MONOTONIC seconds */
+    int64_t learned_reserve; /* the reserve that learns (ledger_reserve.c); 0 when off */
 } vg_snap;
 
 /* Per-call overrides; -1 = not given. */
