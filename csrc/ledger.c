@@ -115,7 +115,7 @@ typedef struct {
      * validated (fstat + poll) at `cval_at` (coarse monotonic seconds) */
     int cvalid;
     uint64_t cgen;
-    double cval_at;
+    double cval_at, reval_s;
     int64_t cplanned[VG_LEDGER_DEVS], cused[VG_LEDGER_DEVS];
     /* our own published figures (so an unchanged one is not written, nor our slot touched) */
     int64_t my_used[VG_LEDGER_DEVS];
@@ -171,6 +171,7 @@ static void local_init(void)
     local_reset_fds();
     cache_reset();
     snprintf(L.reason, VG_REASON, "not joined (opt-in: ledger_join())");
+    L.reval_s = VG_LEDGER_REVALIDATE_S;
     pthread_atfork(NULL, NULL, after_fork_child);
 }
 
@@ -587,8 +588,8 @@ void vg_ledger_others(int index, int64_t *planned, int64_t *used)
     if (L.reg == NULL)
         goto out;
     double now = coarse_now();
-    if (!(now - L.cval_at < VG_LEDGER_REVALIDATE_S) || now < L.cval_at) {
-        /* the slow path, every VG_LEDGER_REVALIDATE_S: file, header, our slot, deaths */
+    if (!(now - L.cval_at < L.reval_s) || now < L.cval_at) {
+        /* the slow path, every reval_s: file, header, our slot, deaths */
         if (check_region() < 0)
             goto out;
         sweep_refresh(1);
@@ -661,10 +662,11 @@ static int64_t own_start(void)
 }
 
 /* Lock held.  0 joined, -1 with L.reason (not an error: the ledger is opt-in and stays off). */
-static int join_locked(const char *path)
+static int join_locked(const char *path, double revalidate_s)
 {
     if (L.reg != NULL && L.owner == getpid())
         return 0; /* already joined */
+    L.reval_s = revalidate_s;
     snprintf(L.path, sizeof L.path, "%s", path);
     local_reset_fds();
     cache_reset();
@@ -780,14 +782,15 @@ static void status_locked(vg_ledger_status *c)
     c->joined = L.reg != NULL && L.owner == getpid();
     c->slot = c->joined ? L.slot : -1;
     c->swept = (long long)L.swept_total;
+    c->revalidate_s = L.reval_s;
     memcpy(c->path, L.path, sizeof c->path);
     memcpy(c->reason, c->joined ? "" : L.reason, c->joined ? 1 : sizeof c->reason);
 }
 
-void vg_ledger_join(const char *path, vg_ledger_status *out)
+void vg_ledger_join(const char *path, double revalidate_s, vg_ledger_status *out)
 {
     lock_local();
-    (void)join_locked(path);
+    (void)join_locked(path, revalidate_s);
     status_locked(out);
     unlock_local();
 }

@@ -18,14 +18,17 @@ static PyObject *status_dict(const vg_ledger_status *c)
                          "reason", c->reason, "pid", (int)getpid(), "swept", c->swept, "slots",
                          VG_LEDGER_SLOTS, "devices", VG_LEDGER_DEVS, "size",
                          (unsigned long long)vg_ledger_region_size(), "revalidate_s",
-                         VG_LEDGER_REVALIDATE_S);
+                         c->revalidate_s);
 }
 
 static PyObject *py_ledger_join(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"path", NULL};
-    PyObject *path_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:ledger_join", kwlist, &path_obj))
+    static char *kwlist[] = {"path", "revalidate_s", NULL};
+    PyObject *path_obj = Py_None, *rv_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$O:ledger_join", kwlist, &path_obj, &rv_obj))
+        return NULL;
+    double rv = VG_LEDGER_REVALIDATE_S;
+    if (rv_obj != Py_None && vg_parse_double(rv_obj, "revalidate_s", -1e-300, 10.0, &rv) < 0)
         return NULL;
     char path[VG_LEDGER_PATH_MAX];
     if (path_obj == Py_None) {
@@ -52,7 +55,7 @@ static PyObject *py_ledger_join(PyObject *Py_UNUSED(m), PyObject *args, PyObject
     if (c == NULL)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    vg_ledger_join(path, c);
+    vg_ledger_join(path, rv, c);
     Py_END_ALLOW_THREADS
     PyObject *r = status_dict(c);
     PyMem_Free(c);
@@ -332,9 +335,10 @@ static PyObject *py_learned_reserve(PyObject *m, PyObject *dev)
 
 PyMethodDef vg_ledger_methods[] = {
     {"ledger_join", (PyCFunction)(void (*)(void))py_ledger_join, METH_VARARGS | METH_KEYWORDS,
-     "ledger_join($module, /, path=None)\n--\n\nJoin the shared ledger (default "
-     "/dev/shm/vramguard-<uid>); returns ledger_status(). A foreign or corrupted region is "
-     "ignored with the reason in the status, never raised."},
+     "ledger_join($module, /, path=None, *, revalidate_s=None)\n--\n\nJoin the shared "
+     "ledger (default /dev/shm/vramguard-<uid>); returns ledger_status(). A foreign or "
+     "corrupted region is ignored with the reason in the status, never raised.  revalidate_s "
+     "(0.02): how often budget reads re-check the file and poll for dead participants."},
     {"ledger_leave", py_ledger_leave, METH_NOARGS,
      "ledger_leave($module, /)\n--\n\nRelease this process's slot."},
     {"ledger_status", py_ledger_status, METH_NOARGS,

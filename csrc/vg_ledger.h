@@ -23,8 +23,9 @@
 #define VG_LEDGER_SLOTS 64 /* participating processes per machine (per uid) */
 #define VG_LEDGER_DEVS 16  /* devices per slot; higher indices are not ledgered */
 #define VG_LEDGER_PATH_MAX 4096
-/* A budget read re-checks the file (fstat) and polls the participants' pidfds at most this
- * often; in between it answers from sums cached per header generation. */
+/* By default a budget read re-checks the file (fstat) and polls the participants' pidfds at
+ * most this often; in between it answers from sums cached per header generation.  Joining
+ * with revalidate_s = 0 checks on every read (the benchmark's rival: what it cost before). */
 #define VG_LEDGER_REVALIDATE_S 0.020
 
 /* ---------------------------------------------------------------- budget reads (snapshot.c) */
@@ -43,6 +44,7 @@ void vg_ledger_publish(int index, int64_t process_used);
 typedef struct {
     int joined, slot;
     long long swept;
+    double revalidate_s;
     char path[VG_LEDGER_PATH_MAX], reason[VG_REASON];
 } vg_ledger_status;
 
@@ -55,7 +57,7 @@ typedef struct {
 
 /* Join (idempotent) / leave; the status after.  Never fails loudly: a refused region leaves
  * joined = 0 and the reason. */
-void vg_ledger_join(const char *path, vg_ledger_status *out);
+void vg_ledger_join(const char *path, double revalidate_s, vg_ledger_status *out);
 void vg_ledger_leave(void);
 /* The status after a full check of the region (a corrupted one is dropped here). */
 void vg_ledger_get_status(vg_ledger_status *out);

@@ -21,6 +21,7 @@ import os
 from typing import Any, Iterator
 
 from . import _native
+from ._units import parse_size
 
 log = logging.getLogger("vramguard")
 
@@ -36,12 +37,18 @@ def default_path() -> str:
     return os.environ.get(ENV_PATH) or f"/dev/shm/vramguard-{os.geteuid()}"
 
 
-def join(path: str | None = None) -> dict[str, Any]:
+DEFAULT_REVALIDATE_S = 0.02
+
+
+def join(path: str | None = None, *, revalidate_s: float | None = None) -> dict[str, Any]:
     """Join the ledger (idempotent).  Returns status(); on failure ``joined`` is False and
-    ``reason`` says why (logged at WARNING)."""
+    ``reason`` says why (logged at WARNING).  ``revalidate_s`` (default 0.02): how often a
+    budget read re-checks the file and polls for dead participants; in between it answers from
+    sums cached per header generation (0: on every read, the old cost)."""
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"ledger path must be a str or os.PathLike, got {type(path).__name__}")
-    st = _native.ledger_join(os.fspath(path) if path is not None else default_path())
+    st = _native.ledger_join(os.fspath(path) if path is not None else default_path(),
+                             revalidate_s=revalidate_s)
     if not st["joined"]:
         log.warning("vramguard ledger not joined: %s", st["reason"])
     return st
@@ -123,20 +130,104 @@ def publish_host(rss: int | None = None, pinned: int | None = None) -> None:
 
 def host_pinned() -> dict[str, int | None]:
     """This process's locked / pinned host memory in bytes (/proc/self/status VmLck, VmPin);
-    recorded in the ledger slot (host_pinned) when joined."""
+    recorded in the ledger slot (host_pinned) when joined.  hostram.pinned_host() adds torch's
+    and ComfyUI's figures."""
     return _native.host_pinned()
 
 
-def summary() -> dict[str, Any]:
-    """What ``python -m vramguard status`` and the monitor should show: the status and the
-    participants, JSON-ready (device keys as strings)."""
+def set_learn_reserve(enabled: bool, *, window_s: float | None = None,
+                      margin: int | float | str | None = None) -> None:
+    """The reserve that learns (off by default; ComfyUI setting "vramguard.LearnReserve").
+    On: every device reading tracks what the other applications use (device used - this
+    process - the other participants' measured use); the reserve becomes at least their peak
+    over the last ``window_s`` seconds (600) minus what they use now, plus ``margin`` (256 MiB)
+    -- room for them to come back to their peak.  Switching it off forgets what was seen."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    m = None if margin is None else parse_size(margin, "margin")
+    _native.set_learn_reserve(enabled, window_s=window_s, margin=m)
+
+
+def learned_reserve(device: int = 0) -> dict[str, Any]:
+    """What the reserve that learns saw on ``device`` and why: enabled, known, reserve, peak,
+    now, margin (bytes), window_s, age_s (of the latest sample; -1 none), samples, reason."""
+    return _native.learned_reserve(device)
+
+
+def _device_rows(parts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        n = _native.device_count()
+    except Exception:  # no GPU and nothing simulated: the ledger still has its claims
+        n = 0
+    idx = set(range(min(n, _native.ledger_status()["devices"])))
+    for p in parts:
+        idx.update(p["devices"])
+    for d in sorted(idx):
+        claims = [p["devices"][d] for p in parts if d in p["devices"]]
+        row: dict[str, Any] = {
+            "participants": len(claims),
+            "planned": sum(c["planned"] for c in claims),
+            "outstanding": sum(c["outstanding"] for c in claims),
+            "used": sum(c["used"] for c in claims),
+        }
+        if d < n:
+            try:
+                snap = _native.snapshot(d)
+                lim = _native.get_limits(d)
+                row.update({"total": snap.total, "free": snap.free, "budget": snap.budget,
+                            "reserve": snap.reserve, "configured_reserve": lim["reserve"],
+                            "cap": snap.cap, "others_planned": snap.others_planned})
+            except Exception as e:  # one unreadable device must not hide the others
+                row["error"] = f"{type(e).__name__}: {e}"
+            row["learned_reserve"] = learned_reserve(d)
+        rows[str(d)] = row
+    return rows
+
+
+def summary(*, peek: bool = False) -> dict[str, Any]:
+    """Everything ``python -m vramguard status``, the status node and the monitor show about
+    the ledger, JSON-ready.  Keys (stable; new ones may be added, none renamed):
+
+    - ``version``: 1 (this layout)
+    - ``ledger``: status() -- joined, path, slot, reason, pid, swept, slots, devices, size,
+      revalidate_s; plus ``peeked`` (True when this call joined only to look)
+    - ``participants``: [{pid, start_time, slot, self, host_rss, host_pinned,
+      devices: {"<index>": {used, planned, pending, outstanding}}}]  (bytes)
+    - ``devices``: {"<index>": {participants, planned, outstanding, used (sums over the
+      participants), total, free, budget, reserve (in force), configured_reserve, cap,
+      others_planned (bytes, this process's view), learned_reserve: learned_reserve(index),
+      error (only when the device could not be read)}}
+    - ``pinned``: hostram.pinned_host() -- locked, pinned, torch_host_cache, comfy_pinned,
+      comfy_max, held, cap
+    - ``host``: {available, reserve, budget} of host RAM (bytes)
+
+    ``peek=True`` (the CLI): when this process has not joined but the region exists, join,
+    read and leave again, so another process's view can list the participants."""
+    from . import hostram
+
     st = status()
-    rows = []
-    for p in participants():
-        rows.append({**p, "devices": {str(k): v for k, v in p["devices"].items()}})
-    return {"ledger": st, "participants": rows}
+    peeked = False
+    if peek and not st["joined"] and os.path.exists(default_path()):
+        st = join()
+        peeked = st["joined"]
+    try:
+        parts = participants()
+        if peeked:
+            parts = [p for p in parts if not p["self"]]
+        devices = _device_rows(parts)
+    finally:
+        if peeked:
+            leave()
+    st = {**st, "peeked": peeked}
+    rows = [{**p, "devices": {str(k): v for k, v in p["devices"].items()}} for p in parts]
+    h = _native.snapshot(None)
+    return {"version": 1, "ledger": st, "participants": rows, "devices": devices,
+            "pinned": hostram.pinned_host(),
+            "host": {"available": h.free, "reserve": h.reserve, "budget": h.budget}}
 
 
-__all__ = ["ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear", "default_path", "join",
-           "host_pinned", "join_from_env", "leave", "others_planned", "participants",
-           "participants_consistent", "plan", "publish_host", "status", "summary", "sweep"]
+__all__ = ["DEFAULT_REVALIDATE_S", "ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear",
+           "default_path", "join", "host_pinned", "join_from_env", "learned_reserve", "leave",
+           "others_planned", "participants", "participants_consistent", "plan", "publish_host",
+           "set_learn_reserve", "status", "summary", "sweep"]
