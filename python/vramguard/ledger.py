@@ -227,7 +227,51 @@ def summary(*, peek: bool = False) -> dict[str, Any]:
             "host": {"available": h.free, "reserve": h.reserve, "budget": h.budget}}
 
 
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def summary_text(data: dict[str, Any] | None = None, device: int | None = None) -> str:
+    """summary() as lines of at most ~80 columns (the CLI's status and the Memory Snapshot
+    node); `device` limits the per-device lines to one."""
+    data = summary() if data is None else data
+    st = data["ledger"]
+    lines = []
+    if st["joined"] or st.get("peeked"):
+        lines.append(f"ledger {st['path']}: {len(data['participants'])} participant(s)"
+                     + (" besides this one" if st.get("peeked") else ""))
+    else:
+        lines.append(f"ledger: {st['reason']}")
+    for p in data["participants"]:
+        claims = ", ".join(f"GPU {k} used {_gib(v['used'])} planned {_gib(v['planned'])}"
+                           for k, v in sorted(p["devices"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"  pid {p['pid']}{' (this process)' if p['self'] else ''}: "
+                     f"{claims or 'no claims'}; RAM {_gib(p['host_rss'])}, pinned "
+                     f"{_gib(p['host_pinned'])}")
+    for k, d in data["devices"].items():
+        if device is not None and k != str(device):
+            continue
+        line = (f"GPU {k}: {d['participants']} claim(s), planned {_gib(d['planned'])}, "
+                f"not yet allocated {_gib(d['outstanding'])}")
+        if "budget" in d:
+            line += (f"; reserve {_gib(d['reserve'])} (configured "
+                     f"{_gib(d['configured_reserve'])}), budget {_gib(d['budget'])}")
+        lines.append(line)
+        lr = d.get("learned_reserve")
+        if lr and lr["enabled"]:
+            lines.append(f"  learned reserve {_gib(lr['reserve'])}: {lr['reason']}")
+    pin = data["pinned"]
+    cap = f", cap {_gib(pin['cap'])}" if pin["cap"] else ""
+    lines.append(f"pinned host memory: {_gib(pin['held'])} (VmLck {_gib(pin['locked'])}, VmPin "
+                 f"{_gib(pin['pinned'])}, torch {_gib(pin['torch_host_cache'])}, ComfyUI "
+                 f"{_gib(pin['comfy_pinned'])}){cap}")
+    h = data["host"]
+    lines.append(f"host RAM: available {_gib(h['available'])}, RAM reserve {_gib(h['reserve'])}, "
+                 f"budget {_gib(h['budget'])}")
+    return "\n".join(lines)
+
+
 __all__ = ["DEFAULT_REVALIDATE_S", "ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear",
            "default_path", "join", "host_pinned", "join_from_env", "learned_reserve", "leave",
            "others_planned", "participants", "participants_consistent", "plan", "publish_host",
-           "set_learn_reserve", "status", "summary", "sweep"]
+           "set_learn_reserve", "status", "summary", "summary_text", "sweep"]
