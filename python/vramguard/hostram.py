@@ -103,14 +103,19 @@ def get_pinned_cap() -> int:
 
 def _empty_torch_host_cache() -> bool:
     torch = sys.modules.get("torch")
-    if torch is None:
-        return False
+    initialized = getattr(getattr(torch, "cuda", None), "is_initialized", None)
+    if initialized is None or not initialized():
+        return False  # no CUDA in use: torch's pinned cache holds nothing (and raises)
     for owner, name in ((getattr(torch, "accelerator", None), "empty_host_cache"),
                         (getattr(torch, "_C", None), "_host_emptyCache"),
                         (getattr(torch, "_C", None), "_accelerator_emptyHostCache")):
         fn = getattr(owner, name, None)
         if fn is not None:
-            fn()
+            try:
+                fn()
+            except Exception as e:  # a torch without a usable accelerator: nothing to release
+                log.debug("vramguard: %s.%s failed: %s", getattr(owner, "__name__", "?"), name, e)
+                return False
             return True
     return False
 
