@@ -364,3 +364,88 @@ def test_output_canvas_respects_the_ram_reserve(region):
     finally:
         vg.set_reserve(0, device="host")
     assert vg.tiled(lambda t: t, img, scale=1, overlap=8, device=0).shape == img.shape
+
+
+# ---------------------------------------------------------------- N processes, two devices
+
+def _random_claims_two(path, seed, counts, idx, stop):
+    """Random fit=True plans on both devices and releases until `stop` (no multiprocessing
+    lock touched: these processes are SIGKILLed at random)."""
+    import random
+
+    _two_devices()
+    if not ledger.join(path)["joined"]:
+        return
+    rng = random.Random(seed)
+    while not stop.value:
+        d = rng.randrange(2)
+        total = 24 * GiB if d == 0 else 12 * GiB
+        if ledger.plan(d, rng.randint(total // 20, total // 3), fit=True):
+            counts[2 * idx] += 1
+            time.sleep(rng.uniform(0, 0.004))
+            ledger.clear(d)
+        else:
+            counts[2 * idx + 1] += 1
+        time.sleep(rng.uniform(0, 0.002))
+
+
+@pytest.mark.slow
+def test_two_devices_claims_never_exceed_free_minus_reserve_per_device(region):
+    """N real processes planning on two devices with SIGKILLs in the middle: at every
+    consistent sample each device's claims stay within its own free - reserve."""
+    import random
+
+    _two_devices()
+    assert ledger.join(region)["joined"]
+    nproc = 6
+    counts = CTX.Array("q", 2 * 64, lock=False)
+    stop = CTX.Value("b", 0, lock=False)
+    procs, seed = {}, [2000]
+
+    def start(i):
+        seed[0] += 1
+        p = CTX.Process(target=_random_claims_two, args=(region, seed[0], counts, i, stop),
+                        daemon=True)
+        p.start()
+        procs[i] = p
+
+    for i in range(nproc):
+        start(i)
+    limits = {0: 23 * GiB, 1: 10 * GiB}
+    rng = random.Random(9)
+    samples = kills = 0
+    peak = {0: 0, 1: 0}
+    t_end = time.monotonic() + 3.0
+    t_limit = t_end + 30
+    next_kill = time.monotonic() + 0.3
+    try:
+        while (time.monotonic() < t_end or kills < 4) and time.monotonic() < t_limit:
+            parts, consistent = ledger.participants_consistent()
+            if consistent:
+                for d, lim in limits.items():
+                    tot = sum(q["devices"].get(d, {}).get("planned", 0) for q in parts)
+                    assert tot <= lim, (d, tot, lim, parts)
+                    peak[d] = max(peak[d], tot)
+                samples += 1
+            if time.monotonic() >= next_kill:
+                i = rng.randrange(nproc)
+                victim = procs[i]
+                victim.kill()
+                victim.join()
+                kills += 1
+                ledger.sweep()
+                assert victim.pid not in [q["pid"] for q in ledger.participants()]
+                start(nproc + kills)
+                procs[i] = procs.pop(nproc + kills)
+                next_kill = time.monotonic() + 0.3
+    finally:
+        stop.value = 1
+        for p in procs.values():
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert kills >= 4 and samples >= 50
+    assert sum(counts[0::2]) > 20 and sum(counts[1::2]) > 0
+    assert peak[0] > limits[0] // 2 and peak[1] > limits[1] // 2
+    ledger.sweep()
+    assert [q["pid"] for q in ledger.participants()] == [os.getpid()]
