@@ -8,7 +8,8 @@
  * Trust: every other process of the same uid can write anything into the region, so every
  * figure read from it is range-checked, every sum saturates, no index is ever read from it
  * (the slot and device counts are ours, compared against the header), and a bad header makes
- * us drop the region with a reason instead of reading on.
+ * us drop the region with a reason instead of reading on.  A path that names another file
+ * than ours (removed, re-created) is followed: we leave the old file and join the new one.
  *
  * Cost of a budget read: the region is mapped once.  Every slot write ends by bumping the
  * header's generation word; a budget read checks the header (a few loads, no syscall) and
@@ -111,6 +112,7 @@ typedef struct {
     int no_pidfd; /* kernel without pidfd_open: re-read /proc on every sweep */
     _Atomic int joined; /* lets the not-joined reading path skip the lock */
     int64_t swept_total;
+    int64_t rejoins; /* times the path named a new file and we followed */
     /* what budget reads answer from: the others' sums at generation `cgen`, last fully
      * validated (fstat + poll) at `cval_at` (coarse monotonic seconds) */
     int cvalid;
@@ -300,13 +302,21 @@ static void write_begin(ledger_slot *s)
     atomic_thread_fence(memory_order_release);
 }
 
+/* Ends a write of host figures only: they are not in the cached per-device sums, so no
+ * generation bump (a monitor reading host RAM every second must not make every other
+ * participant's next budget read re-sum the slots). */
+static void write_end_host(ledger_slot *s)
+{
+    uint64_t q = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    atomic_store_explicit(&s->seq, (q | 1) + 1, memory_order_release);
+}
+
 /* Ends the write and bumps the generation, so cached sums everywhere are recomputed.  Our
  * own writes do not change the OTHERS' sums: when our cache was current just before, it
  * stays current (the RMW tells whether anyone else's bump came in between). */
 static void write_end(ledger_slot *s)
 {
-    uint64_t q = atomic_load_explicit(&s->seq, memory_order_relaxed);
-    atomic_store_explicit(&s->seq, (q | 1) + 1, memory_order_release);
+    write_end_host(s);
     uint64_t old = atomic_fetch_add_explicit(&L.reg->h.gen, 1, memory_order_seq_cst);
     if (L.cvalid && old == L.cgen && s == &L.reg->slot[L.slot])
         L.cgen = old + 1;
@@ -389,7 +399,7 @@ static int header_bad(const ledger_header *h, char *msg)
 
 /* The file behind the mapping must still be ours and whole: a truncated shared mapping
  * faults (SIGBUS) on access, so the size is checked before any pass over the slots. */
-static int file_bad(int fd, char *msg)
+static int file_bad(int fd, char *msg, struct stat *out)
 {
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
@@ -414,7 +424,20 @@ static int file_bad(int fd, char *msg)
                  (unsigned long long)REGION_SIZE);
         return -1;
     }
+    if (out != NULL)
+        *out = sb;
     return 0;
+}
+
+static int join_locked(const char *path, double revalidate_s);
+static void leave_locked(void);
+
+/* Whether the path names another file than ours now: removed (a clean-up), or removed and
+ * re-created.  Whoever joins from now on meets at the path, so we follow them there. */
+static int replaced(const struct stat *ours)
+{
+    struct stat now;
+    return stat(L.path, &now) != 0 || now.st_dev != ours->st_dev || now.st_ino != ours->st_ino;
 }
 
 /* Lock held: 0 when the region may be read and written (file, header and our slot checked),
@@ -424,10 +447,19 @@ static int check_region(void)
     if (L.reg == NULL)
         return -1;
     char msg[VG_REASON];
+    struct stat sb;
     /* A forked child was already detached by after_fork_child (pthread_atfork). */
-    if (file_bad(L.fd, msg) < 0 || header_bad(&L.reg->h, msg) < 0) {
+    if (file_bad(L.fd, msg, &sb) < 0 || header_bad(&L.reg->h, msg) < 0) {
         drop_region(msg);
         return -1;
+    }
+    if (replaced(&sb)) { /* leave the old file (its remaining readers stop counting us) */
+        char path[VG_LEDGER_PATH_MAX];
+        double rv = L.reval_s;
+        memcpy(path, L.path, sizeof path);
+        leave_locked();
+        L.rejoins++;
+        return join_locked(path, rv);
     }
     ledger_slot *me = &L.reg->slot[L.slot];
     int64_t who = atomic_load_explicit(&me->pid, memory_order_relaxed);
@@ -630,7 +662,7 @@ static void publish_host(int64_t rss, int64_t pinned)
         atomic_store_explicit(&me->host_rss, rss, memory_order_relaxed);
     if (pinned >= 0)
         atomic_store_explicit(&me->host_pinned, pinned, memory_order_relaxed);
-    write_end(me);
+    write_end_host(me);
 }
 
 void vg_ledger_publish(int index, int64_t process_used)
@@ -667,7 +699,16 @@ static int join_locked(const char *path, double revalidate_s)
     if (L.reg != NULL && L.owner == getpid())
         return 0; /* already joined */
     L.reval_s = revalidate_s;
-    snprintf(L.path, sizeof L.path, "%s", path);
+    /* absolute: the path is looked at again (replaced()) after the cwd may have changed */
+    size_t np = strlen(path), nc = 0;
+    if (path[0] != '/' && getcwd(L.path, sizeof L.path) != NULL &&
+        (nc = strlen(L.path)) < sizeof L.path - 1 - np) {
+        L.path[nc] = '/';
+        memcpy(L.path + nc + 1, path, np + 1);
+    } else {
+        snprintf(L.path, sizeof L.path, "%s", path);
+    }
+    path = L.path;
     local_reset_fds();
     cache_reset();
     L.euid = geteuid();
@@ -719,7 +760,7 @@ static int join_locked(const char *path, double revalidate_s)
         }
     }
     flock(fd, LOCK_UN);
-    if (file_bad(fd, msg) < 0) {
+    if (file_bad(fd, msg, NULL) < 0) {
         drop_region(msg);
         return -1;
     }
@@ -783,6 +824,8 @@ static void status_locked(vg_ledger_status *c)
     c->slot = c->joined ? L.slot : -1;
     c->swept = (long long)L.swept_total;
     c->revalidate_s = L.reval_s;
+    c->rejoins = (long long)L.rejoins;
+    c->generation = c->joined ? atomic_load_explicit(&L.reg->h.gen, memory_order_acquire) : 0;
     memcpy(c->path, L.path, sizeof c->path);
     memcpy(c->reason, c->joined ? "" : L.reason, c->joined ? 1 : sizeof c->reason);
 }

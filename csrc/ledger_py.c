@@ -13,12 +13,12 @@
 
 static PyObject *status_dict(const vg_ledger_status *c)
 {
-    return Py_BuildValue("{s:O,s:s,s:i,s:s,s:i,s:L,s:i,s:i,s:K,s:d}", "joined",
+    return Py_BuildValue("{s:O,s:s,s:i,s:s,s:i,s:L,s:i,s:i,s:K,s:d,s:K,s:L}", "joined",
                          c->joined ? Py_True : Py_False, "path", c->path, "slot", c->slot,
                          "reason", c->reason, "pid", (int)getpid(), "swept", c->swept, "slots",
                          VG_LEDGER_SLOTS, "devices", VG_LEDGER_DEVS, "size",
                          (unsigned long long)vg_ledger_region_size(), "revalidate_s",
-                         c->revalidate_s);
+                         c->revalidate_s, "generation", c->generation, "rejoins", c->rejoins);
 }
 
 static PyObject *py_ledger_join(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
@@ -343,7 +343,7 @@ PyMethodDef vg_ledger_methods[] = {
      "ledger_leave($module, /)\n--\n\nRelease this process's slot."},
     {"ledger_status", py_ledger_status, METH_NOARGS,
      "ledger_status($module, /)\n--\n\nDict: joined, path, slot, reason (why not joined), pid, "
-     "swept, slots, devices, size, revalidate_s."},
+     "swept, slots, devices, size, revalidate_s, generation, rejoins."},
     {"ledger_plan", (PyCFunction)(void (*)(void))py_ledger_plan, METH_VARARGS | METH_KEYWORDS,
      "ledger_plan($module, /, device, nbytes, *, fit=False)\n--\n\nAnnounce this process's "
      "peak on device; fit=True only if it fits the budget (returns False otherwise)."},

@@ -45,6 +45,8 @@ typedef struct {
     int joined, slot;
     long long swept;
     double revalidate_s;
+    unsigned long long generation; /* the region's generation word (0 when not joined) */
+    long long rejoins; /* times the path named a new file and this process followed */
     char path[VG_LEDGER_PATH_MAX], reason[VG_REASON];
 } vg_ledger_status;
 

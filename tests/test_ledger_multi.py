@@ -2,7 +2,6 @@
 RAM reserve, multi-GPU all the way (two simulated devices; the fake NVML with two), and the
 summary that status, the node and the monitor show."""
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -16,10 +15,10 @@ import vramguard as vg
 from vramguard import _native, hostram, ledger
 
 from conftest import run_py
+from test_ledger import CTX as _CTX, _end, _spawn_planner, hammer
 
 GiB = 2**30
 MiB = 2**20
-CTX = mp.get_context("fork")
 
 
 @pytest.fixture
@@ -39,25 +38,9 @@ def _two_devices():
     vg.set_reserve(2 * GiB, device=1)
 
 
-def _planner(path, plans, ready):
-    """Join, plan {device: bytes}, say so, wait to be killed."""
-    _two_devices()
-    ok = ledger.join(path)["joined"] and all(ledger.plan(d, n) for d, n in plans.items())
-    ready.put(ok)
-    time.sleep(60)
-
-
 def _spawn(path, plans):
-    q = CTX.Queue()
-    p = CTX.Process(target=_planner, args=(path, plans, q), daemon=True)
-    p.start()
-    assert q.get(timeout=30) is True
-    return p
-
-
-def _end(p):
-    p.kill()
-    p.join()
+    """A participant process with {device: bytes} planned (test_ledger's planner)."""
+    return _spawn_planner(path, plans, setup=_two_devices)
 
 
 # ---------------------------------------------------------------- budget reads: cached, exact
@@ -153,8 +136,8 @@ def _user(path, ready):
 def test_learned_reserve_does_not_count_participants(region):
     """Another vramguard process's measured use is not a foreign application's."""
     assert ledger.join(region)["joined"]
-    q = CTX.Queue()
-    p = CTX.Process(target=_user, args=(region, q), daemon=True)
+    q = _CTX.Queue()
+    p = _CTX.Process(target=_user, args=(region, q), daemon=True)
     p.start()
     try:
         assert q.get(timeout=30) is True
@@ -368,84 +351,65 @@ def test_output_canvas_respects_the_ram_reserve(region):
 
 # ---------------------------------------------------------------- N processes, two devices
 
-def _random_claims_two(path, seed, counts, idx, stop):
-    """Random fit=True plans on both devices and releases until `stop` (no multiprocessing
-    lock touched: these processes are SIGKILLed at random)."""
-    import random
-
-    _two_devices()
-    if not ledger.join(path)["joined"]:
-        return
-    rng = random.Random(seed)
-    while not stop.value:
-        d = rng.randrange(2)
-        total = 24 * GiB if d == 0 else 12 * GiB
-        if ledger.plan(d, rng.randint(total // 20, total // 3), fit=True):
-            counts[2 * idx] += 1
-            time.sleep(rng.uniform(0, 0.004))
-            ledger.clear(d)
-        else:
-            counts[2 * idx + 1] += 1
-        time.sleep(rng.uniform(0, 0.002))
-
-
 @pytest.mark.slow
 def test_two_devices_claims_never_exceed_free_minus_reserve_per_device(region):
     """N real processes planning on two devices with SIGKILLs in the middle: at every
     consistent sample each device's claims stay within its own free - reserve."""
-    import random
+    hammer(region, {0: 23 * GiB, 1: 10 * GiB}, totals={0: 24 * GiB, 1: 12 * GiB},
+           setup=_two_devices, min_kills=5)
 
+
+def _host_reader(path, ready, go):
     _two_devices()
-    assert ledger.join(region)["joined"]
-    nproc = 6
-    counts = CTX.Array("q", 2 * 64, lock=False)
-    stop = CTX.Value("b", 0, lock=False)
-    procs, seed = {}, [2000]
+    ok = ledger.join(path)["joined"]
+    ready.put(ok)
+    go.get(timeout=30)
+    for _ in range(50):
+        vg.snapshot(None)  # host RAM: its RSS goes to the slot
+    ledger.plan(0, GiB)
+    ready.put(True)
+    time.sleep(60)
 
-    def start(i):
-        seed[0] += 1
-        p = CTX.Process(target=_random_claims_two, args=(region, seed[0], counts, i, stop),
-                        daemon=True)
-        p.start()
-        procs[i] = p
 
-    for i in range(nproc):
-        start(i)
-    limits = {0: 23 * GiB, 1: 10 * GiB}
-    rng = random.Random(9)
-    samples = kills = 0
-    peak = {0: 0, 1: 0}
-    t_end = time.monotonic() + 3.0
-    t_limit = t_end + 30
-    next_kill = time.monotonic() + 0.3
+def test_host_figures_do_not_invalidate_the_others_cache(region):
+    """Only device figures bump the generation the budget cache is keyed by: another
+    participant reading host RAM in a loop costs this one's budget reads nothing."""
+    _two_devices()
+    ledger.join(region)
+    ready, go = _CTX.Queue(), _CTX.Queue()
+    p = _CTX.Process(target=_host_reader, args=(region, ready, go), daemon=True)
+    p.start()
     try:
-        while (time.monotonic() < t_end or kills < 4) and time.monotonic() < t_limit:
-            parts, consistent = ledger.participants_consistent()
-            if consistent:
-                for d, lim in limits.items():
-                    tot = sum(q["devices"].get(d, {}).get("planned", 0) for q in parts)
-                    assert tot <= lim, (d, tot, lim, parts)
-                    peak[d] = max(peak[d], tot)
-                samples += 1
-            if time.monotonic() >= next_kill:
-                i = rng.randrange(nproc)
-                victim = procs[i]
-                victim.kill()
-                victim.join()
-                kills += 1
-                ledger.sweep()
-                assert victim.pid not in [q["pid"] for q in ledger.participants()]
-                start(nproc + kills)
-                procs[i] = procs.pop(nproc + kills)
-                next_kill = time.monotonic() + 0.3
+        assert ready.get(timeout=30) is True
+        g0 = ledger.status()["generation"]
+        go.put(1)
+        assert ready.get(timeout=30) is True
+        other = [q for q in ledger.participants() if not q["self"]][0]
+        assert other["host_rss"] > 0  # the host figures did arrive
+        assert ledger.status()["generation"] == g0 + 1  # the plan alone bumped it
+        assert vg.snapshot(0).budget == 22 * GiB
     finally:
-        stop.value = 1
-        for p in procs.values():
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-    assert kills >= 4 and samples >= 50
-    assert sum(counts[0::2]) > 20 and sum(counts[1::2]) > 0
-    assert peak[0] > limits[0] // 2 and peak[1] > limits[1] // 2
-    ledger.sweep()
-    assert [q["pid"] for q in ledger.participants()] == [os.getpid()]
+        _end(p)
+
+
+def test_a_replaced_region_is_followed(region):
+    """The path removed (a clean-up) or re-created: budget reads notice within revalidate_s,
+    leave the old file and join the one at the path, where newcomers meet."""
+    _two_devices()
+    st = ledger.join(region, revalidate_s=0.02)
+    old = os.stat(region).st_ino
+    p = _spawn(region, {0: 2 * GiB})  # stays in the old file: it never reads a budget
+    try:
+        assert vg.snapshot(0).budget == 21 * GiB
+        os.unlink(region)
+        time.sleep(0.1)
+        assert vg.snapshot(0).budget == 23 * GiB  # the old file's plans are not ours now
+        st = ledger.status()
+        assert st["joined"] and st["rejoins"] == 1 and os.stat(region).st_ino != old
+        q = _spawn(region, {0: 5 * GiB})  # a newcomer meets us at the path
+        try:
+            assert vg.snapshot(0).budget == 18 * GiB
+        finally:
+            _end(q)
+    finally:
+        _end(p)
