@@ -79,7 +79,7 @@ class MemorySnapshot(_Live):
     def execute(self, device: int = 0, passthrough: Any = None):
         text, n = host.memory_report(device)
         ledger_text = vg.ledger.summary_text(device=device)
-        return {"ui": {"text": [text + "\n" + ledger_text]},
+        return {"ui": {"text": [text]},
                 "result": (text, n["free"] >> 20, n["budget"] >> 20, float(n["used_pct"]), ledger_text)}
 
 

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from typing import Any
 
-from . import _native
+from . import _forksafe, _native
 from ._units import fmt_bytes, parse_size
 
 log = logging.getLogger("vramguard")
 
-_lock = threading.Lock()
+_lock = _forksafe.lock()
 _cap = 0  # bytes; 0 = no cap
 
 

@@ -209,7 +209,7 @@ def summary(*, peek: bool = False) -> dict[str, Any]:
     st = status()
     peeked = False
     if peek and not st["joined"] and os.path.exists(default_path()):
-        st = join()
+        st = _native.ledger_join(default_path())  # quiet: a refusal is shown in "reason"
         peeked = st["joined"]
     try:
         parts = participants()
