@@ -8,8 +8,9 @@
      off      the ledger not joined (what every read costs anyway)
      cached   joined, the shipped design: sums cached per header generation, the file checked
               and the pidfds polled every revalidate_s (20 ms)
-     every    joined with revalidate_s=0: fstat + header + a sweep with one poll() over the
-              pidfds on every read (the design before this change; the rival)
+     every    joined with revalidate_s=0: fstat, a stat of the path (replaced?), the header
+              and a sweep of every slot with one poll() over the pidfds on every read (the
+              design before this change did all of it but the path check; the rival)
    Wall times on a loaded shared machine are noisy; the load-independent figure is callgrind's
    instruction count inside snapshot() per read (valgrind, when installed), for the same three.
 2. Two instances tiling on one simulated 24 GiB card (reserve 1 GiB), each a real process
