@@ -240,22 +240,26 @@ def test_summary_keys_are_stable_and_json_ready(region):
 
 def test_cli_status_lists_participants(region):
     _two_devices()
-    p = _spawn(region, {1: 2 * GiB})
+    p = _spawn(region, {0: 2 * GiB, 1: 3 * GiB})
     try:
         env = {**os.environ, ledger.ENV_PATH: region}
         r = subprocess.run([sys.executable, "-m", "vramguard", "status", "--json", "--simulate", "8GB"],
                            capture_output=True, text=True, env=env, timeout=60)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0 and r.stderr == "", r.stderr
         data = json.loads(r.stdout)
         led = data["ledger"]
         assert led["ledger"]["peeked"] is True
         assert [q["pid"] for q in led["participants"]] == [p.pid]
-        assert led["participants"][0]["devices"]["1"]["planned"] == 2 * GiB
+        assert led["participants"][0]["devices"]["1"]["planned"] == 3 * GiB
+        # the table's budget counts the participant's plan, like its own budgets do
+        assert data["devices"][0]["budget"] == 6 * GiB == led["devices"]["0"]["budget"]
         r = subprocess.run([sys.executable, "-m", "vramguard", "status", "--simulate", "8GB"],
                            capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert f"pid {p.pid}: GPU 1 used 0.00 GiB planned 2.00 GiB" in r.stdout
+        assert (f"pid {p.pid}: GPU 0 used 0.00 GiB planned 2.00 GiB, GPU 1 used 0.00 GiB "
+                f"planned 3.00 GiB") in r.stdout.replace("\n    ", " ")
         assert "pinned host memory" in r.stdout
+        assert ledger.status()["joined"] is False  # this process never joined
     finally:
         _end(p)
 

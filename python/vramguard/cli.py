@@ -133,9 +133,10 @@ def status_data() -> dict:
     'ledger': vramguard.ledger.summary(peek=True)}."""
     from . import ledger
 
-    devices = [acc.snapshot_dict(s) for s in acc.snapshots()]
-    return {"devices": devices, "host": acc.snapshot_dict(acc.host()), "gpu": acc.gpu_status(),
-            "ledger": ledger.summary(peek=True)}
+    with ledger.peeking():  # the budgets count the participants' plans, as theirs do
+        devices = [acc.snapshot_dict(s) for s in acc.snapshots()]
+        return {"devices": devices, "host": acc.snapshot_dict(acc.host()),
+                "gpu": acc.gpu_status(), "ledger": ledger.summary()}
 
 
 def _short_bytes(n: int | None) -> str:

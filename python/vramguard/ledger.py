@@ -185,13 +185,36 @@ def _device_rows(parts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return rows
 
 
+_peeked = False  # inside peeking(): this process joined only to look
+
+
+@contextlib.contextmanager
+def peeking() -> Iterator[bool]:
+    """For a process that has not joined (the CLI): when the region exists, join for the block
+    and leave after, so budgets read inside count the participants' plans and summary() lists
+    them (without this process).  Yields whether it joined.  A refused region is not logged:
+    summary()["ledger"]["reason"] shows why."""
+    global _peeked
+    joined = False
+    if not status()["joined"] and os.path.exists(default_path()):
+        joined = _native.ledger_join(default_path())["joined"]
+    _peeked = joined
+    try:
+        yield joined
+    finally:
+        _peeked = False
+        if joined:
+            leave()
+
+
 def summary(*, peek: bool = False) -> dict[str, Any]:
     """Everything ``python -m vramguard status``, the status node and the monitor show about
     the ledger, JSON-ready.  Keys (stable; new ones may be added, none renamed):
 
     - ``version``: 1 (this layout)
     - ``ledger``: status() -- joined, path, slot, reason, pid, swept, slots, devices, size,
-      revalidate_s; plus ``peeked`` (True when this call joined only to look)
+      revalidate_s, generation, rejoins; plus ``peeked`` (True when this process joined only
+      to look: see peeking())
     - ``participants``: [{pid, start_time, slot, self, host_rss, host_pinned,
       devices: {"<index>": {used, planned, pending, outstanding}}}]  (bytes)
     - ``devices``: {"<index>": {participants, planned, outstanding, used (sums over the
@@ -202,24 +225,17 @@ def summary(*, peek: bool = False) -> dict[str, Any]:
       comfy_max, held, cap
     - ``host``: {available, reserve, budget} of host RAM (bytes)
 
-    ``peek=True`` (the CLI): when this process has not joined but the region exists, join,
-    read and leave again, so another process's view can list the participants."""
+    ``peek=True``: inside peeking() (see there)."""
+    if peek and not _peeked:
+        with peeking():
+            return summary()
     from . import hostram
 
-    st = status()
-    peeked = False
-    if peek and not st["joined"] and os.path.exists(default_path()):
-        st = _native.ledger_join(default_path())  # quiet: a refusal is shown in "reason"
-        peeked = st["joined"]
-    try:
-        parts = participants()
-        if peeked:
-            parts = [p for p in parts if not p["self"]]
-        devices = _device_rows(parts)
-    finally:
-        if peeked:
-            leave()
-    st = {**st, "peeked": peeked}
+    st = {**status(), "peeked": _peeked}
+    parts = participants()
+    if _peeked:
+        parts = [p for p in parts if not p["self"]]
+    devices = _device_rows(parts)
     rows = [{**p, "devices": {str(k): v for k, v in p["devices"].items()}} for p in parts]
     h = _native.snapshot(None)
     return {"version": 1, "ledger": st, "participants": rows, "devices": devices,
@@ -273,5 +289,6 @@ def summary_text(data: dict[str, Any] | None = None, device: int | None = None) 
 
 __all__ = ["DEFAULT_REVALIDATE_S", "ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear",
            "default_path", "join", "host_pinned", "join_from_env", "learned_reserve", "leave",
-           "others_planned", "participants", "participants_consistent", "plan", "publish_host",
+           "others_planned", "participants", "participants_consistent", "peeking", "plan",
+           "publish_host",
            "set_learn_reserve", "status", "summary", "summary_text", "sweep"]
