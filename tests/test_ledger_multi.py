@@ -337,6 +337,23 @@ def test_pinned_cap_unpins_through_the_host_and_logs_in_the_gc_line(region, monk
         vg.set_pinned_cap(-1)
 
 
+def test_pinned_pool_gives_way_to_the_ram_reserve(region, monkeypatch):
+    """No cap set, but host RAM is 3 GiB short of the RAM reserve: the pinned pool (6 GiB
+    ComfyUI pins here) is brought down by the shortfall."""
+    mm, calls = _fake_comfy(monkeypatch, 6 * GiB)
+    assert hostram.enforce_pinned_cap() is None  # no cap, no RAM reserve: nothing to do
+    vg.set_reserve(vg.snapshot(None).free + 3 * GiB, device="host")
+    try:
+        rec = hostram.enforce_pinned_cap()
+    finally:
+        vg.set_reserve(0, device="host")
+    assert rec is not None and rec["cap"] == 0
+    slack = 256 * MiB  # host RAM available moves a little between the two readings
+    assert abs(rec["ram_short"] - 3 * GiB) < slack
+    assert abs(rec["released"] - 3 * GiB) < slack and rec["after"] <= rec["limit"]
+    assert calls and calls[0][0] == "free_registrations"
+
+
 def test_output_canvas_respects_the_ram_reserve(region):
     avail = vg.snapshot(None).free
     vg.simulate("8GB", "0")

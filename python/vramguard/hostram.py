@@ -16,7 +16,8 @@ charging VmLck/VmPin, and where they do, adding both would count them twice.
 The cap (``set_pinned_cap``; ComfyUI setting "vramguard.PinnedCapGB"): after a GC stage
 (``enforce_pinned_cap``, called by the GC guard and logged in its GC line as
 ``pinned``/``unpinned`` GB) torch's host cache is emptied and ComfyUI is asked to unpin
-through its own functions (``free_registrations``, ``free_pins``) until ``held`` is under it.
+through its own functions (``free_registrations``, ``free_pins``) until ``held`` is under it
+-- and, when host RAM available is below the RAM reserve, under ``held`` minus the shortfall.
 
 The RAM reserve: ``vg.set_limits("host", reserve=...)`` keeps that much host RAM available;
 host snapshots' budget is ``available - reserve`` (computed in the one place budgets are).
@@ -135,24 +136,31 @@ def _ask_comfy_to_unpin(cap: int) -> bool:
 
 
 def enforce_pinned_cap() -> dict[str, Any] | None:
-    """Bring pinned host memory under the cap: empty torch's host cache, then ask the host to
-    unpin the rest.  None when there is no cap or nothing is over it; else what was done:
-    before, after, cap, released (bytes), torch_emptied, host_asked."""
+    """Bring pinned host memory under its limit: the cap, and below it as far as host RAM
+    is short of the RAM reserve (the pinned pool is host-side work like any other: it must
+    not eat the RAM reserve either).  Empties torch's host cache, then asks the host to unpin
+    the rest.  None when nothing is over; else what was done: before, after, limit, cap,
+    ram_short (bytes the RAM reserve lacked), released, torch_emptied, host_asked."""
     cap = get_pinned_cap()
-    if cap <= 0:
+    h = _native.snapshot(None)
+    short = max(0, h.reserve - h.free)
+    if cap <= 0 and short == 0:
         return None
     before = pinned_host()["held"]
-    if before <= cap:
+    limit = max(0, min(cap if cap > 0 else before, before - short))
+    if before <= limit:
         return None
     torch_emptied = _empty_torch_host_cache()
     mid = pinned_host()["held"]
-    asked = _ask_comfy_to_unpin(cap) if mid > cap else False
+    asked = _ask_comfy_to_unpin(limit) if mid > limit else False
     after = pinned_host()["held"]
-    rec = {"before": before, "after": after, "cap": cap, "released": max(0, before - after),
-           "torch_emptied": torch_emptied, "host_asked": asked}
-    if after > cap:
-        log.warning("vramguard: pinned host memory %s is over the cap %s after releasing what "
-                    "could be released", fmt_bytes(after), fmt_bytes(cap))
+    rec = {"before": before, "after": after, "limit": limit, "cap": cap, "ram_short": short,
+           "released": max(0, before - after), "torch_emptied": torch_emptied,
+           "host_asked": asked}
+    if after > limit:
+        log.warning("vramguard: pinned host memory %s is over its limit %s (cap %s, RAM reserve "
+                    "short by %s) after releasing what could be released", fmt_bytes(after),
+                    fmt_bytes(limit), fmt_bytes(cap), fmt_bytes(short))
     return rec
 
 
