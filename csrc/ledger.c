@@ -1,25 +1,36 @@
-/* ledger.c — the shared ledger: a per-uid shared-memory file, one slot per process.
+/* ledger.c — the shared ledger's source half: a per-uid shared-memory file, one slot per
+ * process.  No Python here (ledger_py.c is the Python face).
  *
  * Owns: the region's layout and its validation, slot claim and release, the per-slot
- * sequence lock, the sweep of dead slots, plans (pending -> planned), and the Python face
- * (ledger_join/leave/status/plan/clear/participants/sweep/others_planned).
+ * sequence lock and the header's generation word, the sweep of dead slots, plans (pending ->
+ * planned), and the per-device sums budget reads are answered from.
  *
  * Trust: every other process of the same uid can write anything into the region, so every
  * figure read from it is range-checked, every sum saturates, no index is ever read from it
  * (the slot and device counts are ours, compared against the header), and a bad header makes
- * us drop the region with a reason instead of reading on.
+ * us drop the region with a reason instead of reading on.  A path that names another file
+ * than ours (removed, re-created) is followed: we leave the old file and join the new one.
+ *
+ * Cost of a budget read: the region is mapped once.  Every slot write ends by bumping the
+ * header's generation word; a budget read checks the header (a few loads, no syscall) and
+ * answers from per-device sums cached at the generation it last saw.  Only when the
+ * generation moved, or VG_LEDGER_REVALIDATE_S passed, does it fstat the file (a truncated
+ * shared mapping faults with SIGBUS on access, so the size is checked before any pass over the
+ * slots), re-read the slots under their sequence locks and, on the interval, poll the
+ * participants' pidfds for deaths.  A death writes nothing, so a SIGKILLed participant's plan
+ * keeps shrinking budgets for at most that interval (never growing them); an explicit sweep
+ * (ledger_sweep, ledger_participants) polls at once.
  *
  * Liveness: a slot names pid + start time (/proc/<pid>/stat field 22).  A slot is verified
  * once by reading /proc and opening a pidfd; after that one poll() over all pidfds tells which
- * participants exited (zombies included), so a sweep costs one syscall, and a reused pid can
- * never look alive (the pidfd names the process, not the number).
+ * participants exited (zombies included), and a reused pid can never look alive (the pidfd
+ * names the process, not the number).
  *
  * Plans are published as `pending`, checked against the budget after a full fence, and only
  * then committed to `planned`: two processes planning at once either see each other or one of
- * them sees the other (Dekker), so committed plans never add up to more than free - reserve. */
+ * them sees the other (Dekker; the generation word is the location both RMW), so committed
+ * plans never add up to more than free - reserve. */
 #include "vg_ledger.h"
-#include "vg_args.h"
-#include "vg_snapshot.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -34,11 +45,20 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define LEDGER_MAGIC 0x315244474c475656ULL /* "VVGLGDR1" */
-#define LEDGER_VERSION 1u
+/* 2: the header's generation word (a version-1 writer would not bump it, and a reader caching
+ * by it would miss that writer's plans) */
+#define LEDGER_VERSION 2u
 #define SEQ_TRIES 256
+
+static int64_t sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_add_overflow(a, b, &r) ? (b > 0 ? INT64_MAX : INT64_MIN) : r;
+}
 
 /* ================================================================ layout */
 
@@ -60,6 +80,7 @@ typedef struct {
     _Atomic uint32_t version, header_size;
     _Atomic uint64_t size;
     _Atomic uint32_t nslots, ndev, slot_size, reserved;
+    _Atomic uint64_t gen; /* bumped after every slot write (any process) */
 } ledger_header;
 
 typedef struct {
@@ -68,6 +89,8 @@ typedef struct {
 } ledger_region;
 
 #define REGION_SIZE ((uint64_t)sizeof(ledger_region))
+
+uint64_t vg_ledger_region_size(void) { return REGION_SIZE; }
 
 /* ================================================================ process-local state */
 
@@ -81,7 +104,7 @@ typedef struct {
     uid_t euid;  /* ours, read at join (the region must belong to it) */
     int slot;
     int64_t start;
-    char path[4096];
+    char path[VG_LEDGER_PATH_MAX];
     char reason[VG_REASON]; /* why we are not joined (or the last problem seen) */
     /* liveness cache, per slot: the (pid, start) verified and its pidfd */
     int64_t vpid[VG_LEDGER_SLOTS], vstart[VG_LEDGER_SLOTS];
@@ -89,6 +112,15 @@ typedef struct {
     int no_pidfd; /* kernel without pidfd_open: re-read /proc on every sweep */
     _Atomic int joined; /* lets the not-joined reading path skip the lock */
     int64_t swept_total;
+    int64_t rejoins; /* times the path named a new file and we followed */
+    /* what budget reads answer from: the others' sums at generation `cgen`, last fully
+     * validated (fstat + poll) at `cval_at` (coarse monotonic seconds) */
+    int cvalid;
+    uint64_t cgen;
+    double cval_at, reval_s;
+    int64_t cplanned[VG_LEDGER_DEVS], cused[VG_LEDGER_DEVS];
+    /* our own published figures (so an unchanged one is not written, nor our slot touched) */
+    int64_t my_used[VG_LEDGER_DEVS];
 } ledger_local;
 
 static ledger_local L;
@@ -100,6 +132,15 @@ static void local_reset_fds(void)
         L.pidfd[k] = -1;
         L.vpid[k] = L.vstart[k] = 0;
     }
+}
+
+static void cache_reset(void)
+{
+    L.cvalid = 0;
+    L.cgen = 0;
+    L.cval_at = 0;
+    for (int d = 0; d < VG_LEDGER_DEVS; d++)
+        L.cplanned[d] = L.cused[d] = 0, L.my_used[d] = -1;
 }
 
 static void after_fork_child(void)
@@ -118,6 +159,7 @@ static void after_fork_child(void)
             if (L.pidfd[k] >= 0)
                 close(L.pidfd[k]);
         local_reset_fds();
+        cache_reset();
         L.slot = -1;
         snprintf(L.reason, VG_REASON, "forked child: not joined (call ledger_join)");
     }
@@ -129,7 +171,9 @@ static void local_init(void)
     L.fd = -1;
     L.slot = -1;
     local_reset_fds();
+    cache_reset();
     snprintf(L.reason, VG_REASON, "not joined (opt-in: ledger_join())");
+    L.reval_s = VG_LEDGER_REVALIDATE_S;
     pthread_atfork(NULL, NULL, after_fork_child);
 }
 
@@ -137,6 +181,17 @@ static void lock_local(void)
 {
     pthread_once(&L_once, local_init);
     pthread_mutex_lock(&L.lock);
+}
+
+static void unlock_local(void) { pthread_mutex_unlock(&L.lock); }
+
+/* Coarse monotonic seconds: a vDSO read of the tick clock, a few ns (the interval it times
+ * is tens of ms). */
+static double coarse_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* ================================================================ /proc and pidfds */
@@ -247,10 +302,24 @@ static void write_begin(ledger_slot *s)
     atomic_thread_fence(memory_order_release);
 }
 
-static void write_end(ledger_slot *s)
+/* Ends a write of host figures only: they are not in the cached per-device sums, so no
+ * generation bump (a monitor reading host RAM every second must not make every other
+ * participant's next budget read re-sum the slots). */
+static void write_end_host(ledger_slot *s)
 {
     uint64_t q = atomic_load_explicit(&s->seq, memory_order_relaxed);
     atomic_store_explicit(&s->seq, (q | 1) + 1, memory_order_release);
+}
+
+/* Ends the write and bumps the generation, so cached sums everywhere are recomputed.  Our
+ * own writes do not change the OTHERS' sums: when our cache was current just before, it
+ * stays current (the RMW tells whether anyone else's bump came in between). */
+static void write_end(ledger_slot *s)
+{
+    write_end_host(s);
+    uint64_t old = atomic_fetch_add_explicit(&L.reg->h.gen, 1, memory_order_seq_cst);
+    if (L.cvalid && old == L.cgen && s == &L.reg->slot[L.slot])
+        L.cgen = old + 1;
 }
 
 /* Every figure of slot `s` to 0 and its start time to `start`, inside one sequence-lock write
@@ -275,7 +344,7 @@ static int64_t clamp_bytes(int64_t x) { return x < 0 ? 0 : x; }
 static int64_t outstanding(const slot_view *v, int d)
 {
     int64_t p = clamp_bytes(v->planned[d]), q = clamp_bytes(v->pending[d]);
-    int64_t o = vg_sat_sub(p > q ? p : q, clamp_bytes(v->used[d]));
+    int64_t o = (p > q ? p : q) - clamp_bytes(v->used[d]); /* both >= 0: cannot overflow */
     return o < 0 ? 0 : o;
 }
 
@@ -297,9 +366,11 @@ static void drop_region(const char *msg)
     L.slot = -1;
     for (int k = 0; k < VG_LEDGER_SLOTS; k++)
         drop_pidfd(k);
+    cache_reset();
 }
 
-/* 0 when the header is ours; else -1 with the message in `msg`. */
+/* 0 when the header is ours; else -1 with the message in `msg`.  Loads only: this runs on
+ * every budget read. */
 static int header_bad(const ledger_header *h, char *msg)
 {
     uint64_t magic = atomic_load_explicit(&h->magic, memory_order_acquire);
@@ -327,8 +398,8 @@ static int header_bad(const ledger_header *h, char *msg)
 }
 
 /* The file behind the mapping must still be ours and whole: a truncated shared mapping
- * faults (SIGBUS) on access, so the size is checked before every pass over the slots. */
-static int file_bad(int fd, char *msg)
+ * faults (SIGBUS) on access, so the size is checked before any pass over the slots. */
+static int file_bad(int fd, char *msg, struct stat *out)
 {
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
@@ -353,22 +424,42 @@ static int file_bad(int fd, char *msg)
                  (unsigned long long)REGION_SIZE);
         return -1;
     }
+    if (out != NULL)
+        *out = sb;
     return 0;
 }
 
-/* Lock held, joined: 0 when the region may be read, else it was dropped.  `with_stat`: also
- * fstat the file (one syscall); the publish that follows a budget read within the same
- * snapshot skips it, every other entry point pays it. */
-static int check_region_ex(int with_stat)
+static int join_locked(const char *path, double revalidate_s);
+static void leave_locked(void);
+
+/* Whether the path names another file than ours now: removed (a clean-up), or removed and
+ * re-created.  Whoever joins from now on meets at the path, so we follow them there. */
+static int replaced(const struct stat *ours)
+{
+    struct stat now;
+    return stat(L.path, &now) != 0 || now.st_dev != ours->st_dev || now.st_ino != ours->st_ino;
+}
+
+/* Lock held: 0 when the region may be read and written (file, header and our slot checked),
+ * else it was dropped.  Every entry point but the cached budget read pays this. */
+static int check_region(void)
 {
     if (L.reg == NULL)
         return -1;
     char msg[VG_REASON];
-    /* A forked child was already detached by after_fork_child (pthread_atfork): no getpid()
-     * here, this runs on every budget read. */
-    if ((with_stat && file_bad(L.fd, msg) < 0) || header_bad(&L.reg->h, msg) < 0) {
+    struct stat sb;
+    /* A forked child was already detached by after_fork_child (pthread_atfork). */
+    if (file_bad(L.fd, msg, &sb) < 0 || header_bad(&L.reg->h, msg) < 0) {
         drop_region(msg);
         return -1;
+    }
+    if (replaced(&sb)) { /* leave the old file (its remaining readers stop counting us) */
+        char path[VG_LEDGER_PATH_MAX];
+        double rv = L.reval_s;
+        memcpy(path, L.path, sizeof path);
+        leave_locked();
+        L.rejoins++;
+        return join_locked(path, rv);
     }
     ledger_slot *me = &L.reg->slot[L.slot];
     int64_t who = atomic_load_explicit(&me->pid, memory_order_relaxed);
@@ -380,8 +471,6 @@ static int check_region_ex(int with_stat)
     }
     return 0;
 }
-
-static int check_region(void) { return check_region_ex(1); }
 
 /* ================================================================ sweep */
 
@@ -436,8 +525,9 @@ static int verify(int k, int64_t pid, int64_t start)
 }
 
 /* Lock held, region checked.  Sweeps dead slots and fills `alive` (1 for slots owned by a
- * live participant, ourselves included) and `views`.  Returns how many were swept. */
-static int sweep(slot_view *views, uint64_t *seqs, unsigned char *alive)
+ * live participant, ourselves included) and `views`.  `with_poll`: also poll the verified
+ * participants' pidfds (the one syscall that notices deaths).  Returns how many were swept. */
+static int sweep(slot_view *views, uint64_t *seqs, unsigned char *alive, int with_poll)
 {
     struct pollfd pfd[VG_LEDGER_SLOTS];
     int pk[VG_LEDGER_SLOTS], np = 0, swept = 0;
@@ -466,7 +556,7 @@ static int sweep(slot_view *views, uint64_t *seqs, unsigned char *alive)
             continue;
         }
         alive[k] = 1;
-        if (L.pidfd[k] >= 0) {
+        if (with_poll && L.pidfd[k] >= 0) {
             pfd[np].fd = L.pidfd[k], pfd[np].events = POLLIN, pfd[np].revents = 0;
             pk[np++] = k;
         }
@@ -485,16 +575,83 @@ static int sweep(slot_view *views, uint64_t *seqs, unsigned char *alive)
     return swept;
 }
 
-/* ================================================================ own slot */
+/* Lock held, region checked: a sweep (with the poll) and the others' sums recomputed at the
+ * generation loaded before reading any slot (a write landing during the pass bumps it past
+ * that, so the next read recomputes).  Returns how many were swept. */
+static int refresh_sums(int with_poll, slot_view *views, uint64_t *seqs, unsigned char *alive)
+{
+    uint64_t g = atomic_load_explicit(&L.reg->h.gen, memory_order_acquire);
+    int swept = sweep(views, seqs, alive, with_poll);
+    for (int d = 0; d < VG_LEDGER_DEVS; d++) {
+        int64_t p = 0, u = 0;
+        for (int k = 0; k < VG_LEDGER_SLOTS; k++)
+            if (alive[k] && k != L.slot) {
+                p = sat_add(p, outstanding(&views[k], d));
+                u = sat_add(u, clamp_bytes(views[k].used[d]));
+            }
+        L.cplanned[d] = p, L.cused[d] = u;
+    }
+    if (swept == 0)
+        L.cgen = g;
+    L.cvalid = swept == 0; /* after reclaims, recompute next time from a settled region */
+    return swept;
+}
+
+/* refresh_sums with its scratch on the stack. */
+static int sweep_refresh(int with_poll)
+{
+    slot_view views[VG_LEDGER_SLOTS];
+    uint64_t seqs[VG_LEDGER_SLOTS];
+    unsigned char alive[VG_LEDGER_SLOTS];
+    return refresh_sums(with_poll, views, seqs, alive);
+}
+
+/* ================================================================ budget reads */
+
+void vg_ledger_others(int index, int64_t *planned, int64_t *used)
+{
+    *planned = *used = 0;
+    pthread_once(&L_once, local_init);
+    if (!atomic_load_explicit(&L.joined, memory_order_relaxed))
+        return; /* not joined, the common case: costs one load */
+    if (index < 0 || index >= VG_LEDGER_DEVS)
+        return;
+    lock_local();
+    if (L.reg == NULL)
+        goto out;
+    double now = coarse_now();
+    if (!(now - L.cval_at < L.reval_s) || now < L.cval_at) {
+        /* the slow path, every reval_s: file, header, our slot, deaths */
+        if (check_region() < 0)
+            goto out;
+        sweep_refresh(1);
+        L.cval_at = now;
+    } else {
+        char msg[VG_REASON];
+        if (header_bad(&L.reg->h, msg) < 0) { /* a replaced or scribbled header: at once */
+            drop_region(msg);
+            goto out;
+        }
+        uint64_t g = atomic_load_explicit(&L.reg->h.gen, memory_order_acquire);
+        if (!L.cvalid || g != L.cgen) {
+            if (check_region() < 0) /* slots are about to be read: the file must be whole */
+                goto out;
+            sweep_refresh(0);
+        }
+    }
+    *planned = L.cplanned[index];
+    *used = L.cused[index];
+out:
+    unlock_local();
+}
 
 static void publish_used(int d, int64_t used)
 {
     ledger_slot *me = &L.reg->slot[L.slot];
-    if (atomic_load_explicit(&me->dev[d].used, memory_order_relaxed) == used)
-        return; /* unchanged: no seq churn for readers */
     write_begin(me);
     atomic_store_explicit(&me->dev[d].used, used, memory_order_relaxed);
     write_end(me);
+    L.my_used[d] = used;
 }
 
 static void publish_host(int64_t rss, int64_t pinned)
@@ -505,36 +662,7 @@ static void publish_host(int64_t rss, int64_t pinned)
         atomic_store_explicit(&me->host_rss, rss, memory_order_relaxed);
     if (pinned >= 0)
         atomic_store_explicit(&me->host_pinned, pinned, memory_order_relaxed);
-    write_end(me);
-}
-
-static int64_t others_of(const slot_view *views, const unsigned char *alive, int d)
-{
-    int64_t sum = 0;
-    for (int k = 0; k < VG_LEDGER_SLOTS; k++)
-        if (alive[k] && k != L.slot)
-            sum = vg_sat_add(sum, outstanding(&views[k], d));
-    return sum;
-}
-
-int64_t vg_ledger_others(int index)
-{
-    pthread_once(&L_once, local_init);
-    if (!atomic_load_explicit(&L.joined, memory_order_relaxed))
-        return 0; /* not joined, the common case: costs one load */
-    if (index < 0 || index >= VG_LEDGER_DEVS)
-        return 0;
-    lock_local();
-    int64_t r = 0;
-    if (check_region() == 0) {
-        slot_view views[VG_LEDGER_SLOTS];
-        uint64_t seqs[VG_LEDGER_SLOTS];
-        unsigned char alive[VG_LEDGER_SLOTS];
-        sweep(views, seqs, alive);
-        r = others_of(views, alive, index);
-    }
-    pthread_mutex_unlock(&L.lock);
-    return r;
+    write_end_host(me);
 }
 
 void vg_ledger_publish(int index, int64_t process_used)
@@ -545,14 +673,15 @@ void vg_ledger_publish(int index, int64_t process_used)
     if (index != VG_HOST && (index < 0 || index >= VG_LEDGER_DEVS))
         return;
     lock_local();
-    /* no fstat: vg_snapshot() read the others (and checked the file) just before */
-    if (check_region_ex(index == VG_HOST) == 0) {
+    /* unchanged (the usual case): nothing written, the region not even touched */
+    if (L.reg != NULL && (index == VG_HOST || L.my_used[index] != process_used) &&
+        check_region() == 0) {
         if (index == VG_HOST)
             publish_host(process_used, -1);
         else
             publish_used(index, process_used);
     }
-    pthread_mutex_unlock(&L.lock);
+    unlock_local();
 }
 
 /* ================================================================ join / leave */
@@ -565,12 +694,23 @@ static int64_t own_start(void)
 }
 
 /* Lock held.  0 joined, -1 with L.reason (not an error: the ledger is opt-in and stays off). */
-static int join_locked(const char *path)
+static int join_locked(const char *path, double revalidate_s)
 {
     if (L.reg != NULL && L.owner == getpid())
         return 0; /* already joined */
-    snprintf(L.path, sizeof L.path, "%s", path);
+    L.reval_s = revalidate_s;
+    /* absolute: the path is looked at again (replaced()) after the cwd may have changed */
+    size_t np = strlen(path), nc = 0;
+    if (path[0] != '/' && getcwd(L.path, sizeof L.path) != NULL &&
+        (nc = strlen(L.path)) < sizeof L.path - 1 - np) {
+        L.path[nc] = '/';
+        memcpy(L.path + nc + 1, path, np + 1);
+    } else {
+        snprintf(L.path, sizeof L.path, "%s", path);
+    }
+    path = L.path;
     local_reset_fds();
+    cache_reset();
     L.euid = geteuid();
     int fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) {
@@ -620,7 +760,7 @@ static int join_locked(const char *path)
         }
     }
     flock(fd, LOCK_UN);
-    if (file_bad(fd, msg) < 0) {
+    if (file_bad(fd, msg, NULL) < 0) {
         drop_region(msg);
         return -1;
     }
@@ -642,7 +782,7 @@ static int join_locked(const char *path)
     slot_view views[VG_LEDGER_SLOTS];
     uint64_t seqs[VG_LEDGER_SLOTS];
     unsigned char alive[VG_LEDGER_SLOTS];
-    sweep(views, seqs, alive);
+    sweep(views, seqs, alive, 1);
     for (int k = 0; k < VG_LEDGER_SLOTS && L.slot < 0; k++) {
         int64_t expect = 0;
         if (atomic_compare_exchange_strong(&L.reg->slot[k].pid, &expect, (int64_t)L.owner))
@@ -676,150 +816,104 @@ static void leave_locked(void)
     snprintf(L.reason, VG_REASON, "not joined (left)");
 }
 
-/* ================================================================ pinned host memory */
+/* ================================================================ the Python face's calls */
 
-/* Locked and pinned pages of this process (/proc/self/status VmLck, VmPin; bytes).  Kept apart
- * from the host source: it is read on demand (host_pinned(), the ledger's host figures), not on
- * every host snapshot.  0, or -1 when the file cannot be read. */
-static int read_pinned(int64_t *locked, int64_t *pinned)
-{
-    char buf[4096];
-    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return -1;
-    buf[n] = 0;
-    *locked = *pinned = -1;
-    static const char *keys[2] = {"\nVmLck:", "\nVmPin:"};
-    int64_t *out[2] = {locked, pinned};
-    for (int i = 0; i < 2; i++) {
-        const char *p = strstr(buf, keys[i]);
-        if (p == NULL)
-            continue;
-        char *end;
-        long long kb = strtoll(p + 7, &end, 10);
-        if (end != p + 7 && kb >= 0 && kb < (INT64_MAX >> 10))
-            *out[i] = (int64_t)kb << 10;
-    }
-    return 0;
-}
-
-/* ================================================================ Python face */
-
-typedef struct {
-    int joined, slot;
-    long long swept;
-    char path[sizeof L.path], reason[VG_REASON];
-} status_copy;
-
-static void status_locked(status_copy *c)
+static void status_locked(vg_ledger_status *c)
 {
     c->joined = L.reg != NULL && L.owner == getpid();
     c->slot = c->joined ? L.slot : -1;
     c->swept = (long long)L.swept_total;
+    c->revalidate_s = L.reval_s;
+    c->rejoins = (long long)L.rejoins;
+    c->generation = c->joined ? atomic_load_explicit(&L.reg->h.gen, memory_order_acquire) : 0;
     memcpy(c->path, L.path, sizeof c->path);
     memcpy(c->reason, c->joined ? "" : L.reason, c->joined ? 1 : sizeof c->reason);
 }
 
-static PyObject *status_dict(const status_copy *c)
+void vg_ledger_join(const char *path, double revalidate_s, vg_ledger_status *out)
 {
-    return Py_BuildValue("{s:O,s:s,s:i,s:s,s:i,s:L,s:i,s:i,s:K}", "joined",
-                         c->joined ? Py_True : Py_False, "path", c->path, "slot", c->slot,
-                         "reason", c->reason, "pid", (int)getpid(), "swept", c->swept, "slots",
-                         VG_LEDGER_SLOTS, "devices", VG_LEDGER_DEVS, "size",
-                         (unsigned long long)REGION_SIZE);
-}
-
-static PyObject *py_ledger_join(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
-{
-    static char *kwlist[] = {"path", NULL};
-    PyObject *path_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:ledger_join", kwlist, &path_obj))
-        return NULL;
-    char path[4096];
-    if (path_obj == Py_None) {
-        snprintf(path, sizeof path, "/dev/shm/vramguard-%u", (unsigned)geteuid());
-    } else {
-        if (!PyUnicode_Check(path_obj)) {
-            PyErr_Format(PyExc_TypeError, "ledger path must be a str or None, got %.80s",
-                         Py_TYPE(path_obj)->tp_name);
-            return NULL;
-        }
-        Py_ssize_t n;
-        const char *p = PyUnicode_AsUTF8AndSize(path_obj, &n);
-        if (p == NULL)
-            return NULL;
-        if (n == 0 || (size_t)n >= sizeof path || strlen(p) != (size_t)n) {
-            PyErr_Format(PyExc_ValueError,
-                         "ledger path must be non-empty, without NUL, under %zu bytes, got %.200R",
-                         sizeof path, path_obj);
-            return NULL;
-        }
-        memcpy(path, p, (size_t)n + 1);
-    }
-    status_copy *c = PyMem_Malloc(sizeof *c);
-    if (c == NULL)
-        return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
     lock_local();
-    (void)join_locked(path);
-    status_locked(c);
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    PyObject *r = status_dict(c);
-    PyMem_Free(c);
-    return r;
+    (void)join_locked(path, revalidate_s);
+    status_locked(out);
+    unlock_local();
 }
 
-static PyObject *py_ledger_leave(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+void vg_ledger_leave(void)
 {
-    Py_BEGIN_ALLOW_THREADS
     lock_local();
     if (L.reg != NULL)
         leave_locked();
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    unlock_local();
 }
 
-static PyObject *py_ledger_status(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
+void vg_ledger_get_status(vg_ledger_status *out)
 {
-    status_copy *c = PyMem_Malloc(sizeof *c);
-    if (c == NULL)
-        return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
     lock_local();
     if (L.reg != NULL)
         (void)check_region(); /* a corrupted region is noticed here too */
-    status_locked(c);
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    PyObject *r = status_dict(c);
-    PyMem_Free(c);
-    return r;
+    status_locked(out);
+    unlock_local();
 }
 
-static int parse_ledger_device(PyObject *obj, int *out)
+int vg_ledger_joined(void)
 {
-    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "ledger device must be an int, got %.80s %.200R",
-                     Py_TYPE(obj)->tp_name, obj);
-        return -1;
+    pthread_once(&L_once, local_init);
+    return atomic_load_explicit(&L.joined, memory_order_relaxed);
+}
+
+int vg_ledger_participants(vg_ledger_part *out, int *n, int *consistent)
+{
+    slot_view *views = malloc(VG_LEDGER_SLOTS * sizeof(slot_view));
+    uint64_t seqs[VG_LEDGER_SLOTS];
+    unsigned char alive[VG_LEDGER_SLOTS];
+    int joined = 0, ok = 0, me = -1;
+    *n = 0;
+    lock_local();
+    if (views != NULL && (joined = check_region() == 0)) {
+        me = L.slot;
+        for (int tries = 0; tries < 100 && !ok; tries++) {
+            refresh_sums(1, views, seqs, alive);
+            atomic_thread_fence(memory_order_acquire);
+            ok = 1;
+            for (int k = 0; k < VG_LEDGER_SLOTS && ok; k++) {
+                ledger_slot *s = &L.reg->slot[k];
+                int64_t pid = atomic_load_explicit(&s->pid, memory_order_relaxed);
+                if (alive[k])
+                    ok = atomic_load_explicit(&s->seq, memory_order_relaxed) == seqs[k] &&
+                         pid == views[k].pid;
+                else if (pid > 0) /* appeared meanwhile, or unreadable */
+                    ok = 0;
+            }
+        }
     }
-    int overflow = 0;
-    long long d = PyLong_AsLongLongAndOverflow(obj, &overflow);
-    if (d == -1 && PyErr_Occurred())
-        return -1;
-    if (overflow || d < 0 || d >= VG_LEDGER_DEVS) {
-        PyErr_Format(PyExc_ValueError, "ledger device must be 0..%d, got %.200R",
-                     VG_LEDGER_DEVS - 1, obj);
-        return -1;
+    unlock_local();
+    for (int k = 0; joined && k < VG_LEDGER_SLOTS; k++) {
+        if (!alive[k])
+            continue;
+        const slot_view *v = &views[k];
+        vg_ledger_part *p = &out[(*n)++];
+        p->pid = v->pid, p->start = v->start, p->slot = k, p->self = k == me;
+        p->host_rss = clamp_bytes(v->host_rss), p->host_pinned = clamp_bytes(v->host_pinned);
+        for (int d = 0; d < VG_LEDGER_DEVS; d++) {
+            p->used[d] = clamp_bytes(v->used[d]);
+            p->planned[d] = clamp_bytes(v->planned[d]);
+            p->pending[d] = clamp_bytes(v->pending[d]);
+            p->outstanding[d] = outstanding(v, d);
+        }
     }
-    *out = (int)d;
-    return 0;
+    free(views);
+    *consistent = ok || !joined;
+    return joined;
+}
+
+int vg_ledger_sweep_now(void)
+{
+    int n = 0;
+    lock_local();
+    if (check_region() == 0)
+        n = sweep_refresh(1);
+    unlock_local();
+    return n;
 }
 
 /* Lock held, joined. */
@@ -832,276 +926,50 @@ static void set_plan(int d, int64_t planned, int64_t pending)
     write_end(me);
 }
 
-/* ledger_plan(device, nbytes, *, fit=False) -> bool.
- * Announce this process's peak on `device` (replacing its previous plan).  fit=True plans
- * only if what is still to be allocated (nbytes - measured) fits this process's budget with
- * every other participant's plan counted; False (and the old plan kept) when it does not.
- * Not joined: nothing is recorded; True (nothing to contend with). */
-static PyObject *py_ledger_plan(PyObject *m, PyObject *args, PyObject *kw)
+int vg_ledger_plan_begin(int d, int64_t nbytes, int fit, int64_t *old_planned,
+                         int64_t *old_pending)
 {
-    static char *kwlist[] = {"device", "nbytes", "fit", NULL};
-    PyObject *dev_obj, *n_obj;
-    int fit = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$p:ledger_plan", kwlist, &dev_obj, &n_obj,
-                                     &fit))
-        return NULL;
-    int d;
-    int64_t n;
-    if (parse_ledger_device(dev_obj, &d) < 0 || vg_parse_bytes(n_obj, "nbytes", 1, &n) < 0)
-        return NULL;
-    vg_state *st = vg_get_state(m);
-    if (fit) {
-        int ndev;
-        char reason[VG_REASON];
-        if (vg_device_count_nogil(&st->src, &ndev, reason) == 0 && d >= ndev) {
-            PyErr_Format(PyExc_ValueError, "device %d does not exist (%d visible)", d, ndev);
-            return NULL;
-        }
-    }
-    int joined;
-    int64_t old_planned = 0, old_pending = 0;
-    Py_BEGIN_ALLOW_THREADS
     lock_local();
-    joined = check_region() == 0;
+    int joined = check_region() == 0;
     if (joined) {
         ledger_slot *me = &L.reg->slot[L.slot];
-        old_planned = atomic_load_explicit(&me->dev[d].planned, memory_order_relaxed);
-        old_pending = atomic_load_explicit(&me->dev[d].pending, memory_order_relaxed);
+        *old_planned = atomic_load_explicit(&me->dev[d].planned, memory_order_relaxed);
+        *old_pending = atomic_load_explicit(&me->dev[d].pending, memory_order_relaxed);
         if (fit)
-            set_plan(d, old_planned, n); /* tentative: others count it from now on */
+            set_plan(d, *old_planned, nbytes); /* tentative: others count it from now on */
         else
-            set_plan(d, n, 0);
+            set_plan(d, nbytes, 0);
         /* Dekker: our pending store is globally visible before we read anyone else's */
         atomic_thread_fence(memory_order_seq_cst);
     }
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    if (!joined || !fit)
-        Py_RETURN_TRUE;
-    /* The budget (computed in one place) with everyone else's plans, pending ones included. */
-    vg_snap s;
-    if (vg_snapshot(st, d, NULL, &s) < 0) {
-        lock_local();
-        if (check_region() == 0)
-            set_plan(d, old_planned, old_pending);
-        pthread_mutex_unlock(&L.lock);
-        return NULL;
-    }
-    int64_t mine = s.process_used >= 0 ? s.process_used : 0;
-    int64_t need = vg_sat_sub(n, mine);
-    int ok = need <= s.budget;
-    Py_BEGIN_ALLOW_THREADS
-    lock_local();
-    if (check_region() == 0)
-        set_plan(d, ok ? n : old_planned, ok ? 0 : old_pending);
-    else
-        ok = 1; /* the region went away meanwhile: nothing to contend with */
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(ok);
+    unlock_local();
+    return joined;
 }
 
-/* ledger_clear(device=None): withdraw this process's plan on one device or all. */
-static PyObject *py_ledger_clear(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+int vg_ledger_plan_set(int d, int64_t planned, int64_t pending)
 {
-    static char *kwlist[] = {"device", NULL};
-    PyObject *dev_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:ledger_clear", kwlist, &dev_obj))
-        return NULL;
-    int d = -1;
-    if (dev_obj != Py_None && parse_ledger_device(dev_obj, &d) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
+    lock_local();
+    int joined = check_region() == 0;
+    if (joined)
+        set_plan(d, planned, pending);
+    unlock_local();
+    return joined;
+}
+
+void vg_ledger_plan_clear(int d)
+{
     lock_local();
     if (check_region() == 0)
         for (int i = 0; i < VG_LEDGER_DEVS; i++)
             if (d < 0 || i == d)
                 set_plan(i, 0, 0);
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    unlock_local();
 }
 
-/* ledger_host(rss=None, pinned=None): record host RAM held (bytes). */
-static PyObject *py_ledger_host(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+void vg_ledger_host(int64_t rss, int64_t pinned)
 {
-    static char *kwlist[] = {"rss", "pinned", NULL};
-    PyObject *o[2] = {Py_None, Py_None};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO:ledger_host", kwlist, &o[0], &o[1]))
-        return NULL;
-    int64_t v[2] = {-1, -1};
-    static const char *what[2] = {"rss", "pinned"};
-    for (int i = 0; i < 2; i++)
-        if (o[i] != Py_None && vg_parse_bytes(o[i], what[i], 1, &v[i]) < 0)
-            return NULL;
-    Py_BEGIN_ALLOW_THREADS
     lock_local();
     if (check_region() == 0)
-        publish_host(v[0], v[1]);
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+        publish_host(rss, pinned);
+    unlock_local();
 }
-
-/* ledger_participants() -> (list of dicts, consistent).  Live participants after a sweep;
- * `consistent` is True when every slot's sequence number was unchanged across the whole
- * read, i.e. the figures held all at one instant (retried up to 100 times for that). */
-static PyObject *py_ledger_participants(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
-{
-    slot_view *views = PyMem_Calloc(VG_LEDGER_SLOTS, sizeof(slot_view));
-    if (views == NULL)
-        return PyErr_NoMemory();
-    uint64_t seqs[VG_LEDGER_SLOTS];
-    unsigned char alive[VG_LEDGER_SLOTS];
-    int joined, consistent = 0, me = -1;
-    Py_BEGIN_ALLOW_THREADS
-    lock_local();
-    joined = check_region() == 0;
-    if (joined) {
-        me = L.slot;
-        for (int tries = 0; tries < 100 && !consistent; tries++) {
-            sweep(views, seqs, alive);
-            atomic_thread_fence(memory_order_acquire);
-            consistent = 1;
-            for (int k = 0; k < VG_LEDGER_SLOTS && consistent; k++) {
-                ledger_slot *s = &L.reg->slot[k];
-                int64_t pid = atomic_load_explicit(&s->pid, memory_order_relaxed);
-                if (alive[k])
-                    consistent = atomic_load_explicit(&s->seq, memory_order_relaxed) ==
-                                     seqs[k] && pid == views[k].pid;
-                else if (pid > 0) /* appeared meanwhile, or unreadable */
-                    consistent = 0;
-            }
-        }
-    }
-    pthread_mutex_unlock(&L.lock);
-    Py_END_ALLOW_THREADS
-    PyObject *list = PyList_New(0);
-    if (list == NULL)
-        goto error;
-    for (int k = 0; joined && k < VG_LEDGER_SLOTS; k++) {
-        if (!alive[k])
-            continue;
-        slot_view *v = &views[k];
-        PyObject *devs = PyDict_New();
-        if (devs == NULL)
-            goto error;
-        for (int d = 0; d < VG_LEDGER_DEVS; d++) {
-            if (v->used[d] == 0 && v->planned[d] == 0 && v->pending[d] == 0)
-                continue;
-            PyObject *dd = Py_BuildValue("{s:L,s:L,s:L,s:L}", "used",
-                                         (long long)clamp_bytes(v->used[d]), "planned",
-                                         (long long)clamp_bytes(v->planned[d]), "pending",
-                                         (long long)clamp_bytes(v->pending[d]), "outstanding",
-                                         (long long)outstanding(v, d));
-            PyObject *key = PyLong_FromLong(d);
-            int rc = (dd == NULL || key == NULL) ? -1 : PyDict_SetItem(devs, key, dd);
-            Py_XDECREF(dd);
-            Py_XDECREF(key);
-            if (rc < 0) {
-                Py_DECREF(devs);
-                goto error;
-            }
-        }
-        PyObject *p = Py_BuildValue("{s:L,s:L,s:i,s:O,s:L,s:L,s:N}", "pid", (long long)v->pid,
-                                    "start_time", (long long)v->start, "slot", k, "self",
-                                    k == me ? Py_True : Py_False, "host_rss",
-                                    (long long)clamp_bytes(v->host_rss), "host_pinned",
-                                    (long long)clamp_bytes(v->host_pinned), "devices", devs);
-        if (p == NULL || PyList_Append(list, p) < 0) {
-            Py_XDECREF(p);
-            goto error;
-        }
-        Py_DECREF(p);
-    }
-    PyMem_Free(views);
-    return Py_BuildValue("(NO)", list, consistent || !joined ? Py_True : Py_False);
-error:
-    PyMem_Free(views);
-    Py_XDECREF(list);
-    return NULL;
-}
-
-static PyObject *py_ledger_sweep(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
-{
-    int n = 0;
-    Py_BEGIN_ALLOW_THREADS
-    slot_view *views = malloc(VG_LEDGER_SLOTS * sizeof(slot_view));
-    uint64_t seqs[VG_LEDGER_SLOTS];
-    unsigned char alive[VG_LEDGER_SLOTS];
-    lock_local();
-    if (views != NULL && check_region() == 0)
-        n = sweep(views, seqs, alive);
-    pthread_mutex_unlock(&L.lock);
-    free(views);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(n);
-}
-
-static PyObject *py_ledger_others_planned(PyObject *Py_UNUSED(m), PyObject *dev_obj)
-{
-    int d;
-    if (parse_ledger_device(dev_obj, &d) < 0)
-        return NULL;
-    int64_t r;
-    Py_BEGIN_ALLOW_THREADS
-    r = vg_ledger_others(d);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong(r);
-}
-
-/* host_pinned() -> {"locked": bytes or None, "pinned": bytes or None}; also recorded in
- * this process's ledger slot (host_pinned = max of the two) when joined. */
-static PyObject *py_host_pinned(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a))
-{
-    int64_t locked = -1, pinned = -1;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = read_pinned(&locked, &pinned);
-    if (rc == 0 && atomic_load_explicit(&L.joined, memory_order_relaxed)) {
-        lock_local();
-        if (check_region() == 0)
-            publish_host(-1, locked > pinned ? locked : pinned);
-        pthread_mutex_unlock(&L.lock);
-    }
-    Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/status");
-    PyObject *a = locked >= 0 ? PyLong_FromLongLong(locked) : Py_NewRef(Py_None);
-    PyObject *b = pinned >= 0 ? PyLong_FromLongLong(pinned) : Py_NewRef(Py_None);
-    if (a == NULL || b == NULL) {
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        return NULL;
-    }
-    return Py_BuildValue("{s:N,s:N}", "locked", a, "pinned", b);
-}
-
-PyMethodDef vg_ledger_methods[] = {
-    {"ledger_join", (PyCFunction)(void (*)(void))py_ledger_join, METH_VARARGS | METH_KEYWORDS,
-     "ledger_join($module, /, path=None)\n--\n\nJoin the shared ledger (default "
-     "/dev/shm/vramguard-<uid>); returns ledger_status(). A foreign or corrupted region is "
-     "ignored with the reason in the status, never raised."},
-    {"ledger_leave", py_ledger_leave, METH_NOARGS,
-     "ledger_leave($module, /)\n--\n\nRelease this process's slot."},
-    {"ledger_status", py_ledger_status, METH_NOARGS,
-     "ledger_status($module, /)\n--\n\nDict: joined, path, slot, reason (why not joined), pid, "
-     "swept, slots, devices, size."},
-    {"ledger_plan", (PyCFunction)(void (*)(void))py_ledger_plan, METH_VARARGS | METH_KEYWORDS,
-     "ledger_plan($module, /, device, nbytes, *, fit=False)\n--\n\nAnnounce this process's "
-     "peak on device; fit=True only if it fits the budget (returns False otherwise)."},
-    {"ledger_clear", (PyCFunction)(void (*)(void))py_ledger_clear, METH_VARARGS | METH_KEYWORDS,
-     "ledger_clear($module, /, device=None)\n--\n\nWithdraw this process's plan(s)."},
-    {"ledger_host", (PyCFunction)(void (*)(void))py_ledger_host, METH_VARARGS | METH_KEYWORDS,
-     "ledger_host($module, /, rss=None, pinned=None)\n--\n\nRecord host RAM held (bytes)."},
-    {"ledger_participants", py_ledger_participants, METH_NOARGS,
-     "ledger_participants($module, /)\n--\n\n(list of live participants, consistent)."},
-    {"ledger_sweep", py_ledger_sweep, METH_NOARGS,
-     "ledger_sweep($module, /)\n--\n\nSweep dead slots now; returns how many."},
-    {"ledger_others_planned", py_ledger_others_planned, METH_O,
-     "ledger_others_planned($module, device, /)\n--\n\nBytes the other participants have "
-     "planned but not allocated on device."},
-    {"host_pinned", py_host_pinned, METH_NOARGS,
-     "host_pinned($module, /)\n--\n\nThis process's locked and pinned host memory (bytes, "
-     "/proc/self/status VmLck and VmPin; None where the kernel does not say)."},
-    {NULL, NULL, 0, NULL}};

@@ -5,7 +5,8 @@
  * sampler threads read it), per-call overrides, and vg_budget(): the one place the budget is
  * computed.  Host RAM is a source like a device: snapshot(None) has a budget too.
  *
- * The reserve rule: reserve = max(ours (configured), the host's (probe), the call's). */
+ * The reserve rule: reserve = max(ours (configured), the host's (probe), the call's, the
+ * learned one (ledger_reserve.c; 0 unless switched on)). */
 #include "vg_snapshot.h"
 #include "vg_args.h"
 #include "vg_ledger.h"
@@ -195,6 +196,20 @@ static void card_snapshot(vg_snap *s, int64_t card)
     s->inactive_split = s->largest_free = -1, s->expandable = -1;
 }
 
+/* The reserve that learns (ledger_reserve.c) joins the reserve rule's max.  Ours is the
+ * larger of the process figure and the framework's: NVML's per-process figure is refreshed
+ * slowly, and a stale low one would make our own growth look like another application's. */
+static void learn_reserve(vg_snap *s, int64_t others_used)
+{
+    int64_t ours = s->process_used > s->framework_reserved ? s->process_used
+                                                           : s->framework_reserved;
+    if (s->index == VG_HOST || ours < 0)
+        return;
+    s->learned_reserve = vg_learn_feed(s->index, s->used, ours, others_used, s->timestamp);
+    if (s->learned_reserve > s->reserve)
+        s->reserve = s->learned_reserve;
+}
+
 int vg_snapshot(vg_state *st, int index, const vg_override *ov, vg_snap *s)
 {
     if (ov != NULL && ov->card >= 0) {
@@ -203,12 +218,12 @@ int vg_snapshot(vg_state *st, int index, const vg_override *ov, vg_snap *s)
         char reason[VG_REASON];
         vg_reading r;
         int rc;
-        int64_t others;
+        int64_t others, others_used;
         Py_BEGIN_ALLOW_THREADS
         /* Shared ledger (ledger.c): the others' plans are read BEFORE the source, so an
          * allocation landing in between is counted twice (in free and in its plan), never
          * not at all; ours is published after. */
-        others = vg_ledger_others(index);
+        vg_ledger_others(index, &others, &others_used);
         rc = vg_source_read_nogil(&st->src, index, &r, reason);
         if (rc == 0)
             vg_ledger_publish(index, r.process_used);
@@ -226,6 +241,7 @@ int vg_snapshot(vg_state *st, int index, const vg_override *ov, vg_snap *s)
         if (st->probe != NULL && index != VG_HOST && strcmp(s->source, "simulated") != 0 &&
             apply_probe(st, s) < 0)
             return -1;
+        learn_reserve(s, others_used);
     }
     if (ov != NULL && ov->reserve > s->reserve)
         s->reserve = ov->reserve;
@@ -258,9 +274,12 @@ static PyStructSequence_Field snap_fields[] = {
     {"inactive_split", "bytes in free allocator blocks beside live ones (not releasable), or None"},
     {"largest_free_block", "the largest block one request could get without a cache release, or None"},
     {"expandable_segments", "PYTORCH_CUDA_ALLOC_CONF expandable_segments on, or None"},
-    {NULL, NULL}};
-#define SNAP_NFIELDS 20
 #define SNAP_F_INACTIVE 17 /* the fragmentation fields (issue 16) */
+    /* shared ledger (issue 13) */
+    {"others_planned", "bytes other ledger participants planned but have not allocated"},
+    {"learned_reserve", "bytes the learned reserve asked for (0 when off); joins the max"},
+    {NULL, NULL}};
+#define SNAP_NFIELDS 22
 
 static PyStructSequence_Desc snap_desc = {"vramguard.Snapshot",
                                           "Device memory at one instant (bytes).", snap_fields,
@@ -272,8 +291,11 @@ static PyStructSequence_Field host_fields[] = {
     {"process_rss", "bytes resident in this process"},
     {"cgroup_limit", "bytes, or None"},
     {"timestamp", "monotonic seconds"},
+    /* pinned host memory (issue 13) */
+    {"locked", "bytes of this process's locked pages (VmLck), or None"},
+    {"pinned", "bytes of this process's pinned pages (VmPin), or None"},
     {NULL, NULL}};
-static PyStructSequence_Desc host_desc = {"vramguard.Host", "Host memory (bytes).", host_fields, 5};
+static PyStructSequence_Desc host_desc = {"vramguard.Host", "Host memory (bytes).", host_fields, 7};
 
 static PyObject *opt_int(int64_t v)
 {
@@ -323,6 +345,8 @@ PyObject *vg_snap_to_py(vg_state *st, const vg_snap *s)
         opt_int(s->inactive_split),
         opt_int(s->largest_free),
         s->expandable < 0 ? Py_NewRef(Py_None) : PyBool_FromLong(s->expandable),
+        PyLong_FromLongLong(s->others_planned),
+        PyLong_FromLongLong(s->learned_reserve),
     };
     return fill_seq(st->SnapshotType, v, SNAP_NFIELDS);
 }
@@ -477,10 +501,10 @@ static PyObject *py_host(PyObject *m, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_OSError, reason);
         return NULL;
     }
-    PyObject *v[5] = {PyLong_FromLongLong(h.total), PyLong_FromLongLong(h.available),
+    PyObject *v[7] = {PyLong_FromLongLong(h.total), PyLong_FromLongLong(h.available),
                       opt_int(h.process_rss), opt_int(h.cgroup_limit),
-                      PyFloat_FromDouble(h.timestamp)};
-    return fill_seq(st->HostType, v, 5);
+                      PyFloat_FromDouble(h.timestamp), opt_int(h.locked), opt_int(h.pinned)};
+    return fill_seq(st->HostType, v, 7);
 }
 
 static PyObject *py_budget(PyObject *m, PyObject *arg)

@@ -95,7 +95,8 @@ static void open_cgroup(vg_sources *src)
 
 static void close_fds(vg_sources *src)
 {
-    int *fds[] = {&src->fd_meminfo, &src->fd_statm, &src->fd_cg_max, &src->fd_cg_cur};
+    int *fds[] = {&src->fd_meminfo, &src->fd_statm, &src->fd_cg_max, &src->fd_cg_cur,
+                  &src->fd_status};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);
@@ -114,6 +115,7 @@ static void ensure_fds(vg_sources *src)
         close_fds(src);
         src->fd_meminfo = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
         src->fd_statm = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+        src->fd_status = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
         open_cgroup(src);
         src->fd_pid = pid;
     }
@@ -149,6 +151,21 @@ static int64_t meminfo_field(const char *buf, const char *key)
     if (kib < 0 || __builtin_mul_overflow(kib, (int64_t)1024, &bytes))
         return -1;
     return bytes;
+}
+
+/* Pinned host memory (issue 13): this process's locked and pinned pages, /proc/self/status
+ * VmLck and VmPin.  Read with the system figures (every host_interval), not per call: the
+ * kernel formats ~1.5 KB for it. */
+static void read_locked_pinned(vg_sources *src, vg_host *h)
+{
+    h->locked = h->pinned = -1;
+    char buf[4096];
+    ssize_t n = src->fd_status >= 0 ? pread(src->fd_status, buf, sizeof buf - 1, 0) : -1;
+    if (n <= 0)
+        return;
+    buf[n] = '\0';
+    h->locked = meminfo_field(buf, "\nVmLck:");
+    h->pinned = meminfo_field(buf, "\nVmPin:");
 }
 
 int vg_host_read_nogil(vg_sources *src, vg_host *h, int fresh, char *reason)
@@ -196,6 +213,7 @@ int vg_host_read_nogil(vg_sources *src, vg_host *h, int fresh, char *reason)
         }
     }
     h->process_rss = vg_process_rss_nogil(src);
+    read_locked_pinned(src, h);
     h->timestamp = now;
     pthread_mutex_lock(&src->lock);
     src->host_cache = *h;
@@ -608,6 +626,7 @@ int vg_sources_init(vg_sources *src)
     src->host_interval = 0.010;
     src->fd_pid = -1;
     src->fd_meminfo = src->fd_statm = src->fd_cg_max = src->fd_cg_cur = -1;
+    src->fd_status = -1;
     return 0;
 }
 

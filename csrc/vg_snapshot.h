@@ -23,6 +23,7 @@ typedef struct {
      * largest block a request could get without a release, expandable segments 1/0 */
     int64_t inactive_split, largest_free;
     int expandable;
+    int64_t learned_reserve; /* the reserve that learns (ledger_reserve.c); 0 when off */
 } vg_snap;
 
 /* Per-call overrides; -1 = not given. */

@@ -34,6 +34,7 @@ typedef struct {
 typedef struct {
     int64_t total, available, process_rss, cgroup_limit;
     double timestamp;
+    int64_t locked, pinned; /* this process's VmLck / VmPin (bytes), -1 unknown */
 } vg_host;
 
 /* A simulated device.  `script` makes used/process_used follow a piecewise-constant
@@ -80,6 +81,7 @@ typedef struct {
     /* /proc files kept open (pread is cheap; open is not), reopened after fork */
     pid_t fd_pid;
     int fd_meminfo, fd_statm, fd_cg_max, fd_cg_cur;
+    int fd_status; /* /proc/self/status: VmLck, VmPin (pinned host memory) */
 } vg_sources;
 
 double vg_now(void);

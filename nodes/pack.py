@@ -62,10 +62,12 @@ def _value(tooltip: str) -> dict:
 
 class MemorySnapshot(_Live):
     DESCRIPTION = "Device, framework and host memory right now, as text and numbers."
-    RETURN_TYPES = ("STRING", "INT", "INT", "FLOAT")
-    RETURN_NAMES = ("text", "free_mb", "budget_mb", "used_pct")
+    RETURN_TYPES = ("STRING", "INT", "INT", "FLOAT", "STRING")
+    RETURN_NAMES = ("text", "free_mb", "budget_mb", "used_pct", "ledger")
     OUTPUT_TOOLTIPS = ("Readable snapshot", "Free VRAM in MiB", "Budget (free + evictable - reserve) in MiB",
-                       "Device memory in use, percent")
+                       "Device memory in use, percent",
+                       "Shared ledger: the processes sharing this GPU and their claims, the learned reserve, "
+                       "pinned host memory")
     OUTPUT_NODE = True
 
     @classmethod
@@ -76,8 +78,9 @@ class MemorySnapshot(_Live):
 
     def execute(self, device: int = 0, passthrough: Any = None):
         text, n = host.memory_report(device)
+        ledger_text = vg.ledger.summary_text(device=device)
         return {"ui": {"text": [text]},
-                "result": (text, n["free"] >> 20, n["budget"] >> 20, float(n["used_pct"]))}
+                "result": (text, n["free"] >> 20, n["budget"] >> 20, float(n["used_pct"]), ledger_text)}
 
 
 class GCCheckpoint(_Node):

@@ -57,6 +57,15 @@ SCHEMA: dict[str, dict[str, Any]] = {
                        "name": "Monitor refresh (s)", "tooltip": "How often the VRAM/RAM bar updates. 0 = off."},
     "MonitorWarn": {"type": "number", "default": 90.0, "range": (1.0, 100.0), "step": 1,
                     "name": "Monitor warning level (%)", "tooltip": "The bar turns red past this VRAM use."},
+    # shared ledger / host RAM (issue 13)
+    "LearnReserve": {"type": "boolean", "default": False, "name": "Learn the reserve from other apps",
+                     "tooltip": "Watch what other applications use on each GPU and keep room for them to come "
+                                "back to their peak of the last 10 minutes (+256 MiB). The larger of this and "
+                                "the VRAM reserve is used; `python -m vramguard status` shows the figure and why."},
+    "PinnedCapGB": {"type": "number", "default": 0.0, "range": (0.0, 1024.0), "step": 0.5,
+                    "name": "Pinned host memory cap (GB)",
+                    "tooltip": "Above this much pinned (page-locked) RAM, release torch's pinned cache and ask "
+                               "ComfyUI to unpin after GC stages (logged in the GC line). 0 = no cap."},
 }
 
 _lock = _forksafe.lock()
@@ -188,6 +197,10 @@ def _apply_valid(key: str, v: Any) -> None:
         if v:
             _create_log(v)
         vg.set_log_file(v or None)
+    elif key == "LearnReserve":
+        vg.set_learn_reserve(v)
+    elif key == "PinnedCapGB":
+        vg.set_pinned_cap(int(v * (1 << 30)))
 
 
 def apply(key: str, value: Any) -> None:

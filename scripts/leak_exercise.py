@@ -174,13 +174,42 @@ def tiler():
     vg.tiled(lambda t: t * 1, x, overlap=8, tile=24, min_tile=16)
 
 
+def ledger_part(path):
+    """The shared ledger and the reserve that learns (issue 13)."""
+    vg.simulate("8GB", "3GB", process_used="1GB")
+    _native.ledger_join(path, revalidate_s=0.0)
+    _native.ledger_plan(0, 1 << 30, fit=True)
+    _native.ledger_plan(0, 1 << 40, fit=True)
+    _native.ledger_participants()
+    _native.ledger_others_planned(0)
+    _native.ledger_host(rss=1, pinned=2)
+    _native.host_pinned()
+    _native.ledger_sweep()
+    _native.ledger_clear()
+    _native.ledger_status()
+    _native.set_learn_reserve(True, window_s=10, margin=1)
+    vg.snapshot(0)
+    _native.learned_reserve(0)
+    _native.set_learn_reserve(False)
+    for bad in ((-1, 1), (16, 1), (0, -1), (True, 1), (0, "x")):
+        expect_error(_native.ledger_plan, *bad)
+    expect_error(_native.ledger_join, "a\0b")
+    expect_error(_native.ledger_join, path, revalidate_s=-1)
+    expect_error(_native.set_learn_reserve, 1)
+    expect_error(_native.set_learn_reserve, True, window_s=0.1)
+    expect_error(_native.learned_reserve, 99)
+    _native.ledger_leave()
+
+
 def main():
     lib = fake_nvml()
+    ledger_path = os.path.join(tempfile.mkdtemp(), "ledger")
     for _ in range(N):
         accounting()
         sampler()
         policy()
         tiler()
+        ledger_part(ledger_path)
     if lib:  # the NVML path, in a child with the fake library
         code = ("import vramguard as vg\nfor _ in range(%d):\n    [vg.snapshot_dict(s) for s in vg.snapshots()]\n"
                 "    s = vg.Sampler(0, 0.001); s.start(); s.end(s.begin('a')); s.stop()\n" % N)

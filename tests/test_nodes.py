@@ -44,7 +44,8 @@ def test_memory_snapshot_node():
     vg.simulate("8GB", "3GB")
     vg.set_reserve("1GB")
     out = pack.MemorySnapshot().execute(0)
-    text, free_mb, budget_mb, used = out["result"]
+    text, free_mb, budget_mb, used, ledger_text = out["result"]
+    assert ledger_text.startswith("ledger: not joined")  # issue 13: the shared-ledger output
     assert "Simulated GPU 0" in text and out["ui"]["text"] == [text]
     assert free_mb == 5 * 1024 and budget_mb == 4 * 1024 and abs(used - 37.5) < 1e-6
 

@@ -25,6 +25,8 @@ from .ledger import leave as ledger_leave
 from .ledger import participants as ledger_participants
 from .ledger import plan as ledger_plan
 from .ledger import status as ledger_status
+from .ledger import learned_reserve, set_learn_reserve
+from .hostram import HostMemoryLow, check_host_room, pinned_host, set_pinned_cap
 from .sampling import Sampler, peaks, reset_sampler, sampler, stages, timeline
 from .batch import (AllocSim, batch_size, clear_allocators, guarded_batch, prewarm, reserve_for,
                     simulate_allocator, simulated_allocator)
@@ -41,6 +43,8 @@ __all__ = [
     "effective_reserve", "end_override", "override_limits",
     "ledger", "ledger_claim", "ledger_clear", "ledger_join", "ledger_leave", "ledger_participants",
     "ledger_plan", "ledger_status",
+    "learned_reserve", "set_learn_reserve",
+    "HostMemoryLow", "check_host_room", "pinned_host", "set_pinned_cap",
     "Sampler", "peaks", "reset_sampler", "sampler", "stages", "timeline",
     "STAGES", "Decision", "GCGuard", "after_stage", "configure_gc", "gc_check", "gc_stats", "guard",
     "in_sampling", "parse_log_line", "register_stage", "run", "set_log_file", "stage",

@@ -129,9 +129,14 @@ def _apply_device_options(a: argparse.Namespace, *, reserve: bool = True) -> Non
 
 
 def status_data() -> dict:
-    """What `status --json` prints: {'devices': [...], 'host': {...}, 'gpu': {...}}."""
-    devices = [acc.snapshot_dict(s) for s in acc.snapshots()]
-    return {"devices": devices, "host": acc.snapshot_dict(acc.host()), "gpu": acc.gpu_status()}
+    """What `status --json` prints: {'devices': [...], 'host': {...}, 'gpu': {...},
+    'ledger': vramguard.ledger.summary(peek=True)}."""
+    from . import ledger
+
+    with ledger.peeking():  # the budgets count the participants' plans, as theirs do
+        devices = [acc.snapshot_dict(s) for s in acc.snapshots()]
+        return {"devices": devices, "host": acc.snapshot_dict(acc.host()),
+                "gpu": acc.gpu_status(), "ledger": ledger.summary()}
 
 
 def _short_bytes(n: int | None) -> str:
@@ -192,6 +197,11 @@ def status_text(data: dict) -> str:
                    f"this process {fmt_bytes(h['process_rss'])}")
     if h["cgroup_limit"]:
         lines.append(f"host RAM: cgroup limit {fmt_bytes(h['cgroup_limit'])}")
+    if "ledger" in data:  # participants, claims, learned reserve, pinned host memory
+        from . import ledger
+
+        for line in ledger.summary_text(data["ledger"]).splitlines():
+            lines += _wrap(line, "    ")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from . import _forksafe, _native
 from . import accounting as acc
+from . import hostram as _hostram
 from . import sampling
 from ._units import fmt_bytes, parse_size, short_repr
 
@@ -223,6 +224,10 @@ class GCGuard:
         gc_rec: dict[str, Any] = {"collected": int(collected), "saved": _gb(saved)}
         if delta < 0:
             gc_rec["grew"] = _gb(-delta)
+        # pinned host memory over its cap (hostram.py, issue 13): released here, logged here
+        pin = self._run_action("pinned_cap", _hostram.enforce_pinned_cap)
+        if pin:
+            gc_rec["pinned"], gc_rec["unpinned"] = _gb(pin["after"]), _gb(pin["released"])
         total = before.total
         on_gpu = dev is not None
         rec = {

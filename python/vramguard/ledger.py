@@ -21,6 +21,7 @@ import os
 from typing import Any, Iterator
 
 from . import _native
+from ._units import parse_size
 
 log = logging.getLogger("vramguard")
 
@@ -36,12 +37,18 @@ def default_path() -> str:
     return os.environ.get(ENV_PATH) or f"/dev/shm/vramguard-{os.geteuid()}"
 
 
-def join(path: str | None = None) -> dict[str, Any]:
+DEFAULT_REVALIDATE_S = 0.02
+
+
+def join(path: str | None = None, *, revalidate_s: float | None = None) -> dict[str, Any]:
     """Join the ledger (idempotent).  Returns status(); on failure ``joined`` is False and
-    ``reason`` says why (logged at WARNING)."""
+    ``reason`` says why (logged at WARNING).  ``revalidate_s`` (default 0.02): how often a
+    budget read re-checks the file and polls for dead participants; in between it answers from
+    sums cached per header generation (0: on every read, the old cost)."""
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"ledger path must be a str or os.PathLike, got {type(path).__name__}")
-    st = _native.ledger_join(os.fspath(path) if path is not None else default_path())
+    st = _native.ledger_join(os.fspath(path) if path is not None else default_path(),
+                             revalidate_s=revalidate_s)
     if not st["joined"]:
         log.warning("vramguard ledger not joined: %s", st["reason"])
     return st
@@ -123,20 +130,165 @@ def publish_host(rss: int | None = None, pinned: int | None = None) -> None:
 
 def host_pinned() -> dict[str, int | None]:
     """This process's locked / pinned host memory in bytes (/proc/self/status VmLck, VmPin);
-    recorded in the ledger slot (host_pinned) when joined."""
+    recorded in the ledger slot (host_pinned) when joined.  hostram.pinned_host() adds torch's
+    and ComfyUI's figures."""
     return _native.host_pinned()
 
 
-def summary() -> dict[str, Any]:
-    """What ``python -m vramguard status`` and the monitor should show: the status and the
-    participants, JSON-ready (device keys as strings)."""
-    st = status()
-    rows = []
-    for p in participants():
-        rows.append({**p, "devices": {str(k): v for k, v in p["devices"].items()}})
-    return {"ledger": st, "participants": rows}
+def set_learn_reserve(enabled: bool, *, window_s: float | None = None,
+                      margin: int | float | str | None = None) -> None:
+    """The reserve that learns (off by default; ComfyUI setting "vramguard.LearnReserve").
+    On: every device reading tracks what the other applications use (device used - this
+    process - the other participants' measured use); the reserve becomes at least their peak
+    over the last ``window_s`` seconds (600) minus what they use now, plus ``margin`` (256 MiB)
+    -- room for them to come back to their peak.  Switching it off forgets what was seen."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    m = None if margin is None else parse_size(margin, "margin")
+    _native.set_learn_reserve(enabled, window_s=window_s, margin=m)
 
 
-__all__ = ["ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear", "default_path", "join",
-           "host_pinned", "join_from_env", "leave", "others_planned", "participants",
-           "participants_consistent", "plan", "publish_host", "status", "summary", "sweep"]
+def learned_reserve(device: int = 0) -> dict[str, Any]:
+    """What the reserve that learns saw on ``device`` and why: enabled, known, reserve, peak,
+    now, margin (bytes), window_s, age_s (of the latest sample; -1 none), samples, reason."""
+    return _native.learned_reserve(device)
+
+
+def _device_rows(parts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        n = _native.device_count()
+    except Exception:  # no GPU and nothing simulated: the ledger still has its claims
+        n = 0
+    idx = set(range(min(n, _native.ledger_status()["devices"])))
+    for p in parts:
+        idx.update(p["devices"])
+    for d in sorted(idx):
+        claims = [p["devices"][d] for p in parts if d in p["devices"]]
+        row: dict[str, Any] = {
+            "participants": len(claims),
+            "planned": sum(c["planned"] for c in claims),
+            "outstanding": sum(c["outstanding"] for c in claims),
+            "used": sum(c["used"] for c in claims),
+        }
+        if d < n:
+            try:
+                snap = _native.snapshot(d)
+                lim = _native.get_limits(d)
+                row.update({"total": snap.total, "free": snap.free, "budget": snap.budget,
+                            "reserve": snap.reserve, "configured_reserve": lim["reserve"],
+                            "cap": snap.cap, "others_planned": snap.others_planned})
+            except Exception as e:  # one unreadable device must not hide the others
+                row["error"] = f"{type(e).__name__}: {e}"
+            row["learned_reserve"] = learned_reserve(d)
+        rows[str(d)] = row
+    return rows
+
+
+_peeked = False  # inside peeking(): this process joined only to look
+
+
+@contextlib.contextmanager
+def peeking() -> Iterator[bool]:
+    """For a process that has not joined (the CLI): when the region exists, join for the block
+    and leave after, so budgets read inside count the participants' plans and summary() lists
+    them (without this process).  Yields whether it joined.  A refused region is not logged:
+    summary()["ledger"]["reason"] shows why."""
+    global _peeked
+    joined = False
+    if not status()["joined"] and os.path.exists(default_path()):
+        joined = _native.ledger_join(default_path())["joined"]
+    _peeked = joined
+    try:
+        yield joined
+    finally:
+        _peeked = False
+        if joined:
+            leave()
+
+
+def summary(*, peek: bool = False) -> dict[str, Any]:
+    """Everything ``python -m vramguard status``, the status node and the monitor show about
+    the ledger, JSON-ready.  Keys (stable; new ones may be added, none renamed):
+
+    - ``version``: 1 (this layout)
+    - ``ledger``: status() -- joined, path, slot, reason, pid, swept, slots, devices, size,
+      revalidate_s, generation, rejoins; plus ``peeked`` (True when this process joined only
+      to look: see peeking())
+    - ``participants``: [{pid, start_time, slot, self, host_rss, host_pinned,
+      devices: {"<index>": {used, planned, pending, outstanding}}}]  (bytes)
+    - ``devices``: {"<index>": {participants, planned, outstanding, used (sums over the
+      participants), total, free, budget, reserve (in force), configured_reserve, cap,
+      others_planned (bytes, this process's view), learned_reserve: learned_reserve(index),
+      error (only when the device could not be read)}}
+    - ``pinned``: hostram.pinned_host() -- locked, pinned, torch_host_cache, comfy_pinned,
+      comfy_max, held, cap
+    - ``host``: {available, reserve, budget} of host RAM (bytes)
+
+    ``peek=True``: inside peeking() (see there)."""
+    if peek and not _peeked:
+        with peeking():
+            return summary()
+    from . import hostram
+
+    st = {**status(), "peeked": _peeked}
+    parts = participants()
+    if _peeked:
+        parts = [p for p in parts if not p["self"]]
+    devices = _device_rows(parts)
+    rows = [{**p, "devices": {str(k): v for k, v in p["devices"].items()}} for p in parts]
+    h = _native.snapshot(None)
+    return {"version": 1, "ledger": st, "participants": rows, "devices": devices,
+            "pinned": hostram.pinned_host(),
+            "host": {"available": h.free, "reserve": h.reserve, "budget": h.budget}}
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def summary_text(data: dict[str, Any] | None = None, device: int | None = None) -> str:
+    """summary() as lines of at most ~80 columns (the CLI's status and the Memory Snapshot
+    node); `device` limits the per-device lines to one."""
+    data = summary() if data is None else data
+    st = data["ledger"]
+    lines = []
+    if st["joined"] or st.get("peeked"):
+        lines.append(f"ledger {st['path']}: {len(data['participants'])} participant(s)"
+                     + (" besides this one" if st.get("peeked") else ""))
+    else:
+        lines.append(f"ledger: {st['reason']}")
+    for p in data["participants"]:
+        claims = ", ".join(f"GPU {k} used {_gib(v['used'])} planned {_gib(v['planned'])}"
+                           for k, v in sorted(p["devices"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"  pid {p['pid']}{' (this process)' if p['self'] else ''}: "
+                     f"{claims or 'no claims'}; RAM {_gib(p['host_rss'])}, pinned "
+                     f"{_gib(p['host_pinned'])}")
+    for k, d in data["devices"].items():
+        if device is not None and k != str(device):
+            continue
+        line = (f"GPU {k}: {d['participants']} claim(s), planned {_gib(d['planned'])}, "
+                f"not yet allocated {_gib(d['outstanding'])}")
+        if "budget" in d:
+            line += (f"; reserve {_gib(d['reserve'])} (configured "
+                     f"{_gib(d['configured_reserve'])}), budget {_gib(d['budget'])}")
+        lines.append(line)
+        lr = d.get("learned_reserve")
+        if lr and lr["enabled"]:
+            lines.append(f"  learned reserve {_gib(lr['reserve'])}: {lr['reason']}")
+    pin = data["pinned"]
+    cap = f", cap {_gib(pin['cap'])}" if pin["cap"] else ""
+    lines.append(f"pinned host memory: {_gib(pin['held'])} (VmLck {_gib(pin['locked'])}, VmPin "
+                 f"{_gib(pin['pinned'])}, torch {_gib(pin['torch_host_cache'])}, ComfyUI "
+                 f"{_gib(pin['comfy_pinned'])}){cap}")
+    h = data["host"]
+    lines.append(f"host RAM: available {_gib(h['available'])}, RAM reserve {_gib(h['reserve'])}, "
+                 f"budget {_gib(h['budget'])}")
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_REVALIDATE_S", "ENV_JOIN", "ENV_PATH", "LedgerFull", "claim", "clear",
+           "default_path", "join", "host_pinned", "join_from_env", "learned_reserve", "leave",
+           "others_planned", "participants", "participants_consistent", "peeking", "plan",
+           "publish_host",
+           "set_learn_reserve", "status", "summary", "summary_text", "sweep"]

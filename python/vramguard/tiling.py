@@ -29,6 +29,7 @@ import numpy as np
 from . import _forksafe, _native
 from . import accounting as acc
 from ._units import fmt_bytes, parse_size
+from .hostram import check_host_room
 
 __all__ = ["CostModel", "Plan", "plan_tiles", "tiled", "tiled_many", "calibrate", "cost_model",
            "TilingError", "Cancelled", "default_cost"]
@@ -535,6 +536,8 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
                     co = got[3] if layout == "nhwc" else got[1]
                     shape = (B, Ho, Wo, co) if layout == "nhwc" else (B, co, Ho, Wo)
                     if out is None:
+                        # host RAM like VRAM: the canvas must fit available - RAM reserve
+                        check_host_room(math.prod(shape) * res_np.dtype.itemsize, "the output canvas")
                         out = np.empty(shape, dtype=res_np.dtype)
                     elif not isinstance(out, np.ndarray) or out.shape != shape:
                         raise ValueError(f"out must be a numpy array of shape {shape}, got "

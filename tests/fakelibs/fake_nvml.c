@@ -11,6 +11,9 @@
  *                                                usedGpuCcProtectedMemory
  *   FAKE_NVML_PROC_DELAY_MS=<ms>                 the process list takes this long (it costs
  *                                                milliseconds on real drivers)
+ *   FAKE_NVML_USED_FILE=<path>                   re-read "used,used,..." (bytes, per device) from
+ *                                                this file on every memory query: other
+ *                                                applications' use changing over time
  *   FAKE_NVML_INIT_FAIL=<code>                   nvmlInit_v2 returns this code
  *   FAKE_NVML_NO_V2=1                            hide nvmlDeviceGetMemoryInfo_v2's data path
  * fake_nvml_calls counts memory queries, fake_nvml_proc_calls process-list queries (exported
@@ -91,9 +94,26 @@ int nvmlDeviceGetName(void *h, char *buf, unsigned int n)
     snprintf(buf, n, "Fake GPU %d", *(int *)h);
     return 0;
 }
+/* FAKE_NVML_USED_FILE: the devices' used figures as they are now. */
+static void reload_used(void)
+{
+    const char *p = getenv("FAKE_NVML_USED_FILE");
+    FILE *f = p ? fopen(p, "r") : NULL;
+    if (f == NULL)
+        return;
+    for (int i = 0; i < ndev; i++) {
+        unsigned long long u;
+        if (fscanf(f, i ? ",%llu" : "%llu", &u) != 1)
+            break;
+        use[i] = u <= tot[i] ? u : tot[i];
+    }
+    fclose(f);
+}
+
 int nvmlDeviceGetMemoryInfo(void *h, mem_v1 *m)
 {
     int i = *(int *)h;
+    reload_used();
     fake_nvml_calls++;
     m->total = tot[i], m->used = use[i], m->free = tot[i] - use[i];
     return 0;
@@ -105,6 +125,7 @@ int nvmlDeviceGetMemoryInfo_v2(void *h, mem_v2 *m)
     if (m->version != (unsigned int)(sizeof *m | (2u << 24)))
         return 25; /* ARGUMENT_VERSION_MISMATCH */
     int i = *(int *)h;
+    reload_used();
     fake_nvml_calls++;
     m->total = tot[i], m->reserved = 0, m->used = use[i], m->free = tot[i] - use[i];
     return 0;
