@@ -51,7 +51,7 @@
 #define LEDGER_MAGIC 0x315244474c475656ULL /* "VVGLGDR1" */
 /* 2: the header's generation word (a version-1 writer would not bump it, and a reader caching
  * by it would miss that writer's plans) */
-#define LEDGER_VERSION 2u
+#define LEDGER_VERSION VG_LEDGER_VERSION
 #define SEQ_TRIES 256
 
 static int64_t sat_add(int64_t a, int64_t b)

@@ -32,7 +32,7 @@ static PyObject *py_ledger_join(PyObject *Py_UNUSED(m), PyObject *args, PyObject
         return NULL;
     char path[VG_LEDGER_PATH_MAX];
     if (path_obj == Py_None) {
-        snprintf(path, sizeof path, "/dev/shm/vramguard-%u", (unsigned)geteuid());
+        snprintf(path, sizeof path, "/dev/shm/vramguard-%u-v%u", (unsigned)geteuid(), VG_LEDGER_VERSION);
     } else {
         if (!PyUnicode_Check(path_obj)) {
             PyErr_Format(PyExc_TypeError, "ledger path must be a str or None, got %.80s",
@@ -336,7 +336,7 @@ static PyObject *py_learned_reserve(PyObject *m, PyObject *dev)
 PyMethodDef vg_ledger_methods[] = {
     {"ledger_join", (PyCFunction)(void (*)(void))py_ledger_join, METH_VARARGS | METH_KEYWORDS,
      "ledger_join($module, /, path=None, *, revalidate_s=None)\n--\n\nJoin the shared "
-     "ledger (default /dev/shm/vramguard-<uid>); returns ledger_status(). A foreign or "
+     "ledger (default /dev/shm/vramguard-<uid>-v<LEDGER_VERSION>); returns ledger_status(). A foreign or "
      "corrupted region is ignored with the reason in the status, never raised.  revalidate_s "
      "(0.02): how often budget reads re-check the file and poll for dead participants."},
     {"ledger_leave", py_ledger_leave, METH_NOARGS,

@@ -64,7 +64,8 @@ static int vg_exec(PyObject *m)
     if (PyModule_AddFunctions(m, vg_snapshot_methods) < 0 ||
         PyModule_AddFunctions(m, vg_devices_methods) < 0 ||
         PyModule_AddFunctions(m, vg_tiler_methods) < 0 ||
-        PyModule_AddFunctions(m, vg_ledger_methods) < 0)
+        PyModule_AddFunctions(m, vg_ledger_methods) < 0 ||
+        PyModule_AddIntConstant(m, "LEDGER_VERSION", VG_LEDGER_VERSION) < 0)
         return -1;
     return 0;
 }

@@ -23,6 +23,9 @@
 #define VG_LEDGER_SLOTS 64 /* participating processes per machine (per uid) */
 #define VG_LEDGER_DEVS 16  /* devices per slot; higher indices are not ledgered */
 #define VG_LEDGER_PATH_MAX 4096
+/* The layout version; it is also in the default file name (/dev/shm/vramguard-<uid>-v<N>), so a
+ * region left by an older build (other layout) never blocks a newer one after an upgrade. */
+#define VG_LEDGER_VERSION 2u
 /* By default a budget read re-checks the file (fstat) and polls the participants' pidfds at
  * most this often; in between it answers from sums cached per header generation.  Joining
  * with revalidate_s = 0 checks on every read (the benchmark's rival: what it cost before). */

@@ -517,3 +517,13 @@ def test_tiled_node_stage_announces_its_planned_peak(region, monkeypatch):
     assert seen and min(seen) > 0, seen
     mine = [q for q in ledger.participants() if q["self"]][0]
     assert mine["devices"] == {}
+
+
+def test_default_path_names_the_layout_version(monkeypatch):
+    """A region left in /dev/shm by an older build (another layout) must not block this one after
+    an upgrade: the default file name carries the layout version."""
+    from vramguard import _native
+
+    monkeypatch.delenv(ledger.ENV_PATH, raising=False)
+    assert ledger.default_path() == f"/dev/shm/vramguard-{os.geteuid()}-v{_native.LEDGER_VERSION}"
+    assert _native.LEDGER_VERSION >= 2

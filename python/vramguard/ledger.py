@@ -1,6 +1,6 @@
 """The shared ledger: several processes on one GPU whose budgets add up (issue 13).
 
-Opt-in.  A process that joins gets a slot in a small shared file (``/dev/shm/vramguard-<uid>``,
+Opt-in.  A process that joins gets a slot in a small shared file (``/dev/shm/vramguard-<uid>-v<layout version>``,
 mode 0600; ``VRAMGUARD_LEDGER_PATH`` overrides it) and from then on every snapshot's budget
 leaves out what the *other* participants have announced (``plan``) but not yet allocated::
 
@@ -34,7 +34,7 @@ class LedgerFull(MemoryError):
 
 
 def default_path() -> str:
-    return os.environ.get(ENV_PATH) or f"/dev/shm/vramguard-{os.geteuid()}"
+    return os.environ.get(ENV_PATH) or f"/dev/shm/vramguard-{os.geteuid()}-v{_native.LEDGER_VERSION}"
 
 
 DEFAULT_REVALIDATE_S = 0.02
