@@ -337,14 +337,25 @@ VG_INLINE AVX2 void avx2_body(char *d, int dh, const char *s, int sh, const floa
 }
 VG_ROW_WRAPPERS(avx2, AVX2, avx2_body)
 
+/* Copies of a row's interior: non-temporal stores once the destination is aligned.  That part
+ * of the output is written once and not read again by this stitch, so the stores skip the
+ * read-for-ownership of every line (a third of the traffic) and do not evict the tile being
+ * read.  stitch_rows fences (sfence) before its rows count as done. */
+#define VG_STREAM_MIN 1024
 AVX2 static void copy_avx2(char *d, const char *s, size_t bytes)
 {
     size_t i = 0;
-    for (; i + 128 <= bytes; i += 128) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(s + i)), b = _mm256_loadu_si256((const __m256i *)(s + i + 32)),
-                c = _mm256_loadu_si256((const __m256i *)(s + i + 64)), e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
-        _mm256_storeu_si256((__m256i *)(d + i), a), _mm256_storeu_si256((__m256i *)(d + i + 32), b);
-        _mm256_storeu_si256((__m256i *)(d + i + 64), c), _mm256_storeu_si256((__m256i *)(d + i + 96), e);
+    if (bytes >= VG_STREAM_MIN) {
+        size_t head = (32 - ((uintptr_t)d & 31)) & 31;
+        _mm256_storeu_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
+        for (i = head; i + 128 <= bytes; i += 128) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(s + i)),
+                    b = _mm256_loadu_si256((const __m256i *)(s + i + 32)),
+                    c = _mm256_loadu_si256((const __m256i *)(s + i + 64)),
+                    e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
+            _mm256_stream_si256((__m256i *)(d + i), a), _mm256_stream_si256((__m256i *)(d + i + 32), b);
+            _mm256_stream_si256((__m256i *)(d + i + 64), c), _mm256_stream_si256((__m256i *)(d + i + 96), e);
+        }
     }
     for (; i + 32 <= bytes; i += 32)
         _mm256_storeu_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
@@ -395,11 +406,15 @@ VG_ROW_WRAPPERS(avx512, AVX512, avx512_body)
 AVX512 static void copy_avx512(char *d, const char *s, size_t bytes)
 {
     size_t i = 0;
-    for (; i + 256 <= bytes; i += 256) {
-        __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64),
-                c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
-        _mm512_storeu_si512(d + i, a), _mm512_storeu_si512(d + i + 64, b);
-        _mm512_storeu_si512(d + i + 128, c), _mm512_storeu_si512(d + i + 192, e);
+    if (bytes >= VG_STREAM_MIN) {
+        size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+        _mm512_storeu_si512(d, _mm512_loadu_si512(s));
+        for (i = head; i + 256 <= bytes; i += 256) {
+            __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64),
+                    c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
+            _mm512_stream_si512((void *)(d + i), a), _mm512_stream_si512((void *)(d + i + 64), b);
+            _mm512_stream_si512((void *)(d + i + 128), c), _mm512_stream_si512((void *)(d + i + 192), e);
+        }
     }
     for (; i + 64 <= bytes; i += 64)
         _mm512_storeu_si512(d + i, _mm512_loadu_si512(s + i));
@@ -611,6 +626,9 @@ __attribute__((noinline, noclone)) static void stitch_rows(const put_job *j)
         if (j->ox + j->w > *cov)
             *cov = j->ox + j->w;
     }
+#ifdef VG_X86
+    _mm_sfence(); /* the copies' non-temporal stores are visible before put() returns */
+#endif
 }
 
 static void *put_thread(void *arg)
