@@ -220,26 +220,54 @@ static void copy_scalar(char *d, const char *s, size_t bytes) { memcpy(d, s, byt
 
 VG_ROW_WRAPPERS(scalar, , scalar_body)
 
-/* Strided sources (a movedim view, a sliced or reversed result): read in place, value by
- * value.  The planar-into-interleaved case of three float channels — what an NCHW network
- * output viewed as NHWC is — gets its own loop, which compilers vectorise. */
-VG_INLINE void strided_body(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
-                            const float *wx, float wy, npy_intp n, int add)
+/* Strided sources (a movedim view, a sliced or reversed result): read in place.  The planar
+ * case — an NCHW network output viewed as NHWC, channels a plane apart — into a float output
+ * of 3 or 4 channels has its own loop, which compilers vectorise; half planes are widened a
+ * chunk at a time into a stack buffer first (F16C where there is one).  Anything else goes
+ * value by value. */
+typedef void (*half_plane_fn)(float *dst, const uint16_t *src, npy_intp n);
+
+static void half_plane_scalar(float *dst, const uint16_t *src, npy_intp n)
 {
-    if (!dh && !sh && C == 3 && sx == 4) {
+    for (npy_intp i = 0; i < n; i++)
+        dst[i] = half_to_float(src[i]);
+}
+
+VG_INLINE void planar_f32(float *o, const char *s, npy_intp sc, int C, const float *wx, float wy, npy_intp n,
+                          int add)
+{
+    for (npy_intp x = 0; x < n; x++) {
+        float w = wy * wx[x];
+        for (int c = 0; c < C; c++) {
+            float v = w * ((const float *)(s + c * sc))[x];
+            o[C * x + c] = add ? v + o[C * x + c] : v;
+        }
+    }
+}
+
+#define VG_CHUNK 512
+VG_INLINE void strided_body(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
+                            const float *wx, float wy, npy_intp n, int add, half_plane_fn cvt)
+{
+    if (!dh && sx == (sh ? 2 : 4) && (C == 3 || C == 4)) {
         float *o = (float *)d;
-        const float *s0 = (const float *)s, *s1 = (const float *)(s + sc), *s2 = (const float *)(s + 2 * sc);
-        if (add)
-            for (npy_intp x = 0; x < n; x++) {
-                float w = wy * wx[x];
-                float v0 = w * s0[x], v1 = w * s1[x], v2 = w * s2[x];
-                o[3 * x] = v0 + o[3 * x], o[3 * x + 1] = v1 + o[3 * x + 1], o[3 * x + 2] = v2 + o[3 * x + 2];
-            }
-        else
-            for (npy_intp x = 0; x < n; x++) {
-                float w = wy * wx[x];
-                o[3 * x] = w * s0[x], o[3 * x + 1] = w * s1[x], o[3 * x + 2] = w * s2[x];
-            }
+        if (!sh) {
+            if (C == 3)
+                planar_f32(o, s, sc, 3, wx, wy, n, add);
+            else
+                planar_f32(o, s, sc, 4, wx, wy, n, add);
+            return;
+        }
+        float buf[4][VG_CHUNK];
+        for (npy_intp x0 = 0; x0 < n; x0 += VG_CHUNK) {
+            npy_intp k = n - x0 < VG_CHUNK ? n - x0 : VG_CHUNK;
+            for (npy_intp c = 0; c < C; c++)
+                cvt(buf[c], (const uint16_t *)(s + c * sc) + x0, k);
+            if (C == 3)
+                planar_f32(o + x0 * 3, (const char *)buf, sizeof buf[0], 3, wx + x0, wy, k, add);
+            else
+                planar_f32(o + x0 * 4, (const char *)buf, sizeof buf[0], 4, wx + x0, wy, k, add);
+        }
         return;
     }
     for (npy_intp x = 0; x < n; x++) {
@@ -260,7 +288,7 @@ typedef void (*strided_fn)(char *d, int dh, const char *s, int sh, npy_intp sx, 
 static void strided_scalar(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
                            const float *wx, float wy, npy_intp n, int add)
 {
-    strided_body(d, dh, s, sh, sx, sc, C, wx, wy, n, add);
+    strided_body(d, dh, s, sh, sx, sc, C, wx, wy, n, add, half_plane_scalar);
 }
 
 /* ---- x86: SSE2 (baseline of x86-64; float only), AVX2 + F16C, AVX-512F.  No FMA: a fused
@@ -362,10 +390,53 @@ AVX2 static void copy_avx2(char *d, const char *s, size_t bytes)
     memcpy(d + i, s + i, bytes - i);
 }
 
+AVX2 static void half_plane_f16c(float *dst, const uint16_t *src, npy_intp n)
+{
+    npy_intp i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = _cvtsh_ss(src[i]);
+}
+
+/* Three planes (float or half) into interleaved float pixels, 8 at a time: weight, then one
+ * permute per plane and two blends per output vector put r0 g0 b0 r1 ... in place. */
+VG_INLINE AVX2 void planar3_avx2(float *o, const char *s, int sh, npy_intp sc, const float *wx, float wy, npy_intp n,
+                                 int add)
+{
+    const __m256i pr = _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5), pg = _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2),
+                  pb = _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7);
+    __m256 vy = _mm256_set1_ps(wy);
+    for (npy_intp x = 0; x < n; x += 8) {
+        __m256 w = _mm256_mul_ps(vy, _mm256_loadu_ps(wx + x));
+        __m256 r = _mm256_permutevar8x32_ps(_mm256_mul_ps(w, ld8(s, sh, x)), pr);
+        __m256 g = _mm256_permutevar8x32_ps(_mm256_mul_ps(w, ld8(s + sc, sh, x)), pg);
+        __m256 b = _mm256_permutevar8x32_ps(_mm256_mul_ps(w, ld8(s + 2 * sc, sh, x)), pb);
+        /* lanes taken from g (mask bits) then b: out0 r.g b.r g.b r.g, out1 b r g b r g b r, ... */
+        __m256 o0 = _mm256_blend_ps(_mm256_blend_ps(r, g, 0x92), b, 0x24);
+        __m256 o1 = _mm256_blend_ps(_mm256_blend_ps(r, g, 0x24), b, 0x49);
+        __m256 o2 = _mm256_blend_ps(_mm256_blend_ps(r, g, 0x49), b, 0x92);
+        float *p = o + 3 * x;
+        if (add) {
+            o0 = _mm256_add_ps(o0, _mm256_loadu_ps(p));
+            o1 = _mm256_add_ps(o1, _mm256_loadu_ps(p + 8));
+            o2 = _mm256_add_ps(o2, _mm256_loadu_ps(p + 16));
+        }
+        _mm256_storeu_ps(p, o0), _mm256_storeu_ps(p + 8, o1), _mm256_storeu_ps(p + 16, o2);
+    }
+}
+
 AVX2 static void strided_avx2(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
                               const float *wx, float wy, npy_intp n, int add)
 {
-    strided_body(d, dh, s, sh, sx, sc, C, wx, wy, n, add);
+    npy_intp done = 0;
+    if (!dh && C == 3 && sx == (sh ? 2 : 4)) {
+        done = n / 8 * 8;
+        planar3_avx2((float *)d, s, sh, sc, wx, wy, done, add);
+    }
+    if (done < n)
+        strided_body(d + done * C * (dh ? 2 : 4), dh, s + done * sx, sh, sx, sc, C, wx + done, wy,
+                     n - done, add, half_plane_f16c);
 }
 
 #define AVX512 __attribute__((target("avx512f")))
@@ -421,11 +492,6 @@ AVX512 static void copy_avx512(char *d, const char *s, size_t bytes)
     memcpy(d + i, s + i, bytes - i);
 }
 
-AVX512 static void strided_avx512(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
-                                  const float *wx, float wy, npy_intp n, int add)
-{
-    strided_body(d, dh, s, sh, sx, sc, C, wx, wy, n, add);
-}
 #endif /* __x86_64__ */
 
 /* ---- aarch64: NEON is architectural, and so are the half <-> float conversions */
@@ -473,7 +539,7 @@ static void isa_kernels(int isa, const row_table **rows, copy_fn *copy, strided_
     else if (isa == ISA_AVX2)
         *rows = &avx2_t, *copy = copy_avx2, *strided = strided_avx2;
     else if (isa == ISA_AVX512)
-        *rows = &avx512_t, *copy = copy_avx512, *strided = strided_avx512;
+        *rows = &avx512_t, *copy = copy_avx512, *strided = strided_avx2; /* planes: 8 lanes do */
 #endif
 #ifdef VG_NEON
     static const row_table neon_t = VG_ROW_TABLE(neon);
@@ -505,7 +571,7 @@ static void detect_isa(void)
     m |= 1u << ISA_SSE2, best = ISA_SSE2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
         m |= 1u << ISA_AVX2, best = ISA_AVX2;
-    if (__builtin_cpu_supports("avx512f"))
+    if (__builtin_cpu_supports("avx512f") && (m & (1u << ISA_AVX2))) /* its strided loop uses F16C */
         m |= 1u << ISA_AVX512, best = ISA_AVX512;
 #endif
 #ifdef VG_NEON
@@ -1069,7 +1135,7 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
         nt = (int)rows;
     npy_intp ses = t == NPY_FLOAT16 ? 2 : 4, sx = PyArray_STRIDE(src, cv->nchw ? 3 : 2),
              sc = PyArray_STRIDE(src, cv->nchw ? 1 : 3);
-    int contig = cv->nchw ? sx == ses : sc == ses && sx == ses * c;
+    int contig = cv->nchw ? sx == ses : (sc == ses || c == 1) && sx == ses * c;
     const row_table *rowk;
     copy_fn copyk;
     strided_fn stridedk;

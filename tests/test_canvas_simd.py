@@ -95,6 +95,7 @@ CASES = [  # B, C, H, W, tile, overlap
     (1, 1, 33, 101, 40, 12),
     (1, 3, 5, 7, 1, 0),        # 1-pixel tiles
     (1, 3, 64, 96, 64, 16),    # one tile per row: whole rows
+    (1, 3, 6, 1300, 700, 48),  # rows longer than the strided loop's 512-px chunk
 ]
 
 
