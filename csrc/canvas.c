@@ -432,7 +432,11 @@ AVX2 static void strided_avx2(char *d, int dh, const char *s, int sh, npy_intp s
     npy_intp done = 0;
     if (!dh && C == 3 && sx == (sh ? 2 : 4)) {
         done = n / 8 * 8;
-        planar3_avx2((float *)d, s, sh, sc, wx, wy, done, add);
+        float *o = (float *)d; /* one instantiation per (half, add): no branch in the loop */
+        if (sh)
+            add ? planar3_avx2(o, s, 1, sc, wx, wy, done, 1) : planar3_avx2(o, s, 1, sc, wx, wy, done, 0);
+        else
+            add ? planar3_avx2(o, s, 0, sc, wx, wy, done, 1) : planar3_avx2(o, s, 0, sc, wx, wy, done, 0);
     }
     if (done < n)
         strided_body(d + done * C * (dh ? 2 : 4), dh, s + done * sx, sh, sx, sc, C, wx + done, wy,
