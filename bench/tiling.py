@@ -135,32 +135,52 @@ def make_grid(H: int, W: int, scale: int, tile: int, overlap: int):
     return tiles, tw, th
 
 
-def torch_stitch(torch, src: Source, tiles, shape, normalised: bool):
-    """Competent torch: 1-D ramps precomputed; per tile one outer product and one addcmul_;
-    without normalised ramps, a weight plane and one in-place division at the end."""
-    out = torch.zeros(shape)
-    wsum = None if normalised else torch.zeros(shape[1:3])
-    for X, Y, h, w, rx, ry in tiles:
-        r = src.torch_tile(h, w)
-        m = torch.outer(ry, rx)
-        out[:, Y:Y + h, X:X + w].addcmul_(r, m.unsqueeze(-1))
+def torch_stitch(torch, src: Source, tiles, shape, normalised: bool, dtype):
+    """Competent torch: 1-D ramps precomputed, per tile one outer product and one addcmul_;
+    without normalised ramps, a weight plane and one in-place division at the end.  In the
+    layout the tiles come in: NCHW for the node's (the network's own layout: the mask
+    broadcasts over channels, rows stay contiguous; the NHWC result is a view, as ComfyUI's
+    tiled_scale returns it), NHWC for ready tiles, rows seen as w*C values with the x ramp
+    repeated per channel (so no broadcast over a 3-long inner axis)."""
+    B, Ho, Wo, C = shape
+    nchw = src.nchw is not None
+    out = torch.zeros((B, C, Ho, Wo) if nchw else (B, Ho, Wo * C), dtype=dtype)
+    wsum = None if normalised else torch.zeros((Ho, Wo), dtype=dtype)
+    for X, Y, h, w, rx, ry, rxc in tiles:
+        if nchw:
+            out[:, :, Y:Y + h, X:X + w].addcmul_(src.torch_tile_nchw(h, w), torch.outer(ry, rx))
+        else:
+            r = src.torch_tile(h, w).reshape(B, h, w * C)
+            out[:, Y:Y + h, X * C:(X + w) * C].addcmul_(r, torch.outer(ry, rxc))
         if wsum is not None:
-            wsum[Y:Y + h, X:X + w].add_(m)
+            wsum[Y:Y + h, X:X + w].add_(torch.outer(ry, rx))
+    if nchw:
+        if wsum is not None:
+            out.div_(wsum)
+        return out.movedim(1, -1)
+    out = out.view(B, Ho, Wo, C)
     if wsum is not None:
         out.div_(wsum.unsqueeze(-1))
     return out
 
 
-def numpy_stitch(src: Source, tiles, shape, scratch):
-    """Competent NumPy: normalised ramps; multiply into a reused scratch tile, add in place."""
-    out = np.zeros(shape, np.float32)
-    for X, Y, h, w, rx, ry in tiles:
-        r = src.np_tile(h, w)
-        tmp = scratch[:, :h, :w]
-        np.multiply(r, (ry[:, None] * rx[None, :])[None, :, :, None], out=tmp)
-        o = out[:, Y:Y + h, X:X + w]
+def numpy_stitch(src: Source, tiles, shape, scratch, dtype):
+    """Competent NumPy: normalised ramps, multiply into a reused scratch tile, add in place;
+    layouts chosen as for torch_stitch."""
+    B, Ho, Wo, C = shape
+    nchw = src.nchw is not None
+    out = np.zeros((B, C, Ho, Wo) if nchw else (B, Ho, Wo * C), dtype)
+    for X, Y, h, w, rx, ry, rxc in tiles:
+        if nchw:
+            tmp = scratch[:, :, :h, :w]
+            np.multiply(src.nchw[:, :, :h, :w], ry[:, None] * rx[None, :], out=tmp)
+            o = out[:, :, Y:Y + h, X:X + w]
+        else:
+            tmp = scratch[:, :h, :w * C]
+            np.multiply(src.np_tile(h, w).reshape(B, h, w * C), ry[:, None] * rxc[None, :], out=tmp)
+            o = out[:, Y:Y + h, X * C:(X + w) * C]
         np.add(o, tmp, out=o)
-    return out
+    return out.transpose(0, 2, 3, 1) if nchw else out.reshape(B, Ho, Wo, C)
 
 
 def measure(fn) -> tuple[float, float]:
@@ -190,15 +210,17 @@ def stitch_bench(torch, comfy_utils, name, H, W, scale, tile, overlap, dtype, ha
         "ours_reused": lambda: vg.tiled(fn, img, out=reused, **kw),
         "memcpy_reused": lambda: np.copyto(mem_dst, mem_src),
         "memcpy_fresh": lambda: np.copyto(np.empty_like(mem_src), mem_src),
-        "numpy": lambda: numpy_stitch(src, tiles, shape, scratch),
+        "numpy": lambda: numpy_stitch(src, ntiles, shape, scratch, out_dtype),
     }
-    scratch = np.empty((B, th * scale, tw * scale, C), np.float32)
+    ntiles = [(X, Y, h, w, rx.astype(out_dtype), ry.astype(out_dtype), np.repeat(rx, C).astype(out_dtype))
+              for X, Y, h, w, rx, ry in tiles]
+    scratch = np.empty((B, C, th * scale, tw * scale) if src.nchw is not None else (B, th * scale, tw * scale * C),
+                       out_dtype)
     if torch is not None:
         tdt = torch.float16 if out_dtype == np.float16 else torch.float32
-        ttiles = [(X, Y, h, w, torch.from_numpy(rx).to(tdt), torch.from_numpy(ry).to(tdt))
-                  for X, Y, h, w, rx, ry in tiles]
-        runs["torch"] = lambda: torch_stitch(torch, src, ttiles, shape, False)
-        runs["torch_norm"] = lambda: torch_stitch(torch, src, ttiles, shape, True)
+        ttiles = [tuple(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in t) for t in ntiles]
+        runs["torch"] = lambda: torch_stitch(torch, src, ttiles, shape, False, tdt)
+        runs["torch_norm"] = lambda: torch_stitch(torch, src, ttiles, shape, True, tdt)
         if comfy_utils is not None:
             timg = torch.zeros((B, C, H, W))
 
@@ -221,6 +243,11 @@ def stitch_bench(torch, comfy_utils, name, H, W, scale, tile, overlap, dtype, ha
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeat):
         for k, f in runs.items():
+            # Every run starts from the same state of the kernel's free pages: an output-sized
+            # buffer just written and freed.  Without it a fresh output's page faults cost what
+            # the previous run left behind (after torch freed its buffers, NumPy's huge-page
+            # faults went into direct compaction: 10x the CPU), not what the stitcher does.
+            np.ones(out_bytes, np.uint8)
             w_, c_ = measure(f)
             wall[k].append(w_)
             cpu[k].append(c_)
