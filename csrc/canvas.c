@@ -179,39 +179,16 @@ VG_INLINE void scalar_body(char *d, int dh, const char *s, int sh, const float *
 
 static void copy_scalar(char *d, const char *s, size_t bytes) { memcpy(d, s, bytes); }
 
-#define VG_ROW_WRAPPERS(isa, attr, body)                                                          \
-    attr static void row_##isa##_ff0(char *d, const char *s, const float *w, float wy, npy_intp n) \
+#define VG_ROW_ONE(isa, attr, body, tag, DH, SH, ADD)                                            \
+    attr static void row_##isa##_##tag(char *d, const char *s, const float *w, float wy, npy_intp n) \
     {                                                                                             \
-        body(d, 0, s, 0, w, wy, n, 0);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_ff1(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 0, s, 0, w, wy, n, 1);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_fh0(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 0, s, 1, w, wy, n, 0);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_fh1(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 0, s, 1, w, wy, n, 1);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_hf0(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 1, s, 0, w, wy, n, 0);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_hf1(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 1, s, 0, w, wy, n, 1);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_hh0(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 1, s, 1, w, wy, n, 0);                                                            \
-    }                                                                                             \
-    attr static void row_##isa##_hh1(char *d, const char *s, const float *w, float wy, npy_intp n) \
-    {                                                                                             \
-        body(d, 1, s, 1, w, wy, n, 1);                                                            \
+        body(d, DH, s, SH, w, wy, n, ADD);                                                        \
     }
+#define VG_ROW_WRAPPERS(isa, attr, body)                                                          \
+    VG_ROW_ONE(isa, attr, body, ff0, 0, 0, 0) VG_ROW_ONE(isa, attr, body, ff1, 0, 0, 1)          \
+    VG_ROW_ONE(isa, attr, body, fh0, 0, 1, 0) VG_ROW_ONE(isa, attr, body, fh1, 0, 1, 1)          \
+    VG_ROW_ONE(isa, attr, body, hf0, 1, 0, 0) VG_ROW_ONE(isa, attr, body, hf1, 1, 0, 1)          \
+    VG_ROW_ONE(isa, attr, body, hh0, 1, 1, 0) VG_ROW_ONE(isa, attr, body, hh1, 1, 1, 1)
 #define VG_ROW_TABLE(isa)                                                                         \
     {                                                                                             \
         {{row_##isa##_ff0, row_##isa##_ff1}, {row_##isa##_fh0, row_##isa##_fh1}},                 \
@@ -219,6 +196,32 @@ static void copy_scalar(char *d, const char *s, size_t bytes) { memcpy(d, s, byt
     }
 
 VG_ROW_WRAPPERS(scalar, , scalar_body)
+
+/* The vector kernels, one body for every width: V the vector type, N its lanes, SET1 / LDW /
+ * MUL / ADDV the broadcast, weight load, multiply and add, LDV / STV a float-or-half load and
+ * store of N values.  Two vectors a turn halve the loop's own instructions; the tail is scalar. */
+#define VG_SIMD_BODY(name, attr, V, N, SET1, LDW, MUL, ADDV, LDV, STV)                             \
+    VG_INLINE attr void name(char *d, int dh, const char *s, int sh, const float *w, float wy,    \
+                             npy_intp n, int add)                                                 \
+    {                                                                                             \
+        V vy = SET1(wy);                                                                          \
+        npy_intp i = 0;                                                                           \
+        for (; i + 2 * N <= n; i += 2 * N) {                                                      \
+            V a = MUL(MUL(vy, LDW(w + i)), LDV(s, sh, i));                                        \
+            V b = MUL(MUL(vy, LDW(w + i + N)), LDV(s, sh, i + N));                                \
+            if (add)                                                                              \
+                a = ADDV(a, LDV(d, dh, i)), b = ADDV(b, LDV(d, dh, i + N));                       \
+            STV(d, dh, i, a), STV(d, dh, i + N, b);                                               \
+        }                                                                                         \
+        for (; i + N <= n; i += N) {                                                              \
+            V a = MUL(MUL(vy, LDW(w + i)), LDV(s, sh, i));                                        \
+            if (add)                                                                              \
+                a = ADDV(a, LDV(d, dh, i));                                                       \
+            STV(d, dh, i, a);                                                                     \
+        }                                                                                         \
+        scalar_body(d + i * (dh ? 2 : 4), dh, s + i * (sh ? 2 : 4), sh, w + i, wy, n - i, add);   \
+    }
+
 
 /* Strided sources (a movedim view, a sliced or reversed result): read in place.  The planar
  * case — an NCHW network output viewed as NHWC, channels a plane apart — into a float output
@@ -343,26 +346,7 @@ VG_INLINE AVX2 void st8(char *p, int half, npy_intp i, __m256 v)
     else
         _mm256_storeu_ps((float *)p + i, v);
 }
-VG_INLINE AVX2 void avx2_body(char *d, int dh, const char *s, int sh, const float *w, float wy, npy_intp n,
-                              int add)
-{
-    __m256 vy = _mm256_set1_ps(wy);
-    npy_intp i = 0;
-    for (; i + 16 <= n; i += 16) { /* two vectors per turn: the loop's own cost halves */
-        __m256 a = _mm256_mul_ps(_mm256_mul_ps(vy, _mm256_loadu_ps(w + i)), ld8(s, sh, i));
-        __m256 b = _mm256_mul_ps(_mm256_mul_ps(vy, _mm256_loadu_ps(w + i + 8)), ld8(s, sh, i + 8));
-        if (add)
-            a = _mm256_add_ps(a, ld8(d, dh, i)), b = _mm256_add_ps(b, ld8(d, dh, i + 8));
-        st8(d, dh, i, a), st8(d, dh, i + 8, b);
-    }
-    for (; i + 8 <= n; i += 8) {
-        __m256 a = _mm256_mul_ps(_mm256_mul_ps(vy, _mm256_loadu_ps(w + i)), ld8(s, sh, i));
-        if (add)
-            a = _mm256_add_ps(a, ld8(d, dh, i));
-        st8(d, dh, i, a);
-    }
-    scalar_body(d + i * (dh ? 2 : 4), dh, s + i * (sh ? 2 : 4), sh, w + i, wy, n - i, add);
-}
+VG_SIMD_BODY(avx2_body, AVX2, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_add_ps, ld8, st8)
 VG_ROW_WRAPPERS(avx2, AVX2, avx2_body)
 
 /* Copies of a row's interior: non-temporal stores once the destination is aligned.  That part
@@ -456,26 +440,8 @@ VG_INLINE AVX512 void st16(char *p, int half, npy_intp i, __m512 v)
     else
         _mm512_storeu_ps((float *)p + i, v);
 }
-VG_INLINE AVX512 void avx512_body(char *d, int dh, const char *s, int sh, const float *w, float wy, npy_intp n,
-                                  int add)
-{
-    __m512 vy = _mm512_set1_ps(wy);
-    npy_intp i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m512 a = _mm512_mul_ps(_mm512_mul_ps(vy, _mm512_loadu_ps(w + i)), ld16(s, sh, i));
-        __m512 b = _mm512_mul_ps(_mm512_mul_ps(vy, _mm512_loadu_ps(w + i + 16)), ld16(s, sh, i + 16));
-        if (add)
-            a = _mm512_add_ps(a, ld16(d, dh, i)), b = _mm512_add_ps(b, ld16(d, dh, i + 16));
-        st16(d, dh, i, a), st16(d, dh, i + 16, b);
-    }
-    for (; i + 16 <= n; i += 16) {
-        __m512 a = _mm512_mul_ps(_mm512_mul_ps(vy, _mm512_loadu_ps(w + i)), ld16(s, sh, i));
-        if (add)
-            a = _mm512_add_ps(a, ld16(d, dh, i));
-        st16(d, dh, i, a);
-    }
-    scalar_body(d + i * (dh ? 2 : 4), dh, s + i * (sh ? 2 : 4), sh, w + i, wy, n - i, add);
-}
+VG_SIMD_BODY(avx512_body, AVX512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_add_ps,
+             ld16, st16)
 VG_ROW_WRAPPERS(avx512, AVX512, avx512_body)
 
 AVX512 static void copy_avx512(char *d, const char *s, size_t bytes)
@@ -514,19 +480,7 @@ VG_INLINE void st4q(char *p, int half, npy_intp i, float32x4_t v)
     else
         vst1q_f32((float *)p + i, v);
 }
-VG_INLINE void neon_body(char *d, int dh, const char *s, int sh, const float *w, float wy, npy_intp n, int add)
-{
-    float32x4_t vy = vdupq_n_f32(wy);
-    npy_intp i = 0;
-    for (; i + 8 <= n; i += 8) {
-        float32x4_t a = vmulq_f32(vmulq_f32(vy, vld1q_f32(w + i)), ld4q(s, sh, i));
-        float32x4_t b = vmulq_f32(vmulq_f32(vy, vld1q_f32(w + i + 4)), ld4q(s, sh, i + 4));
-        if (add)
-            a = vaddq_f32(a, ld4q(d, dh, i)), b = vaddq_f32(b, ld4q(d, dh, i + 4));
-        st4q(d, dh, i, a), st4q(d, dh, i + 4, b);
-    }
-    scalar_body(d + i * (dh ? 2 : 4), dh, s + i * (sh ? 2 : 4), sh, w + i, wy, n - i, add);
-}
+VG_SIMD_BODY(neon_body, , float32x4_t, 4, vdupq_n_f32, vld1q_f32, vmulq_f32, vaddq_f32, ld4q, st4q)
 VG_ROW_WRAPPERS(neon, , neon_body)
 #endif
 
