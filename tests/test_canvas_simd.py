@@ -205,8 +205,9 @@ def test_tiled_with_torch_movedim_results_does_not_copy_tiles():
 
     img = torch.rand(1, 256, 256, 3)
 
-    def fn(t):  # the node's fn: NHWC -> NCHW network -> NHWC view
-        y = t.movedim(-1, -3) * 2.0
+    def fn(t):  # the node's fn: NHWC -> NCHW network (its output NCHW-contiguous) -> NHWC view
+        y = (t.movedim(-1, -3) * 2.0).contiguous()
+        assert y.is_contiguous() and not y.movedim(-3, -1).is_contiguous()
         return y.movedim(-3, -1)
 
     vg.tiled(fn, img, tile=256, overlap=0)  # warm up (imports, caches)
