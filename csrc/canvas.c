@@ -17,6 +17,10 @@
  * every tile result and one write of the output — is what it costs, plus read-modify-write in
  * the overlaps.
  *
+ * Row kernels (see "row kernels" below): SSE2 / AVX2+F16C / AVX-512F / NEON picked at run time,
+ * bit-identical to the scalar path; the interior of a first write is a streamed copy; tiles of
+ * any strides (the node's movedim views, float16 or float32) are read in place.
+ *
  * Hostile callers: put() parses every argument (where __index__, __float__, __bool__ and
  * __iter__ run) before it looks at the canvas; bounds are checked as `off > limit - len`
  * after `len <= limit`; a result overlapping the output is copied first; the output is held
