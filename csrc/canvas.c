@@ -17,6 +17,10 @@
  * every tile result and one write of the output — is what it costs, plus read-modify-write in
  * the overlaps.
  *
+ * Row kernels (see "row kernels" below): SSE2 / AVX2+F16C / AVX-512F / NEON picked at run time,
+ * bit-identical to the scalar path; the interior of a first write is a streamed copy; tiles of
+ * any strides (the node's movedim views, float16 or float32) are read in place.
+ *
  * Hostile callers: put() parses every argument (where __index__, __float__, __bool__ and
  * __iter__ run) before it looks at the canvas; bounds are checked as `off > limit - len`
  * after `len <= limit`; a result overlapping the output is copied first; the output is held
@@ -106,6 +110,7 @@ typedef struct {
     unsigned char *bits;
     npy_intp row_bytes;
     int nthreads;
+    int isa; /* the row kernels' instruction set (ISA_*) */
     pthread_mutex_t lock;
     pid_t lock_pid;
     int64_t puts;
@@ -128,118 +133,469 @@ static double ramp_weight(const vg_ramp *r, int n, double x)
     return w;
 }
 
+/* ================================================================ row kernels
+ *
+ * One output row segment is n values: out[i] = w[i] * wy * src[i]  (store), or out[i] plus
+ * that (add), where w is the x weight expanded per channel.  Every kernel does the same IEEE
+ * operations in the same order — (wy * w) * s, then + d, each rounded, no FMA contraction —
+ * so every dispatch level gives bit-identical results to the scalar one (half outputs are
+ * rounded to nearest-even by F16C / NEON / float_to_half alike).  Where a segment of a first
+ * write has weight exactly one, it is a plain copy (copy_fn).
+ *
+ * Dispatch: the best level this CPU and OS support, chosen once (pthread_once); the
+ * environment variable VRAMGUARD_CANVAS_ISA (scalar, sse2, avx2, avx512, neon) lowers it,
+ * and Canvas(..., isa=...) picks one per canvas (the tests compare every level with scalar). */
+
+enum { ISA_SCALAR, ISA_SSE2, ISA_AVX2, ISA_AVX512, ISA_NEON, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = {"scalar", "sse2", "avx2", "avx512", "neon"};
+
+typedef void (*row_fn)(char *d, const char *s, const float *w, float wy, npy_intp n);
+typedef void (*copy_fn)(char *d, const char *s, size_t bytes);
+typedef row_fn row_table[2][2][2]; /* [dst half][src half][add] */
+
+/* A kernel body is written once, as an always-inline function over constant flags; each
+ * wrapper below instantiates it for one (dst half, src half, add) and one instruction set. */
+#define VG_INLINE static inline __attribute__((always_inline))
+
+static inline float ld_any(const char *p, int half, npy_intp i)
+{
+    return half ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void st_any(char *p, int half, npy_intp i, float v)
+{
+    if (half)
+        ((uint16_t *)p)[i] = float_to_half(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+VG_INLINE void scalar_body(char *d, int dh, const char *s, int sh, const float *w, float wy, npy_intp n,
+                           int add)
+{
+    for (npy_intp i = 0; i < n; i++) {
+        float v = (wy * w[i]) * ld_any(s, sh, i);
+        if (add)
+            v = v + ld_any(d, dh, i);
+        st_any(d, dh, i, v);
+    }
+}
+
+static void copy_scalar(char *d, const char *s, size_t bytes) { memcpy(d, s, bytes); }
+
+#define VG_ROW_ONE(isa, attr, body, tag, DH, SH, ADD)                                            \
+    attr static void row_##isa##_##tag(char *d, const char *s, const float *w, float wy, npy_intp n) \
+    {                                                                                             \
+        body(d, DH, s, SH, w, wy, n, ADD);                                                        \
+    }
+#define VG_ROW_WRAPPERS(isa, attr, body)                                                          \
+    VG_ROW_ONE(isa, attr, body, ff0, 0, 0, 0) VG_ROW_ONE(isa, attr, body, ff1, 0, 0, 1)          \
+    VG_ROW_ONE(isa, attr, body, fh0, 0, 1, 0) VG_ROW_ONE(isa, attr, body, fh1, 0, 1, 1)          \
+    VG_ROW_ONE(isa, attr, body, hf0, 1, 0, 0) VG_ROW_ONE(isa, attr, body, hf1, 1, 0, 1)          \
+    VG_ROW_ONE(isa, attr, body, hh0, 1, 1, 0) VG_ROW_ONE(isa, attr, body, hh1, 1, 1, 1)
+#define VG_ROW_TABLE(isa)                                                                         \
+    {                                                                                             \
+        {{row_##isa##_ff0, row_##isa##_ff1}, {row_##isa##_fh0, row_##isa##_fh1}},                 \
+        {{row_##isa##_hf0, row_##isa##_hf1}, {row_##isa##_hh0, row_##isa##_hh1}},                 \
+    }
+
+VG_ROW_WRAPPERS(scalar, , scalar_body)
+
+/* The vector kernels, one body for every width: V the vector type, N its lanes, SET1 / LDW /
+ * MUL / ADDV the broadcast, weight load, multiply and add, LDV / STV a float-or-half load and
+ * store of N values.  Two vectors a turn halve the loop's own instructions; the tail is scalar. */
+#define VG_SIMD_BODY(name, attr, V, N, SET1, LDW, MUL, ADDV, LDV, STV)                             \
+    VG_INLINE attr void name(char *d, int dh, const char *s, int sh, const float *w, float wy,    \
+                             npy_intp n, int add)                                                 \
+    {                                                                                             \
+        V vy = SET1(wy);                                                                          \
+        npy_intp i = 0;                                                                           \
+        for (; i + 2 * N <= n; i += 2 * N) {                                                      \
+            V a = MUL(MUL(vy, LDW(w + i)), LDV(s, sh, i));                                        \
+            V b = MUL(MUL(vy, LDW(w + i + N)), LDV(s, sh, i + N));                                \
+            if (add)                                                                              \
+                a = ADDV(a, LDV(d, dh, i)), b = ADDV(b, LDV(d, dh, i + N));                       \
+            STV(d, dh, i, a), STV(d, dh, i + N, b);                                               \
+        }                                                                                         \
+        for (; i + N <= n; i += N) {                                                              \
+            V a = MUL(MUL(vy, LDW(w + i)), LDV(s, sh, i));                                        \
+            if (add)                                                                              \
+                a = ADDV(a, LDV(d, dh, i));                                                       \
+            STV(d, dh, i, a);                                                                     \
+        }                                                                                         \
+        scalar_body(d + i * (dh ? 2 : 4), dh, s + i * (sh ? 2 : 4), sh, w + i, wy, n - i, add);   \
+    }
+
+
+/* Strided sources (a movedim view, a sliced or reversed result): read in place.  The planar
+ * case — an NCHW network output viewed as NHWC, channels a plane apart — into a float output
+ * of 3 or 4 channels has its own loop, which compilers vectorise; half planes are widened a
+ * chunk at a time into a stack buffer first (F16C where there is one).  Anything else goes
+ * value by value. */
+typedef void (*half_plane_fn)(float *dst, const uint16_t *src, npy_intp n);
+
+static void half_plane_scalar(float *dst, const uint16_t *src, npy_intp n)
+{
+    for (npy_intp i = 0; i < n; i++)
+        dst[i] = half_to_float(src[i]);
+}
+
+VG_INLINE void planar_f32(float *o, const char *s, npy_intp sc, int C, const float *wx, float wy, npy_intp n,
+                          int add)
+{
+    for (npy_intp x = 0; x < n; x++) {
+        float w = wy * wx[x];
+        for (int c = 0; c < C; c++) {
+            float v = w * ((const float *)(s + c * sc))[x];
+            o[C * x + c] = add ? v + o[C * x + c] : v;
+        }
+    }
+}
+
+#define VG_CHUNK 512
+VG_INLINE void strided_body(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
+                            const float *wx, float wy, npy_intp n, int add, half_plane_fn cvt)
+{
+    if (!dh && sx == (sh ? 2 : 4) && (C == 3 || C == 4)) {
+        float *o = (float *)d;
+        if (!sh) {
+            if (C == 3)
+                planar_f32(o, s, sc, 3, wx, wy, n, add);
+            else
+                planar_f32(o, s, sc, 4, wx, wy, n, add);
+            return;
+        }
+        float buf[4][VG_CHUNK];
+        for (npy_intp x0 = 0; x0 < n; x0 += VG_CHUNK) {
+            npy_intp k = n - x0 < VG_CHUNK ? n - x0 : VG_CHUNK;
+            for (npy_intp c = 0; c < C; c++)
+                cvt(buf[c], (const uint16_t *)(s + c * sc) + x0, k);
+            if (C == 3)
+                planar_f32(o + x0 * 3, (const char *)buf, sizeof buf[0], 3, wx + x0, wy, k, add);
+            else
+                planar_f32(o + x0 * 4, (const char *)buf, sizeof buf[0], 4, wx + x0, wy, k, add);
+        }
+        return;
+    }
+    for (npy_intp x = 0; x < n; x++) {
+        float w = wy * wx[x];
+        for (npy_intp c = 0; c < C; c++) {
+            const char *p = s + x * sx + c * sc;
+            float v = w * (sh ? half_to_float(*(const uint16_t *)p) : *(const float *)p);
+            if (add)
+                v = v + ld_any(d, dh, x * C + c);
+            st_any(d, dh, x * C + c, v);
+        }
+    }
+}
+
+typedef void (*strided_fn)(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
+                           const float *wx, float wy, npy_intp n, int add);
+
+static void strided_scalar(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
+                           const float *wx, float wy, npy_intp n, int add)
+{
+    strided_body(d, dh, s, sh, sx, sc, C, wx, wy, n, add, half_plane_scalar);
+}
+
+/* ---- x86: SSE2 (baseline of x86-64; float only), AVX2 + F16C, AVX-512F.  No FMA: a fused
+ * multiply-add rounds once where the scalar path rounds twice, and bit-identical results are
+ * worth more than the one instruction per vector it would save. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define VG_X86 1
+
+#define SSE2 __attribute__((target("sse2")))
+VG_INLINE SSE2 void sse2_body(char *d, int dh, const char *s, int sh, const float *w, float wy, npy_intp n,
+                              int add)
+{
+    npy_intp i = 0;
+    if (!dh && !sh) {
+        float *o = (float *)d;
+        const float *a = (const float *)s;
+        __m128 vy = _mm_set1_ps(wy);
+        for (; i + 4 <= n; i += 4) {
+            __m128 v = _mm_mul_ps(_mm_mul_ps(vy, _mm_loadu_ps(w + i)), _mm_loadu_ps(a + i));
+            if (add)
+                v = _mm_add_ps(v, _mm_loadu_ps(o + i));
+            _mm_storeu_ps(o + i, v);
+        }
+    }
+    scalar_body(d + i * (dh ? 2 : 4), dh, s + i * (sh ? 2 : 4), sh, w + i, wy, n - i, add);
+}
+VG_ROW_WRAPPERS(sse2, SSE2, sse2_body)
+
+SSE2 static void copy_sse2(char *d, const char *s, size_t bytes)
+{
+    size_t i = 0;
+    for (; i + 64 <= bytes; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(s + i)), b = _mm_loadu_si128((const __m128i *)(s + i + 16)),
+                c = _mm_loadu_si128((const __m128i *)(s + i + 32)), e = _mm_loadu_si128((const __m128i *)(s + i + 48));
+        _mm_storeu_si128((__m128i *)(d + i), a), _mm_storeu_si128((__m128i *)(d + i + 16), b);
+        _mm_storeu_si128((__m128i *)(d + i + 32), c), _mm_storeu_si128((__m128i *)(d + i + 48), e);
+    }
+    memcpy(d + i, s + i, bytes - i);
+}
+
+#define AVX2 __attribute__((target("avx2,f16c")))
+VG_INLINE AVX2 __m256 ld8(const char *p, int half, npy_intp i)
+{
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                : _mm256_loadu_ps((const float *)p + i);
+}
+VG_INLINE AVX2 void st8(char *p, int half, npy_intp i, __m256 v)
+{
+    if (half)
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    else
+        _mm256_storeu_ps((float *)p + i, v);
+}
+VG_SIMD_BODY(avx2_body, AVX2, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_add_ps, ld8, st8)
+VG_ROW_WRAPPERS(avx2, AVX2, avx2_body)
+
+/* Copies of a row's interior: non-temporal stores once the destination is aligned.  That part
+ * of the output is written once and not read again by this stitch, so the stores skip the
+ * read-for-ownership of every line (a third of the traffic) and do not evict the tile being
+ * read.  stitch_rows fences (sfence) before its rows count as done. */
+#define VG_STREAM_MIN 1024
+AVX2 static void copy_avx2(char *d, const char *s, size_t bytes)
+{
+    size_t i = 0;
+    if (bytes >= VG_STREAM_MIN) {
+        size_t head = (32 - ((uintptr_t)d & 31)) & 31;
+        _mm256_storeu_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
+        for (i = head; i + 128 <= bytes; i += 128) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(s + i)),
+                    b = _mm256_loadu_si256((const __m256i *)(s + i + 32)),
+                    c = _mm256_loadu_si256((const __m256i *)(s + i + 64)),
+                    e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
+            _mm256_stream_si256((__m256i *)(d + i), a), _mm256_stream_si256((__m256i *)(d + i + 32), b);
+            _mm256_stream_si256((__m256i *)(d + i + 64), c), _mm256_stream_si256((__m256i *)(d + i + 96), e);
+        }
+    }
+    for (; i + 32 <= bytes; i += 32)
+        _mm256_storeu_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
+    memcpy(d + i, s + i, bytes - i);
+}
+
+AVX2 static void half_plane_f16c(float *dst, const uint16_t *src, npy_intp n)
+{
+    npy_intp i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = _cvtsh_ss(src[i]);
+}
+
+/* Three planes (float or half) into interleaved float pixels, 8 at a time: weight, then one
+ * permute per plane and two blends per output vector put r0 g0 b0 r1 ... in place. */
+VG_INLINE AVX2 void planar3_avx2(float *o, const char *s, int sh, npy_intp sc, const float *wx, float wy, npy_intp n,
+                                 int add)
+{
+    const __m256i pr = _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5), pg = _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2),
+                  pb = _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7);
+    __m256 vy = _mm256_set1_ps(wy);
+    for (npy_intp x = 0; x < n; x += 8) {
+        __m256 w = _mm256_mul_ps(vy, _mm256_loadu_ps(wx + x));
+        __m256 r = _mm256_permutevar8x32_ps(_mm256_mul_ps(w, ld8(s, sh, x)), pr);
+        __m256 g = _mm256_permutevar8x32_ps(_mm256_mul_ps(w, ld8(s + sc, sh, x)), pg);
+        __m256 b = _mm256_permutevar8x32_ps(_mm256_mul_ps(w, ld8(s + 2 * sc, sh, x)), pb);
+        /* lanes taken from g (mask bits) then b: out0 r.g b.r g.b r.g, out1 b r g b r g b r, ... */
+        __m256 o0 = _mm256_blend_ps(_mm256_blend_ps(r, g, 0x92), b, 0x24);
+        __m256 o1 = _mm256_blend_ps(_mm256_blend_ps(r, g, 0x24), b, 0x49);
+        __m256 o2 = _mm256_blend_ps(_mm256_blend_ps(r, g, 0x49), b, 0x92);
+        float *p = o + 3 * x;
+        if (add) {
+            o0 = _mm256_add_ps(o0, _mm256_loadu_ps(p));
+            o1 = _mm256_add_ps(o1, _mm256_loadu_ps(p + 8));
+            o2 = _mm256_add_ps(o2, _mm256_loadu_ps(p + 16));
+        }
+        _mm256_storeu_ps(p, o0), _mm256_storeu_ps(p + 8, o1), _mm256_storeu_ps(p + 16, o2);
+    }
+}
+
+AVX2 static void strided_avx2(char *d, int dh, const char *s, int sh, npy_intp sx, npy_intp sc, npy_intp C,
+                              const float *wx, float wy, npy_intp n, int add)
+{
+    npy_intp done = 0;
+    if (!dh && C == 3 && sx == (sh ? 2 : 4)) {
+        done = n / 8 * 8;
+        float *o = (float *)d; /* one instantiation per (half, add): no branch in the loop */
+        if (sh)
+            add ? planar3_avx2(o, s, 1, sc, wx, wy, done, 1) : planar3_avx2(o, s, 1, sc, wx, wy, done, 0);
+        else
+            add ? planar3_avx2(o, s, 0, sc, wx, wy, done, 1) : planar3_avx2(o, s, 0, sc, wx, wy, done, 0);
+    }
+    if (done < n)
+        strided_body(d + done * C * (dh ? 2 : 4), dh, s + done * sx, sh, sx, sc, C, wx + done, wy,
+                     n - done, add, half_plane_f16c);
+}
+
+#define AVX512 __attribute__((target("avx512f")))
+VG_INLINE AVX512 __m512 ld16(const char *p, int half, npy_intp i)
+{
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)))
+                : _mm512_loadu_ps((const float *)p + i);
+}
+VG_INLINE AVX512 void st16(char *p, int half, npy_intp i, __m512 v)
+{
+    if (half)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    else
+        _mm512_storeu_ps((float *)p + i, v);
+}
+VG_SIMD_BODY(avx512_body, AVX512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_add_ps,
+             ld16, st16)
+VG_ROW_WRAPPERS(avx512, AVX512, avx512_body)
+
+AVX512 static void copy_avx512(char *d, const char *s, size_t bytes)
+{
+    size_t i = 0;
+    if (bytes >= VG_STREAM_MIN) {
+        size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+        _mm512_storeu_si512(d, _mm512_loadu_si512(s));
+        for (i = head; i + 256 <= bytes; i += 256) {
+            __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64),
+                    c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
+            _mm512_stream_si512((void *)(d + i), a), _mm512_stream_si512((void *)(d + i + 64), b);
+            _mm512_stream_si512((void *)(d + i + 128), c), _mm512_stream_si512((void *)(d + i + 192), e);
+        }
+    }
+    for (; i + 64 <= bytes; i += 64)
+        _mm512_storeu_si512(d + i, _mm512_loadu_si512(s + i));
+    memcpy(d + i, s + i, bytes - i);
+}
+
+#endif /* __x86_64__ */
+
+/* ---- aarch64: NEON is architectural, and so are the half <-> float conversions */
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define VG_NEON 1
+VG_INLINE float32x4_t ld4q(const char *p, int half, npy_intp i)
+{
+    return half ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p + i)))
+                : vld1q_f32((const float *)p + i);
+}
+VG_INLINE void st4q(char *p, int half, npy_intp i, float32x4_t v)
+{
+    if (half)
+        vst1_u16((uint16_t *)p + i, vreinterpret_u16_f16(vcvt_f16_f32(v)));
+    else
+        vst1q_f32((float *)p + i, v);
+}
+VG_SIMD_BODY(neon_body, , float32x4_t, 4, vdupq_n_f32, vld1q_f32, vmulq_f32, vaddq_f32, ld4q, st4q)
+VG_ROW_WRAPPERS(neon, , neon_body)
+#endif
+
+static const row_table row_scalar_t = VG_ROW_TABLE(scalar);
+
+static void isa_kernels(int isa, const row_table **rows, copy_fn *copy, strided_fn *strided)
+{
+    *rows = &row_scalar_t, *copy = copy_scalar, *strided = strided_scalar;
+#ifdef VG_X86
+    static const row_table sse2_t = VG_ROW_TABLE(sse2), avx2_t = VG_ROW_TABLE(avx2),
+                           avx512_t = VG_ROW_TABLE(avx512);
+    if (isa == ISA_SSE2)
+        *rows = &sse2_t, *copy = copy_sse2;
+    else if (isa == ISA_AVX2)
+        *rows = &avx2_t, *copy = copy_avx2, *strided = strided_avx2;
+    else if (isa == ISA_AVX512)
+        *rows = &avx512_t, *copy = copy_avx512, *strided = strided_avx2; /* planes: 8 lanes do */
+#endif
+#ifdef VG_NEON
+    static const row_table neon_t = VG_ROW_TABLE(neon);
+    if (isa == ISA_NEON)
+        *rows = &neon_t;
+#endif
+    (void)isa;
+}
+
+/* What this CPU can run (bit i = level i), and the default level, found once. */
+static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+static unsigned isa_supported;
+static int isa_default = -1; /* -1: VRAMGUARD_CANVAS_ISA names no level this CPU has */
+
+static int isa_from_name(const char *s)
+{
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (strcmp(s, isa_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+static void detect_isa(void)
+{
+    unsigned m = 1u << ISA_SCALAR;
+    int best = ISA_SCALAR;
+#ifdef VG_X86
+    __builtin_cpu_init();
+    m |= 1u << ISA_SSE2, best = ISA_SSE2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        m |= 1u << ISA_AVX2, best = ISA_AVX2;
+    if (__builtin_cpu_supports("avx512f") && (m & (1u << ISA_AVX2))) /* its strided loop uses F16C */
+        m |= 1u << ISA_AVX512, best = ISA_AVX512;
+#endif
+#ifdef VG_NEON
+    m |= 1u << ISA_NEON, best = ISA_NEON;
+#endif
+    isa_supported = m;
+    const char *env = getenv("VRAMGUARD_CANVAS_ISA");
+    if (env != NULL && *env != '\0' && strcmp(env, "auto") != 0) {
+        int i = isa_from_name(env);
+        best = i >= 0 && (m & (1u << i)) ? i : -1;
+    }
+    isa_default = best;
+}
+
+/* ================================================================ put */
+
 typedef struct {
     Canvas *cv;
     char *out; /* output data, held alive by put() */
     const char *src;
     int src_half;
+    int contig; /* a tile row's values lie back to back (NHWC: pixels x channels; NCHW: a plane row) */
     npy_intp nb, b0, h, w, ox, oy;
-    npy_intp sb, sc, sy; /* source strides in bytes: image, channel (NCHW), row */
-    const float *wx, *wy;
+    npy_intp sb, sc, sy, sx; /* source strides in bytes: image, channel, row, pixel */
+    const float *wx, *wxc, *wy; /* x weights, x weights per value (NHWC; = wx for NCHW), y weights */
+    const npy_intp *ones;       /* nones [lo, hi) runs of x, ascending, where wx == 1 */
+    npy_intp nones;
+    const row_table *rows;
+    copy_fn copy;
+    strided_fn strided;
     npy_intp row_lo, row_hi; /* rows of the (nb x h) work this thread owns */
 } put_job;
 
-/* ---- half-float rows: F16C where the CPU has it (checked once), portable code elsewhere */
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define VG_HAVE_F16C_PATH 1
-static pthread_once_t f16c_once = PTHREAD_ONCE_INIT;
-static int f16c_ok; /* written once under f16c_once */
-static void detect_f16c(void) { f16c_ok = __builtin_cpu_supports("f16c"); }
-
-__attribute__((target("f16c"))) static void half_row_f16c(char *dst, int dst_half, const char *src,
-                                                          int src_half, const float *wx, float wy,
-                                                          npy_intp x0, npy_intp x1, npy_intp C, int add)
+/* Pixels [x0, x1) of one tile row into d (that row's first output pixel), C values a pixel
+ * (1 for a plane row of NCHW).  A first write with weight exactly one is a copy. */
+static void blend_span(const put_job *j, char *d, const char *s, npy_intp C, float wy, npy_intp x0, npy_intp x1,
+                       int add)
 {
-    for (npy_intp x = x0; x < x1; x++) {
-        float w = wy * wx[x];
-        for (npy_intp c = 0; c < C; c++) {
-            npy_intp i = x * C + c;
-            float v = w * (src_half ? _cvtsh_ss(((const uint16_t *)src)[i]) : ((const float *)src)[i]);
-            if (add)
-                v += dst_half ? _cvtsh_ss(((const uint16_t *)dst)[i]) : ((const float *)dst)[i];
-            if (dst_half)
-                ((uint16_t *)dst)[i] = _cvtss_sh(v, 0);
-            else
-                ((float *)dst)[i] = v;
-        }
-    }
-}
-#endif
-
-static inline float load(const char *base, int half, npy_intp i)
-{
-    return half ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-static void half_row(char *dst, int dst_half, const char *src, int src_half, const float *wx, float wy,
-                     npy_intp x0, npy_intp x1, npy_intp C, int add)
-{
-#ifdef VG_HAVE_F16C_PATH
-    pthread_once(&f16c_once, detect_f16c);
-    if (f16c_ok) {
-        half_row_f16c(dst, dst_half, src, src_half, wx, wy, x0, x1, C, add);
+    if (x1 <= x0)
+        return;
+    int dh = j->cv->is_half, sh = j->src_half;
+    size_t des = dh ? 2 : 4, ses = sh ? 2 : 4;
+    if (!j->contig) {
+        j->strided(d + (size_t)(x0 * C) * des, dh, s + x0 * j->sx, sh, j->sx, j->sc, C, j->wx + x0, wy, x1 - x0,
+                   add);
         return;
     }
-#endif
-    for (npy_intp x = x0; x < x1; x++) {
-        float w = wy * wx[x];
-        for (npy_intp c = 0; c < C; c++) {
-            npy_intp i = x * C + c;
-            float v = w * load(src, src_half, i);
-            if (add)
-                v += load(dst, dst_half, i);
-            if (dst_half)
-                ((uint16_t *)dst)[i] = float_to_half(v);
-            else
-                ((float *)dst)[i] = v;
-        }
-    }
-}
-
-/* One output row segment: pixels [x0, x1) of the tile, C values each, contiguous. */
-static void blend_row(char *dst, int dst_half, const char *src, int src_half, const float *wx,
-                      float wy, npy_intp x0, npy_intp x1, npy_intp C, int add)
-{
-    if (!add && wy == 1.0f && dst_half == src_half) {
-        /* store: copy runs where the weight is exactly one (most of every tile) */
-        size_t es = dst_half ? 2 : 4;
-        npy_intp x = x0;
-        while (x < x1) {
-            npy_intp e = x;
-            while (e < x1 && wx[e] == 1.0f)
-                e++;
-            if (e > x) {
-                memcpy(dst + (size_t)(x * C) * es, src + (size_t)(x * C) * es, (size_t)((e - x) * C) * es);
-                x = e;
+    row_fn k = (*j->rows)[dh][sh][add];
+    npy_intp x = x0;
+    if (!add && wy == 1.0f && dh == sh)
+        for (npy_intp i = 0; i < j->nones && x < x1; i++) {
+            npy_intp lo = j->ones[2 * i] > x ? j->ones[2 * i] : x;
+            npy_intp hi = j->ones[2 * i + 1] < x1 ? j->ones[2 * i + 1] : x1;
+            if (lo >= hi)
                 continue;
-            }
-            while (e < x1 && wx[e] != 1.0f)
-                e++;
-            if (dst_half)
-                half_row(dst, 1, src, 1, wx, 1.0f, x, e, C, 0);
-            else
-                for (npy_intp k = x * C; k < e * C; k++)
-                    ((float *)dst)[k] = wx[k / C] * ((const float *)src)[k];
-            x = e;
+            if (lo > x)
+                k(d + (size_t)(x * C) * des, s + (size_t)(x * C) * ses, j->wxc + x * C, wy, (lo - x) * C);
+            j->copy(d + (size_t)(lo * C) * des, s + (size_t)(lo * C) * ses, (size_t)((hi - lo) * C) * des);
+            x = hi;
         }
-        return;
-    }
-    if (!dst_half && !src_half) {
-        float *d = (float *)dst;
-        const float *s = (const float *)src;
-        for (npy_intp x = x0; x < x1; x++) {
-            float w = wy * wx[x];
-            if (add)
-                for (npy_intp c = 0; c < C; c++)
-                    d[x * C + c] += w * s[x * C + c];
-            else
-                for (npy_intp c = 0; c < C; c++)
-                    d[x * C + c] = w * s[x * C + c];
-        }
-        return;
-    }
-    half_row(dst, dst_half, src, src_half, wx, wy, x0, x1, C, add);
+    if (x < x1)
+        k(d + (size_t)(x * C) * des, s + (size_t)(x * C) * ses, j->wxc + x * C, wy, (x1 - x) * C);
 }
 
 static void zero_row(char *dst, int half, npy_intp n)
@@ -253,9 +609,10 @@ static void set_bits(unsigned char *row, npy_intp x0, npy_intp x1)
         row[x >> 3] |= (unsigned char)(1u << (x & 7));
 }
 
-static void *put_worker(void *arg)
+/* The rows [row_lo, row_hi) of one put.  Not inlined and never cloned: bench/tiling.py counts
+ * the instructions spent here (and in tile_weights) under callgrind, by these names. */
+__attribute__((noinline, noclone)) static void stitch_rows(const put_job *j)
 {
-    put_job *j = arg;
     Canvas *cv = j->cv;
     size_t es = cv->is_half ? 2 : 4;
     char *out = j->out;
@@ -282,14 +639,14 @@ static void *put_worker(void *arg)
         if (!cv->nchw) {
             char *d = out + ((b * cv->H + Y) * cv->W + j->ox) * cv->C * es;
             const char *s = j->src + n * j->sb + y * j->sy;
-            blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, 0, a, cv->C, 1);
-            blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, cv->C, 0);
+            blend_span(j, d, s, cv->C, wy, 0, a, 1);
+            blend_span(j, d, s, cv->C, wy, a, j->w, 0);
         } else {
             for (npy_intp c = 0; c < cv->C; c++) {
                 char *d = out + (((b * cv->C + c) * cv->H + Y) * cv->W + j->ox) * es;
                 const char *s = j->src + n * j->sb + c * j->sc + y * j->sy;
-                blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, 0, a, 1, 1);
-                blend_row(d, cv->is_half, s, j->src_half, j->wx, wy, a, j->w, 1, 0);
+                blend_span(j, d, s, 1, wy, 0, a, 1);
+                blend_span(j, d, s, 1, wy, a, j->w, 0);
             }
         }
         if (cv->bits)
@@ -297,6 +654,14 @@ static void *put_worker(void *arg)
         if (j->ox + j->w > *cov)
             *cov = j->ox + j->w;
     }
+#ifdef VG_X86
+    _mm_sfence(); /* the copies' non-temporal stores are visible before put() returns */
+#endif
+}
+
+static void *put_thread(void *arg)
+{
+    stitch_rows(arg);
     return NULL;
 }
 
@@ -428,12 +793,30 @@ static int first_gap(const Canvas *cv, npy_intp *row, npy_intp *x)
 
 static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"out", "layout", "threads", NULL};
+    static char *kwlist[] = {"out", "layout", "threads", "isa", NULL};
     PyObject *arr;
-    const char *layout = "nhwc";
+    const char *layout = "nhwc", *isa_name = "auto";
     int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|si:Canvas", kwlist, &arr, &layout, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|sis:Canvas", kwlist, &arr, &layout, &threads, &isa_name))
         return NULL;
+    pthread_once(&isa_once, detect_isa);
+    int isa;
+    if (strcmp(isa_name, "auto") == 0) {
+        isa = isa_default;
+        if (isa < 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "VRAMGUARD_CANVAS_ISA=%.40s names no instruction set this CPU has (scalar, sse2, "
+                         "avx2, avx512, neon; see Canvas.isas())", getenv("VRAMGUARD_CANVAS_ISA"));
+            return NULL;
+        }
+    } else {
+        isa = isa_from_name(isa_name);
+        if (isa < 0 || !(isa_supported & (1u << isa))) {
+            PyErr_Format(PyExc_ValueError, "isa must be 'auto' or one of Canvas.isas() on this CPU, got '%.40s'",
+                         isa_name);
+            return NULL;
+        }
+    }
     if (!PyArray_Check(arr)) {
         PyErr_Format(PyExc_TypeError, "out must be a numpy.ndarray, got %.80s", Py_TYPE(arr)->tp_name);
         return NULL;
@@ -482,6 +865,7 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         threads = nc < 1 ? 1 : (nc > VG_MAX_THREADS ? VG_MAX_THREADS : (int)nc);
     }
     cv->nthreads = threads;
+    cv->isa = isa;
     cv->row_bytes = (cv->W + 7) / 8;
     pthread_mutex_init(&cv->lock, NULL);
     cv->lock_pid = getpid();
@@ -559,6 +943,30 @@ static int out_unchanged(const Canvas *cv, PyArrayObject *out)
     return 1;
 }
 
+/* One put's weights: wx (w) and wy (h) from the ramps, wxc (w x C: wx per value, NHWC only,
+ * C > 0) and the runs of x where wx is exactly one, as [lo, hi) pairs in ones; returns how
+ * many runs.  Counted with stitch_rows by bench/tiling.py, hence not inlined. */
+__attribute__((noinline, noclone)) static npy_intp tile_weights(const vg_ramp *rx, int nrx, const vg_ramp *ry,
+                                                                 int nry, npy_intp ox, npy_intp oy, npy_intp w,
+                                                                 npy_intp h, npy_intp C, float *wx, float *wy,
+                                                                 float *wxc, npy_intp *ones)
+{
+    npy_intp n = 0;
+    for (npy_intp x = 0; x < w; x++) {
+        wx[x] = (float)ramp_weight(rx, nrx, (double)(ox + x) + 0.5);
+        if (wx[x] == 1.0f) {
+            if (n == 0 || ones[2 * n - 1] != x)
+                ones[2 * n] = x, n++;
+            ones[2 * n - 1] = x + 1;
+        }
+        for (npy_intp k = 0; k < C; k++)
+            wxc[x * C + k] = wx[x];
+    }
+    for (npy_intp y = 0; y < h; y++)
+        wy[y] = (float)ramp_weight(ry, nry, (double)(oy + y) + 0.5);
+    return n;
+}
+
 /* put(result, b0, ox, oy, xramps, yramps): blend result ([nb,h,w,C] or [nb,C,h,w], float32
  * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox).
  *
@@ -596,21 +1004,21 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "result is empty (a zero-size dimension)");
         return NULL;
     }
-    /* Rows must be contiguous (the kernel walks a row with memcpy); image/channel/row strides
-     * may be anything, so a sliced view of a bigger result is read in place, not copied.
-     * A subclass is viewed as a plain ndarray: no Python code of its may run later. */
-    npy_intp esz = t == NPY_FLOAT16 ? 2 : 4;
-    int rows_ok = PyArray_CheckExact(res) && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra) &&
-                  PyArray_STRIDE(ra, 3) == esz &&
-                  (cv->nchw || PyArray_STRIDE(ra, 2) == esz * PyArray_DIM(ra, 3));
-    PyArrayObject *src = rows_ok ? (PyArrayObject *)Py_NewRef(res)
-                                 : (PyArrayObject *)PyArray_FROM_OTF(
-                                       res, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY);
+    /* Any strides are read in place (a movedim view of an NCHW network output, a slice, a
+     * reversed view): no per-tile copy.  Only a subclass (viewed as a plain ndarray, so no
+     * Python code of its runs later), a misaligned or a byte-swapped result is normalised.
+     * The image/row strides are used as given; whether a row's values are back to back picks
+     * the vector kernels or the strided one. */
+    int read_in_place = PyArray_CheckExact(res) && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra);
+    PyArrayObject *src = read_in_place ? (PyArrayObject *)Py_NewRef(res)
+                                       : (PyArrayObject *)PyArray_FROM_OTF(
+                                             res, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY);
     if (src == NULL)
         return NULL;
     PyArrayObject *out = NULL;
     PyObject *ret = NULL;
     float *wx = NULL;
+    npy_intp *ones = NULL;
     int locked = 0;
     npy_intp *d = PyArray_DIMS(src);
     npy_intp nb = d[0], c = cv->nchw ? d[1] : d[3], h = cv->nchw ? d[2] : d[1],
@@ -644,16 +1052,16 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
             Py_SETREF(src, copy);
         }
     }
-    wx = PyMem_Malloc(sizeof(float) * ((size_t)w + (size_t)h));
-    if (wx == NULL) {
+    /* w * C <= the output's element count (w <= W was checked), so these sizes fit */
+    size_t nwxc = cv->nchw ? 0 : (size_t)w * (size_t)c;
+    wx = PyMem_Malloc(sizeof(float) * ((size_t)w + (size_t)h + nwxc));
+    ones = PyMem_Malloc(sizeof(npy_intp) * ((size_t)w + 1));
+    if (wx == NULL || ones == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    float *wy = wx + w;
-    for (npy_intp x = 0; x < w; x++)
-        wx[x] = (float)ramp_weight(rx, nrx, (double)(ox + x) + 0.5);
-    for (npy_intp y = 0; y < h; y++)
-        wy[y] = (float)ramp_weight(ry, nry, (double)(oy + y) + 0.5);
+    float *wy = wx + w, *wxc = cv->nchw ? wx : wy + h;
+    npy_intp nones = tile_weights(rx, nrx, ry, nry, ox, oy, w, h, cv->nchw ? 0 : c, wx, wy, wxc, ones);
 
     canvas_lock(cv);
     locked = 1;
@@ -687,25 +1095,32 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
         nt = (int)(work / 262144) + 1;
     if (nt > rows)
         nt = (int)rows;
+    npy_intp ses = t == NPY_FLOAT16 ? 2 : 4, sx = PyArray_STRIDE(src, cv->nchw ? 3 : 2),
+             sc = PyArray_STRIDE(src, cv->nchw ? 1 : 3);
+    int contig = cv->nchw ? sx == ses : (sc == ses || c == 1) && sx == ses * c;
+    const row_table *rowk;
+    copy_fn copyk;
+    strided_fn stridedk;
+    isa_kernels(cv->isa, &rowk, &copyk, &stridedk);
     for (int i = 0; i < nt; i++) {
-        jobs[i] = (put_job){cv, PyArray_BYTES(out), PyArray_BYTES(src), t == NPY_FLOAT16, nb, b0, h, w,
-                            ox, oy, PyArray_STRIDE(src, 0), cv->nchw ? PyArray_STRIDE(src, 1) : 0,
-                            PyArray_STRIDE(src, cv->nchw ? 2 : 1), wx, wy,
+        jobs[i] = (put_job){cv, PyArray_BYTES(out), PyArray_BYTES(src), t == NPY_FLOAT16, contig, nb, b0, h, w,
+                            ox, oy, PyArray_STRIDE(src, 0), sc, PyArray_STRIDE(src, cv->nchw ? 2 : 1), sx,
+                            wx, wxc, wy, ones, nones, rowk, copyk, stridedk,
                             rows * i / nt, rows * (i + 1) / nt};
     }
     pthread_t th[VG_MAX_THREADS];
     int started = 0;
     Py_BEGIN_ALLOW_THREADS
     for (int i = 1; i < nt; i++) {
-        if (pthread_create(&th[i], NULL, put_worker, &jobs[i]) != 0)
+        if (pthread_create(&th[i], NULL, put_thread, &jobs[i]) != 0)
             break;
         started = i;
     }
-    put_worker(&jobs[0]);
+    stitch_rows(&jobs[0]);
     for (int i = 1; i <= started; i++)
         pthread_join(th[i], NULL);
     for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
-        put_worker(&jobs[i]);
+        stitch_rows(&jobs[i]);
     Py_END_ALLOW_THREADS
     cv->puts++;
     ret = Py_NewRef(Py_None);
@@ -713,6 +1128,7 @@ done:
     if (locked)
         canvas_unlock(cv);
     PyMem_Free(wx);
+    PyMem_Free(ones);
     Py_XDECREF(out);
     Py_DECREF(src);
     return ret;
@@ -792,6 +1208,27 @@ static PyObject *Canvas_coverage(Canvas *cv, PyObject *Py_UNUSED(a))
 
 static PyObject *Canvas_get_puts(Canvas *cv, void *Py_UNUSED(c)) { return PyLong_FromLongLong(cv->puts); }
 
+static PyObject *Canvas_get_isa(Canvas *cv, void *Py_UNUSED(c)) { return PyUnicode_FromString(isa_names[cv->isa]); }
+
+/* isas() -> tuple of the instruction-set names this CPU can run, scalar first. */
+static PyObject *Canvas_isas(PyObject *Py_UNUSED(cls), PyObject *Py_UNUSED(a))
+{
+    pthread_once(&isa_once, detect_isa);
+    Py_ssize_t n = 0;
+    for (int i = 0; i < ISA_COUNT; i++)
+        n += (isa_supported >> i) & 1;
+    PyObject *t = PyTuple_New(n);
+    for (int i = 0, k = 0; i < ISA_COUNT && t != NULL; i++)
+        if (isa_supported & (1u << i)) {
+            PyObject *name = PyUnicode_FromString(isa_names[i]);
+            if (name == NULL)
+                Py_CLEAR(t);
+            else
+                PyTuple_SET_ITEM(t, k++, name);
+        }
+    return t;
+}
+
 static PyMethodDef Canvas_methods[] = {
     {"put", (PyCFunction)Canvas_put, METH_VARARGS,
      "put($self, result, b0, ox, oy, xramps, yramps, /)\n--\n\nBlend one tile result into the output."},
@@ -801,14 +1238,17 @@ static PyMethodDef Canvas_methods[] = {
      "coverage($self, /)\n--\n\nPer-row covered-to x (B x H)."},
     {"weights", (PyCFunction)Canvas_weights, METH_VARARGS | METH_STATIC,
      "weights(origin, n, ramps, /)\n--\n\nThe float64 weight profile of one axis."},
+    {"isas", (PyCFunction)Canvas_isas, METH_NOARGS | METH_STATIC,
+     "isas()\n--\n\nThe blend kernels' instruction sets this CPU can run, scalar first."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef Canvas_getset[] = {
     {"puts", (getter)Canvas_get_puts, NULL, "tiles blended so far", NULL},
+    {"isa", (getter)Canvas_get_isa, NULL, "the instruction set of this canvas's blend kernels", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Canvas_slots[] = {
-    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0)\n--\n\nBlends tile results into out."},
+    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0, isa='auto')\n--\n\nBlends tile results into out."},
     {Py_tp_new, Canvas_new},
     {Py_tp_dealloc, Canvas_dealloc},
     {Py_tp_traverse, Canvas_traverse},

@@ -477,7 +477,6 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
     st = {"tiles": 0, "retries": 0, "tile_sizes": [list(t0)], "batch": batch, "ooms": []}
 
     canvas = None
-    out_kind: dict[str, Any] = {}
     jobs = [_Job(b, min(b + batch, B), [_Region(0, 0, W, H)], t0) for b in range(0, B, batch)]
     done = 0
 
@@ -543,9 +542,6 @@ def tiled(fn: Callable[[Any], Any], image: Any, *, scale: float = 1.0, overlap: 
                         raise ValueError(f"out must be a numpy array of shape {shape}, got "
                                          f"{getattr(out, 'shape', type(out).__name__)}")
                     canvas = _native.Canvas(out, layout)
-                    out_kind["dtype"] = out.dtype
-                elif res_np.dtype != out_kind["dtype"]:
-                    res_np = res_np.astype(out_kind["dtype"])
                 xr = reg.xr + _ramps(xs, c_i, tw, reg.x0, scale, feather)
                 canvas.put(res_np, job.b0, int(round(X0 * scale)), int(round(Y0 * scale)), xr, yr)
                 del res_np
