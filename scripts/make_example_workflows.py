@@ -23,14 +23,14 @@ OUTPUTS = {
     "ImageUpscaleWithModel": [("IMAGE", "IMAGE")],
     "SaveImage": [],
     "PreviewImage": [],
-    "VramguardUpscaleImageTiled": [("IMAGE", "IMAGE")],
-    "VramguardVAEDecodeTiled": [("IMAGE", "IMAGE")],
-    "VramguardGCCheckpoint": [("value", "*")],
-    "VramguardMemoryGuard": [("MODEL", "MODEL")],
-    "VramguardMemoryTimeline": [("IMAGE", "IMAGE")],
-    "VramguardMemorySnapshot": [("text", "STRING"), ("free_mb", "INT"), ("budget_mb", "INT"), ("used_pct", "FLOAT")],
-    "VramguardSetReserve": [("passthrough", "*"), ("budget_mb", "INT")],
 }
+# vramguard's own nodes: outputs as the pack declares them (so a new output cannot go stale here)
+from vramguard_nodes import NODE_CLASS_MAPPINGS as _PACK  # noqa: E402  (the installed pack)
+
+for _name, _cls in _PACK.items():
+    OUTPUTS[_name] = [(n, str(t)) for n, t in zip(getattr(_cls, "RETURN_NAMES", None) or _cls.RETURN_TYPES,
+                                                  _cls.RETURN_TYPES)]
+
 TITLES = {
     "VramguardUpscaleImageTiled": "Upscale Image (tiled, auto)", "VramguardVAEDecodeTiled": "VAE Decode (tiled, auto)",
     "VramguardGCCheckpoint": "GC Checkpoint", "VramguardMemoryGuard": "Memory Guard",
