@@ -11,7 +11,9 @@ are tests/comfyui's.  A recorder pack (written here, loaded last) hooks vramguar
 (GCGuard.check: every stage boundary vramguard sees) and the end of every prompt, and records at each:
 
   rss, rss_peak (VmHWM since the previous boundary; reset through /proc/self/clear_refs),
-  gc_count (gc.get_count()), objects (len(gc.get_objects())), and what a collection there finds:
+  gc_count (gc.get_count()), objects (len(gc.get_objects())), tensor_bytes (the storages of every
+  live tensor object, each once: on CPU the stand-in for the allocator's "allocated"; on a GPU
+  memory_stats has it), and what a collection there finds:
   young_* from gc.collect(1), full_* from gc.collect(2) (objects, tensor bytes: storages counted
   once), with the time each took and the RSS after freeing it.  torch.cuda.memory_stats() where CUDA
   is in use; on CPU "cuda" is null.  tracemalloc is not started: it slows allocation-heavy code
@@ -123,6 +125,7 @@ def _record(kind, stage):
     rec["gc_count"] = list(gc.get_count())
     objs = gc.get_objects()
     rec["objects"] = len(objs)
+    rec["tensor_bytes"], rec["tensors"] = _tensor_bytes(objs)  # live tensors: the framework's "allocated"
     del objs
     rec["cuda"] = _cuda()
     gc.set_debug(gc.DEBUG_SAVEALL)
@@ -237,12 +240,56 @@ WORKFLOWS = [  # (name, width, height, steps, upscale)
 ]
 
 
+GiB = 1 << 30
+
+
+def synthetic(leaky: bool) -> dict:
+    """An SDXL-shaped run on a 24 GiB card, in replay rows (made up, not recorded: labelled so).
+    Weights stay loaded (CLIP-L+G 1.6, UNet 5.1, VAE 0.16 GiB fp16); 30 steps at 1024x1024 or
+    1216x832 in turn; the VAE decode's working set is the largest.  leaky: every VAE decode leaves
+    0.25 GiB in reference cycles that survive into the old generation (a custom node's closure
+    holding its output, say) and every sampling run 0.05 GiB of young cyclic garbage."""
+    weights = int(6.86 * GiB)
+    rows = []
+    for n in range(1, 10):
+        big = n % 2 == 1
+        px = 1.0 if big else 0.965  # 1216x832 has 96.5 % of the pixels
+        rows.append({"kind": "prompt_start", "stage": None, "prompt": n, "dt": 0.05, "work_peak": weights,
+                     "live": weights, "garbage_young": 0, "garbage_old": 0})
+        for _ in range(2):
+            rows.append({"kind": "stage", "stage": "text_encode", "prompt": n, "dt": 0.08,
+                         "work_peak": weights + int(0.3 * GiB), "live": weights + int(0.002 * GiB),
+                         "garbage_young": 0, "garbage_old": 0})
+        rows.append({"kind": "stage", "stage": "unet", "prompt": n, "dt": 7.5 * px,
+                     "work_peak": weights + int(3.6 * px * GiB), "live": weights + int(0.02 * GiB),
+                     "garbage_young": int(0.05 * GiB) if leaky else 0, "garbage_old": 0})
+        rows.append({"kind": "stage", "stage": "vae_decode", "prompt": n, "dt": 1.1 * px,
+                     "work_peak": weights + int(6.4 * px * GiB), "live": weights + int(0.012 * GiB),
+                     "garbage_young": 0, "garbage_old": int(0.25 * GiB) if leaky else 0})
+        rows.append({"kind": "prompt_end", "stage": None, "prompt": n, "dt": 0.05, "work_peak": weights,
+                     "live": weights, "garbage_young": 0, "garbage_old": 0})
+    return {"header": {"what": "SYNTHETIC garbage profile (made up, not recorded): " + synthetic.__doc__.split(".")[0],
+                       "synthetic": True, "model": " ".join(synthetic.__doc__.split()),
+                       "command": "python scripts/record_gc_profiles.py --synthetic",
+                       "card_bytes": 24 * GiB, "other_bytes": int(0.5 * GiB), "cache": True,
+                       "leaky": leaky},
+            "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--synthetic", action="store_true",
+                    help="write the two synthetic SDXL-shaped profiles into bench/profiles and stop")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "bench" / "profiles" / "comfyui_cpu.json"))
     ap.add_argument("--gpu", action="store_true", help="let ComfyUI use its GPU (default: --cpu)")
     a = ap.parse_args()
+    if a.synthetic:
+        for leaky in (False, True):
+            out = REPO / "bench" / "profiles" / f"synthetic_sdxl_24g_{'leaky' if leaky else 'clean'}.json"
+            out.write_text(json.dumps(synthetic(leaky), indent=1) + "\n")
+            print(f"record_gc_profiles: wrote {out}", file=sys.stderr)
+        return
     root = os.environ.get("VRAMGUARD_COMFYUI")
     py = os.environ.get("VRAMGUARD_COMFYUI_PYTHON")
     if not root or not py or not Path(root, "main.py").is_file():
@@ -327,7 +374,8 @@ def main() -> None:
                 "models": "tests/comfyui tiny seeded models (SD1-shaped UNet at 1/10 width, SD VAE, 4x ESRGAN)",
                 "workflows": [dict(zip(("name", "width", "height", "steps", "upscale"), w)) for w in WORKFLOWS],
                 "prompt_order": order,
-                "fields": "rss/rss_after bytes; rss_peak = VmHWM since the previous boundary; young_* = what "
+                "fields": "rss/rss_after bytes; rss_peak = VmHWM since the previous boundary; tensor_bytes = "
+                          "storages of all live tensor objects (each once); young_* = what "
                           "gc.collect(1) finds, full_* = what gc.collect(2) finds (objects, tensor bytes, storages "
                           "once); young_ms/full_ms = time of those collections in this process",
                 "heap": heap,
