@@ -305,13 +305,9 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(target))
         models = work / "models"
         subprocess.run([py, str(HELPERS / "make_models.py"), root, str(models)], check=True, cwd=root, env=env)
-        base = work / "base"
-        (base / "custom_nodes").mkdir(parents=True)
+        base = work / "base"  # a throw-away --base-directory: the models folder is the one made above
         (base / "user" / "default").mkdir(parents=True)
-        for sub in models.iterdir():
-            (base / "models" / sub.name).mkdir(parents=True)
-            for f in sub.iterdir():
-                (base / "models" / sub.name / f.name).symlink_to(f)
+        (base / "models").symlink_to(models, target_is_directory=True)
         shutil.copytree(HELPERS / "vg_testpack", base / "custom_nodes" / "vg_testpack",
                         ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run([py, "-m", "vramguard", "install-comfyui", str(base)], check=True, env=env,
