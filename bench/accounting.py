@@ -137,12 +137,13 @@ def r3(t) -> list[float]:
     return [round(x, 3) for x in t]
 
 
+# Every variant is called through a lambda, and the empty lambda ("noop") is subtracted.
 CG_SETUP = {
-    "c_cached": "from vramguard import _native as n; f = n.host",
-    "py_cached": "import accounting as a; h = a.PyHost(); f = h.cached",
+    "c_cached": "from vramguard import _native as n; f = lambda: n.host()",
+    "py_cached": "import accounting as a; h = a.PyHost(); f = lambda: h.cached()",
     "c_fresh": "from vramguard import _native as n; f = lambda: n.host(fresh=True)",
-    "py_fresh": "import accounting as a; h = a.PyHost(); f = h.fresh",
-    "py_naive": "import accounting as a; f = a.py_naive",
+    "py_fresh": "import accounting as a; h = a.PyHost(); f = lambda: h.fresh()",
+    "py_naive": "import accounting as a; f = lambda: a.py_naive()",
     "psutil": "import psutil; p = psutil.Process(); f = lambda: (psutil.virtual_memory(), p.memory_info())",
     "noop": "f = lambda: None",
 }
@@ -269,13 +270,18 @@ def main() -> None:
     if a.no_callgrind or shutil.which("valgrind") is None:
         res["instructions_per_call"] = "skipped: " + ("--no-callgrind" if a.no_callgrind else "valgrind not installed")
     else:
-        ins = {k: callgrind_per_call(k, 2000) for k in list(pairs) + ["noop"]}
+        raw = {k: callgrind_per_call(k, 2000) for k in list(pairs) + ["noop"]}
+        noop = raw.pop("noop")
+        ins = {k: (v - noop if v is not None and noop is not None else None) for k, v in raw.items()}
         res["instructions_per_call"] = {k: (round(v) if v is not None else None) for k, v in ins.items()}
-        print(f"user-space instructions per call (callgrind): {res['instructions_per_call']}")
+        print(f"user-space instructions per call (callgrind, the empty call subtracted): {res['instructions_per_call']}")
         if ins.get("c_fresh") and ins.get("py_fresh"):
             res["instructions_fresh_py_over_c"] = round(ins["py_fresh"] / ins["c_fresh"], 2)
         if ins.get("c_cached") and ins.get("py_cached"):
             res["instructions_cached_py_over_c"] = round(ins["py_cached"] / ins["c_cached"], 2)
+        for k in ("py_naive", "psutil"):
+            if ins.get("c_fresh") and ins.get(k):
+                res[f"instructions_{k}_over_c_fresh"] = round(ins[k] / ins["c_fresh"], 2)
 
     # 2. the simulated device (no Python twin: it is ours), and NVML ours vs pynvml
     vg.simulate("8GB", "3GB")
