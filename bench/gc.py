@@ -9,7 +9,8 @@ SDXL-shaped runs on a 24 GiB card, made up and labelled so.
 
 Policies, each deciding at the same boundaries over the same simulated device:
   comfyui     ComfyUI's default: after a prompt, gc.collect() + soft_empty_cache(), at most every 10 s
-  sdnext      SD.Next: at every stage end, gc.collect() + empty_cache() when used >= threshold (70 %)
+  sdnext      SD.Next: at every stage end, gc.collect() + empty_cache() when used >= its threshold
+              (torch_gc_threshold: 70 by default in some releases, 80 or 90 in others: --sdnext-threshold)
   stage_end   always at every stage end: gc.collect() + empty_cache()
   never       nothing
   ours        vramguard's Policy (threshold 70 %, growth 2 %, min interval 1 s) at every stage end:
@@ -46,6 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GiB = float(1 << 30)
 POLICIES = ("comfyui", "sdnext", "stage_end", "never", "ours")
 THRESHOLD = 70.0
+SDNEXT = {"threshold": 70.0}
 
 
 # ---------------------------------------------------------------- profiles
@@ -187,7 +189,7 @@ def replay(prof: dict, policy: str) -> dict:
         if policy == "comfyui" and row["kind"] == "prompt_end" and now - last_comfy >= 10.0:
             act(True)
             last_comfy = now
-        elif policy == "sdnext" and at_stage and used_pct >= THRESHOLD:
+        elif policy == "sdnext" and at_stage and used_pct >= SDNEXT["threshold"]:
             act(True)
         elif policy == "stage_end" and at_stage:
             act(True)
@@ -271,7 +273,7 @@ def gpu_replay(prof: dict, policy: str) -> dict | None:
         if policy == "comfyui" and row["kind"] == "prompt_end" and now - last_comfy >= 10.0:
             act(True)
             last_comfy = now
-        elif policy == "sdnext" and at_stage and 100.0 * snap["used"] / t >= THRESHOLD:
+        elif policy == "sdnext" and at_stage and 100.0 * snap["used"] / t >= SDNEXT["threshold"]:
             act(True)
         elif policy == "stage_end" and at_stage:
             act(True)
@@ -305,7 +307,9 @@ def main() -> None:
     ap.add_argument("--profiles", nargs="*", default=sorted(glob.glob(os.path.join(HERE, "profiles", "*.json"))))
     ap.add_argument("--heap", type=int, default=0, help="tracked objects (default: the recorded ComfyUI count)")
     ap.add_argument("--card-headroom", type=float, default=1.25)
+    ap.add_argument("--sdnext-threshold", type=float, default=70.0)
     a = ap.parse_args()
+    SDNEXT["threshold"] = a.sdnext_threshold
     if a.runs < 3:
         ap.error(f"--runs must be >= 3 for ranges, got {a.runs}")
     profs = [load_profile(p, a.card_headroom) for p in a.profiles]
