@@ -13,9 +13,9 @@
  * reference cycles).  One step that then holds (a model loaded and kept) is not accumulation, and
  * sizes that go up and down never rise twice in a row.  Cache the allocator can reuse is not live,
  * so it never triggers this rule.
- * Two actions: a full collection (gc.collect() over the whole heap: 0.3-0.7 s on a ComfyUI-sized
- * heap of ~630k objects, measured in bench/profiles/) only on a garbage signal -- forced, oom,
- * retries, budget, growth; a plain threshold crossing (and low-VRAM's threshold 0) asks only for
+ * Two actions: a full collection (gc.collect() over the whole heap: 0.3-2.3 s, by load, on a
+ * ComfyUI-sized heap of ~630k objects, recorded in bench/profiles/) only on a garbage signal --
+ * forced, oom, retries, budget, growth; a plain threshold crossing (and low-VRAM's threshold 0) asks only for
  * the cheap release: the framework's cache and a young-generation collection (well under 1 ms),
  * which frees cache but not old cyclic garbage, so the growth baselines are kept.
  * Low-VRAM mode sets the effective threshold to 0, except on ZLUDA where forced collection

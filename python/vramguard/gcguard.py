@@ -15,7 +15,7 @@ A collection is: Python's gc.collect() (optional), the framework's cache release
 low-VRAM mode unloading models until the budget covers the reserve.  The full gc.collect()
 runs only on a garbage signal (the policy's full_reasons: forced, oom, retries, budget,
 growth); a plain threshold crossing gets the cheap release: the cache and a young-generation
-gc.collect(1).  On a ComfyUI-sized heap (~630k objects) a full collection costs 0.3-0.7 s and a
+gc.collect(1).  On a ComfyUI-sized heap (~630k objects) a full collection costs 0.3-2.3 s (by load) and a
 young one under 1 ms, and the young one found the same cyclic objects at most boundaries of the
 recorded ComfyUI runs (bench/profiles/).  Each action that raises is logged once and never
 breaks the user's run.
