@@ -8,9 +8,16 @@
  * Order of the rules (first match wins):
  *   forced -> oom / retries grew -> hysteresis (skip) -> budget < need -> growth -> used% >= threshold
  * Growth: a steady workflow comes back to the same live bytes at the same stage boundary every
- * run; live bytes above that stage's baseline by more than `growth` x total are garbage that
- * only a collection frees (tensors held by reference cycles).  Cache the allocator can reuse
- * is not live, so it never triggers this rule.
+ * run; live bytes above that stage's baseline by more than `growth` x total, reached by at least
+ * two successive rises at that stage, are garbage that only a collection frees (tensors held by
+ * reference cycles).  One step that then holds (a model loaded and kept) is not accumulation, and
+ * sizes that go up and down never rise twice in a row.  Cache the allocator can reuse is not live,
+ * so it never triggers this rule.
+ * Two actions: a full collection (gc.collect() over the whole heap: 0.3-2.3 s, by load, on a
+ * ComfyUI-sized heap of ~630k objects, recorded in bench/profiles/) only on a garbage signal --
+ * forced, oom, retries, budget, growth; a plain threshold crossing (and low-VRAM's threshold 0) asks only for
+ * the cheap release: the framework's cache and a young-generation collection (well under 1 ms),
+ * which frees cache but not old cyclic garbage, so the growth baselines are kept.
  * Low-VRAM mode sets the effective threshold to 0, except on ZLUDA where forced collection
  * is known to misbehave; the reason says so. */
 #include "vg_args.h"
@@ -26,6 +33,8 @@ typedef struct {
     pthread_mutex_t lock; /* hooks may fire from several host threads */
     double threshold, min_interval, last_collect, growth;
     int64_t base_live[VG_POLICY_STAGES]; /* live bytes at each stage's boundary; -1 = unseen */
+    int64_t last_live[VG_POLICY_STAGES]; /* at the stage's previous boundary; -1 = unseen */
+    int rises[VG_POLICY_STAGES];         /* successive boundaries of the stage that rose */
     int low_vram, zluda;
     int64_t base_oom, base_retry; /* -1 until first seen */
     int64_t decisions, collections;
@@ -62,6 +71,26 @@ static int64_t live_bytes(const vg_snap *s)
     return l > 0 ? l : 0;
 }
 
+/* Successive rises at `stage` counting this boundary: a rise is more than growth/8 of total above
+ * the previous boundary of the stage (below that is noise: sizes, small caches). */
+static int rises_now(const Policy *p, const vg_snap *s, int stage)
+{
+    if (p->growth <= 0 || p->last_live[stage] < 0)
+        return 0;
+    double d = (double)live_bytes(s) - (double)p->last_live[stage];
+    return d > p->growth / 8 * (double)s->total ? p->rises[stage] + 1 : 0;
+}
+
+/* The garbage signal: above the stage's baseline by more than growth x total, reached by at
+ * least two successive rises. */
+static int garbage_grew(const Policy *p, const vg_snap *s, int stage)
+{
+    if (p->growth <= 0 || p->base_live[stage] < 0)
+        return 0;
+    return (double)live_bytes(s) - (double)p->base_live[stage] > p->growth * (double)s->total &&
+           rises_now(p, s, stage) >= 2;
+}
+
 static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, double now, int stage)
 {
     vg_reason r;
@@ -86,8 +115,7 @@ static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, d
         r = R_FRAGMENTATION;
     else if (need > 0 && s->budget < need)
         r = R_BUDGET;
-    else if (stage >= 0 && p->growth > 0 && p->base_live[stage] >= 0 &&
-             (double)(live_bytes(s) - p->base_live[stage]) > p->growth * (double)s->total)
+    else if (stage >= 0 && garbage_grew(p, s, stage))
         r = R_GROWTH;
     else if (used_pct >= thr)
         r = (thr == 0.0 && p->low_vram) ? R_LOWVRAM : R_THRESHOLD;
@@ -95,6 +123,8 @@ static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, d
         r = (p->low_vram && p->zluda) ? R_BELOW_ZLUDA : R_BELOW;
     if (stage >= 0) { /* learn the baseline: first sight, or a lower level than before */
         int64_t l = live_bytes(s);
+        p->rises[stage] = rises_now(p, s, stage);
+        p->last_live[stage] = l;
         if (p->base_live[stage] < 0 || l < p->base_live[stage])
             p->base_live[stage] = l;
     }
@@ -103,6 +133,25 @@ static vg_reason decide(Policy *p, const vg_snap *s, int forced, int64_t need, d
 }
 
 static int collects(vg_reason r) { return r < R_HYSTERESIS; }
+
+/* A full collection only on a garbage signal; every other collecting reason is the cheap release. */
+static int full_collection(vg_reason r)
+{
+    switch (r) {
+    case R_FORCED: case R_OOM: case R_RETRY: case R_BUDGET: case R_GROWTH:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static void forget_stages(Policy *p)
+{
+    for (int i = 0; i < VG_POLICY_STAGES; i++) {
+        p->base_live[i] = p->last_live[i] = -1;
+        p->rises[i] = 0;
+    }
+}
 
 /* ---------------------------------------------------------------- type */
 
@@ -148,8 +197,7 @@ static PyObject *Policy_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     p->low_vram = low, p->zluda = zluda;
     p->base_oom = p->base_retry = -1;
     p->growth = growth;
-    for (int i = 0; i < VG_POLICY_STAGES; i++)
-        p->base_live[i] = -1;
+    forget_stages(p);
     return (PyObject *)p;
 }
 
@@ -253,13 +301,15 @@ static PyObject *Policy_check(Policy *p, PyObject *const *args, Py_ssize_t nargs
     return Py_BuildValue("(OsN)", collects(r) ? Py_True : Py_False, reason_text[r], snap);
 }
 
-/* collected(snapshot_after=None, now=None): a collection happened; restart hysteresis and
- * take the counters as the new baseline. */
+/* collected(snapshot_after=None, now=None, full=True): a collection happened; restart hysteresis
+ * and take the counters as the new baseline.  full=False (the release: cache and young
+ * generation) leaves old garbage where it was, so the growth baselines stay. */
 static PyObject *Policy_collected(Policy *p, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"snapshot", "now", NULL};
+    static char *kwlist[] = {"snapshot", "now", "full", NULL};
     PyObject *snap = Py_None, *nowo = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO:collected", kwlist, &snap, &nowo))
+    int full = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOp:collected", kwlist, &snap, &nowo, &full))
         return NULL;
     vg_state *st = vg_state_from_type(Py_TYPE(p));
     vg_snap s;
@@ -273,8 +323,8 @@ static PyObject *Policy_collected(Policy *p, PyObject *args, PyObject *kw)
         p->base_oom = s.oom_count;
     if (s.retry_count >= 0)
         p->base_retry = s.retry_count;
-    for (int i = 0; i < VG_POLICY_STAGES; i++) /* garbage is gone: re-learn the baselines */
-        p->base_live[i] = -1;
+    if (full) /* garbage is gone: re-learn the baselines */
+        forget_stages(p);
     p->collections++;
     pthread_mutex_unlock(&p->lock);
     Py_RETURN_NONE;
@@ -363,6 +413,19 @@ static PyObject *Policy_get_counts(Policy *p, void *c)
                          (long long)p->collections);
 }
 
+static PyObject *Policy_get_full_reasons(Policy *p, void *c)
+{
+    (void)p, (void)c;
+    PyObject *set = PyFrozenSet_New(NULL);
+    for (int r = 0; set != NULL && r < R_NREASONS; r++) {
+        PyObject *t = full_collection((vg_reason)r) ? PyUnicode_FromString(reason_text[r]) : NULL;
+        if (full_collection((vg_reason)r) && (t == NULL || PySet_Add(set, t) < 0))
+            Py_CLEAR(set);
+        Py_XDECREF(t);
+    }
+    return set;
+}
+
 static PyMethodDef Policy_methods[] = {
     {"decide", (PyCFunction)(void (*)(void))Policy_decide, METH_VARARGS | METH_KEYWORDS,
      "decide($self, /, snapshot, forced=False, need=0, now=None, stage=None)\n--\n\n"
@@ -371,7 +434,8 @@ static PyMethodDef Policy_methods[] = {
      "check($self, device, forced=False, need=0, stage=None, /)\n--\n\n"
      "Read `device` (None: host RAM) and decide: (collect, reason, snapshot_or_None)."},
     {"collected", (PyCFunction)(void (*)(void))Policy_collected, METH_VARARGS | METH_KEYWORDS,
-     "collected($self, /, snapshot=None, now=None)\n--\n\nRecord that a collection ran."},
+     "collected($self, /, snapshot=None, now=None, full=True)\n--\n\n"
+     "Record that a collection ran (full=False: only the release of cache and young generation)."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef Policy_getset[] = {
@@ -383,6 +447,8 @@ static PyGetSetDef Policy_getset[] = {
     {"low_vram", (getter)Policy_get_low, (setter)Policy_set_low, NULL, NULL},
     {"zluda", (getter)Policy_get_zluda, (setter)Policy_set_zluda, NULL, NULL},
     {"counts", (getter)Policy_get_counts, NULL, NULL, NULL},
+    {"full_reasons", (getter)Policy_get_full_reasons, NULL,
+     "reasons that call for a full gc.collect(); any other collecting reason is the cheap release", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Policy_slots[] = {

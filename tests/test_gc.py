@@ -270,3 +270,78 @@ def test_hook_predicate_decides_per_call(g):
     assert Patcher({"w": 1}).unpatch_model() == "ok"
     assert vg.gc_stats()["lora_unload"]["checks"] == 1
     hs.uninstall()
+
+
+# ------------------------------------------------------------------ full collection only on a garbage signal (issue 14)
+class _FakeGC:
+    """Stands in for the gc module inside gcguard: records the generation of every collect."""
+
+    def __init__(self):
+        self.gens = []
+
+    def collect(self, generation=2):
+        self.gens.append(generation)
+        return 0
+
+
+def test_full_reasons_are_the_garbage_signals():
+    fr = _native.Policy().full_reasons
+    assert isinstance(fr, frozenset)
+    assert fr == {"forced", "oom", "retries", "budget", "growth"}
+    assert not fr & {"threshold", "low-vram", "hysteresis", "below-threshold"}
+
+
+def test_threshold_crossing_without_growth_is_release_only(g, monkeypatch):
+    """Fails on the code before issue 14: a plain threshold crossing ran a full gc.collect()."""
+    fake = _FakeGC()
+    monkeypatch.setattr(gcguard, "_pygc", fake)
+    vg.update_simulated(0, allocated="2GB")
+    for _ in range(3):                       # 75 % used, live bytes flat: no garbage signal
+        vg.update_simulated(0, used="6GB")   # (the fixture's release lowered it)
+        d = vg.gc_check("vae_decode")
+        assert d.collect and d.reason == "threshold"
+        assert d.record["gc"]["full"] == 0
+    assert fake.gens == [1, 1, 1]            # young generation only, never the full heap
+    assert g.calls == ["release"] * 3        # the cache is released every time
+
+
+def test_growth_runs_the_full_collection(g, monkeypatch):
+    fake = _FakeGC()
+    monkeypatch.setattr(gcguard, "_pygc", fake)
+    g.policy.threshold = 100                 # no threshold crossing: only growth can collect
+    for alloc in ("2GB", "2.2GB"):
+        vg.update_simulated(0, allocated=alloc)
+        assert vg.gc_check("vae_decode").reason == "below-threshold"
+    vg.update_simulated(0, allocated="2.4GB")  # a second successive rise, 0.4 GB > 2 % of 8 GB
+    d = vg.gc_check("vae_decode")
+    assert d.collect and d.reason == "growth" and d.record["gc"]["full"] == 1
+    assert fake.gens == [2]
+
+
+def test_growth_needs_accumulation_not_one_step():
+    """A model loaded and kept raises live bytes once; sizes that alternate never rise twice."""
+    p = _native.Policy(threshold=100, min_interval=0, growth=0.02)
+
+    def s(alloc_gb):
+        return {**snap(6), "framework_allocated": int(alloc_gb * GiB)}
+    seq = [2.0, 3.0, 3.0, 3.0, 3.0]                    # one step of 1 GiB, then it holds
+    assert [p.decide(s(x), stage=1, now=i)[1] for i, x in enumerate(seq)] == ["below-threshold"] * 5
+    seq = [2.0, 2.5, 2.0, 2.5, 2.0, 2.5]               # two sizes in turn
+    assert [p.decide(s(x), stage=2, now=i)[1] for i, x in enumerate(seq)] == ["below-threshold"] * 6
+    seq = [2.0, 2.1, 2.2]                              # garbage piling up: +0.1 GiB twice
+    assert [p.decide(s(x), stage=3, now=i)[1] for i, x in enumerate(seq)] == [
+        "below-threshold", "below-threshold", "growth"]
+
+
+def test_release_keeps_growth_baselines_full_collection_resets_them():
+    p = _native.Policy(threshold=0, min_interval=0, growth=0.02)
+
+    def s(alloc_gb):
+        return {**snap(6), "framework_allocated": int(alloc_gb * GiB)}
+    assert p.decide(s(2.0), stage=3, now=1) == (True, "threshold")
+    p.collected(s(2.0), now=1, full=False)             # the release: old garbage is still there
+    assert p.decide(s(2.1), stage=3, now=2) == (True, "threshold")
+    p.collected(s(2.1), now=2, full=False)
+    assert p.decide(s(2.2), stage=3, now=3) == (True, "growth")  # the baseline survived the releases
+    p.collected(s(2.0), now=3)                                   # full: baselines re-learnt
+    assert p.decide(s(2.2), stage=3, now=4) == (True, "threshold")

@@ -92,6 +92,7 @@ class Policy:
     low_vram: bool
     zluda: bool
     counts: dict[str, int]
+    full_reasons: frozenset[str]
     def __init__(self, threshold: float = 70.0, low_vram: bool = False, min_interval: float = 1.0,
                  zluda: bool = False, growth: float = 0.02) -> None: ...
     def decide(self, /, snapshot: Snapshot | Mapping[str, Any], forced: bool = False, need: int = 0,
@@ -99,7 +100,7 @@ class Policy:
     def check(self, device: int | None, forced: bool = False, need: int = 0, stage: int | None = None,
               /) -> tuple[bool, str, Snapshot | None]: ...
     def collected(self, /, snapshot: Snapshot | Mapping[str, Any] | None = None,
-                  now: float | None = None) -> None: ...
+                  now: float | None = None, full: bool = True) -> None: ...
 
 class Canvas:
     puts: int
