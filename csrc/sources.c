@@ -104,20 +104,28 @@ static void close_fds(vg_sources *src)
     }
 }
 
-/* /proc/self/statm names the pid at open time: a forked child must reopen. */
+/* /proc/self/statm names the pid at open time: a forked child must reopen.  A fork bumps a
+ * generation (pthread_atfork, every libc fork(), also one that skips Python's at-fork hooks),
+ * so the check per read is one relaxed load instead of a getpid() system call (a host() read
+ * made two of them). */
+static atomic_uint fork_gen = 1;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void bump_fork_gen(void) { atomic_fetch_add_explicit(&fork_gen, 1, memory_order_relaxed); }
+static void register_fork_gen(void) { pthread_atfork(NULL, NULL, bump_fork_gen); }
+
 static void ensure_fds(vg_sources *src)
 {
-    pid_t pid = getpid();
-    if (src->fd_pid == pid)
+    unsigned gen = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    if (atomic_load_explicit(&src->fd_gen, memory_order_acquire) == gen)
         return;
     pthread_mutex_lock(&src->lock);
-    if (src->fd_pid != pid) {
+    if (atomic_load_explicit(&src->fd_gen, memory_order_relaxed) != gen) {
         close_fds(src);
         src->fd_meminfo = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
         src->fd_statm = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
         src->fd_status = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
         open_cgroup(src);
-        src->fd_pid = pid;
+        atomic_store_explicit(&src->fd_gen, gen, memory_order_release);
     }
     pthread_mutex_unlock(&src->lock);
 }
@@ -624,7 +632,8 @@ int vg_sources_init(vg_sources *src)
         src->cfg[i].reserve = src->cfg[i].cap = -1;
     src->proc_interval = 1.0;
     src->host_interval = 0.010;
-    src->fd_pid = -1;
+    atomic_init(&src->fd_gen, 0u); /* 0: never opened (the generation starts at 1) */
+    pthread_once(&fork_once, register_fork_gen);
     src->fd_meminfo = src->fd_statm = src->fd_cg_max = src->fd_cg_cur = -1;
     src->fd_status = -1;
     return 0;
@@ -643,7 +652,7 @@ void vg_sources_free(vg_sources *src)
 void vg_sources_after_fork(vg_sources *src)
 {
     pthread_mutex_init(&src->lock, NULL);
-    src->fd_pid = -1; /* /proc/self files name the parent */
+    atomic_store(&src->fd_gen, 0u); /* /proc/self files name the parent */
     src->host_at = 0;
     for (int i = 0; i < VG_MAX_DEV; i++)
         src->proc_at[i] = 0;

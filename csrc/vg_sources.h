@@ -10,6 +10,7 @@
 #include "vg_gpulibs.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -79,7 +80,7 @@ typedef struct {
     double host_interval, host_at;
     vg_host host_cache;
     /* /proc files kept open (pread is cheap; open is not), reopened after fork */
-    pid_t fd_pid;
+    atomic_uint fd_gen; /* fork generation the fds were opened in; 0 = not open */
     int fd_meminfo, fd_statm, fd_cg_max, fd_cg_cur;
     int fd_status; /* /proc/self/status: VmLck, VmPin (pinned host memory) */
 } vg_sources;

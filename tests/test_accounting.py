@@ -374,3 +374,38 @@ def test_budget_is_exact_past_int64_in_between():
     # with a cap: live = max(0, held - evictable), room = cap - live
     assert _native.budget({"free": free, "evictable": ev, "reserve": res, "cap": 2**62,
                            "process_used": 2**62 + 5}) == 2**62
+
+
+@pytest.mark.skipif(bool(os.environ.get("VRAMGUARD_SANITIZED")) or "asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="GCC 12's libasan has no fork interceptor: a child forked while a thread is "
+                           "inside ASan's malloc can deadlock (see tests/test_fork_load.py); the plain pass runs it")
+@pytest.mark.parametrize("how", ["os.fork", "libc fork"])
+def test_forked_child_reads_its_own_rss(how):
+    """The host source's /proc/self files are reopened after a fork (a fork generation bumped by
+    pthread_atfork): a child's process_rss is its own, not the parent's -- also after a fork
+    from C that runs no Python at-fork hook (another extension's fork)."""
+    import ctypes
+
+    from vramguard import _native
+
+    _native.host(True)  # the parent has its files open
+    r, w = os.pipe()
+    pid = os.fork() if how == "os.fork" else ctypes.CDLL(None, use_errno=True).fork()
+    if pid == 0:
+        ok = 1
+        try:
+            os.close(r)
+            big = bytearray(160 << 20)  # touched pages: the child is 160 MiB larger than the parent
+            big[:: 4096] = b"x" * len(big[:: 4096])
+            page = os.sysconf("SC_PAGE_SIZE")
+            own = int(open("/proc/self/statm").read().split()[1]) * page
+            got = _native.host(True).process_rss
+            ok = 0 if abs(got - own) < (32 << 20) else 1
+            os.write(w, f"{got} {own}".encode())
+        finally:
+            os._exit(ok)
+    os.close(w)
+    msg = os.read(r, 200).decode()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, f"child's process_rss vs its statm: {msg}"
