@@ -252,3 +252,38 @@ def test_status_shows_fragmentation():
     vg.simulate_clear()
     vg.simulate("1GB", "0")  # no allocator model: nothing to say
     assert "fragmentation" not in cli.status_text(cli.status_data())
+
+
+def test_gc_check_releases_a_fragmented_cache_and_logs_it(tmp_path):
+    """The whole path on a simulated card with the allocator model: vg.gc_check(stage, need=N)
+    decides "fragmentation", the GC's own release empties the allocator's whole free segments
+    (what torch.cuda.empty_cache does on a real card), the next allocation of N succeeds without a
+    retry, and the GC line carries the split bytes and the largest block."""
+    import json
+
+    vg.simulate("200MB", "0")
+    a = vg.simulate_allocator(0)
+    log = tmp_path / "gc.jsonl"
+    g = vg.configure_gc(threshold=99, min_interval=0, log_file=str(log))
+    try:
+        pins, bigs = [], []
+        for _ in range(8):
+            pins.append(a.malloc(2 * MiB))
+            bigs.append(a.malloc(17 * MiB))
+        a.free(a.malloc(30 * MiB))
+        for h in bigs:
+            a.free(h)
+        need = 35 * MiB
+        held = a.stats()["reserved"]
+        d = vg.gc_check("vae_decode", need=need, device=0)
+        assert (d.collect, d.reason) == (True, "fragmentation")
+        assert held - a.stats()["reserved"] == 30 * MiB  # the whole free segment went back
+        a.malloc(need)
+        assert a.stats()["retry_count"] == 0 and a.stats()["oom_count"] == 0
+        rec = json.loads(log.read_text().splitlines()[-1])
+        assert rec["reason"] == "fragmentation"
+        assert rec["gc"]["split"] == round(8 * 18 * MiB / (1 << 30), 2) and "largest_free" in rec["gc"]
+    finally:
+        g.set_log_file(None)
+        vg.configure_gc(threshold=70, min_interval=0.0)
+        vg.clear_allocators()

@@ -212,7 +212,7 @@ class GCGuard:
         if self.python_gc:
             collect = _pygc.collect if full else _collect_young
             collected = self._run_action("gc.collect", collect) or 0
-        release = self.release_cache or _default_release
+        release = self.release_cache or (lambda: _default_release(dev))
         self._run_action("release_cache", release)
         if self.policy.low_vram and self.unload_models is not None and dev is not None:
             after = acc.snapshot(dev)
@@ -231,6 +231,13 @@ class GCGuard:
         gc_rec: dict[str, Any] = {"collected": int(collected), "saved": _gb(saved), "full": int(full)}
         if delta < 0:
             gc_rec["grew"] = _gb(-delta)
+        # fragmentation (issue 16), where the framework or the allocator model reports it: the
+        # split bytes that were in the way and the largest block a request can get now
+        split, largest = getattr(before, "inactive_split", None), getattr(after, "largest_free_block", None)
+        if split is not None:
+            gc_rec["split"] = _gb(split)
+        if largest is not None:
+            gc_rec["largest_free"] = _gb(largest)
         # pinned host memory over its cap (hostram.py, issue 13): released here, logged here
         pin = self._run_action("pinned_cap", _hostram.enforce_pinned_cap)
         if pin:
@@ -359,12 +366,20 @@ def _collect_young() -> int:
     return _pygc.collect(1)
 
 
-def _default_release() -> None:
+def _default_release(device: int | None = None) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         from .adapters import torch_adapter
 
         torch_adapter.release_cache()
+    # a simulated card with the caching-allocator model (issue 16): its cache is what a GC
+    # releases there, as torch.cuda.empty_cache() does on a real one
+    if device is not None:
+        from . import batch
+
+        sim = batch.simulated_allocator(device)
+        if sim is not None:
+            sim.empty_cache()
 
 
 def _check_stage(name: Any) -> None:
