@@ -383,15 +383,56 @@ class GridPlan:
     rows: int
     cols: int
     tile_bytes: int          # planned device working set, bytes (largest tile, largest step)
+    frames: int = 0          # video: latent frames per time chunk after the first (0: an image)
+    chunks: int = 0          # video: time chunks after the first
 
     @property
     def tiles(self) -> int:
-        return self.rows * self.cols
+        return self.rows * self.cols * max(1, self.chunks)
+
+
+def _linear_cost(p: Program, h: int, w: int) -> tuple[float, float, float]:
+    """The program's device working set (elements, batch 1) on a th x tw latent-px tile as
+    fixed + per_px * th tw + per_edge * (th + tw), bounding every step from above: a step reads
+    (th r + halo)(tw r + halo) input px and writes its output over the same slice, so its cost is
+    area + perimeter + constant; attention adds K/V of the whole map (fixed) and a score row per
+    query px.  The largest coefficient of each kind over the steps: >= every step's own cost."""
+    fixed = per_px = per_edge = 0.0
+    for s in p.steps:
+        r, q = s.res_in, s.res_out
+        if s.kind == "attn":
+            n = h * w * r * r
+            fixed = max(fixed, 2.0 * n * s.in_channels)
+            per_px = max(per_px, r * r * (4.0 * s.in_channels + n))
+            continue
+        hh = s.halo[0] + s.halo[1]
+        e_out = hh * q / r + 2
+        per_px = max(per_px, s.work * (s.in_channels * r * r + s.out_channels * q * q))
+        per_edge = max(per_edge, s.work * (s.in_channels * r * hh + s.out_channels * q * e_out))
+        fixed = max(fixed, s.work * (s.in_channels * hh * hh + s.out_channels * e_out * e_out))
+    return fixed, per_px, per_edge
+
+
+def _native_plan(w: int, h: int, *, fixed: float, per_px: float, per_edge: float, budget: int,
+                 per_frame: float = 0.0, depth: int | None = None, depth_min: int = 1) -> dict:
+    """One call of the C planner (planner.c) for non-overlapping tiles: a layer-synchronous VAE
+    reads each step's halo from the full map in the store, so its tiles need no overlap."""
+    from . import _native
+    kw: dict[str, Any] = dict(overlap=0, align=1, feather=0.0, fixed_bytes=float(fixed), per_px_bytes=float(per_px),
+                              per_edge_bytes=float(per_edge), per_frame_bytes=float(per_frame), budget=budget)
+    if depth is not None:
+        kw.update(depth=depth, depth_min=min(depth_min, depth))
+    r = _native.plan(w, h, **kw)
+    if not r["fits"]:
+        raise VaeTilingError(f"nothing fits in budget_bytes={budget} with at most {MAX_TILES} tiles: {r['why']}")
+    return r
 
 
 def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
               tile: int | tuple[int, int] | None = None) -> GridPlan:
-    """The fewest near-square tiles whose working set fits in budget_bytes (latent grid h x w)."""
+    """The fewest tiles whose working set fits in budget_bytes (latent grid h x w), planned by the
+    C planner (vramguard._native.plan) with the program's area + perimeter cost; tile= fixes the
+    tile size (latent px) instead."""
     if not isinstance(p, Program):
         raise TypeError(f"p must be a vae.Program (compile_decoder/compile_encoder), got {type(p).__name__}")
     h, w, batch, elem = _check_grid_args(h, w, batch, elem)
@@ -403,29 +444,11 @@ def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, 
         th, tw = -(-h // rows), -(-w // cols)
         need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
         return GridPlan(rows, cols, need)
-    # n tiles as rows x cols with tiles as square as possible (rows ~ sqrt(n h / w)); bounded
-    # like the C planner: at most MAX_TILES tries.  A tile's working set shrinks with the tile,
-    # so when the finest allowed grid does not fit, nothing does: answer at once.
-    nmax = min(h * w, MAX_TILES)
-    rows = min(h, max(1, round(math.sqrt(nmax * h / w))))
-    cols = min(w, -(-nmax // rows))
-    th, tw = -(-h // rows), -(-w // cols)
-    if _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem) > budget_bytes:
-        raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} with at most {MAX_TILES} tiles")
-    for n in range(1, nmax + 1):
-        r = math.sqrt(n * h / w)
-        best: GridPlan | None = None
-        for rows in {max(1, math.floor(r)), max(1, math.ceil(r))}:
-            cols = -(-n // rows)
-            if rows > h or cols > w:
-                continue
-            th, tw = -(-h // rows), -(-w // cols)
-            need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
-            if need <= budget_bytes and (best is None or need < best.tile_bytes):
-                best = GridPlan(rows, cols, need)
-        if best is not None:
-            return best
-    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} with at most {MAX_TILES} tiles")
+    k = batch * elem
+    fixed, per_px, per_edge = _linear_cost(p, h, w)
+    r = _native_plan(w, h, fixed=fixed * k, per_px=per_px * k, per_edge=per_edge * k, budget=budget_bytes)
+    cols, rows = r["grid"]
+    return GridPlan(rows, cols, int(math.ceil(r["predicted_peak_bytes"])))
 
 
 MAX_TILES = 65536  # as the C planner (planner.c): planning stays bounded for any input
@@ -864,45 +887,86 @@ def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
     return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
 
 
-def video_chunks(t: int) -> list[tuple[int, int]]:
-    """Wan's latent-frame chunks: [0, 1), then two frames at a time (WanVAE.decode)."""
-    return [(0, 1)] + [(1 + 2 * (i - 1), min(t, 1 + 2 * i)) for i in range(1, 1 + t // 2) if 1 + 2 * (i - 1) < t]
+def video_chunks(t: int, frames: int = 2) -> list[tuple[int, int]]:
+    """Latent-frame chunks: [0, 1) alone (Wan's first chunk: no time upsampling), then `frames` at a
+    time (WanVAE.decode: 2).  Any frames >= 2 gives the same video: every cache holds the last two
+    input frames of a layer, which a chunk of >= 2 frames always has (the last chunk may be 1)."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"frames must be an int >= 2, got {frames!r}")
+    return [(0, 1)] + [(a, min(t, a + frames)) for a in range(1, t, frames)]
 
 
-def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4) -> GridPlan:
-    """Fewest near-square spatial tiles for a Wan-shaped decoder (a conservative estimate: every
-    layer's channels at the output resolution, 2 chunk frames x 4 (time upsampling) + 2 cached)."""
-    import torch
+def _video_cost(decoder: Any, h: int, w: int) -> tuple[float, float, float, float]:
+    """A Wan-shaped decoder's working set (elements, batch 1) per latent frame of a time chunk, on a
+    th x tw latent-px tile: fixed + per_frame + per_px th tw + per_edge (th + tw), each per frame.
+    Walks the layers as _wan_chunk runs them: a conv reads its chunk frames plus 2 cached ones
+    (<= 3x per frame) with a 1-px halo, writes its output; time upsampling doubles the frames;
+    attention holds K/V of whole frames (per frame, any tile)."""
+    t_mult, r = 1, 1
+    per_px = per_edge = fixed = per_frame = 0.0
+
+    def conv(cin: int, cout: int, r_in: int, r_out: int, t_in: int, t_out: int, halo: int = 1) -> None:
+        nonlocal per_px, per_edge, fixed
+        work = 3.0
+        t_read = 3 * t_in                        # t_in frames per latent frame + 2 cached <= 3 t_in
+        e_out = 2 * halo * r_out / r_in + 2
+        per_px = max(per_px, work * (cin * t_read * r_in * r_in + cout * t_out * r_out * r_out))
+        per_edge = max(per_edge, work * (cin * t_read * r_in * 2 * halo + cout * t_out * r_out * e_out))
+        fixed = max(fixed, work * (cin * t_read * 4 * halo * halo + cout * t_out * e_out * e_out))
+
+    def chans(c: Any) -> tuple[int, int]:
+        return c.weight.shape[1], c.weight.shape[0]
+
+    conv(*chans(decoder.conv1), 1, 1, 1, 1)
+    for m in [*decoder.middle, *decoder.upsamples]:
+        name = _cls(m)
+        if name == "ResidualBlock":
+            convs = [c for c in m.residual if _cls(c) == "CausalConv3d"]
+            for c in convs:
+                conv(*chans(c), r, r, t_mult, t_mult)
+        elif name == "AttentionBlock":
+            c = m.proj.weight.shape[0]
+            per_frame = max(per_frame, 2.0 * t_mult * c * h * w * r * r)
+            per_px = max(per_px, t_mult * r * r * (4.0 * c + h * w * r * r))
+        elif m.mode in ("upsample2d", "upsample3d"):
+            t2 = t_mult * (2 if m.mode == "upsample3d" else 1)
+            conv(m.resample[1].weight.shape[1], m.resample[1].weight.shape[0], r, 2 * r, t2, t2)
+            r, t_mult = 2 * r, t2
+    conv(*chans(decoder.head[-1]), r, r, t_mult, t_mult)
+    return fixed, per_frame, per_px, per_edge
+
+
+def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
+                    frames: int = 1) -> GridPlan:
+    """Spatial tiles and time chunks for a Wan-shaped decoder, planned by the C planner in space and
+    time (depth = the latent frames after the first, which Wan decodes alone): the fewest tiles
+    whose working set fits.  frames: the latent frame count (1: an image-like decode)."""
     h, w, batch, elem = _check_grid_args(h, w, batch, elem)
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
+        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
     budget_bytes = _check_budget(budget_bytes)
     _check_video(decoder)
-    up = 1
-    chans = 0
-    for m in decoder.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            chans = max(chans, m.weight.shape[0] + m.weight.shape[1])
-        if _cls(m) == "Resample" and m.mode.startswith("upsample"):
-            up *= 2
-    frames = 2 * 4 + 2
-    attn_c = max([m.proj.weight.shape[0] for m in decoder.modules() if _cls(m) == "AttentionBlock"] or [0])
-    for n in range(1, min(h * w, MAX_TILES) + 1):
-        rows = max(1, round(math.sqrt(n * h / w)))
-        cols = -(-n // rows)
-        if rows > h or cols > w:
-            continue
-        th, tw = -(-h // rows), -(-w // cols)
-        need = 4 * frames * (th * up + 2) * (tw * up + 2) * chans
-        need += 2 * 2 * h * w * attn_c + 2 * frames * th * tw * h * w
-        need *= batch * elem
-        if need <= budget_bytes:
-            return GridPlan(rows, cols, need)
-    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}")
+    k = batch * elem
+    fixed, per_frame, per_px, per_edge = _video_cost(decoder, h, w)
+    # a time chunk of td latent frames costs td x the per-frame working set; the fixed part of
+    # every step is per frame too (halo corners), so it goes with per_frame
+    rest = frames - 1
+    r = _native_plan(w, h, fixed=0.0, per_px=per_px * k, per_edge=per_edge * k, per_frame=(per_frame + fixed) * k,
+                     budget=budget_bytes, depth=rest if rest >= 1 else 1, depth_min=2)
+    cols, rows, chunks = r["grid"]
+    td = r["tile"][2]
+    return GridPlan(rows, cols, int(math.ceil(r["predicted_peak_bytes"])), frames=td if rest >= 1 else 0,
+                    chunks=chunks if rest >= 1 else 0)
 
 
 def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
-                       conv2: Any = None, device: Any = None, store_device: Any = None,
+                       frames: int | None = None, conv2: Any = None, device: Any = None, store_device: Any = None,
                        progress: Callable[[int], None] | None = None) -> Any:
-    """Decode a Wan-shaped video latent (B, C, T, H, W) in Wan's time chunks and spatial tiles.
+    """Decode a Wan-shaped video latent (B, C, T, H, W) in time chunks and spatial tiles.
+
+    The planner (C, planner.c) picks the spatial grid and the chunk length (latent frames after
+    the first) from the budget; grid= fixes the grid (then chunks are Wan's 2 frames unless
+    frames= is given), frames= fixes the chunk length (>= 2).
 
     Equals WanVAE.decode (conv2, then the chunked decoder with caches) to float rounding; returns
     (B, 3, 1 + 4 * (T - 1), 8H, 8W) for Wan 2.1 in [-1, 1]. A ComfyUI Wan VAE maps on as
@@ -920,21 +984,25 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     budget = _check_budget(budget_bytes)
     _check_video(decoder)
     lh, lw = latent.shape[3], latent.shape[4]
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
+        raise ValueError(f"frames must be an int >= 2 (latent frames per chunk), got {frames!r}")
     if grid is not None:
         if (not isinstance(grid, (tuple, list)) or len(grid) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
             raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
         rows, cols = min(grid[0], lh), min(grid[1], lw)
+        frames = frames or 2
     else:
         plan = plan_video_grid(decoder, lh, lw, budget_bytes=budget, batch=latent.shape[0],
-                               elem=latent.element_size())
+                               elem=latent.element_size(), frames=latent.shape[2])
         rows, cols = plan.rows, plan.cols
+        frames = frames or max(2, plan.frames)
     device = torch.device(device) if device is not None else latent.device
     store = torch.device(store_device) if store_device is not None else latent.device
     run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress)
     with torch.no_grad():
         x = conv2(latent) if conv2 is not None else latent
-        outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2])]
-    log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks x %d tiles", x.shape[2], lh, lw,
-             len(outs), len(run.rects))
+        outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2], frames)]
+    log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks (%d latent frames after the first) x %d tiles",
+             x.shape[2], lh, lw, len(outs), frames, len(run.rects))
     return torch.cat(outs, 2)
