@@ -393,3 +393,100 @@ def test_plan_grid_is_bounded_when_nothing_fits():
     with pytest.raises(vae.VaeTilingError, match="at most"):
         vae.plan_grid(p, 1 << 20, 1 << 20, budget_bytes=2)
     assert time.perf_counter() - t < 30
+
+
+# ------------------------------------------------------------------ one planner (planner.c) for VAE tiles
+
+@pytest.mark.parametrize("div", [1, 3, 8, 20, 60])
+def test_plan_grid_is_the_c_planners_plan_and_bounds_every_step(dec, z, ref, div, monkeypatch):
+    """plan_grid asks vramguard._native.plan (area + perimeter cost); the plan's bytes bound the
+    exact working set of every step at the planned tile, and the decode at that plan is seamless."""
+    from vramguard import _native
+    p = vae.compile_decoder(dec)
+    full = vae.plan_grid(p, LH, LW, budget_bytes=1 << 40).tile_bytes
+    calls = []
+    real = _native.plan
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_native, "plan", spy)
+    budget = full // div
+    g = vae.plan_grid(p, LH, LW, budget_bytes=budget)
+    assert len(calls) == 1 and calls[0]["per_edge_bytes"] > 0 and calls[0]["overlap"] == 0
+    assert g.tile_bytes <= budget
+    th, tw = -(-LH // g.rows), -(-LW // g.cols)
+    assert vae._tile_bytes(p, th, tw, 1, 4) <= g.tile_bytes
+    assert (g.tiles == 1) == (div == 1)
+    out = vae.decode_tiled(dec, z, budget_bytes=budget)
+    assert vm.psnr(out, ref) >= 45.0
+
+
+VT6 = 6     # latent frames: chunks [0], then the planner's (or frames=) length
+
+
+@pytest.fixture(scope="module")
+def wan6():
+    d = vm.wan_decoder(seed=5)
+    zv = vm.video_latent(VT6, VH, VW, seed=7)
+    return d, zv, vm.wan_decode(d, zv)
+
+
+@pytest.mark.parametrize("frames", [2, 3, 5])
+def test_video_chunk_length_does_not_change_the_video(wan6, frames):
+    d, zv, ref = wan6
+    out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=(2, 2), frames=frames)
+    assert vm.psnr(out, ref) >= 45.0 and (out - ref).abs().max() < 1e-3
+    assert vae.video_chunks(VT6, frames)[1] == (1, 1 + frames)
+
+
+def test_video_planner_splits_time_and_space_from_the_budget(wan6, caplog):
+    d, zv, ref = wan6
+    big = vae.plan_video_grid(d, VH, VW, budget_bytes=1 << 40, frames=VT6)
+    assert (big.rows, big.cols, big.chunks, big.frames) == (1, 1, 1, VT6 - 1)
+    small = vae.plan_video_grid(d, VH, VW, budget_bytes=big.tile_bytes // 3, frames=VT6)
+    assert small.tiles > 1 and small.tile_bytes <= big.tile_bytes // 3
+    assert small.frames >= 2 and small.rows * small.cols * small.chunks == small.tiles
+    with caplog.at_level("INFO", logger="vramguard"):
+        out = vae.decode_video_tiled(d, zv, budget_bytes=big.tile_bytes // 3)
+    assert vm.psnr(out, ref) >= 45.0
+    assert f"{small.frames} latent frames after the first" in caplog.text or small.frames < 2
+    with pytest.raises(ValueError, match="frames"):
+        vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, frames=1)
+    with pytest.raises(vae.VaeTilingError, match="nothing fits"):
+        vae.plan_video_grid(d, VH, VW, budget_bytes=100, frames=VT6)
+
+
+# ------------------------------------------------------------------ LTX-, Mochi-, HunyuanVideo-shaped
+
+def test_video_layouts_are_told_apart_with_reasons():
+    assert vae.video_layout(vm.wan_decoder(seed=1)) == ("wan", None)
+    assert vae.video_layout(vm.ltx_decoder(seed=1)) == ("local", None)
+    kind, why = vae.video_layout(vm.mochi_decoder(seed=1))
+    assert kind == "nonlocal" and "GroupNormSpatial" in why
+    kind, why = vae.video_layout(vm.hunyuan_decoder(seed=1))
+    assert kind == "nonlocal" and "GroupNorm at mid_norm" in why
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3), (3, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_ltx_shaped_halo_tiles_equal_the_untiled_decode(grid):
+    d = vm.ltx_decoder(seed=8)
+    zv = vm.video_latent(3, 12, 20, seed=9)
+    with torch.no_grad():
+        ref = d(zv)
+    out = vae.decode_video_halo_tiled(d, zv, budget_bytes=1 << 30, grid=grid)
+    assert out.shape == ref.shape and vm.psnr(out, ref) >= 45.0
+    ys, xs = _borders(*grid, 12, 20, 4)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    # the halo is what makes it exact: without one the tile borders show
+    naive = vae.decode_video_halo_tiled(d, zv, budget_bytes=1 << 30, grid=grid, halo=0)
+    assert vm.psnr(naive, ref) < 45.0
+
+
+def test_nonlocal_video_decoders_are_refused_with_the_reason():
+    for d in (vm.mochi_decoder(seed=1), vm.hunyuan_decoder(seed=1)):
+        with pytest.raises(vae.VaeTilingError, match="whole frames or the whole video"):
+            vae.decode_video_halo_tiled(d, vm.video_latent(2, 4, 4), budget_bytes=1 << 30)
+        with pytest.raises(vae.VaeTilingError, match="GroupNorm"):
+            vae.video_program(type("FSM", (), {"decoder": d})())

@@ -77,3 +77,35 @@ def test_unknown_layout_falls_back_to_overlap_tiling():
     v = _VAE()
     v.first_stage_model.decoder = torch.nn.Identity()
     assert comfyui._vae_program("decode", v, 4) is None
+
+
+def test_video_vaes_take_their_path_or_log_why_not(caplog):
+    """Wan: layer-synchronous; LTX-shaped (every op local): halo tiles, decoded through the node
+    equal to the untiled decode; Mochi/HunyuanVideo-shaped: ComfyUI's own path, reason logged."""
+    from vramguard import vae as vae_mod
+
+    class _VFSM(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.decoder = d
+
+        def decode(self, z):
+            return self.decoder(z)
+
+    v = _VAE()
+    v.first_stage_model = _VFSM(vm.wan_decoder(seed=1))
+    assert comfyui._vae_program("decode", v, 5)[0] is vae_mod.decode_video_tiled
+    v.first_stage_model = _VFSM(vm.ltx_decoder(seed=2))
+    run, mods = comfyui._vae_program("decode", v, 5)
+    assert run is vae_mod.decode_video_halo_tiled
+    z = vm.video_latent(3, 8, 12, seed=3)
+    with torch.no_grad():
+        ref = v.first_stage_model.decode(z)
+    out = run(**mods, latent=z, budget_bytes=1 << 30, grid=(2, 3))
+    assert vm.psnr(out, ref) >= 45.0
+    for d in (vm.mochi_decoder(seed=4), vm.hunyuan_decoder(seed=5)):
+        v.first_stage_model = _VFSM(d)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="vramguard"):
+            assert comfyui._vae_program("decode", v, 5) is None
+        assert "GroupNorm" in caplog.text, caplog.text

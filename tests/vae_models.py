@@ -524,3 +524,161 @@ def video_latent(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
         frames.append(base * (1 + 0.2 * torch.sin(torch.tensor(i * 0.7))))
     z = torch.stack(frames, 2)
     return z + 0.1 * torch.randn(z.shape, generator=g)
+
+
+# ------------------------------------------------------------------ LTX-, Mochi-, HunyuanVideo-shaped
+# Small stand-ins with the structure that decides how each can be tiled (ComfyUI 0.3x classes named):
+#   LTX-Video (comfy.ldm.lightricks.vae.causal_video_autoencoder): CausalConv3d (first/last frame
+#     replicated in time, zeros in space), PixelNorm (per voxel), DepthToSpaceUpsample (conv,
+#     (c p1 p2 p3) -> (t p1)(h p2)(w p3), first frame dropped).  Every op is local.
+#   Mochi (comfy.ldm.genmo.vae.model): causal PConv3d (replicate padding), GroupNormSpatial (a
+#     GroupNorm per frame over the whole frame: not local in space), DepthToSpaceTime.
+#   HunyuanVideo (comfy.ldm.modules.diffusionmodules.model.Decoder with conv3d=True): GroupNorm
+#     over (C/g, T, H, W) of the whole video in the mid block, 3-D attention over every voxel,
+#     then 2-latent-frame chunks with carried causal convs whose GroupNorms see only the chunk.
+
+class PixelNorm(nn.Module):
+    def __init__(self, dim=1, eps=1e-8):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x):
+        return x / torch.sqrt(torch.mean(x ** 2, dim=self.dim, keepdim=True) + self.eps)
+
+
+class LtxCausalConv3d(nn.Module):
+    """LTX's CausalConv3d, non-causal as the decoder uses it: k//2 first/last frames replicated."""
+
+    def __init__(self, cin, cout, k=3):
+        super().__init__()
+        self.time_kernel_size = k
+        self.conv = nn.Conv3d(cin, cout, k, padding=(0, k // 2, k // 2))
+
+    def forward(self, x, causal=False):
+        p = (self.time_kernel_size - 1) // 2
+        if p:
+            x = torch.cat([x[:, :, :1].repeat(1, 1, p, 1, 1), x, x[:, :, -1:].repeat(1, 1, p, 1, 1)], 2)
+        return self.conv(x)
+
+
+class LtxResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1, self.conv1 = PixelNorm(), LtxCausalConv3d(c, c)
+        self.norm2, self.conv2 = PixelNorm(), LtxCausalConv3d(c, c)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class DepthToSpaceUpsample(nn.Module):
+    def __init__(self, c, stride=(2, 2, 2)):
+        super().__init__()
+        self.stride = stride
+        self.conv = LtxCausalConv3d(c, c * stride[0] * stride[1] * stride[2] // 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, t, h, w = y.shape
+        p1, p2, p3 = self.stride
+        y = y.reshape(b, c // (p1 * p2 * p3), p1, p2, p3, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        y = y.reshape(b, c // (p1 * p2 * p3), t * p1, h * p2, w * p3)
+        return y[:, :, 1:] if p1 == 2 else y
+
+
+class LtxDecoder(nn.Module):
+    """conv_in, up_blocks (res blocks and depth-to-space x2 in time and space), norm, conv_out;
+    out: (B, 3, 1 + 4 (T - 1), 4 H, 4 W)."""
+
+    def __init__(self, z=4, c=32):
+        super().__init__()
+        self.conv_in = LtxCausalConv3d(z, c)
+        self.up_blocks = nn.ModuleList([LtxResBlock(c), DepthToSpaceUpsample(c), LtxResBlock(c // 2),
+                                        DepthToSpaceUpsample(c // 2), LtxResBlock(c // 4)])
+        self.conv_norm_out = PixelNorm()
+        self.conv_out = LtxCausalConv3d(c // 4, 3)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for blk in self.up_blocks:
+            x = blk(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class GroupNormSpatial(nn.GroupNorm):
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = super().forward(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class PConv3d(nn.Conv3d):
+    """Mochi's causal conv: k-1 first frames replicated in time, replicate padding in space."""
+
+    def forward(self, x):
+        k = self.kernel_size[0]
+        x = F.pad(x, (1, 1, 1, 1, k - 1, 0), mode="replicate")
+        return super().forward(x)
+
+
+class MochiDecoder(nn.Module):
+    def __init__(self, z=4, c=32, groups=8):
+        super().__init__()
+        self.conv_in = nn.Conv3d(z, c, 1)
+        self.blocks = nn.ModuleList()
+        for cc in (c, c // 2):
+            self.blocks.append(nn.ModuleList([GroupNormSpatial(groups, cc), PConv3d(cc, cc, 3),
+                                              GroupNormSpatial(groups, cc), PConv3d(cc, cc, 3)]))
+        self.proj = nn.ModuleList([nn.Conv3d(c, c // 2 * 8, 1), nn.Conv3d(c // 2, 3 * 8, 1)])
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for (n1, c1, n2, c2), proj in zip(self.blocks, self.proj):
+            x = x + c2(F.silu(n2(c1(F.silu(n1(x))))))
+            y = proj(x)
+            b, c, t, h, w = y.shape
+            y = y.reshape(b, c // 8, 2, 2, 2, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c // 8, 2 * t, 2 * h, 2 * w)
+            x = y[:, :, 1:]
+        return x
+
+
+class HunyuanDecoder(nn.Module):
+    """ComfyUI's Decoder(conv3d=True) reduced: GroupNorm over the whole 5-D map and 3-D attention
+    in the mid block (every frame sees every other), up blocks after it."""
+
+    def __init__(self, z=4, c=32, groups=8):
+        super().__init__()
+        self.conv_in = PConv3d(z, c, 3)
+        self.mid_norm, self.mid_conv = nn.GroupNorm(groups, c), PConv3d(c, c, 3)
+        self.attn_norm = nn.GroupNorm(groups, c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv3d(c, c, 1) for _ in range(4))
+        self.norm_out, self.conv_out = nn.GroupNorm(groups, c), PConv3d(c, 3, 3)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        h = h + self.mid_conv(F.silu(self.mid_norm(h)))
+        b, c, t, hh, ww = h.shape
+        n = self.attn_norm(h)
+        q, k, v = (m(n).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, t, hh, ww)
+        h = h + self.proj_out(o)
+        h = F.interpolate(h, scale_factor=(1, 4, 4), mode="nearest")
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _video_init(m, seed):
+    sane_init(m, seed)
+    return m.eval()
+
+
+def ltx_decoder(seed: int = 0, **kw) -> LtxDecoder:
+    return _video_init(LtxDecoder(**kw), seed)
+
+
+def mochi_decoder(seed: int = 0, **kw) -> MochiDecoder:
+    return _video_init(MochiDecoder(**kw), seed)
+
+
+def hunyuan_decoder(seed: int = 0, **kw) -> HunyuanDecoder:
+    return _video_init(HunyuanDecoder(**kw), seed)

@@ -40,8 +40,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "plan_grid", "plan_video_grid", "VaeTilingError", "Step", "compile_decoder",
-           "compile_encoder", "run_program"]
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "video_layout",
+           "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
+           "compile_decoder", "compile_encoder", "run_program"]
 
 log = logging.getLogger("vramguard")
 
@@ -1006,3 +1007,145 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks (%d latent frames after the first) x %d tiles",
              x.shape[2], lh, lw, len(outs), frames, len(run.rects))
     return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------------------------- other video VAEs
+#
+# A decoder whose every op is local (convs, per-voxel norms such as LTX-Video's PixelNorm,
+# depth-to-space) is tiled exactly without running it layer by layer: each spatial tile is decoded
+# whole (all frames, so the model's own causal/temporal handling is untouched) with a halo of its
+# receptive field, and cropped.  The price is the halo's compute ((t + 2R) / t per side).  A decoder
+# with statistics or attention over whole frames (Mochi's per-frame GroupNorm, HunyuanVideo's
+# GroupNorm over the video and 3-D attention) is not local: tiles would differ from the untiled
+# decode, so it is not tiled here and the caller falls back with video_layout's reason.
+
+_NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Attention")
+
+
+def video_layout(decoder: Any) -> tuple[str, str | None]:
+    """("wan", None): the layer-synchronous Wan path; ("local", None): every op local, the halo
+    path; ("nonlocal", why): neither (why names the modules)."""
+    import torch
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
+    try:
+        _check_video(decoder)
+        return "wan", None
+    except VaeTilingError:
+        pass
+    found: dict[str, str] = {}
+    for name, m in decoder.named_modules():
+        cls = _cls(m)
+        hit = next((k for k in _NONLOCAL if k.lower() in cls.lower()), None)
+        if hit is None and isinstance(m, (torch.nn.GroupNorm, torch.nn.MultiheadAttention)):
+            hit = cls
+        if hit is not None and cls not in found:
+            found[cls] = name or "(root)"
+    if found:
+        mods = ", ".join(f"{c} at {n}" for c, n in found.items())
+        return "nonlocal", (f"{type(decoder).__name__} has statistics or attention over whole frames or the whole video "
+                            f"({mods}): spatial tiles would not match the untiled decode, and the layer-synchronous path "
+                            "knows only SD's and Wan's layouts")
+    return "local", None
+
+
+def receptive_field(decode: Callable[[Any], Any], channels: int, frames: int, *, dtype: Any = None,
+                    device: Any = None, probe: int = 33) -> tuple[int, int]:
+    """(R, scale): how far (latent px) a latent pixel reaches in the decoded video, measured by
+    decoding a probe latent twice with its centre pixel changed, and the spatial upscale.  Raises
+    when the change reaches the probe's border (R unknown)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(1, channels, frames, probe, probe, generator=g) * 0.5).to(device=device, dtype=dtype)
+    c = probe // 2
+    with torch.no_grad():
+        y0 = decode(z)
+        z[..., c, c] += 1.0
+        d = (decode(z) - y0).abs().amax(dim=(0, 1, 2)).float()
+    s = y0.shape[-1] // probe
+    if s < 1 or y0.shape[-1] != s * probe or y0.shape[-2] != s * probe:
+        raise VaeTilingError(f"decoder output {tuple(y0.shape)} is not an integer upscale of the {probe} px probe")
+    rows = torch.nonzero(d.amax(1) > 0).flatten()
+    cols = torch.nonzero(d.amax(0) > 0).flatten()
+    if rows.numel() == 0:
+        return 1, s
+    reach = max(abs(int(rows[0]) // s - c), abs(int(rows[-1]) // s - c),
+                abs(int(cols[0]) // s - c), abs(int(cols[-1]) // s - c))
+    if reach >= c:
+        raise VaeTilingError(f"receptive field reaches the {probe} px probe's border: not a local decoder")
+    return reach + 1, s
+
+
+def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                            halo: int | None = None, decode: Callable[[Any], Any] | None = None, device: Any = None,
+                            store_device: Any = None, progress: Callable[[int], None] | None = None) -> Any:
+    """Decode a (B, C, T, H, W) latent with a local decoder (video_layout "local": LTX-Video-shaped)
+    in spatial tiles, each with a halo of the receptive field: equals decode(latent) to float
+    rounding.  decode: the callable (default decoder itself); halo: latent px (default measured by
+    receptive_field); grid: (rows, cols), else planned by the C planner from the budget."""
+    import torch
+    if not isinstance(latent, torch.Tensor):
+        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+    if latent.ndim != 5 or min(latent.shape) < 1:
+        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
+    if not latent.is_floating_point() or not torch.isfinite(latent).all():
+        raise ValueError("latent must be finite floating point")
+    budget = _check_budget(budget_bytes)
+    kind, why = video_layout(decoder)
+    if kind != "local":
+        raise VaeTilingError(why or f"{type(decoder).__name__} is Wan-shaped: use decode_video_tiled")
+    if halo is not None and (isinstance(halo, bool) or not isinstance(halo, int) or halo < 0):
+        raise ValueError(f"halo must be an int >= 0 (latent px), got {halo!r}")
+    fn = decode if decode is not None else decoder
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
+    b, c, t, lh, lw = latent.shape
+    r, scale = receptive_field(fn, c, min(t, 3), dtype=latent.dtype, device=device)
+    halo = r if halo is None else halo
+    if grid is not None:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+        rows, cols = min(grid[0], lh), min(grid[1], lw)
+    else:
+        # every layer bounded by the widest conv at the output's voxel count: in + out channels,
+        # x3 working copies, per latent px of the tile with its halo (area + perimeter + corners)
+        chans = max([m.weight.shape[0] + m.weight.shape[1] for m in decoder.modules()
+                     if getattr(getattr(m, "weight", None), "ndim", 0) == 5] or [1])
+        t_out = 1 + 8 * t          # >= any temporal upscale up to 8x
+        per = 3.0 * chans * t_out * scale * scale * b * latent.element_size()
+        plan = _native_plan(lw, lh, fixed=per * 4 * halo * halo, per_px=per, per_edge=per * 2 * halo, budget=budget)
+        cols, rows = plan["grid"]
+    rects = grid_rects(lh, lw, rows, cols)
+    out = None
+    with torch.no_grad():
+        for k, (y0, y1, x0, x1) in enumerate(rects):
+            iy0, iy1 = _span(y0, y1, (halo, halo), lh)
+            ix0, ix1 = _span(x0, x1, (halo, halo), lw)
+            with _tile_scope():
+                y = fn(latent[..., iy0:iy1, ix0:ix1].to(device))
+                if out is None:
+                    out = torch.empty(b, y.shape[1], y.shape[2], lh * scale, lw * scale, dtype=y.dtype, device=store)
+                out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                    y[..., (y0 - iy0) * scale:(y1 - iy0) * scale, (x0 - ix0) * scale:(x1 - ix0) * scale]
+                del y
+            if progress is not None:
+                progress(k + 1)
+    log.info("vramguard: tiled local video VAE %dx%dx%d latent as %dx%d tiles, halo %d latent px", t, lh, lw,
+             rows, cols, halo)
+    return out
+
+
+def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
+    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan
+    path, or the halo path for a local decoder; VaeTilingError with the reason otherwise."""
+    dec = getattr(first_stage_model, "decoder", None)
+    if dec is None:
+        raise VaeTilingError(f"{type(first_stage_model).__name__} has no decoder")
+    kind, why = video_layout(dec)
+    if kind == "wan":
+        return decode_video_tiled, {"decoder": dec, "conv2": getattr(first_stage_model, "conv2", None)}
+    if kind == "local":
+        fn = getattr(first_stage_model, "decode", None)
+        return decode_video_halo_tiled, {"decoder": dec, "decode": fn if callable(fn) else None}
+    raise VaeTilingError(why or "unsupported video VAE")

@@ -689,8 +689,7 @@ def _vae_program(direction: str, vae: Any, ndim: int) -> tuple[Any, dict] | None
             vae_mod.compile_encoder(fsm.encoder, getattr(fsm, "quant_conv", None))
             return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "quant_conv", None)}
         if direction == "decode" and ndim == 5:
-            vae_mod._check_video(fsm.decoder)
-            return vae_mod.decode_video_tiled, {"decoder": fsm.decoder, "conv2": getattr(fsm, "conv2", None)}
+            return vae_mod.video_program(fsm)   # Wan: layer-synchronous; local (LTX-shaped): halo tiles
     except (vae_mod.VaeTilingError, AttributeError, TypeError) as e:
         log.info("vramguard: seamless tiled VAE not available for %s (%s); using overlap tiling",
                  type(fsm).__name__, e)
