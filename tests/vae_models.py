@@ -7,6 +7,7 @@ at $VRAMGUARD_COMFYUI or /work/comfy/ComfyUI (None otherwise), with the same ini
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -643,28 +644,126 @@ class MochiDecoder(nn.Module):
         return x
 
 
-class HunyuanDecoder(nn.Module):
-    """ComfyUI's Decoder(conv3d=True) reduced: GroupNorm over the whole 5-D map and 3-D attention
-    in the mid block (every frame sees every other), up blocks after it."""
+class CarriedConv3d(nn.Module):
+    """ComfyUI's CarriedConv3d: a plain Conv3d whose padding conv_carry_causal_3d does."""
 
-    def __init__(self, z=4, c=32, groups=8):
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv_in = PConv3d(z, c, 3)
-        self.mid_norm, self.mid_conv = nn.GroupNorm(groups, c), PConv3d(c, c, 3)
-        self.attn_norm = nn.GroupNorm(groups, c)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv3d(c, c, 1) for _ in range(4))
-        self.norm_out, self.conv_out = nn.GroupNorm(groups, c), PConv3d(c, 3, 3)
+        self.conv = nn.Conv3d(cin, cout, kernel_size, stride=stride)
 
     def forward(self, x):
-        h = self.conv_in(x)
-        h = h + self.mid_conv(F.silu(self.mid_norm(h)))
-        b, c, t, hh, ww = h.shape
-        n = self.attn_norm(h)
-        q, k, v = (m(n).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, t, hh, ww)
-        h = h + self.proj_out(o)
-        h = F.interpolate(h, scale_factor=(1, 4, 4), mode="nearest")
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv(x)
+
+
+def conv_carry_causal_3d(x, op, carry_in=None, carry_out=None):
+    """ComfyUI's rule: frame 0 replicated twice in time (first chunk) or the carried 2 frames,
+    replicate padding in space; the last 2 padded input frames pushed for the next chunk."""
+    if isinstance(op, CarriedConv3d):
+        if carry_in is None:
+            x = F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
+        else:
+            x = F.pad(x, (1, 1, 1, 1, 2 - carry_in[0].shape[2], 0), mode="replicate")
+            x = torch.cat([carry_in.pop(0), x], dim=2)
+        if carry_out is not None:
+            carry_out.append(x[:, :, -2:].clone())
+    return op(x)
+
+
+class HyResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.in_channels, self.out_channels, self.use_conv_shortcut = cin, cout, False
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), CarriedConv3d(cin, cout, 3)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), CarriedConv3d(cout, cout, 3)
+        if cin != cout:
+            self.nin_shortcut = CarriedConv3d(cin, cout, 1)
+
+    def forward(self, x, carry_in=None, carry_out=None):
+        h = conv_carry_causal_3d(F.silu(self.norm1(x)), self.conv1, carry_in, carry_out)
+        h = conv_carry_causal_3d(F.silu(self.norm2(h)), self.conv2, carry_in, carry_out)
+        return (self.nin_shortcut(x) if self.in_channels != self.out_channels else x) + h
+
+
+class HyAttnBlock(nn.Module):
+    """Attention over every voxel of the video (GroupNorm over all of it)."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv3d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        n = self.norm(x)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(n), self.k(n), self.v(n)))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(x.shape)
+        return x + self.proj_out(o)
+
+
+class HyUpsample(nn.Module):
+    def __init__(self, c, scale_factor):
+        super().__init__()
+        self.with_conv, self.scale_factor = True, scale_factor
+        self.conv = CarriedConv3d(c, c, 3)
+
+    def forward(self, x, carry_in=None, carry_out=None):
+        parts = []
+        if self.scale_factor[0] > 1.0:
+            if carry_in is None:        # the first chunk: frame 0 is upsampled in space only
+                parts.append(F.interpolate(x[:, :, :1], scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+                x = x[:, :, 1:]
+            if x.shape[2] > 0:
+                parts.append(F.interpolate(x, scale_factor=self.scale_factor, mode="nearest"))
+            x = torch.cat(parts, 2)
+        else:
+            x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+        return conv_carry_causal_3d(x, self.conv, carry_in, carry_out)
+
+
+class HunyuanDecoder(nn.Module):
+    """ComfyUI's Decoder(conv3d=True, time_compress=tc) (HunyuanVideo's VAE) with plain torch layers:
+    conv_in and the mid block (GroupNorm + attention over the whole video) at once, then the up
+    path in chunks of 2 latent frames with carried causal convs (GroupNorm per chunk)."""
+
+    def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, out_ch=3, groups=8,
+                 time_compress=2):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks, self.tanh_out, self.carried = len(ch_mult), num_res_blocks, False, True
+        block_in = ch * ch_mult[-1]
+        self.conv_in = CarriedConv3d(z_channels, block_in, 3)
+        self.mid = nn.Module()
+        self.mid.block_1 = HyResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = HyAttnBlock(block_in, groups)
+        self.mid.block_2 = HyResnetBlock(block_in, block_in, groups)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                up.block.append(HyResnetBlock(block_in, block_out, groups))
+                block_in = block_out
+            if i_level != 0:
+                t = 2.0 if i_level <= math.log2(time_compress) else 1.0
+                up.upsample = HyUpsample(block_in, (t, 2.0, 2.0))
+            self.up.insert(0, up)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = CarriedConv3d(block_in, out_ch, 3)
+
+    def forward(self, z):
+        h = conv_carry_causal_3d(z, self.conv_in)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        out, carry_in = [], None
+        chunks = torch.split(h, 2, dim=2)
+        for i, h1 in enumerate(chunks):
+            carry_out = [] if i < len(chunks) - 1 else None
+            for i_level in reversed(range(self.num_resolutions)):
+                for blk in self.up[i_level].block:
+                    h1 = blk(h1, carry_in, carry_out)
+                if i_level != 0:
+                    h1 = self.up[i_level].upsample(h1, carry_in, carry_out)
+            out.append(conv_carry_causal_3d(F.silu(self.norm_out(h1)), self.conv_out, carry_in, carry_out))
+            carry_in = carry_out
+        return torch.cat(out, 2)
 
 
 def _video_init(m, seed):
@@ -682,3 +781,36 @@ def mochi_decoder(seed: int = 0, **kw) -> MochiDecoder:
 
 def hunyuan_decoder(seed: int = 0, **kw) -> HunyuanDecoder:
     return _video_init(HunyuanDecoder(**kw), seed)
+
+
+def comfy_ltx_vae(seed: int = 0):
+    """ComfyUI's real LTX-Video VideoVAE (causal_video_autoencoder) at a small config: version-0
+    layout (PixelNorm, non-causal decoder, patch 4, one compress_all), 16 base channels.  Its
+    per-channel latent statistics are buffers (torch.empty in the class): set to identity here."""
+    _comfy_model()
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx
+    cfg = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128,
+           "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"residual": True, "multiplier": 2}],
+                              ["res_x", {"num_layers": 1}]],
+           "encoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {}], ["res_x", {"num_layers": 1}]],
+           "decoder_base_channels": 16, "encoder_base_channels": 16, "scaling_factor": 1.0,
+           "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform", "use_quant_conv": False,
+           "causal_decoder": False}
+    m = sane_init(ltx.VideoVAE(config=cfg), seed)
+    with torch.no_grad():
+        for n, b in m.per_channel_statistics.named_buffers():
+            b.fill_(1.0 if "std" in n else 0.0)
+    return m
+
+
+def comfy_video_decoders(seed: int = 0) -> dict:
+    """ComfyUI's real Mochi and HunyuanVideo decoder classes, small (for their layout verdicts)."""
+    m = _comfy_model()
+    import comfy.ldm.genmo.vae.model as genmo
+    hy = m.Decoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                   resolution=64, z_channels=4, conv3d=True, time_compress=2)
+    mochi = genmo.Decoder(out_channels=3, base_channels=32, channel_multipliers=[1, 2], temporal_expansions=[2],
+                          spatial_expansions=[2], num_res_blocks=[1, 1, 1], latent_dim=4, has_attention=[False] * 3,
+                          output_norm=False, nonlinearity="silu", output_nonlinearity="silu", causal=True,
+                          padding_mode="replicate", affine=True, bias=True)
+    return {"hunyuan": sane_init(hy, seed), "mochi": sane_init(mochi, seed)}

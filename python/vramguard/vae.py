@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "video_layout",
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "video_layout",
            "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
            "compile_decoder", "compile_encoder", "run_program"]
 
@@ -75,6 +75,10 @@ class Step:
     work: float = 3.0          # working-set multiplier over (input slice + output tile), for the plan
     in_channels: int = 0
     normed: tuple[str, ...] = ()   # maps this step GroupNorms (their whole-map statistics are gathered)
+    # video (B, C, T, H, W) maps: output frames for t input frames; carry: fn returns (out, carry)
+    # and the carry's tiles (the conv input's last frames, for the next time chunk) go to this map
+    t_out: Callable[[int], int] | None = None
+    carry: str | None = None
 
 
 @dataclass
@@ -255,10 +259,10 @@ class _Stats:
 
     def add(self, t: Any) -> None:
         import torch
-        nt = t.shape[2] * t.shape[3]
+        nt = math.prod(t.shape[2:])
         if nt == 0:
             return
-        var_t, mean_t = torch.var_mean(t, dim=(2, 3), correction=0)
+        var_t, mean_t = torch.var_mean(t, dim=tuple(range(2, t.ndim)), correction=0)
         mean_t = mean_t.to(self.mean.device, torch.float64)
         m2_t = var_t.to(self.mean.device, torch.float64) * nt
         n = self.n + nt
@@ -300,8 +304,9 @@ class _Ctx:
                 scale, shift = rstd_c, -mean_c * rstd_c
             self.cache[ck] = (scale, shift)
         scale, shift = self.cache[ck]
-        scale = scale.to(device=x.device, dtype=x.dtype)[:, :, None, None]
-        shift = shift.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+        tail = (1,) * (x.ndim - 2)
+        scale = scale.to(device=x.device, dtype=x.dtype).view(*scale.shape, *tail)
+        shift = shift.to(device=x.device, dtype=x.dtype).view(*shift.shape, *tail)
         return torch.addcmul(shift, x, scale)
 
 
@@ -496,21 +501,24 @@ def _coarsest(p: Program, s: Step, base: list[Rect], grid: tuple[int, int] | Non
 
 def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, store_device: Any = None,
                 progress: Callable[[int, int], None] | None = None, budget: int | None = None,
-                grid: tuple[int, int] | None = None) -> Any:
+                grid: tuple[int, int] | None = None, carries: dict[str, Any] | None = None) -> Any:
     """Run a compiled program tile by tile; returns the output map on store_device.
 
     rects: the tiles (latent px) at the step that needs the most memory; with budget and grid
-    given, steps that fit in fewer tiles of the same grid (merged f x f) use those."""
+    given, steps that fit in fewer tiles of the same grid (merged f x f) use those.  x is NCHW, or
+    (B, C, T, H, W) for a video program (tiles in space, every frame of the chunk); carries: maps
+    the steps read by name (the previous time chunk's carries), updated with the ones they write."""
     import torch
-    if x.ndim != 4:
-        raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected an NCHW or (B, C, T, H, W) tensor, got shape {tuple(x.shape)}")
     b = x.shape[0]
-    if x.shape[2] % p.latent_scale or x.shape[3] % p.latent_scale:
-        raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is not a multiple of {p.latent_scale}")
-    lh, lw = x.shape[2] // p.latent_scale, x.shape[3] // p.latent_scale
+    if x.shape[-2] % p.latent_scale or x.shape[-1] % p.latent_scale:
+        raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {p.latent_scale}")
+    lh, lw = x.shape[-2] // p.latent_scale, x.shape[-1] // p.latent_scale
     device = torch.device(device) if device is not None else x.device
     store = torch.device(store_device) if store_device is not None else x.device
-    maps: dict[str, Any] = {p.input: x.to(store)}
+    carries = {} if carries is None else carries
+    maps: dict[str, Any] = {**carries, p.input: x.to(store)}
     stats: dict[str, _Stats] = {}
     last_use: dict[str, int] = {}
     for i, s in enumerate(p.steps):
@@ -529,12 +537,16 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         H, W = lh * s.res_out, lw * s.res_out
         Hi, Wi = lh * s.res_in, lw * s.res_in
         dtype = maps[s.inputs[0]].dtype
-        out = torch.empty(b, s.out_channels, H, W, dtype=dtype, device=store)
+        frames = () if x.ndim == 4 else (maps[s.inputs[0]].shape[2],)
+        if frames and s.t_out is not None:
+            frames = (s.t_out(frames[0]),)
+        out = torch.empty(b, s.out_channels, *frames, H, W, dtype=dtype, device=store)
         st = _Stats(b, s.out_channels, store) if s.output in p.needs_stats else None
         kv = None
         if s.kind == "attn":
             kv = _attn_kv(ctx, s, maps[s.inputs[0]], device)
-        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, maps[p.input].element_size())
+        per = maps[p.input].element_size() * max([1, *frames, *maps[s.inputs[0]].shape[2:-2]])
+        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, per)
         total += len(rects)
         k = 0
         while k < len(rects):
@@ -545,18 +557,28 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
             oom = False
             try:
                 with _tile_scope(), torch.no_grad():
-                    ins = [maps[n][:, :, iy0:iy1, ix0:ix1].to(device) for n in s.inputs]
+                    # a carry of an upsampling step is at its output resolution: sliced at that scale
+                    ins = [maps[n][..., iy0 * (f := maps[n].shape[-2] // Hi):iy1 * f, ix0 * f:ix1 * f].to(device)
+                           for n in s.inputs]
+                    c = None
                     if s.kind == "attn":
                         y = _attn_tile(ctx, s, ins[0], kv)
+                    elif s.carry is not None:
+                        y, c = s.fn(ctx, *ins)
                     else:
                         y = s.fn(ctx, *ins)
                     r_num, r_den = s.res_out, s.res_in
                     py, px = iy0 * r_num // r_den, ix0 * r_num // r_den
-                    y = y[:, :, oy0 - py:oy1 - py, ox0 - px:ox1 - px]
-                    if y.shape[2] != oy1 - oy0 or y.shape[3] != ox1 - ox0:
+                    y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2:-2] != out.shape[2:-2]:
                         raise VaeTilingError(f"step {s.name}: tile output {tuple(y.shape)} does not cover "
-                                             f"{oy1 - oy0}x{ox1 - ox0}")
-                    out[:, :, oy0:oy1, ox0:ox1] = y
+                                             f"{tuple(out.shape[2:-2])} x {oy1 - oy0}x{ox1 - ox0}")
+                    out[..., oy0:oy1, ox0:ox1] = y
+                    if c is not None:
+                        if s.carry not in maps or maps[s.carry].shape[:3] != c.shape[:3]:
+                            maps[s.carry] = torch.empty(*c.shape[:3], H, W, dtype=c.dtype, device=store)
+                        maps[s.carry][..., oy0:oy1, ox0:ox1] = c[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                        del c
                     if st is not None:
                         st.add(y)
                     del y, ins
@@ -578,9 +600,12 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         if st is not None:
             stats[s.output] = st
         for n in s.inputs:
-            if last_use.get(n) == i and n != p.input:
+            if last_use.get(n) == i and n != p.input and n not in carries:
                 del maps[n]
         ctx.cache.clear()
+    for s in p.steps:
+        if s.carry is not None and s.carry in maps:
+            carries[s.carry] = maps[s.carry]
     return maps[p.output]
 
 
@@ -588,14 +613,17 @@ def _attn_kv(ctx: _Ctx, s: Step, xfull: Any, device: Any) -> tuple[Any, Any]:
     """K and V of the whole map (1x1 convs, so computed in slices) as (B, 1, N, C)."""
     import torch
     a = s.module
-    b, c, h, w = xfull.shape
-    k = torch.empty(b, 1, h * w, c, dtype=xfull.dtype, device=device)
+    b, c = xfull.shape[:2]
+    h, w = xfull.shape[-2:]
+    per_row = math.prod(xfull.shape[2:]) // h        # tokens per row (every frame of a video)
+    k = torch.empty(b, 1, h * per_row, c, dtype=xfull.dtype, device=device)
     v = torch.empty_like(k)
-    rows = max(1, (1 << 20) // max(1, w * c))
+    rows = max(1, (1 << 20) // max(1, per_row * c))
     with torch.no_grad():
         for r0 in range(0, h, rows):
-            xs = ctx.gn(a.norm, xfull[:, :, r0:r0 + rows].to(device), s.inputs[0])
-            n0, n1 = r0 * w, min(h, r0 + rows) * w
+            # keys in row-slab order, not the map's: attention does not depend on the keys' order
+            xs = ctx.gn(a.norm, xfull[..., r0:r0 + rows, :].to(device), s.inputs[0])
+            n0, n1 = r0 * per_row, min(h, r0 + rows) * per_row
             k[:, 0, n0:n1] = a.k(xs).flatten(2).transpose(1, 2)
             v[:, 0, n0:n1] = a.v(xs).flatten(2).transpose(1, 2)
     return k, v
@@ -604,10 +632,9 @@ def _attn_kv(ctx: _Ctx, s: Step, xfull: Any, device: Any) -> tuple[Any, Any]:
 def _attn_tile(ctx: _Ctx, s: Step, xs: Any, kv: tuple[Any, Any]) -> Any:
     import torch.nn.functional as F
     a = s.module
-    b, c, h, w = xs.shape
     q = a.q(ctx.gn(a.norm, xs, s.inputs[0])).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
     o = F.scaled_dot_product_attention(q, kv[0], kv[1])
-    o = o.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+    o = o.squeeze(1).transpose(1, 2).reshape(xs.shape)
     return xs + a.proj_out(o)
 
 
@@ -673,6 +700,10 @@ def decode_tiled(decoder: Any, latent: Any, *, budget_bytes: int, tile: int | tu
     tile: tile size in latent px (int or (rows, cols)) instead of the plan; grid: (rows, cols) tiles.
     Returns NCHW in the decoder's output range ([-1, 1] for SD-family VAEs), on store_device.
     """
+    import torch
+    if isinstance(latent, torch.Tensor) and latent.ndim == 5:
+        return decode_carried_tiled(decoder, latent, budget_bytes=budget_bytes, grid=grid, post_quant_conv=post_quant_conv,
+                                    device=device, store_device=store_device, progress=progress)
     p = compile_decoder(decoder, post_quant_conv)
     return _run(p, latent, "latent", budget_bytes, tile, grid, device, store_device, progress)
 
@@ -1023,8 +1054,9 @@ _NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Att
 
 
 def video_layout(decoder: Any) -> tuple[str, str | None]:
-    """("wan", None): the layer-synchronous Wan path; ("local", None): every op local, the halo
-    path; ("nonlocal", why): neither (why names the modules)."""
+    """("wan", None): the layer-synchronous Wan path; ("carried", None): HunyuanVideo-shaped
+    (ComfyUI's Decoder with conv3d=True), layer-synchronous in its own time chunks; ("local", None):
+    every op local, the halo path; ("nonlocal", why): none of these (why names the modules)."""
     import torch
     if not isinstance(decoder, torch.nn.Module):
         raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
@@ -1033,6 +1065,12 @@ def video_layout(decoder: Any) -> tuple[str, str | None]:
         return "wan", None
     except VaeTilingError:
         pass
+    if _carried(decoder):
+        try:
+            _check_layout_carried(decoder)
+            return "carried", None
+        except VaeTilingError as e:
+            return "nonlocal", f"{type(decoder).__name__}: HunyuanVideo-shaped but {e}"
     found: dict[str, str] = {}
     for name, m in decoder.named_modules():
         cls = _cls(m)
@@ -1148,4 +1186,222 @@ def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
     if kind == "local":
         fn = getattr(first_stage_model, "decode", None)
         return decode_video_halo_tiled, {"decoder": dec, "decode": fn if callable(fn) else None}
+    if kind == "carried":
+        return _decode_carried_counting, {"decoder": dec, "post_quant_conv": getattr(first_stage_model, "post_quant_conv",
+                                                                                     None)}
     raise VaeTilingError(why or "unsupported video VAE")
+
+
+def _decode_carried_counting(*, progress: Callable[[int], None] | None = None, **kw: Any) -> Any:
+    """decode_carried_tiled with a progress callback of one argument (tiles done), as the video
+    paths report (the step programs report (done, total) per program)."""
+    n = {"done": 0}
+
+    def tick(done: int, total: int) -> None:
+        n["done"] += 1
+        if progress is not None:
+            progress(n["done"])
+
+    return decode_carried_tiled(progress=tick, **kw)
+
+
+# ---------------------------------------------------------------------------------- HunyuanVideo-shaped
+#
+# HunyuanVideo's VAE in ComfyUI is the SD Decoder built with conv3d=True: CarriedConv3d (causal in
+# time: the first frame replicated twice; replicate padding in space), GroupNorm over (C/g, T, H, W),
+# a 3-D attention over every voxel in the mid block.  Its forward runs conv_in and the mid block on
+# the whole video, then the up path on chunks of 2 latent frames, each conv carrying the last 2
+# frames of its padded input to the next chunk -- and the up path's GroupNorms see only the chunk.
+# So the chunks are part of the model's definition: the time tiles here are exactly those chunks
+# (the planner's depth axis pinned to 2), and inside each chunk (and in the mid block, over all
+# frames) every layer runs layer-synchronously over spatial tiles with the statistics of the chunk
+# (of the video), carries kept as whole frames and sliced with each tile's halo.
+
+def _carried(decoder: Any) -> bool:
+    return bool(getattr(decoder, "carried", False)) and _cls(getattr(decoder, "conv_in", None)) == "CarriedConv3d"
+
+
+def _causal_conv(conv: Any, a: Any, carry: Any) -> tuple[Any, Any]:
+    """ComfyUI's conv_carry_causal_3d on a tile: a = the conv's input (tile + halo), carry = the
+    previous chunk's last 2 padded input frames (same slice) or None (the first chunk: frame 0
+    twice).  Returns (output, this chunk's carry)."""
+    import torch
+    import torch.nn.functional as F
+    padded = torch.cat([carry.to(a), a], 2) if carry is not None else torch.cat([a[:, :, :1], a[:, :, :1], a], 2)
+    return conv.conv(F.pad(padded, (1, 1, 1, 1, 0, 0), mode="replicate")), padded[:, :, -2:]
+
+
+def _carry_names(name: str, later: bool, keep: bool) -> tuple[tuple[str, ...], str | None]:
+    return ((f"carry:{name}",) if later else ()), (f"carry_next:{name}" if keep else None)
+
+
+def _resnet3d(blk: Any, name: str, x: str, res: int, steps: list[Step], later: bool, keep: bool) -> str:
+    if getattr(blk, "use_conv_shortcut", False) and getattr(blk, "conv_shortcut", None) is not None:
+        raise VaeTilingError(f"{name}: a 3x3x3 conv shortcut is not supported")
+    cin, cout = blk.norm1.num_channels, blk.conv1.conv.weight.shape[0]
+    h = name + ".h"
+    in1, out1 = _carry_names(name + ".conv1", later, keep)
+    in2, out2 = _carry_names(name + ".conv2", later, keep)
+
+    def first(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(blk.conv1, _silu(ctx.gn(blk.norm1, xs, x)), cs)
+        return (y, c) if keep else y
+
+    def second(ctx: _Ctx, xs: Any, hs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(blk.conv2, _silu(ctx.gn(blk.norm2, hs, h)), cs)
+        sc = blk.nin_shortcut(xs) if getattr(blk, "nin_shortcut", None) is not None else xs
+        return (sc + y, c) if keep else sc + y
+
+    steps.append(Step(name + ".a", first, (x, *in1), h, cout, res, res, in_channels=cin, normed=(x,), carry=out1))
+    out = name + ".out"
+    steps.append(Step(name + ".b", second, (x, h, *in2), out, cout, res, res, in_channels=cin + cout, normed=(h,),
+                      carry=out2))
+    return out
+
+
+def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, first: bool = True,
+                    last: bool = True) -> Program:
+    """The HunyuanVideo-shaped decoder as layer-synchronous 5-D programs: part "mid" (conv_in and the
+    mid block over the whole video) or "up" (one 2-latent-frame chunk: first / last decide the
+    carries read and written and the first frame's spatial-only upsampling)."""
+    _check_layout_carried(decoder)
+    steps: list[Step] = []
+    if part == "mid":
+        cur = "z"
+        if post_quant_conv is not None:
+            steps.append(Step("post_quant_conv", lambda ctx, xs: post_quant_conv(xs), (cur,), "pq",
+                              post_quant_conv.weight.shape[0], 1, 1, halo=(0, 0),
+                              in_channels=post_quant_conv.weight.shape[1]))
+            cur = "pq"
+        steps.append(Step("conv_in", lambda ctx, xs: _causal_conv(decoder.conv_in, xs, None)[0], (cur,), "conv_in",
+                          decoder.conv_in.conv.weight.shape[0], 1, 1, in_channels=decoder.conv_in.conv.weight.shape[1]))
+        cur = _resnet3d(decoder.mid.block_1, "mid.block_1", "conv_in", 1, steps, False, False)
+        cur = _attn_step(decoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
+        cur = _resnet3d(decoder.mid.block_2, "mid.block_2", cur, 1, steps, False, False)
+        steps[-1].output = "out"
+        return _finish(Program(steps, "z", "out", 1, decoder.mid.block_2.conv2.conv.weight.shape[0]))
+    if part != "up":
+        raise ValueError(f"part must be 'mid' or 'up', got {part!r}")
+    later, keep = not first, not last
+    cur, res = "z", 1
+    for i_level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[i_level]
+        for i_block in range(decoder.num_res_blocks + 1):
+            cur = _resnet3d(up.block[i_block], f"up{i_level}.block{i_block}", cur, res, steps, later, keep)
+        if i_level != 0:
+            us = up.upsample
+            sf = us.scale_factor if isinstance(us.scale_factor, (tuple, list)) else (us.scale_factor,) * 3
+            t_up = sf[0] > 1.0
+            cin_, cout_ = _carry_names(f"up{i_level}.upsample", later, keep)
+
+            def upfn(ctx: _Ctx, xs: Any, cs: Any = None, us: Any = us, t_up: bool = t_up) -> Any:
+                import torch
+                import torch.nn.functional as F
+                parts, rest = [], xs
+                if t_up and first:
+                    parts.append(F.interpolate(xs[:, :, :1], scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+                    rest = xs[:, :, 1:]
+                if rest.shape[2] > 0:
+                    parts.append(F.interpolate(rest, scale_factor=(2.0 if t_up else 1.0, 2.0, 2.0), mode="nearest"))
+                y, c = _causal_conv(us.conv, torch.cat(parts, 2), cs)
+                return (y, c) if keep else y
+
+            def t_out(t: int, t_up: bool = t_up) -> int:
+                return (2 * t - 1 if first else 2 * t) if t_up else t
+
+            c = us.conv.conv.weight.shape[0]
+            steps.append(Step(f"up{i_level}.upsample", upfn, (cur, *cin_), f"up{i_level}.us", c, res, res * 2,
+                              work=6.0, in_channels=c, t_out=t_out, carry=cout_))
+            cur, res = f"up{i_level}.us", res * 2
+    name_in = cur
+    cin_, cout_ = _carry_names("conv_out", later, keep)
+    tanh = bool(getattr(decoder, "tanh_out", False))
+
+    def tail(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(decoder.conv_out, _silu(ctx.gn(decoder.norm_out, xs, name_in)), cs)
+        y = y.tanh() if tanh else y
+        return (y, c) if keep else y
+
+    cout = decoder.conv_out.conv.weight.shape[0]
+    steps.append(Step("conv_out", tail, (cur, *cin_), "out", cout, res, res, in_channels=decoder.norm_out.num_channels,
+                      normed=(cur,), carry=cout_))
+    return _finish(Program(steps, "z", "out", 1, cout))
+
+
+def _check_layout_carried(decoder: Any) -> None:
+    import torch
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
+    if not _carried(decoder):
+        raise VaeTilingError(f"{type(decoder).__name__} is not a carried conv3d Decoder (HunyuanVideo layout)")
+    missing = [n for n in ("mid", "up", "norm_out", "conv_out", "num_resolutions", "num_res_blocks") if not hasattr(decoder, n)]
+    if missing:
+        raise VaeTilingError(f"decoder {type(decoder).__name__} lacks {missing}")
+    if any(len(decoder.up[i].attn) for i in range(decoder.num_resolutions)):
+        raise VaeTilingError("a carried conv3d Decoder with attention in its up blocks (ComfyUI asserts it never is)")
+
+
+def _carried_plan(p: Program, h: int, w: int, frames: int, budget: int, k: int, *, depth: int | None,
+                  what: str) -> tuple[int, int]:
+    fixed, per_px, per_edge = _linear_cost(p, h, w)
+    if depth is None:         # the whole video at once (the mid block): every frame in every tile
+        r = _native_plan(w, h, fixed=fixed * k * frames, per_px=per_px * k * frames, per_edge=per_edge * k * frames,
+                         budget=budget)
+        cols, rows = r["grid"]
+    else:                     # time chunks: the model's own 2 latent frames (depth pinned to 2)
+        from . import _native
+        r = _native.plan(w, h, overlap=0, align=1, feather=0.0, per_px_bytes=per_px * k * frames,
+                         per_edge_bytes=per_edge * k * frames, per_frame_bytes=fixed * k * frames, budget=budget,
+                         depth=depth, depth_min=min(2, depth), depth_max=min(2, depth))
+        if not r["fits"]:
+            raise VaeTilingError(f"nothing fits in budget_bytes={budget} for the {what}: {r['why']}")
+        cols, rows, _ = r["grid"]
+    return rows, cols
+
+
+def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                         post_quant_conv: Any = None, device: Any = None, store_device: Any = None,
+                         progress: Callable[[int, int], None] | None = None) -> Any:
+    """Decode a (B, C, T, H, W) latent with a HunyuanVideo-shaped decoder (ComfyUI's Decoder with
+    conv3d=True): equals decoder(post_quant_conv(latent)) to float rounding.  Spatial tiles from
+    the C planner (or grid=), time tiles = the model's 2-latent-frame chunks."""
+    import torch
+    if not isinstance(latent, torch.Tensor):
+        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+    if latent.ndim != 5 or min(latent.shape) < 1:
+        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
+    if not latent.is_floating_point() or not torch.isfinite(latent).all():
+        raise ValueError("latent must be finite floating point")
+    budget = _check_budget(budget_bytes)
+    _check_layout_carried(decoder)
+    b, _, t, lh, lw = latent.shape
+    mid = compile_carried(decoder, post_quant_conv, part="mid")
+    probe = compile_carried(decoder, part="up", first=False, last=False)
+    tc = 2 ** sum(1 for i in range(1, decoder.num_resolutions)
+                  if (decoder.up[i].upsample.scale_factor if isinstance(decoder.up[i].upsample.scale_factor, float)
+                      else decoder.up[i].upsample.scale_factor[0]) > 1.0)
+    k = b * latent.element_size()
+    if grid is not None:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+        g_mid = g_up = (min(grid[0], lh), min(grid[1], lw))
+    else:
+        g_mid = _carried_plan(mid, lh, lw, t, budget, k, depth=None, what="mid block (whole video)")
+        g_up = _carried_plan(probe, lh, lw, tc + 2, budget, k, depth=t, what="up path (2-frame chunks)")
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
+    with torch.no_grad():
+        h = run_program(mid, latent, rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
+                        progress=progress)
+        chunks = [(a, min(t, a + 2)) for a in range(0, t, 2)]
+        carries: dict[str, Any] = {}
+        outs = []
+        for i, (a, e) in enumerate(chunks):
+            p = compile_carried(decoder, part="up", first=i == 0, last=i == len(chunks) - 1)
+            outs.append(run_program(p, h[:, :, a:e], rects=grid_rects(lh, lw, *g_up), device=device,
+                                    store_device=store, progress=progress, carries=carries))
+            carries = {n.replace("carry_next:", "carry:", 1): v for n, v in carries.items() if n.startswith("carry_next:")}
+    log.info("vramguard: tiled HunyuanVideo-shaped VAE %dx%dx%d latent: mid block %dx%d tiles, %d chunks x %dx%d tiles",
+             t, lh, lw, g_mid[0], g_mid[1], len(chunks), g_up[0], g_up[1])
+    return torch.cat(outs, 2)
