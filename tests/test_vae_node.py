@@ -80,8 +80,8 @@ def test_unknown_layout_falls_back_to_overlap_tiling():
 
 
 def test_video_vaes_take_their_path_or_log_why_not(caplog):
-    """Wan: layer-synchronous; LTX-shaped (every op local): halo tiles, decoded through the node
-    equal to the untiled decode; Mochi/HunyuanVideo-shaped: ComfyUI's own path, reason logged."""
+    """Wan and HunyuanVideo-shaped: layer-synchronous; LTX-shaped (every op local): halo tiles;
+    both equal the untiled decode; Mochi-shaped: ComfyUI's own path, the reason logged."""
     from vramguard import vae as vae_mod
 
     class _VFSM(torch.nn.Module):
@@ -103,9 +103,16 @@ def test_video_vaes_take_their_path_or_log_why_not(caplog):
         ref = v.first_stage_model.decode(z)
     out = run(**mods, latent=z, budget_bytes=1 << 30, grid=(2, 3))
     assert vm.psnr(out, ref) >= 45.0
-    for d in (vm.mochi_decoder(seed=4), vm.hunyuan_decoder(seed=5)):
-        v.first_stage_model = _VFSM(d)
-        caplog.clear()
-        with caplog.at_level("INFO", logger="vramguard"):
-            assert comfyui._vae_program("decode", v, 5) is None
-        assert "GroupNorm" in caplog.text, caplog.text
+    v.first_stage_model = _VFSM(vm.hunyuan_decoder(seed=5))
+    run, mods = comfyui._vae_program("decode", v, 5)
+    z = vm.video_latent(3, 4, 6, seed=6)
+    with torch.no_grad():
+        ref = v.first_stage_model.decode(z)
+    ticks = []
+    out = run(**mods, latent=z, budget_bytes=1 << 30, grid=(2, 2), progress=ticks.append)
+    assert vm.psnr(out, ref) >= 45.0 and ticks[-1] == len(ticks)
+    v.first_stage_model = _VFSM(vm.mochi_decoder(seed=4))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vramguard"):
+        assert comfyui._vae_program("decode", v, 5) is None
+    assert "GroupNormSpatial" in caplog.text, caplog.text
