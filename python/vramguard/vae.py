@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -1050,6 +1051,7 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
 # GroupNorm over the video and 3-D attention) is not local: tiles would differ from the untiled
 # decode, so it is not tiled here and the caller falls back with video_layout's reason.
 
+_RF_SEEN: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Attention")
 
 
@@ -1138,7 +1140,11 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
     device = torch.device(device) if device is not None else latent.device
     store = torch.device(store_device) if store_device is not None else latent.device
     b, c, t, lh, lw = latent.shape
-    r, scale = receptive_field(fn, c, min(t, 3), dtype=latent.dtype, device=device)
+    key = (c, min(t, 3), str(latent.dtype), str(device), id(getattr(decode, "__func__", decode)) if decode is not None else 0)
+    known = _RF_SEEN.setdefault(decoder, {})
+    if key not in known:      # a structural property: measured once per decoder (two probe decodes)
+        known[key] = receptive_field(fn, c, min(t, 3), dtype=latent.dtype, device=device)
+    r, scale = known[key]
     halo = r if halo is None else halo
     if grid is not None:
         if (not isinstance(grid, (tuple, list)) or len(grid) != 2
