@@ -107,6 +107,13 @@ def comfy_tiled(dec, z, tx, ty, overlap):
             + comfy.utils.tiled_scale(z, fn, tx, ty, overlap, **kw)) / 3.0
 
 
+def comfy_tile(lh, lw, rows, cols):
+    """ComfyUI's tile at the grid's tile size (latent px) and its overlap: min(8, tile / 4) latent px
+    (VAEDecodeTiled's default 64 px at 8x)."""
+    ty, tx = math.ceil(lh / rows), math.ceil(lw / cols)
+    return tx, ty, max(1, min(8, min(tx, ty) // 4))
+
+
 def borders(rows, cols, h, w):
     return [h * i // rows * 8 for i in range(1, rows)], [w * j // cols * 8 for j in range(1, cols)]
 
@@ -142,8 +149,7 @@ def bench_model(label, dec, z, args, has_comfy, rows_out):
         rows_out.append(r)
         line(r)
         if has_comfy:
-            ty, tx = math.ceil(lh / rows), math.ceil(lw / cols)
-            ov = max(1, min(8, min(tx, ty) // 4))
+            tx, ty, ov = comfy_tile(lh, lw, rows, cols)
             runc = lambda: comfy_tiled(dec, z, tx, ty, ov)  # noqa: E731
             out, a, b = timed(runc, args.repeat)
             r = row(label, f"{rows}x{cols}", rows * cols, "comfy", out, ref, ys, xs, seam_ref, a, b, w0,
@@ -243,8 +249,7 @@ def bench_encode(enc, img, args):
 def write_png(path, dec, has_comfy, lh, lw):
     from PIL import Image, ImageDraw
     rows, cols = 3, 3
-    ty, tx = math.ceil(lh / rows), math.ceil(lw / cols)
-    ov = max(1, min(8, min(tx, ty) // 4))
+    tx, ty, ov = comfy_tile(lh, lw, rows, cols)
     tiles = []
     for lat in (vm.gradient_latent(lh, lw), vm.test_card_latent(lh, lw, seed=21)):
         with torch.no_grad():
@@ -368,8 +373,7 @@ def bench_video_model(label, path, untiled, ours, z, bounds, args, has_comfy, ro
         sref = vm.seam_ratio(ref.flatten(1, 2), ys, xs)
         cands = [("ours", lambda: ours((rows, cols)))]
         if has_comfy:
-            ty, tx = math.ceil(lh / rows), math.ceil(lw / cols)
-            ov = max(1, min(8, min(tx, ty) // 4))
+            tx, ty, ov = comfy_tile(lh, lw, rows, cols)
             cands.append(("comfy", lambda: comfy_tiled_3d(untiled_fn[0], z, tx, ty, ov, t_scale, s)))
         for name, run in cands:
             out, a, b = timed(run, args.repeat)

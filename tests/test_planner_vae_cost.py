@@ -10,30 +10,20 @@ import pytest
 
 from vramguard import _native
 
-from test_planner_bounded import LIMIT_S, MAX_TILES, SIDE, _align_up, _axis_tile, _natural
+from test_planner_bounded import LIMIT_S, MAX_TILES, SIDE, _align_up
+from test_planner_depth import axis_options
 
 
 def reference(w, h, d, *, fixed=0.0, per_px=0.0, per_edge=0.0, per_frame=0.0, budget, d_min=1, d_max=None,
               overlap=0, align=1, feather=0.0):
     tmin = _align_up(max(2 * overlap, align), align)
-    dmin = max(d_min, 1)
-
-    def axis(n_len, ov, a, lo, hi):
-        out = []
-        for n in range(1, n_len + 1):
-            t, pos = _axis_tile(n_len, n, ov, a, feather, lo, hi)
-            if t < 0:
-                if n > 1 and _natural(n_len, n, ov, a) < lo:
-                    break
-                continue
-            out.append((n, t, pos))
-        return out
 
     def cost(tw, th, td):
         return fixed + td * (per_px * tw * th + per_edge * (tw + th) + per_frame)
 
-    X, Y = axis(w, overlap, align, tmin, SIDE), axis(h, overlap, align, tmin, SIDE)
-    Z = axis(d, 0, 1, dmin, SIDE if d_max is None else d_max) if d else [(1, 1, [0])]
+    X = axis_options(w, overlap, align, tmin, SIDE, feather)
+    Y = axis_options(h, overlap, align, tmin, SIDE, feather)
+    Z = axis_options(d, 0, 1, max(d_min, 1), SIDE if d_max is None else d_max, feather) if d else [(1, 1, [0])]
     best = None
     for nz, td, zs in Z:
         for nx, tw, xs in X:

@@ -555,6 +555,25 @@ def test_hunyuan_planned_from_the_budget(hunyuan, caplog):
     assert ticks == list(range(1, len(ticks) + 1)) and len(ticks) > 4
 
 
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_hunyuan_shaped_video_encode_matches_untiled(hunyuan, grid):
+    """Frame 0 alone, then chunks of 2 tc frames with carried causal convs (stride-2 in time and
+    space), GroupNorm per chunk; the mid block over the whole latent video."""
+    _, _, video = hunyuan
+    e = vm.hunyuan_encoder(seed=20)
+    v = video.clamp(-1, 1)
+    with torch.no_grad():
+        ref = e(v)
+    assert ref.shape[2] == 1 + (v.shape[2] - 1) // 2 and ref.std() > 0.1
+    out = vae.encode_tiled(e, v, budget_bytes=1 << 30, grid=grid)
+    span = (ref.max() - ref.min()).item()
+    assert out.shape == ref.shape and vm.psnr(out, ref, peak_to_peak=span) >= 45.0
+    planned = vae.encode_tiled(e, v, budget_bytes=3 << 20)
+    assert vm.psnr(planned, ref, peak_to_peak=span) >= 45.0
+    with pytest.raises(ValueError, match="multiple"):
+        vae.encode_tiled(e, v[..., :30], budget_bytes=1 << 30)
+
+
 @pytest.mark.usefixtures("comfy_classes")
 def test_comfyui_hunyuan_ltx_mochi_classes():
     """ComfyUI's own classes: Decoder(conv3d=True) (HunyuanVideo) layer-synchronous, LTX-Video's
@@ -578,3 +597,13 @@ def test_comfyui_hunyuan_ltx_mochi_classes():
     assert vm.psnr(o, r) >= 45.0
     kind, why = vae.video_layout(ds["mochi"])
     assert kind == "nonlocal" and "GroupNormSpatial" in why
+    enc = ds["hunyuan_encoder"]
+    v = ref.clamp(-1, 1)
+    with torch.no_grad():
+        rz = enc(v)
+    oz = vae.encode_tiled(enc, v, budget_bytes=1 << 30, grid=(2, 2))
+    assert vm.psnr(oz, rz, peak_to_peak=(rz.max() - rz.min()).item()) >= 45.0
+    mine_e = vm.hunyuan_encoder(seed=0, groups=32, ch_mult=(1, 2))
+    mine_e.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        assert (mine_e(v) - rz).abs().max() < 1e-4

@@ -766,6 +766,72 @@ class HunyuanDecoder(nn.Module):
         return torch.cat(out, 2)
 
 
+class HyDownsample(nn.Module):
+    def __init__(self, c, stride):
+        super().__init__()
+        self.with_conv = True
+        self.conv = CarriedConv3d(c, c, 3, stride=stride)
+
+    def forward(self, x, carry_in=None, carry_out=None):
+        return conv_carry_causal_3d(x, self.conv, carry_in, carry_out)
+
+
+class HunyuanEncoder(nn.Module):
+    """ComfyUI's Encoder(conv3d=True, time_compress=tc) with plain torch layers: frame 0 alone, then
+    chunks of 2 tc frames down the carried causal path (GroupNorm per chunk), then the mid block,
+    norm_out and conv_out over the whole latent video."""
+
+    def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, in_ch=3, groups=8,
+                 time_compress=2):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks, self.carried = len(ch_mult), num_res_blocks, True
+        self.conv_in = CarriedConv3d(in_ch, ch, 3)
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_in = ch * in_ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                down.block.append(HyResnetBlock(block_in, ch * ch_mult[i_level], groups))
+                block_in = ch * ch_mult[i_level]
+            if i_level != self.num_resolutions - 1:
+                stride = (1, 2, 2) if (self.num_resolutions - 1 - i_level) > math.log2(time_compress) else 2
+                down.downsample = HyDownsample(block_in, stride)
+            self.down.append(down)
+        self.time_compress = time_compress
+        self.mid = nn.Module()
+        self.mid.block_1 = HyResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = HyAttnBlock(block_in, groups)
+        self.mid.block_2 = HyResnetBlock(block_in, block_in, groups)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = CarriedConv3d(block_in, 2 * z_channels, 3)
+
+    def forward(self, x):
+        tc = self.time_compress
+        xl = [x[:, :, :1]]
+        if x.shape[2] > tc:
+            xl += torch.split(x[:, :, 1:1 + ((x.shape[2] - 1) // tc) * tc], tc * 2, dim=2)
+        out, carry_in = [], None
+        for i, h in enumerate(xl):
+            carry_out = [] if i < len(xl) - 1 else None
+            h = conv_carry_causal_3d(h, self.conv_in, carry_in, carry_out)
+            for i_level in range(self.num_resolutions):
+                for blk in self.down[i_level].block:
+                    h = blk(h, carry_in, carry_out)
+                if i_level != self.num_resolutions - 1:
+                    h = self.down[i_level].downsample(h, carry_in, carry_out)
+            out.append(h)
+            carry_in = carry_out
+        h = torch.cat(out, 2)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return conv_carry_causal_3d(F.silu(self.norm_out(h)), self.conv_out)
+
+
+def hunyuan_encoder(seed: int = 0, **kw) -> HunyuanEncoder:
+    return _video_init(HunyuanEncoder(**kw), seed)
+
+
 def _video_init(m, seed):
     sane_init(m, seed)
     return m.eval()
@@ -804,7 +870,7 @@ def comfy_ltx_vae(seed: int = 0):
 
 
 def comfy_video_decoders(seed: int = 0) -> dict:
-    """ComfyUI's real Mochi and HunyuanVideo decoder classes, small (for their layout verdicts)."""
+    """ComfyUI's real Mochi decoder and HunyuanVideo decoder/encoder classes, small."""
     m = _comfy_model()
     import comfy.ldm.genmo.vae.model as genmo
     hy = m.Decoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
@@ -813,4 +879,6 @@ def comfy_video_decoders(seed: int = 0) -> dict:
                           spatial_expansions=[2], num_res_blocks=[1, 1, 1], latent_dim=4, has_attention=[False] * 3,
                           output_norm=False, nonlinearity="silu", output_nonlinearity="silu", causal=True,
                           padding_mode="replicate", affine=True, bias=True)
-    return {"hunyuan": sane_init(hy, seed), "mochi": sane_init(mochi, seed)}
+    hy_enc = m.Encoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                       resolution=64, z_channels=4, double_z=True, conv3d=True, time_compress=2)
+    return {"hunyuan": sane_init(hy, seed), "mochi": sane_init(mochi, seed), "hunyuan_encoder": sane_init(hy_enc, seed)}

@@ -41,7 +41,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "video_layout",
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "video_layout",
            "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
            "compile_decoder", "compile_encoder", "run_program"]
 
@@ -80,6 +80,7 @@ class Step:
     # and the carry's tiles (the conv input's last frames, for the next time chunk) go to this map
     t_out: Callable[[int], int] | None = None
     carry: str | None = None
+    carry_res: int = 0             # the carry's resolution (0: res_out; a strided conv's: res_in)
 
 
 @dataclass
@@ -576,9 +577,12 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                                              f"{tuple(out.shape[2:-2])} x {oy1 - oy0}x{ox1 - ox0}")
                     out[..., oy0:oy1, ox0:ox1] = y
                     if c is not None:
+                        cr = s.carry_res or s.res_out
                         if s.carry not in maps or maps[s.carry].shape[:3] != c.shape[:3]:
-                            maps[s.carry] = torch.empty(*c.shape[:3], H, W, dtype=c.dtype, device=store)
-                        maps[s.carry][..., oy0:oy1, ox0:ox1] = c[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                            maps[s.carry] = torch.empty(*c.shape[:3], lh * cr, lw * cr, dtype=c.dtype, device=store)
+                        cy, cx = iy0 * cr // s.res_in, ix0 * cr // s.res_in
+                        maps[s.carry][..., y0 * cr:y1 * cr, x0 * cr:x1 * cr] = \
+                            c[..., y0 * cr - cy:y1 * cr - cy, x0 * cr - cx:x1 * cr - cx]
                         del c
                     if st is not None:
                         st.add(y)
@@ -661,6 +665,26 @@ def _check_tile(tile: Any) -> Any:
     return tuple(t)
 
 
+def _check_video_input(x: Any, what: str) -> None:
+    import torch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 5 or min(x.shape) < 1:
+        raise ValueError(f"{what} must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} holds non-finite values")
+
+
+def _grid_arg(grid: Any, lh: int, lw: int) -> tuple[int, int]:
+    """An explicit (rows, cols), checked and capped at the latent size."""
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+        raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+    return min(grid[0], lh), min(grid[1], lw)
+
+
 def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any, device: Any,
          store_device: Any, progress: Any) -> Any:
     import torch
@@ -676,10 +700,7 @@ def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any,
     t = _check_tile(tile)
     lh, lw = x.shape[2] // p.latent_scale, x.shape[3] // p.latent_scale
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
-        rows, cols = min(grid[0], lh), min(grid[1], lw)
+        rows, cols = _grid_arg(grid, lh, lw)
     else:
         plan = plan_grid(p, lh, lw, budget_bytes=budget, batch=x.shape[0], elem=x.element_size(), tile=t)
         rows, cols = plan.rows, plan.cols
@@ -717,6 +738,10 @@ def encode_tiled(encoder: Any, image: Any, *, budget_bytes: int, tile: int | tup
     Height and width must be multiples of the encoder's downscale (2**(levels-1)); tile and grid
     are in latent px. Returns the encoder (+quant_conv) output: mean and logvar channels.
     """
+    import torch
+    if isinstance(image, torch.Tensor) and image.ndim == 5:
+        return encode_carried_tiled(encoder, image, budget_bytes=budget_bytes, grid=grid, quant_conv=quant_conv,
+                                    device=device, store_device=store_device, progress=progress)
     p = compile_encoder(encoder, quant_conv)
     return _run(p, image, "image", budget_bytes, tile, grid, device, store_device, progress)
 
@@ -1006,24 +1031,14 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     decoder = vae.first_stage_model.decoder, conv2 = vae.first_stage_model.conv2.
     """
     import torch
-    if not isinstance(latent, torch.Tensor):
-        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
-    if latent.ndim != 5 or min(latent.shape) < 1:
-        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
-    if not latent.is_floating_point():
-        raise TypeError(f"latent must be floating point, got {latent.dtype}")
-    if not torch.isfinite(latent).all():
-        raise ValueError("latent holds non-finite values")
+    _check_video_input(latent, "latent")
     budget = _check_budget(budget_bytes)
     _check_video(decoder)
     lh, lw = latent.shape[3], latent.shape[4]
     if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
         raise ValueError(f"frames must be an int >= 2 (latent frames per chunk), got {frames!r}")
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
-        rows, cols = min(grid[0], lh), min(grid[1], lw)
+        rows, cols = _grid_arg(grid, lh, lw)
         frames = frames or 2
     else:
         plan = plan_video_grid(decoder, lh, lw, budget_bytes=budget, batch=latent.shape[0],
@@ -1124,12 +1139,7 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
     rounding.  decode: the callable (default decoder itself); halo: latent px (default measured by
     receptive_field); grid: (rows, cols), else planned by the C planner from the budget."""
     import torch
-    if not isinstance(latent, torch.Tensor):
-        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
-    if latent.ndim != 5 or min(latent.shape) < 1:
-        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
-    if not latent.is_floating_point() or not torch.isfinite(latent).all():
-        raise ValueError("latent must be finite floating point")
+    _check_video_input(latent, "latent")
     budget = _check_budget(budget_bytes)
     kind, why = video_layout(decoder)
     if kind != "local":
@@ -1147,10 +1157,7 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
     r, scale = known[key]
     halo = r if halo is None else halo
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
-        rows, cols = min(grid[0], lh), min(grid[1], lw)
+        rows, cols = _grid_arg(grid, lh, lw)
     else:
         # every layer bounded by the widest conv at the output's voxel count: in + out channels,
         # x3 working copies, per latent px of the tile with its halo (area + perimeter + corners)
@@ -1334,6 +1341,127 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
     return _finish(Program(steps, "z", "out", 1, cout))
 
 
+def compile_carried_encoder(encoder: Any, quant_conv: Any = None, *, part: str, first: bool = True,
+                            last: bool = True) -> Program:
+    """The HunyuanVideo-shaped encoder (ComfyUI's Encoder with conv3d=True) as 5-D programs: part
+    "down" (one time chunk: frame 0 alone, then 2 tc frames, carried) or "mid" (the mid block,
+    norm_out, conv_out (+ quant_conv) over the whole latent video)."""
+    import torch
+    if not isinstance(encoder, torch.nn.Module):
+        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+    if not _carried(encoder) or not all(hasattr(encoder, n) for n in ("down", "mid", "norm_out", "conv_out")):
+        raise VaeTilingError(f"{type(encoder).__name__} is not a carried conv3d Encoder (HunyuanVideo layout)")
+    if any(len(d.attn) for d in encoder.down):
+        raise VaeTilingError("a carried conv3d Encoder with attention in its down blocks")
+    top = 2 ** (encoder.num_resolutions - 1)
+    steps: list[Step] = []
+    if part == "mid":
+        cur = _resnet3d(encoder.mid.block_1, "mid.block_1", "x", 1, steps, False, False)
+        cur = _attn_step(encoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
+        cur = _resnet3d(encoder.mid.block_2, "mid.block_2", cur, 1, steps, False, False)
+        name_in = cur
+
+        def tail(ctx: _Ctx, xs: Any) -> Any:
+            y = _causal_conv(encoder.conv_out, _silu(ctx.gn(encoder.norm_out, xs, name_in)), None)[0]
+            return quant_conv(y) if quant_conv is not None else y
+
+        cout = (quant_conv.weight.shape[0] if quant_conv is not None else encoder.conv_out.conv.weight.shape[0])
+        steps.append(Step("conv_out", tail, (cur,), "out", cout, 1, 1, in_channels=encoder.norm_out.num_channels,
+                          normed=(cur,)))
+        return _finish(Program(steps, "x", "out", 1, cout))
+    if part != "down":
+        raise ValueError(f"part must be 'down' or 'mid', got {part!r}")
+    later, keep = not first, not last
+    res = top
+    cin_, cout_ = _carry_names("conv_in", later, keep)
+
+    def head(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(encoder.conv_in, xs, cs)
+        return (y, c) if keep else y
+
+    steps.append(Step("conv_in", head, ("x", *cin_), "conv_in", encoder.conv_in.conv.weight.shape[0], res, res,
+                      in_channels=encoder.conv_in.conv.weight.shape[1], carry=cout_))
+    cur = "conv_in"
+    for i_level in range(encoder.num_resolutions):
+        down = encoder.down[i_level]
+        for i_block in range(encoder.num_res_blocks):
+            cur = _resnet3d(down.block[i_block], f"down{i_level}.block{i_block}", cur, res, steps, later, keep)
+        if i_level != encoder.num_resolutions - 1:
+            conv = down.downsample.conv
+            st = conv.conv.stride
+            if tuple(st[1:]) != (2, 2) or st[0] not in (1, 2):
+                raise VaeTilingError(f"down{i_level}.downsample: stride {tuple(st)} is not (1|2, 2, 2)")
+            cin_, cout_ = _carry_names(f"down{i_level}.downsample", later, keep)
+
+            def dfn(ctx: _Ctx, xs: Any, cs: Any = None, conv: Any = conv) -> Any:
+                y, c = _causal_conv(conv, xs, cs)
+                return (y, c) if keep else y
+
+            def t_out(t: int, s0: int = st[0]) -> int:
+                return (t - 1) // 2 + 1 if s0 == 2 else t
+
+            # a stride-2 conv with 1 px of padding: a tile starting at an even pixel p needs pixels
+            # from p - 2 (the slice then starts even too, so its outputs land on the grid)
+            c = conv.conv.weight.shape[0]
+            steps.append(Step(f"down{i_level}.downsample", dfn, (cur, *cin_), f"down{i_level}.ds", c, res, res // 2,
+                              halo=(2, 0), in_channels=c, t_out=t_out, carry=cout_, carry_res=res))
+            cur, res = f"down{i_level}.ds", res // 2
+    steps[-1].output = "out"
+    return _finish(Program(steps, "x", "out", top, steps[-1].out_channels))
+
+
+def encode_carried_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                         quant_conv: Any = None, device: Any = None, store_device: Any = None,
+                         progress: Callable[[int, int], None] | None = None) -> Any:
+    """Encode a (B, C, T, H, W) video (the encoder's input range) with a HunyuanVideo-shaped encoder:
+    equals quant_conv(encoder(video)) to float rounding.  Time tiles = the model's own chunks
+    (frame 0, then 2 time_compress frames; frames past the last whole group dropped, as ComfyUI
+    does); spatial tiles from the C planner or grid= (latent px)."""
+    import torch
+    _check_video_input(video, "video")
+    budget = _check_budget(budget_bytes)
+    probe = compile_carried_encoder(encoder, part="down", first=False, last=False)
+    mid = compile_carried_encoder(encoder, quant_conv, part="mid")
+    top = probe.latent_scale
+    b, _, t, hh, ww = video.shape
+    if hh % top or ww % top:
+        raise ValueError(f"video {hh}x{ww} is not a multiple of the encoder's downscale {top}")
+    lh, lw = hh // top, ww // top
+    tc = int(getattr(encoder, "time_compress", 1))
+    chunks = [(0, 1)]
+    usable = 1 + ((t - 1) // tc) * tc if t > tc else 1
+    chunks += [(a, min(usable, a + 2 * tc)) for a in range(1, usable, 2 * tc)]
+    k = b * video.element_size()
+    if grid is not None:
+        g_down = g_mid = _grid_arg(grid, lh, lw)
+    else:
+        g_down = _carried_plan(probe, lh, lw, 2 * tc + 2, budget, k, depth=None, what="down path (one chunk)")
+        g_mid = _carried_plan(mid, lh, lw, len(chunks) * 2, budget, k, depth=None, what="mid block (whole video)")
+    device = torch.device(device) if device is not None else video.device
+    store = torch.device(store_device) if store_device is not None else video.device
+    with torch.no_grad():
+        outs = _run_chunks(lambda first, last: compile_carried_encoder(encoder, part="down", first=first, last=last),
+                           video, chunks, grid_rects(lh, lw, *g_down), device, store, progress)
+        out = run_program(mid, torch.cat(outs, 2), rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
+                          progress=progress)
+    log.info("vramguard: tiled HunyuanVideo-shaped VAE encode %dx%dx%d video: %d chunks x %dx%d tiles, mid %dx%d",
+             t, hh, ww, len(chunks), g_down[0], g_down[1], g_mid[0], g_mid[1])
+    return out
+
+
+def _run_chunks(compile_chunk: Callable[[bool, bool], Program], x: Any, chunks: list[tuple[int, int]],
+                rects: list[Rect], device: Any, store: Any, progress: Any) -> list[Any]:
+    """Each time chunk's program over the spatial tiles, the carries one chunk writes read by the next."""
+    carries: dict[str, Any] = {}
+    outs = []
+    for i, (a, e) in enumerate(chunks):
+        p = compile_chunk(i == 0, i == len(chunks) - 1)
+        outs.append(run_program(p, x[:, :, a:e], rects=rects, device=device, store_device=store, progress=progress,
+                                carries=carries))
+        carries = {n.replace("carry_next:", "carry:", 1): v for n, v in carries.items() if n.startswith("carry_next:")}
+    return outs
+
+
 def _check_layout_carried(decoder: Any) -> None:
     import torch
     if not isinstance(decoder, torch.nn.Module):
@@ -1372,12 +1500,7 @@ def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: 
     conv3d=True): equals decoder(post_quant_conv(latent)) to float rounding.  Spatial tiles from
     the C planner (or grid=), time tiles = the model's 2-latent-frame chunks."""
     import torch
-    if not isinstance(latent, torch.Tensor):
-        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
-    if latent.ndim != 5 or min(latent.shape) < 1:
-        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
-    if not latent.is_floating_point() or not torch.isfinite(latent).all():
-        raise ValueError("latent must be finite floating point")
+    _check_video_input(latent, "latent")
     budget = _check_budget(budget_bytes)
     _check_layout_carried(decoder)
     b, _, t, lh, lw = latent.shape
@@ -1388,10 +1511,7 @@ def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: 
                       else decoder.up[i].upsample.scale_factor[0]) > 1.0)
     k = b * latent.element_size()
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
-        g_mid = g_up = (min(grid[0], lh), min(grid[1], lw))
+        g_mid = g_up = _grid_arg(grid, lh, lw)
     else:
         g_mid = _carried_plan(mid, lh, lw, t, budget, k, depth=None, what="mid block (whole video)")
         g_up = _carried_plan(probe, lh, lw, tc + 2, budget, k, depth=t, what="up path (2-frame chunks)")
@@ -1401,13 +1521,8 @@ def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: 
         h = run_program(mid, latent, rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
                         progress=progress)
         chunks = [(a, min(t, a + 2)) for a in range(0, t, 2)]
-        carries: dict[str, Any] = {}
-        outs = []
-        for i, (a, e) in enumerate(chunks):
-            p = compile_carried(decoder, part="up", first=i == 0, last=i == len(chunks) - 1)
-            outs.append(run_program(p, h[:, :, a:e], rects=grid_rects(lh, lw, *g_up), device=device,
-                                    store_device=store, progress=progress, carries=carries))
-            carries = {n.replace("carry_next:", "carry:", 1): v for n, v in carries.items() if n.startswith("carry_next:")}
+        outs = _run_chunks(lambda first, last: compile_carried(decoder, part="up", first=first, last=last), h, chunks,
+                           grid_rects(lh, lw, *g_up), device, store, progress)
     log.info("vramguard: tiled HunyuanVideo-shaped VAE %dx%dx%d latent: mid block %dx%d tiles, %d chunks x %dx%d tiles",
              t, lh, lw, g_mid[0], g_mid[1], len(chunks), g_up[0], g_up[1])
     return torch.cat(outs, 2)
