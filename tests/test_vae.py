@@ -397,7 +397,7 @@ def test_plan_grid_is_bounded_when_nothing_fits():
 
 # ------------------------------------------------------------------ one planner (planner.c) for VAE tiles
 
-@pytest.mark.parametrize("div", [1, 3, 8, 20, 60])
+@pytest.mark.parametrize("div", [1, 3, 8, 25])
 def test_plan_grid_is_the_c_planners_plan_and_bounds_every_step(dec, z, ref, div, monkeypatch):
     """plan_grid asks vramguard._native.plan (area + perimeter cost); the plan's bytes bound the
     exact working set of every step at the planned tile, and the decode at that plan is seamless."""
@@ -544,7 +544,7 @@ def test_hunyuan_time_chunks_are_part_of_the_model(hunyuan):
 def test_hunyuan_planned_from_the_budget(hunyuan, caplog):
     d, zv, ref = hunyuan
     with caplog.at_level("INFO", logger="vramguard"):
-        out = vae.decode_tiled(d, zv, budget_bytes=2 << 20)
+        out = vae.decode_tiled(d, zv, budget_bytes=4 << 20)
     assert vm.psnr(out, ref) >= 45.0
     assert "3 chunks" in caplog.text and "1x1 tiles, 3 chunks x 1x1" not in caplog.text, caplog.text
     with pytest.raises(vae.VaeTilingError, match="nothing fits"):
