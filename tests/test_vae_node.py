@@ -116,3 +116,24 @@ def test_video_vaes_take_their_path_or_log_why_not(caplog):
     with caplog.at_level("INFO", logger="vramguard"):
         assert comfyui._vae_program("decode", v, 5) is None
     assert "GroupNormSpatial" in caplog.text, caplog.text
+
+
+def test_video_encode_node_hunyuan_shaped(small_host_budget):
+    """IMAGE frames -> one (1, C, T, H, W) video -> the carried encoder, tiled; the LATENT is the mean."""
+    class _VFSM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = vm.hunyuan_encoder(seed=7)
+
+        def encode(self, x):
+            return self.encoder(x)[:, :4]
+
+    v = _VAE()
+    v.first_stage_model = _VFSM()
+    v.latent_dim = 3
+    frames = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = v.first_stage_model.encode(v.process_input(frames.movedim(-1, 1)).movedim(1, 0).unsqueeze(0))
+    out = comfyui.vae_tiled("encode", v, frames, overlap=8)["samples"]
+    assert out.shape == ref.shape == (1, 4, 3, 8, 12)
+    assert vm.psnr(out, ref, peak_to_peak=float(ref.max() - ref.min())) >= 45.0
