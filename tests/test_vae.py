@@ -463,8 +463,9 @@ def test_video_planner_splits_time_and_space_from_the_budget(wan6, caplog):
 def test_video_layouts_are_told_apart_with_reasons():
     assert vae.video_layout(vm.wan_decoder(seed=1)) == ("wan", None)
     assert vae.video_layout(vm.ltx_decoder(seed=1)) == ("local", None)
-    kind, why = vae.video_layout(vm.mochi_decoder(seed=1))
-    assert kind == "nonlocal" and "GroupNormSpatial" in why
+    assert vae.video_layout(vm.mochi_decoder(seed=1)) == ("mochi", None)
+    kind, why = vae.video_layout(_unknown_video_decoder())
+    assert kind == "nonlocal" and "GroupNorm at 1" in why
     assert vae.video_layout(vm.hunyuan_decoder(seed=1)) == ("carried", None)
 
 
@@ -483,14 +484,43 @@ def test_ltx_shaped_halo_tiles_equal_the_untiled_decode(grid):
     assert vm.psnr(naive, ref) < 45.0
 
 
+def _unknown_video_decoder():
+    """A layout vramguard.vae does not know, with a GroupNorm over the whole video: not local."""
+    return vm.sane_init(torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.GroupNorm(4, 8),
+                                            torch.nn.Conv3d(8, 3, 3, padding=1)))
+
+
 def test_nonlocal_video_decoders_are_refused_with_the_reason():
-    d = vm.mochi_decoder(seed=1)
+    d = _unknown_video_decoder()
     with pytest.raises(vae.VaeTilingError, match="whole frames or the whole video"):
         vae.decode_video_halo_tiled(d, vm.video_latent(2, 4, 4), budget_bytes=1 << 30)
-    with pytest.raises(vae.VaeTilingError, match="GroupNormSpatial"):
+    with pytest.raises(vae.VaeTilingError, match="GroupNorm"):
         vae.video_program(type("FSM", (), {"decoder": d})())
     with pytest.raises(vae.VaeTilingError, match="Wan-shaped"):
         vae.decode_video_halo_tiled(vm.wan_decoder(seed=1), vm.video_latent(2, 4, 4), budget_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_mochi_shaped_matches_untiled(grid):
+    """GroupNorm per frame over the whole frame, causal replicate-padded convs, depth-to-space in
+    time and space: layer-synchronous with per-frame statistics."""
+    d = vm.mochi_decoder(seed=21)
+    zv = vm.video_latent(3, 6, 8, seed=22)
+    with torch.no_grad():
+        ref = d(zv)
+    assert ref.shape == (1, 3, 5, 12, 16) and ref.std() > 0.1
+    out = vae.decode_mochi_tiled(d, zv, budget_bytes=1 << 30, grid=grid)
+    assert vm.psnr(out, ref) >= 45.0 and (out - ref).abs().max() < 1e-3
+    ys, xs = _borders(*grid, 6, 8, 2)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    # each tile decoded on its own (per-tile GroupNorm statistics, no halo): the metrics see it
+    naive = torch.empty_like(ref)
+    with torch.no_grad():
+        for y0, y1, x0, x1 in vae.grid_rects(6, 8, *grid):
+            naive[..., 2 * y0:2 * y1, 2 * x0:2 * x1] = d(zv[..., y0:y1, x0:x1])
+    assert vm.psnr(naive, ref) < 45.0
+    run, mods = vae.video_program(type("FSM", (), {"decoder": d})())
+    assert vm.psnr(run(**mods, latent=zv, budget_bytes=2 << 20), ref) >= 45.0
 
 
 HT, HH, HW = 5, 6, 8        # latent: chunks [0, 2), [2, 4), [4, 5) after the whole-video mid block
@@ -576,8 +606,8 @@ def test_hunyuan_shaped_video_encode_matches_untiled(hunyuan, grid):
 
 @pytest.mark.usefixtures("comfy_classes")
 def test_comfyui_hunyuan_ltx_mochi_classes():
-    """ComfyUI's own classes: Decoder(conv3d=True) (HunyuanVideo) layer-synchronous, LTX-Video's
-    VideoVAE by halo tiles, Mochi's Decoder refused with the reason."""
+    """ComfyUI's own classes: Decoder/Encoder(conv3d=True) (HunyuanVideo) and Mochi's Decoder
+    layer-synchronous, LTX-Video's VideoVAE by halo tiles: each equals its untiled decode."""
     ds = vm.comfy_video_decoders(seed=16)
     zv = vm.video_latent(HT, HH, HW, seed=17)
     with torch.no_grad():
@@ -595,8 +625,11 @@ def test_comfyui_hunyuan_ltx_mochi_classes():
     assert vae.video_layout(ltx.decoder) == ("local", None)
     o = vae.decode_video_halo_tiled(ltx.decoder, z, budget_bytes=1 << 30, grid=(2, 3), decode=ltx.decode)
     assert vm.psnr(o, r) >= 45.0
-    kind, why = vae.video_layout(ds["mochi"])
-    assert kind == "nonlocal" and "GroupNormSpatial" in why
+    assert vae.video_layout(ds["mochi"]) == ("mochi", None)
+    zm = vm.video_latent(3, 6, 8, seed=23)
+    with torch.no_grad():
+        rm = ds["mochi"](zm)
+    assert vm.psnr(vae.decode_mochi_tiled(ds["mochi"], zm, budget_bytes=1 << 30, grid=(2, 3)), rm) >= 45.0
     enc = ds["hunyuan_encoder"]
     v = ref.clamp(-1, 1)
     with torch.no_grad():

@@ -80,8 +80,9 @@ def test_unknown_layout_falls_back_to_overlap_tiling():
 
 
 def test_video_vaes_take_their_path_or_log_why_not(caplog):
-    """Wan and HunyuanVideo-shaped: layer-synchronous; LTX-shaped (every op local): halo tiles;
-    both equal the untiled decode; Mochi-shaped: ComfyUI's own path, the reason logged."""
+    """Wan-, HunyuanVideo- and Mochi-shaped: layer-synchronous; LTX-shaped (every op local): halo
+    tiles; each equals the untiled decode; an unknown layout with a GroupNorm: ComfyUI's own path,
+    the reason logged."""
     from vramguard import vae as vae_mod
 
     class _VFSM(torch.nn.Module):
@@ -112,10 +113,13 @@ def test_video_vaes_take_their_path_or_log_why_not(caplog):
     out = run(**mods, latent=z, budget_bytes=1 << 30, grid=(2, 2), progress=ticks.append)
     assert vm.psnr(out, ref) >= 45.0 and ticks[-1] == len(ticks)
     v.first_stage_model = _VFSM(vm.mochi_decoder(seed=4))
+    assert comfyui._vae_program("decode", v, 5)[1]["run"] is vae_mod.decode_mochi_tiled
+    v.first_stage_model = _VFSM(vm.sane_init(torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1),
+                                                                 torch.nn.GroupNorm(4, 8))))
     caplog.clear()
     with caplog.at_level("INFO", logger="vramguard"):
         assert comfyui._vae_program("decode", v, 5) is None
-    assert "GroupNormSpatial" in caplog.text, caplog.text
+    assert "GroupNorm at 1" in caplog.text, caplog.text
 
 
 def test_video_encode_node_hunyuan_shaped(small_host_budget):

@@ -150,13 +150,14 @@ class Encoder(nn.Module):
 
 
 def sane_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter drawn afresh (seeded): convs Kaiming-uniform (torch's default rule), norms
+    """Every parameter drawn afresh (seeded): convs and linears Kaiming-uniform (torch's default rule), norms
     with weight ~ 1 +- 0.2 and bias +- 0.2 so statistics matter, biases small. Nothing left from
     uninitialised memory: a VAE built on torch.empty decoded to all black (the old fixture bug)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)) or type(m).__name__ in ("Conv2d", "Conv3d"):
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)) or type(m).__name__ in ("Conv2d", "Conv3d", "Linear",
+                                                                                           "Conv1x1"):
                 fan_in = m.weight[0].numel()
                 bound = (6.0 / fan_in) ** 0.5 / 2 ** 0.5
                 m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * bound)
@@ -615,33 +616,78 @@ class GroupNormSpatial(nn.GroupNorm):
 
 
 class PConv3d(nn.Conv3d):
-    """Mochi's causal conv: k-1 first frames replicated in time, replicate padding in space."""
+    """Mochi's causal conv: k-1 first frames replicated in time (replicate padding in space is the
+    conv's own padding_mode)."""
 
     def forward(self, x):
         k = self.kernel_size[0]
-        x = F.pad(x, (1, 1, 1, 1, k - 1, 0), mode="replicate")
+        x = F.pad(x, (0, 0, 0, 0, k - 1, 0), mode="replicate")
         return super().forward(x)
 
 
-class MochiDecoder(nn.Module):
-    def __init__(self, z=4, c=32, groups=8):
+class MochiResBlock(nn.Module):
+    def __init__(self, c, groups):
         super().__init__()
-        self.conv_in = nn.Conv3d(z, c, 1)
-        self.blocks = nn.ModuleList()
-        for cc in (c, c // 2):
-            self.blocks.append(nn.ModuleList([GroupNormSpatial(groups, cc), PConv3d(cc, cc, 3),
-                                              GroupNormSpatial(groups, cc), PConv3d(cc, cc, 3)]))
-        self.proj = nn.ModuleList([nn.Conv3d(c, c // 2 * 8, 1), nn.Conv3d(c // 2, 3 * 8, 1)])
+        self.channels = c
+        self.stack = nn.Sequential(GroupNormSpatial(groups, c), nn.SiLU(), PConv3d(c, c, 3, padding=(0, 1, 1),
+                                                                                     padding_mode="replicate"),
+                                   GroupNormSpatial(groups, c), nn.SiLU(), PConv3d(c, c, 3, padding=(0, 1, 1),
+                                                                                     padding_mode="replicate"))
+        self.attn_block = nn.Identity()
 
     def forward(self, x):
-        x = self.conv_in(x)
-        for (n1, c1, n2, c2), proj in zip(self.blocks, self.proj):
-            x = x + c2(F.silu(n2(c1(F.silu(n1(x))))))
-            y = proj(x)
-            b, c, t, h, w = y.shape
-            y = y.reshape(b, c // 8, 2, 2, 2, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c // 8, 2 * t, 2 * h, 2 * w)
-            x = y[:, :, 1:]
-        return x
+        return self.attn_block(x + self.stack(x))
+
+
+class Conv1x1(nn.Linear):
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class DepthToSpaceTime(nn.Module):
+    def __init__(self, temporal_expansion, spatial_expansion):
+        super().__init__()
+        self.temporal_expansion, self.spatial_expansion = temporal_expansion, spatial_expansion
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        st, s = self.temporal_expansion, self.spatial_expansion
+        x = x.reshape(b, c // (st * s * s), st, s, s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(b, c // (st * s * s), t * st, h * s, w * s)
+        return x[:, :, st - 1:] if st > 1 else x
+
+
+class CausalUpsampleBlock(nn.Module):
+    def __init__(self, cin, cout, n, groups, temporal_expansion=2, spatial_expansion=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[MochiResBlock(cin, groups) for _ in range(n)])
+        self.proj = Conv1x1(cin, cout * temporal_expansion * spatial_expansion ** 2)
+        self.d2st = DepthToSpaceTime(temporal_expansion, spatial_expansion)
+
+    def forward(self, x):
+        return self.d2st(self.proj(self.blocks(x)))
+
+
+class MochiDecoder(nn.Module):
+    """comfy.ldm.genmo.vae.model.Decoder's layout: blocks = [Sequential(Conv3d 1x1, ResBlocks),
+    CausalUpsampleBlock (ResBlocks, Conv1x1, DepthToSpaceTime dropping the first st - 1 frames) ...,
+    Sequential(ResBlocks)], SiLU, output_proj; GroupNormSpatial = a GroupNorm per frame."""
+
+    def __init__(self, z=4, c=16, mults=(1, 2), texp=(2,), sexp=(2,), nres=(1, 1, 1), groups=8):
+        super().__init__()
+        ch = [m * c for m in mults]
+        self.output_nonlinearity = "silu"
+        blocks = [nn.Sequential(nn.Conv3d(z, ch[-1], 1), *[MochiResBlock(ch[-1], groups) for _ in range(nres[-1])])]
+        for i in range(len(ch) - 1):
+            blocks.append(CausalUpsampleBlock(ch[-i - 1], ch[-i - 2], nres[-i - 2], groups, texp[-i - 1], sexp[-i - 1]))
+        blocks.append(nn.Sequential(*[MochiResBlock(ch[0], groups) for _ in range(nres[0])]))
+        self.blocks = nn.ModuleList(blocks)
+        self.output_proj = Conv1x1(ch[0], 3)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.output_proj(F.silu(x))
 
 
 class CarriedConv3d(nn.Module):

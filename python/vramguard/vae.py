@@ -41,7 +41,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "video_layout",
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "decode_mochi_tiled", "video_layout",
            "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
            "compile_decoder", "compile_encoder", "run_program"]
 
@@ -91,6 +91,7 @@ class Program:
     latent_scale: int          # input res relative to latent grid (decoder 1, encoder 8)
     out_channels: int
     needs_stats: set[str] = field(default_factory=set)
+    frame_stats: bool = False  # GroupNorm per frame of a video (Mochi), not over the whole map
 
 
 def _silu(x: Any) -> Any:
@@ -251,20 +252,24 @@ def _finish(p: Program) -> Program:
 class _Stats:
     """Per-sample, per-channel count, mean and sum of squared deviations (M2) over everything written
     so far. Each tile gives its own mean/variance in one stable pass (torch.var_mean, the tile's
-    dtype); tiles merge in float64 with Chan's parallel formula, so large means do not cancel."""
+    dtype); tiles merge in float64 with Chan's parallel formula, so large means do not cancel.
+    frames > 0: statistics per frame of a video (Mochi's GroupNormSpatial), shape (b, c, frames)."""
 
-    def __init__(self, b: int, c: int, device: Any) -> None:
+    def __init__(self, b: int, c: int, device: Any, frames: int = 0) -> None:
         import torch
-        self.mean = torch.zeros(b, c, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(b, c, dtype=torch.float64, device=device)
+        shape = (b, c, frames) if frames else (b, c)
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
         self.n = 0
+        self.per_frame = bool(frames)
 
     def add(self, t: Any) -> None:
         import torch
-        nt = math.prod(t.shape[2:])
+        first = 3 if self.per_frame else 2
+        nt = math.prod(t.shape[first:])
         if nt == 0:
             return
-        var_t, mean_t = torch.var_mean(t, dim=tuple(range(2, t.ndim)), correction=0)
+        var_t, mean_t = torch.var_mean(t, dim=tuple(range(first, t.ndim)), correction=0)
         mean_t = mean_t.to(self.mean.device, torch.float64)
         m2_t = var_t.to(self.mean.device, torch.float64) * nt
         n = self.n + nt
@@ -286,27 +291,27 @@ class _Ctx:
         if ck not in self.cache:
             st = self.stats[key]
             g = norm.num_groups
-            b, c = st.mean.shape
+            b, c, *rest = st.mean.shape          # rest: (frames,) for per-frame statistics
             if c % g:
                 raise VaeTilingError(f"GroupNorm {c} channels not divisible by {g} groups")
             # group = channels with equal counts: mean of means; variance = mean of the channel
             # variances + variance of the channel means (law of total variance)
-            cm = st.mean.view(b, g, -1)
-            mean = cm.mean(-1)
-            var = ((st.m2.view(b, g, -1) / st.n).mean(-1) + ((cm - mean[..., None]) ** 2).mean(-1)).clamp_min(0.0)
-            rstd = torch.rsqrt(var + norm.eps)
+            cm = st.mean.view(b, g, c // g, *rest)
+            mean = cm.mean(2)
+            var = ((st.m2.view(b, g, c // g, *rest) / st.n).mean(2) + ((cm - mean.unsqueeze(2)) ** 2).mean(2))
+            rstd = torch.rsqrt(var.clamp_min(0.0) + norm.eps)
             mean_c = mean.repeat_interleave(c // g, dim=1)
             rstd_c = rstd.repeat_interleave(c // g, dim=1)
             if norm.weight is not None:
-                w = norm.weight.to(torch.float64).to(mean_c.device)
-                bb = norm.bias.to(torch.float64).to(mean_c.device)
+                w = norm.weight.to(torch.float64).to(mean_c.device).view(c, *(1,) * len(rest))
+                bb = norm.bias.to(torch.float64).to(mean_c.device).view(c, *(1,) * len(rest))
                 scale = rstd_c * w
                 shift = bb - mean_c * scale
             else:
                 scale, shift = rstd_c, -mean_c * rstd_c
             self.cache[ck] = (scale, shift)
         scale, shift = self.cache[ck]
-        tail = (1,) * (x.ndim - 2)
+        tail = (1,) * (x.ndim - scale.ndim)
         scale = scale.to(device=x.device, dtype=x.dtype).view(*scale.shape, *tail)
         shift = shift.to(device=x.device, dtype=x.dtype).view(*shift.shape, *tail)
         return torch.addcmul(shift, x, scale)
@@ -527,7 +532,7 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         for n in s.inputs:
             last_use[n] = i
     if p.input in p.needs_stats:
-        st = _Stats(b, x.shape[1], store)
+        st = _Stats(b, x.shape[1], store, x.shape[2] if p.frame_stats else 0)
         st.add(x)
         stats[p.input] = st
     ctx = _Ctx(stats)
@@ -543,7 +548,7 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         if frames and s.t_out is not None:
             frames = (s.t_out(frames[0]),)
         out = torch.empty(b, s.out_channels, *frames, H, W, dtype=dtype, device=store)
-        st = _Stats(b, s.out_channels, store) if s.output in p.needs_stats else None
+        st = _Stats(b, s.out_channels, store, out.shape[2] if p.frame_stats else 0) if s.output in p.needs_stats else None
         kv = None
         if s.kind == "attn":
             kv = _attn_kv(ctx, s, maps[s.inputs[0]], device)
@@ -1073,7 +1078,8 @@ _NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Att
 def video_layout(decoder: Any) -> tuple[str, str | None]:
     """("wan", None): the layer-synchronous Wan path; ("carried", None): HunyuanVideo-shaped
     (ComfyUI's Decoder with conv3d=True), layer-synchronous in its own time chunks; ("local", None):
-    every op local, the halo path; ("nonlocal", why): none of these (why names the modules)."""
+    every op local, the halo path; ("mochi", None): Mochi-shaped (GroupNorm per frame), layer-
+    synchronous; ("nonlocal", why): none of these (why names the modules)."""
     import torch
     if not isinstance(decoder, torch.nn.Module):
         raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
@@ -1082,6 +1088,8 @@ def video_layout(decoder: Any) -> tuple[str, str | None]:
         return "wan", None
     except VaeTilingError:
         pass
+    if _is_mochi(decoder):
+        return "mochi", None
     if _carried(decoder):
         try:
             _check_layout_carried(decoder)
@@ -1199,15 +1207,18 @@ def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
     if kind == "local":
         fn = getattr(first_stage_model, "decode", None)
         return decode_video_halo_tiled, {"decoder": dec, "decode": fn if callable(fn) else None}
+    if kind == "mochi":
+        return _decode_counting, {"decoder": dec, "run": decode_mochi_tiled}
     if kind == "carried":
-        return _decode_carried_counting, {"decoder": dec, "post_quant_conv": getattr(first_stage_model, "post_quant_conv",
-                                                                                     None)}
+        return _decode_counting, {"decoder": dec, "post_quant_conv": getattr(first_stage_model, "post_quant_conv",
+                                                                                     None),
+                                  "run": decode_carried_tiled}
     raise VaeTilingError(why or "unsupported video VAE")
 
 
-def _decode_carried_counting(*, progress: Callable[[int], None] | None = None, **kw: Any) -> Any:
-    """decode_carried_tiled with a progress callback of one argument (tiles done), as the video
-    paths report (the step programs report (done, total) per program)."""
+def _decode_counting(*, run: Callable[..., Any], progress: Callable[[int], None] | None = None, **kw: Any) -> Any:
+    """run (a step-program video path) with a progress callback of one argument (tiles done), as
+    the video paths report (the step programs report (done, total) per program)."""
     n = {"done": 0}
 
     def tick(done: int, total: int) -> None:
@@ -1215,7 +1226,7 @@ def _decode_carried_counting(*, progress: Callable[[int], None] | None = None, *
         if progress is not None:
             progress(n["done"])
 
-    return decode_carried_tiled(progress=tick, **kw)
+    return run(progress=tick, **kw)
 
 
 # ---------------------------------------------------------------------------------- HunyuanVideo-shaped
@@ -1526,3 +1537,103 @@ def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: 
     log.info("vramguard: tiled HunyuanVideo-shaped VAE %dx%dx%d latent: mid block %dx%d tiles, %d chunks x %dx%d tiles",
              t, lh, lw, g_mid[0], g_mid[1], len(chunks), g_up[0], g_up[1])
     return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------------------------- Mochi-shaped
+#
+# Mochi's decoder (comfy.ldm.genmo.vae.model.Decoder) decodes the whole video at once: causal
+# PConv3d (first frame replicated in time, replicate padding in space), GroupNormSpatial (a
+# GroupNorm per frame over the whole frame), Conv1x1 projections and DepthToSpaceTime (dropping
+# the first st - 1 frames).  Every layer runs layer-synchronously over spatial tiles (all frames),
+# each GroupNorm with per-frame statistics gathered over the whole frame.  Time is not tiled
+# (the model has no time chunks of its own; its causal convs would allow carried chunks).
+
+def _is_mochi(decoder: Any) -> bool:
+    blocks = getattr(decoder, "blocks", None)
+    return (blocks is not None and hasattr(decoder, "output_proj") and len(blocks) >= 2
+            and any(_cls(m) == "CausalUpsampleBlock" for m in blocks)
+            and any(_cls(m) == "GroupNormSpatial" for m in decoder.modules()))
+
+
+def _mochi_res(blk: Any, name: str, x: str, res: int, steps: list[Step]) -> str:
+    n1, _, c1, n2, _, c2 = list(blk.stack)
+    if _cls(c1) != "PConv3d" or tuple(c1.kernel_size[1:]) != (3, 3) or tuple(c1.stride) != (1, 1, 1):
+        raise VaeTilingError(f"{name}: not a 3x3x3 stride-1 PConv3d residual stack")
+    c = blk.channels
+    h, out = name + ".h", name + ".out"
+    steps.append(Step(name + ".a", lambda ctx, xs: c1(_silu(ctx.gn(n1, xs, x))), (x,), h, c1.out_channels, res, res,
+                      in_channels=c, normed=(x,)))
+    steps.append(Step(name + ".b", lambda ctx, xs, hs: xs + c2(_silu(ctx.gn(n2, hs, h))), (x, h), out, c, res, res,
+                      in_channels=2 * c, normed=(h,)))
+    attn = blk.attn_block
+    if _cls(attn) == "Identity":
+        return out
+    if _cls(attn) != "AttentionBlock":
+        raise VaeTilingError(f"{name}: unsupported attention block {_cls(attn)}")
+    # Mochi's attention is over time, per pixel: local in space (its norm is per frame)
+    steps.append(Step(name + ".attn", lambda ctx, xs: xs + attn.attn(ctx.gn(attn.norm, xs, out)), (out,),
+                      name + ".att", c, res, res, halo=(0, 0), in_channels=c, normed=(out,)))
+    return name + ".att"
+
+
+def compile_mochi(decoder: Any) -> Program:
+    """Mochi's decoder as one layer-synchronous 5-D program (per-frame GroupNorm statistics)."""
+    if not _is_mochi(decoder):
+        raise VaeTilingError(f"{type(decoder).__name__} is not a Mochi-shaped decoder")
+    blocks = list(decoder.blocks)
+    first, ups, last = list(blocks[0]), blocks[1:-1], list(blocks[-1])
+    conv_in = first[0]
+    steps = [Step("conv_in", lambda ctx, xs: conv_in(xs), ("z",), "conv_in", conv_in.weight.shape[0], 1, 1,
+                  halo=(0, 0), in_channels=conv_in.weight.shape[1])]
+    cur, res = "conv_in", 1
+    for i, blk in enumerate(first[1:]):
+        cur = _mochi_res(blk, f"first.{i}", cur, res, steps)
+    for j, up in enumerate(ups):
+        for i, blk in enumerate(up.blocks):
+            cur = _mochi_res(blk, f"up{j}.{i}", cur, res, steps)
+        st, sx = up.d2st.temporal_expansion, up.d2st.spatial_expansion
+        cout = up.proj.weight.shape[0] // (st * sx * sx)
+
+        def t_out(t: int, st: int = st) -> int:
+            return t * st - (st - 1)
+
+        steps.append(Step(f"up{j}.d2st", lambda ctx, xs, up=up: up.d2st(up.proj(xs)), (cur,), f"up{j}.out", cout, res,
+                          res * sx, halo=(0, 0), in_channels=up.proj.weight.shape[1], t_out=t_out, work=4.0))
+        cur, res = f"up{j}.out", res * sx
+    for i, blk in enumerate(last):
+        cur = _mochi_res(blk, f"last.{i}", cur, res, steps)
+    silu = getattr(decoder, "output_nonlinearity", "silu") == "silu"
+    proj = decoder.output_proj
+    steps.append(Step("output_proj", lambda ctx, xs: proj(_silu(xs) if silu else xs), (cur,), "out",
+                      proj.weight.shape[0], res, res, halo=(0, 0), in_channels=proj.weight.shape[1]))
+    p = _finish(Program(steps, "z", "out", 1, proj.weight.shape[0]))
+    p.frame_stats = True
+    return p
+
+
+def decode_mochi_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                       device: Any = None, store_device: Any = None,
+                       progress: Callable[[int, int], None] | None = None) -> Any:
+    """Decode a (B, C, T, H, W) latent with a Mochi-shaped decoder: equals decoder(latent) to float
+    rounding.  Spatial tiles (every frame in each) from the C planner or grid=."""
+    import torch
+    _check_video_input(latent, "latent")
+    budget = _check_budget(budget_bytes)
+    p = compile_mochi(decoder)
+    b, _, t, lh, lw = latent.shape
+    if grid is not None:
+        rows, cols = _grid_arg(grid, lh, lw)
+    else:
+        frames = t
+        for s in p.steps:
+            if s.t_out is not None:
+                frames = s.t_out(frames)
+        k = b * latent.element_size() * frames     # every step at the most frames: an upper bound
+        fixed, per_px, per_edge = _linear_cost(p, lh, lw)
+        cols, rows = _native_plan(lw, lh, fixed=fixed * k, per_px=per_px * k, per_edge=per_edge * k, budget=budget)["grid"]
+    with torch.no_grad():
+        out = run_program(p, latent, rects=grid_rects(lh, lw, rows, cols), device=device, store_device=store_device,
+                          progress=progress)
+    log.info("vramguard: tiled Mochi-shaped VAE %dx%dx%d latent as %dx%d tiles (all frames each)", t, lh, lw, rows,
+             cols)
+    return out
