@@ -15,8 +15,9 @@ Per tile grid (2, 4, 6, 9, 16 tiles and a non-square 3x5):
     same tile size (latent tile = the grid's tile) and overlap min(8, tile/4) latent px
     (VAEDecodeTiled's default 64 px at 8x)
 Video: Wan 2.1-shaped (layer-synchronous in Wan's chunks), HunyuanVideo-shaped (ComfyUI's Decoder
-with conv3d=True: layer-synchronous in its own 2-frame chunks) and LTX-Video-shaped (every op
-local: halo tiles), ours and ComfyUI's real classes where they import, against ComfyUI's
+with conv3d=True: layer-synchronous in its own 2-frame chunks), Mochi-shaped (layer-synchronous,
+per-frame GroupNorm) and LTX-Video-shaped (every op local: halo tiles), ours and ComfyUI's real
+classes where they import (--video-models picks), against ComfyUI's
 decode_tiled_3d algorithm (comfy.utils.tiled_scale_multidim, overlap 1 frame / min(8, tile/4) px).
 Columns: PSNR (dB, [-1, 1] signal) and max |error| against untiled; seam: gradient energy on the
 grid's tile borders / elsewhere, divided by the same ratio of the untiled image (1.00 = no seam;
@@ -285,6 +286,7 @@ def main():
     ap.add_argument("--no-video", action="store_true")
     ap.add_argument("--no-image", action="store_true", help="video rows only (the JSON then has no image keys)")
     ap.add_argument("--video-grids", default="1x2,2x3,3x4")
+    ap.add_argument("--video-models", default="wan,hunyuan,ltx,mochi")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lh, lw = (int(v) for v in args.latent.split("x"))
@@ -403,8 +405,9 @@ def bench_video(args, has_comfy, rows_out):
     lt, lh, lw = (int(v) for v in args.video_latent.split("x"))
     z4 = vm.video_latent(lt, lh, lw, seed=6)
     grids = [tuple(int(v) for v in g.split("x")) for g in args.video_grids.split(",")]
-    models = [("ours-Wan-shaped", vm.wan_decoder(seed=5))]
-    if has_comfy:
+    which = set(args.video_models.split(","))
+    models = [("ours-Wan-shaped", vm.wan_decoder(seed=5))] if "wan" in which else []
+    if has_comfy and "wan" in which:
         models.append(("ComfyUI Wan Decoder3d", vm.comfy_wan_decoder(seed=5)))
     for label, dec in models:
         # output frame where each of Wan's time chunks starts: latent 0 -> 1 frame, later ones 4 each
@@ -413,8 +416,8 @@ def bench_video(args, has_comfy, rows_out):
         bench_video_model(label, "layer-synchronous, Wan's chunks", lambda: vm.wan_decode(dec, z4),
                           lambda g, dec=dec: vae.decode_video_tiled(dec, z4, budget_bytes=1 << 40, grid=g), z4, bounds,
                           args, has_comfy, rows_out, grids)
-    hy = [("ours-Hunyuan-shaped", vm.hunyuan_decoder(seed=14))]
-    if has_comfy:
+    hy = [("ours-Hunyuan-shaped", vm.hunyuan_decoder(seed=14))] if "hunyuan" in which else []
+    if has_comfy and "hunyuan" in which:
         hy.append(("ComfyUI Decoder(conv3d)", vm.comfy_video_decoders(seed=16)["hunyuan"]))
     for label, dec in hy:
         bounds = [2 * a - 1 for a in range(2, lt, 2)]
@@ -423,8 +426,8 @@ def bench_video(args, has_comfy, rows_out):
                           lambda g, dec=dec: vae.decode_tiled(dec, z4, budget_bytes=1 << 40, grid=g), z4, bounds,
                           args, has_comfy, rows_out, grids)
     # LTX's receptive field is ~8 latent px: a latent twice as large in space, so tiles are not all halo
-    ltx = [("ours-LTX-shaped", vm.ltx_decoder(seed=8), vm.video_latent(lt, 2 * lh, 2 * lw, seed=9))]
-    if has_comfy:
+    ltx = [("ours-LTX-shaped", vm.ltx_decoder(seed=8), vm.video_latent(lt, 2 * lh, 2 * lw, seed=9))] if "ltx" in which else []
+    if has_comfy and "ltx" in which:
         m = vm.comfy_ltx_vae(seed=18)
         zl = torch.randn(1, 128, lt, lh, lw, generator=torch.Generator().manual_seed(19))
         ltx.append(("ComfyUI LTX VideoVAE", m, zl))
@@ -436,6 +439,15 @@ def bench_video(args, has_comfy, rows_out):
                           lambda g, fn=fn, dec=dec, z=z: vae.decode_video_halo_tiled(dec, z, budget_bytes=1 << 40,
                                                                                      grid=g, decode=fn),
                           z, [], args, has_comfy, rows_out, grids)
+    mochi = [("ours-Mochi-shaped", vm.mochi_decoder(seed=21))] if "mochi" in which else []
+    if has_comfy and "mochi" in which:
+        mochi.append(("ComfyUI Mochi Decoder", vm.comfy_video_decoders(seed=1)["mochi"]))
+    for label, dec in mochi:
+        untiled_fn[0] = dec
+        bench_video_model(label, "layer-synchronous, per-frame GroupNorm statistics, all frames per tile",
+                          lambda dec=dec: dec(z4),
+                          lambda g, dec=dec: vae.decode_mochi_tiled(dec, z4, budget_bytes=1 << 40, grid=g), z4, [],
+                          args, has_comfy, rows_out, grids)
 
 
 if __name__ == "__main__":
