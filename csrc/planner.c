@@ -154,8 +154,13 @@ typedef struct {
     int64_t w, h, overlap, align, min_tile, max_tile;
     /* the time axis of a video (d = 0: an image); no max tile: frames are cheap to split */
     int64_t d, d_overlap, d_align, d_min_tile;
+    int64_t d_max_tile;
     double feather;
-    double fixed, per_px; /* bytes; per input pixel (voxel) of a tile, per image */
+    /* bytes: fixed, per input pixel (voxel) of a tile and per pixel of its width + height (per
+     * frame): a layer-synchronous VAE step reads its tile with a halo, so its working set is
+     * (tw + 2h)(th + 2h) ~ tw th + 2h (tw + th) per frame: area and perimeter, both per image;
+     * and per frame of a tile whatever its area (a video step's K/V of whole frames) */
+    double fixed, per_px, per_edge, per_frame;
     int64_t batch, budget;
 } plan_in;
 
@@ -166,9 +171,27 @@ typedef struct {
     char why[VG_REASON];
 } plan_out;
 
+/* bytes of one image's tile, without the fixed part */
+static double tile_var(const plan_in *in, int64_t tw, int64_t th, int64_t td)
+{
+    return (in->per_px * (double)tw * (double)th + in->per_edge * (double)(tw + th) + in->per_frame) *
+           (double)td;
+}
+
 static double tile_cost(const plan_in *in, int64_t tw, int64_t th, int64_t td, int64_t b)
 {
-    return in->fixed + in->per_px * (double)tw * (double)th * (double)td * (double)b;
+    return in->fixed + tile_var(in, tw, th, td) * (double)b;
+}
+
+/* The highest tile (px) of width tw and depth td whose cost fits `room` bytes (budget - fixed):
+ * td (per_px tw th + per_edge (tw + th) + per_frame) <= room, solved for th. */
+static double h_max(const plan_in *in, double room, int64_t tw, int64_t td)
+{
+    double slope = in->per_px * (double)tw + in->per_edge;
+    double left = room / (double)td - in->per_edge * (double)tw - in->per_frame;
+    if (left < 0)
+        return -1;
+    return slope > 0 ? left / slope : INFINITY;
 }
 
 static axis_in axis_of(const plan_in *in, int64_t len)
@@ -180,7 +203,7 @@ static axis_in axis_of(const plan_in *in, int64_t len)
 static axis_in depth_axis_of(const plan_in *in)
 {
     return (axis_in){in->d / in->d_align, in->d_overlap / in->d_align, in->d_align,
-                     in->d_min_tile / in->d_align, VG_MAX_SIDE / in->d_align, in->feather};
+                     in->d_min_tile / in->d_align, in->d_max_tile / in->d_align, in->feather};
 }
 
 /* Fewest tiles on one axis when tiles may be up to max_tile: the structural minimum. */
@@ -206,7 +229,8 @@ static void plan_core(const plan_in *in, plan_out *out, axis_cand *cx, int64_t c
     memset(out, 0, sizeof *out);
     double room = (double)in->budget - in->fixed;
     /* the fixed part alone over the budget: nothing fits, whatever the tile (with per_px 0
-     * the area bound would otherwise be infinite) */
+     * the area bound would otherwise be infinite).  amax bounds the area from above (the
+     * perimeter part only adds); h_max gives the exact height for a width. */
     double amax = room < 0 ? -1 : in->per_px > 0 ? room / in->per_px : INFINITY;
     axis_in ax = axis_of(in, in->w), ay = axis_of(in, in->h);
     int64_t kx = axis_candidates(&ax, VG_PLAN_MAX_TILES, cx, capx);
@@ -235,7 +259,9 @@ static void plan_core(const plan_in *in, plan_out *out, axis_cand *cx, int64_t c
             int64_t nx = cx[i].n, tw = cx[i].t;
             if ((best > 0 && nx * nz > best) || nx * nz > VG_PLAN_MAX_TILES)
                 break;
-            double hmax = amax_z / (double)tw;
+            double hmax = room < 0 ? -1 : h_max(in, room, tw, td);
+            if (hmax > amax_z / (double)tw)
+                hmax = amax_z / (double)tw;
             if (hmax < 1 || hmax < (double)cy[ky - 1].t)
                 continue; /* not even the smallest y tile fits */
             double cover_x = (double)(nx * nz) * ((double)in->h / hmax) * (1 - 1e-12);
@@ -270,8 +296,9 @@ static void plan_core(const plan_in *in, plan_out *out, axis_cand *cx, int64_t c
         if (need <= (double)in->budget)
             snprintf(out->why, VG_REASON,
                      "no tile fits within %lld tiles: the tiles the budget allows (%lld bytes, "
-                     "%.0f bytes per px) are too small to cover %lldx%lld px%s with overlap %lld",
-                     (long long)VG_PLAN_MAX_TILES, (long long)in->budget, in->per_px,
+                     "%.0f bytes per px, %.0f per edge px) are too small to cover %lldx%lld px%s "
+                     "with overlap %lld",
+                     (long long)VG_PLAN_MAX_TILES, (long long)in->budget, in->per_px, in->per_edge,
                      (long long)in->w, (long long)in->h, in->d ? " (and its frames)" : "",
                      (long long)in->overlap);
         else
@@ -284,8 +311,8 @@ static void plan_core(const plan_in *in, plan_out *out, axis_cand *cx, int64_t c
     out->fits = 1;
     out->tw = bw, out->th = bh, out->td = bd, out->nx = bnx, out->ny = bny, out->nz = bnz;
     int64_t b = 1;
-    if (in->per_px > 0) {
-        double per_tile = in->per_px * (double)bw * (double)bh * (double)bd;
+    if (in->per_px > 0 || in->per_edge > 0 || in->per_frame > 0) {
+        double per_tile = tile_var(in, bw, bh, bd);
         double fitb = floor(room / per_tile);
         b = fitb < 1 ? 1 : (fitb > (double)in->batch ? in->batch : (int64_t)fitb);
     } else {
@@ -338,13 +365,15 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"width", "height", "overlap", "align", "fixed_bytes", "per_px_bytes",
                              "budget", "batch", "min_tile", "max_tile", "feather", "depth",
-                             "depth_overlap", "depth_align", "depth_min", NULL};
-    PyObject *o[15] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOOOOOO:plan", kwlist, &o[0], &o[1], &o[2],
+                             "depth_overlap", "depth_align", "depth_min", "depth_max",
+                             "per_edge_bytes", "per_frame_bytes", NULL};
+    PyObject *o[18] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$OOOOOOOOOOOOOOOO:plan", kwlist, &o[0], &o[1], &o[2],
                                      &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
-                                     &o[12], &o[13], &o[14]))
+                                     &o[12], &o[13], &o[14], &o[15], &o[16], &o[17]))
         return NULL;
-    plan_in in = {.overlap = 0, .align = 1, .batch = 1, .feather = 0.5, .d_align = 1, .d_min_tile = 1};
+    plan_in in = {.overlap = 0, .align = 1, .batch = 1, .feather = 0.5, .d_align = 1, .d_min_tile = 1,
+                  .d_max_tile = VG_MAX_SIDE};
     if (o[10] && (vg_parse_double(o[10], "feather", -1e-300, 1.0, &in.feather) < 0))
         return NULL;
     int err = 0;
@@ -370,20 +399,27 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
         in.d_align = get_pos_int(o[13], "depth_align", 1, 4096, &err);
     if (!err && o[14])
         in.d_min_tile = get_pos_int(o[14], "depth_min", 0, VG_MAX_SIDE, &err);
+    if (!err && o[15] && o[15] != Py_None)
+        in.d_max_tile = get_pos_int(o[15], "depth_max", 1, VG_MAX_SIDE, &err);
     if (err)
         return NULL;
-    if (in.d == 0 && ((o[12] && in.d_overlap) || (o[13] && in.d_align != 1) || (o[14] && in.d_min_tile != 1))) {
-        PyErr_SetString(PyExc_TypeError, "depth_overlap, depth_align and depth_min need depth=");
+    if (in.d == 0 && ((o[12] && in.d_overlap) || (o[13] && in.d_align != 1) || (o[14] && in.d_min_tile != 1) ||
+                      (o[15] && o[15] != Py_None))) {
+        PyErr_SetString(PyExc_TypeError, "depth_overlap, depth_align, depth_min and depth_max need depth=");
         return NULL;
     }
-    int64_t fixed = 0, per = 0, budget = 0;
+    int64_t fixed = 0, per = 0, edge = 0, frame = 0, budget = 0;
     if ((o[4] && vg_parse_bytes(o[4], "fixed_bytes", 1, &fixed) < 0) ||
         (o[5] && vg_parse_bytes(o[5], "per_px_bytes", 1, &per) < 0) ||
+        (o[16] && vg_parse_bytes(o[16], "per_edge_bytes", 1, &edge) < 0) ||
+        (o[17] && vg_parse_bytes(o[17], "per_frame_bytes", 1, &frame) < 0) ||
         (o[6] == NULL && (PyErr_SetString(PyExc_TypeError, "plan() needs budget="), 1)) ||
         vg_parse_bytes(o[6], "budget", 1, &budget) < 0)
         return NULL;
     in.fixed = (double)fixed;
     in.per_px = o[5] && PyFloat_Check(o[5]) ? PyFloat_AS_DOUBLE(o[5]) : (double)per;
+    in.per_edge = o[16] && PyFloat_Check(o[16]) ? PyFloat_AS_DOUBLE(o[16]) : (double)edge;
+    in.per_frame = o[17] && PyFloat_Check(o[17]) ? PyFloat_AS_DOUBLE(o[17]) : (double)frame;
     in.budget = budget;
     if (in.w % in.align || in.h % in.align) {
         PyErr_Format(PyExc_ValueError, "image %lldx%lld is not a multiple of align %lld",
@@ -413,6 +449,11 @@ static PyObject *py_plan(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
         if (in.d_min_tile < in.d_align)
             in.d_min_tile = in.d_align;
         in.d_min_tile = align_up(in.d_min_tile, in.d_align);
+        if (in.d_max_tile < in.d_min_tile && in.d_max_tile < in.d) {
+            PyErr_Format(PyExc_ValueError, "depth_max %lld is below the smallest depth tile %lld",
+                         (long long)in.d_max_tile, (long long)in.d_min_tile);
+            return NULL;
+        }
     }
     if (in.max_tile < in.min_tile && in.max_tile < in.w && in.max_tile < in.h) {
         PyErr_Format(PyExc_ValueError,
@@ -508,5 +549,6 @@ PyMethodDef vg_tiler_methods[] = {
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS,
      "plan($module, width, height, *, overlap=0, align=1, fixed_bytes=0, per_px_bytes=0, budget, "
      "batch=1, min_tile=0, max_tile=None, feather=0.5, depth=None, depth_overlap=0, depth_align=1, "
-     "depth_min=1)\n--\n\nThe largest tile that fits the budget, as an even grid (dict)."},
+     "depth_min=1, depth_max=None, per_edge_bytes=0, per_frame_bytes=0)\n--\n\nThe largest tile that fits the budget, as an "
+     "even grid (dict)."},
     {NULL, NULL, 0, NULL}};

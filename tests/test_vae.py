@@ -393,3 +393,250 @@ def test_plan_grid_is_bounded_when_nothing_fits():
     with pytest.raises(vae.VaeTilingError, match="at most"):
         vae.plan_grid(p, 1 << 20, 1 << 20, budget_bytes=2)
     assert time.perf_counter() - t < 30
+
+
+# ------------------------------------------------------------------ one planner (planner.c) for VAE tiles
+
+@pytest.mark.parametrize("div", [1, 3, 8, 25])
+def test_plan_grid_is_the_c_planners_plan_and_bounds_every_step(dec, z, ref, div, monkeypatch):
+    """plan_grid asks vramguard._native.plan (area + perimeter cost); the plan's bytes bound the
+    exact working set of every step at the planned tile, and the decode at that plan is seamless."""
+    from vramguard import _native
+    p = vae.compile_decoder(dec)
+    full = vae.plan_grid(p, LH, LW, budget_bytes=1 << 40).tile_bytes
+    calls = []
+    real = _native.plan
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_native, "plan", spy)
+    budget = full // div
+    g = vae.plan_grid(p, LH, LW, budget_bytes=budget)
+    assert len(calls) == 1 and calls[0]["per_edge_bytes"] > 0 and calls[0]["overlap"] == 0
+    assert g.tile_bytes <= budget
+    th, tw = -(-LH // g.rows), -(-LW // g.cols)
+    assert vae._tile_bytes(p, th, tw, 1, 4) <= g.tile_bytes
+    assert (g.tiles == 1) == (div == 1)
+    out = vae.decode_tiled(dec, z, budget_bytes=budget)
+    assert vm.psnr(out, ref) >= 45.0
+
+
+VT6 = 6     # latent frames: chunks [0], then the planner's (or frames=) length
+
+
+@pytest.fixture(scope="module")
+def wan6():
+    d = vm.wan_decoder(seed=5)
+    zv = vm.video_latent(VT6, VH, VW, seed=7)
+    return d, zv, vm.wan_decode(d, zv)
+
+
+@pytest.mark.parametrize("frames", [2, 3, 5])
+def test_video_chunk_length_does_not_change_the_video(wan6, frames):
+    d, zv, ref = wan6
+    out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=(2, 2), frames=frames)
+    assert vm.psnr(out, ref) >= 45.0 and (out - ref).abs().max() < 1e-3
+    assert vae.video_chunks(VT6, frames)[1] == (1, 1 + frames)
+
+
+def test_video_planner_splits_time_and_space_from_the_budget(wan6, caplog):
+    d, zv, ref = wan6
+    big = vae.plan_video_grid(d, VH, VW, budget_bytes=1 << 40, frames=VT6)
+    assert (big.rows, big.cols, big.chunks, big.frames) == (1, 1, 1, VT6 - 1)
+    small = vae.plan_video_grid(d, VH, VW, budget_bytes=big.tile_bytes // 3, frames=VT6)
+    assert small.tiles > 1 and small.tile_bytes <= big.tile_bytes // 3
+    assert small.frames >= 2 and small.rows * small.cols * small.chunks == small.tiles
+    with caplog.at_level("INFO", logger="vramguard"):
+        out = vae.decode_video_tiled(d, zv, budget_bytes=big.tile_bytes // 3)
+    assert vm.psnr(out, ref) >= 45.0
+    assert f"{small.frames} latent frames after the first" in caplog.text or small.frames < 2
+    with pytest.raises(ValueError, match="frames"):
+        vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, frames=1)
+    with pytest.raises(vae.VaeTilingError, match="nothing fits"):
+        vae.plan_video_grid(d, VH, VW, budget_bytes=100, frames=VT6)
+
+
+# ------------------------------------------------------------------ LTX-, Mochi-, HunyuanVideo-shaped
+
+def test_video_layouts_are_told_apart_with_reasons():
+    assert vae.video_layout(vm.wan_decoder(seed=1)) == ("wan", None)
+    assert vae.video_layout(vm.ltx_decoder(seed=1)) == ("local", None)
+    assert vae.video_layout(vm.mochi_decoder(seed=1)) == ("mochi", None)
+    kind, why = vae.video_layout(_unknown_video_decoder())
+    assert kind == "nonlocal" and "GroupNorm at 1" in why
+    assert vae.video_layout(vm.hunyuan_decoder(seed=1)) == ("carried", None)
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3), (3, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_ltx_shaped_halo_tiles_equal_the_untiled_decode(grid):
+    d = vm.ltx_decoder(seed=8)
+    zv = vm.video_latent(3, 12, 20, seed=9)
+    with torch.no_grad():
+        ref = d(zv)
+    out = vae.decode_video_halo_tiled(d, zv, budget_bytes=1 << 30, grid=grid)
+    assert out.shape == ref.shape and vm.psnr(out, ref) >= 45.0
+    ys, xs = _borders(*grid, 12, 20, 4)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    # the halo is what makes it exact: without one the tile borders show
+    naive = vae.decode_video_halo_tiled(d, zv, budget_bytes=1 << 30, grid=grid, halo=0)
+    assert vm.psnr(naive, ref) < 45.0
+
+
+def _unknown_video_decoder():
+    """A layout vramguard.vae does not know, with a GroupNorm over the whole video: not local."""
+    return vm.sane_init(torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.GroupNorm(4, 8),
+                                            torch.nn.Conv3d(8, 3, 3, padding=1)))
+
+
+def test_nonlocal_video_decoders_are_refused_with_the_reason():
+    d = _unknown_video_decoder()
+    with pytest.raises(vae.VaeTilingError, match="whole frames or the whole video"):
+        vae.decode_video_halo_tiled(d, vm.video_latent(2, 4, 4), budget_bytes=1 << 30)
+    with pytest.raises(vae.VaeTilingError, match="GroupNorm"):
+        vae.video_program(type("FSM", (), {"decoder": d})())
+    with pytest.raises(vae.VaeTilingError, match="Wan-shaped"):
+        vae.decode_video_halo_tiled(vm.wan_decoder(seed=1), vm.video_latent(2, 4, 4), budget_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_mochi_shaped_matches_untiled(grid):
+    """GroupNorm per frame over the whole frame, causal replicate-padded convs, depth-to-space in
+    time and space: layer-synchronous with per-frame statistics."""
+    d = vm.mochi_decoder(seed=21)
+    zv = vm.video_latent(3, 6, 8, seed=22)
+    with torch.no_grad():
+        ref = d(zv)
+    assert ref.shape == (1, 3, 5, 12, 16) and ref.std() > 0.1
+    out = vae.decode_mochi_tiled(d, zv, budget_bytes=1 << 30, grid=grid)
+    assert vm.psnr(out, ref) >= 45.0 and (out - ref).abs().max() < 1e-3
+    ys, xs = _borders(*grid, 6, 8, 2)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    # each tile decoded on its own (per-tile GroupNorm statistics, no halo): the metrics see it
+    naive = torch.empty_like(ref)
+    with torch.no_grad():
+        for y0, y1, x0, x1 in vae.grid_rects(6, 8, *grid):
+            naive[..., 2 * y0:2 * y1, 2 * x0:2 * x1] = d(zv[..., y0:y1, x0:x1])
+    assert vm.psnr(naive, ref) < 45.0
+    run, mods = vae.video_program(type("FSM", (), {"decoder": d})())
+    assert vm.psnr(run(**mods, latent=zv, budget_bytes=2 << 20), ref) >= 45.0
+
+
+HT, HH, HW = 5, 6, 8        # latent: chunks [0, 2), [2, 4), [4, 5) after the whole-video mid block
+
+
+@pytest.fixture(scope="module")
+def hunyuan():
+    d = vm.hunyuan_decoder(seed=14)
+    zv = vm.video_latent(HT, HH, HW, seed=15)
+    with torch.no_grad():
+        return d, zv, d(zv)
+
+
+def test_hunyuan_fixture_is_sane(hunyuan):
+    d, zv, ref = hunyuan
+    assert ref.shape == (1, 3, 1 + 2 * (HT - 1), HH * 4, HW * 4)
+    assert ref.std() > 0.1 and torch.isfinite(ref).all()
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3), (3, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_hunyuan_shaped_matches_untiled(hunyuan, grid):
+    d, zv, ref = hunyuan
+    out = vae.decode_tiled(d, zv, budget_bytes=1 << 30, grid=grid)
+    assert out.shape == ref.shape
+    assert vm.psnr(out, ref) >= 45.0 and (out - ref).abs().max() < 1e-3
+    ys, xs = _borders(*grid, HH, HW, 4)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    bounds = [2 * a - 1 for a in (2, 4)]          # output frames where the 2nd and 3rd chunks start
+    assert abs(_time_seam(out, bounds) / _time_seam(ref, bounds) - 1) < 1e-3
+
+
+def test_hunyuan_time_chunks_are_part_of_the_model(hunyuan):
+    """The up path run on the whole video at once (GroupNorm statistics of the video, not of each
+    2-frame chunk): same shape, a different video -- so tiling time differently than the model's
+    chunks would not be seamless, and the metrics see it."""
+    d, zv, ref = hunyuan
+    with torch.no_grad():
+        h = vm.conv_carry_causal_3d(zv, d.conv_in)
+        h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(h)))
+        for i_level in reversed(range(d.num_resolutions)):
+            for blk in d.up[i_level].block:
+                h = blk(h)
+            if i_level != 0:
+                h = d.up[i_level].upsample(h)
+        naive = vm.conv_carry_causal_3d(torch.nn.functional.silu(d.norm_out(h)), d.conv_out)
+    assert naive.shape == ref.shape
+    assert vm.psnr(naive, ref) < 45.0
+    assert abs(_time_seam(naive, [3, 7]) / _time_seam(ref, [3, 7]) - 1) > 0.01
+
+
+def test_hunyuan_planned_from_the_budget(hunyuan, caplog):
+    d, zv, ref = hunyuan
+    with caplog.at_level("INFO", logger="vramguard"):
+        out = vae.decode_tiled(d, zv, budget_bytes=4 << 20)
+    assert vm.psnr(out, ref) >= 45.0
+    assert "3 chunks" in caplog.text and "1x1 tiles, 3 chunks x 1x1" not in caplog.text, caplog.text
+    with pytest.raises(vae.VaeTilingError, match="nothing fits"):
+        vae.decode_tiled(d, zv, budget_bytes=1000)
+    run, mods = vae.video_program(type("FSM", (), {"decoder": d, "post_quant_conv": None})())
+    ticks = []
+    assert vm.psnr(run(**mods, latent=zv, budget_bytes=1 << 30, grid=(2, 2), progress=ticks.append), ref) >= 45.0
+    assert ticks == list(range(1, len(ticks) + 1)) and len(ticks) > 4
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_hunyuan_shaped_video_encode_matches_untiled(hunyuan, grid):
+    """Frame 0 alone, then chunks of 2 tc frames with carried causal convs (stride-2 in time and
+    space), GroupNorm per chunk; the mid block over the whole latent video."""
+    _, _, video = hunyuan
+    e = vm.hunyuan_encoder(seed=20)
+    v = video.clamp(-1, 1)
+    with torch.no_grad():
+        ref = e(v)
+    assert ref.shape[2] == 1 + (v.shape[2] - 1) // 2 and ref.std() > 0.1
+    out = vae.encode_tiled(e, v, budget_bytes=1 << 30, grid=grid)
+    span = (ref.max() - ref.min()).item()
+    assert out.shape == ref.shape and vm.psnr(out, ref, peak_to_peak=span) >= 45.0
+    planned = vae.encode_tiled(e, v, budget_bytes=3 << 20)
+    assert vm.psnr(planned, ref, peak_to_peak=span) >= 45.0
+    with pytest.raises(ValueError, match="multiple"):
+        vae.encode_tiled(e, v[..., :30], budget_bytes=1 << 30)
+
+
+@pytest.mark.usefixtures("comfy_classes")
+def test_comfyui_hunyuan_ltx_mochi_classes():
+    """ComfyUI's own classes: Decoder/Encoder(conv3d=True) (HunyuanVideo) and Mochi's Decoder
+    layer-synchronous, LTX-Video's VideoVAE by halo tiles: each equals its untiled decode."""
+    ds = vm.comfy_video_decoders(seed=16)
+    zv = vm.video_latent(HT, HH, HW, seed=17)
+    with torch.no_grad():
+        ref = ds["hunyuan"](zv)
+    out = vae.decode_tiled(ds["hunyuan"], zv, budget_bytes=1 << 30, grid=(2, 3))
+    assert vm.psnr(out, ref) >= 45.0
+    mine = vm.hunyuan_decoder(seed=16, groups=32, ch_mult=(1, 2))
+    mine.load_state_dict(ds["hunyuan"].state_dict())
+    with torch.no_grad():
+        assert (mine(zv) - ref).abs().max() < 1e-4          # our stand-in is the same network
+    ltx = vm.comfy_ltx_vae(seed=18)
+    z = torch.randn(1, 128, 3, 10, 12, generator=torch.Generator().manual_seed(19))
+    with torch.no_grad():
+        r = ltx.decode(z)
+    assert vae.video_layout(ltx.decoder) == ("local", None)
+    o = vae.decode_video_halo_tiled(ltx.decoder, z, budget_bytes=1 << 30, grid=(2, 3), decode=ltx.decode)
+    assert vm.psnr(o, r) >= 45.0
+    assert vae.video_layout(ds["mochi"]) == ("mochi", None)
+    zm = vm.video_latent(3, 6, 8, seed=23)
+    with torch.no_grad():
+        rm = ds["mochi"](zm)
+    assert vm.psnr(vae.decode_mochi_tiled(ds["mochi"], zm, budget_bytes=1 << 30, grid=(2, 3)), rm) >= 45.0
+    enc = ds["hunyuan_encoder"]
+    v = ref.clamp(-1, 1)
+    with torch.no_grad():
+        rz = enc(v)
+    oz = vae.encode_tiled(enc, v, budget_bytes=1 << 30, grid=(2, 2))
+    assert vm.psnr(oz, rz, peak_to_peak=(rz.max() - rz.min()).item()) >= 45.0
+    mine_e = vm.hunyuan_encoder(seed=0, groups=32, ch_mult=(1, 2))
+    mine_e.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        assert (mine_e(v) - rz).abs().max() < 1e-4

@@ -77,3 +77,67 @@ def test_unknown_layout_falls_back_to_overlap_tiling():
     v = _VAE()
     v.first_stage_model.decoder = torch.nn.Identity()
     assert comfyui._vae_program("decode", v, 4) is None
+
+
+def test_video_vaes_take_their_path_or_log_why_not(caplog):
+    """Wan-, HunyuanVideo- and Mochi-shaped: layer-synchronous; LTX-shaped (every op local): halo
+    tiles; each equals the untiled decode; an unknown layout with a GroupNorm: ComfyUI's own path,
+    the reason logged."""
+    from vramguard import vae as vae_mod
+
+    class _VFSM(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.decoder = d
+
+        def decode(self, z):
+            return self.decoder(z)
+
+    v = _VAE()
+    v.first_stage_model = _VFSM(vm.wan_decoder(seed=1))
+    assert comfyui._vae_program("decode", v, 5)[0] is vae_mod.decode_video_tiled
+    v.first_stage_model = _VFSM(vm.ltx_decoder(seed=2))
+    run, mods = comfyui._vae_program("decode", v, 5)
+    assert run is vae_mod.decode_video_halo_tiled
+    z = vm.video_latent(3, 8, 12, seed=3)
+    with torch.no_grad():
+        ref = v.first_stage_model.decode(z)
+    out = run(**mods, latent=z, budget_bytes=1 << 30, grid=(2, 3))
+    assert vm.psnr(out, ref) >= 45.0
+    v.first_stage_model = _VFSM(vm.hunyuan_decoder(seed=5))
+    run, mods = comfyui._vae_program("decode", v, 5)
+    z = vm.video_latent(3, 4, 6, seed=6)
+    with torch.no_grad():
+        ref = v.first_stage_model.decode(z)
+    ticks = []
+    out = run(**mods, latent=z, budget_bytes=1 << 30, grid=(2, 2), progress=ticks.append)
+    assert vm.psnr(out, ref) >= 45.0 and ticks[-1] == len(ticks)
+    v.first_stage_model = _VFSM(vm.mochi_decoder(seed=4))
+    assert comfyui._vae_program("decode", v, 5)[1]["run"] is vae_mod.decode_mochi_tiled
+    v.first_stage_model = _VFSM(vm.sane_init(torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1),
+                                                                 torch.nn.GroupNorm(4, 8))))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vramguard"):
+        assert comfyui._vae_program("decode", v, 5) is None
+    assert "GroupNorm at 1" in caplog.text, caplog.text
+
+
+def test_video_encode_node_hunyuan_shaped(small_host_budget):
+    """IMAGE frames -> one (1, C, T, H, W) video -> the carried encoder, tiled; the LATENT is the mean."""
+    class _VFSM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = vm.hunyuan_encoder(seed=7)
+
+        def encode(self, x):
+            return self.encoder(x)[:, :4]
+
+    v = _VAE()
+    v.first_stage_model = _VFSM()
+    v.latent_dim = 3
+    frames = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = v.first_stage_model.encode(v.process_input(frames.movedim(-1, 1)).movedim(1, 0).unsqueeze(0))
+    out = comfyui.vae_tiled("encode", v, frames, overlap=8)["samples"]
+    assert out.shape == ref.shape == (1, 4, 3, 8, 12)
+    assert vm.psnr(out, ref, peak_to_peak=float(ref.max() - ref.min())) >= 45.0

@@ -7,6 +7,7 @@ at $VRAMGUARD_COMFYUI or /work/comfy/ComfyUI (None otherwise), with the same ini
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -149,13 +150,14 @@ class Encoder(nn.Module):
 
 
 def sane_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter drawn afresh (seeded): convs Kaiming-uniform (torch's default rule), norms
+    """Every parameter drawn afresh (seeded): convs and linears Kaiming-uniform (torch's default rule), norms
     with weight ~ 1 +- 0.2 and bias +- 0.2 so statistics matter, biases small. Nothing left from
     uninitialised memory: a VAE built on torch.empty decoded to all black (the old fixture bug)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)) or type(m).__name__ in ("Conv2d", "Conv3d"):
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)) or type(m).__name__ in ("Conv2d", "Conv3d", "Linear",
+                                                                                           "Conv1x1"):
                 fan_in = m.weight[0].numel()
                 bound = (6.0 / fan_in) ** 0.5 / 2 ** 0.5
                 m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * bound)
@@ -524,3 +526,405 @@ def video_latent(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
         frames.append(base * (1 + 0.2 * torch.sin(torch.tensor(i * 0.7))))
     z = torch.stack(frames, 2)
     return z + 0.1 * torch.randn(z.shape, generator=g)
+
+
+# ------------------------------------------------------------------ LTX-, Mochi-, HunyuanVideo-shaped
+# Small stand-ins with the structure that decides how each can be tiled (ComfyUI 0.3x classes named):
+#   LTX-Video (comfy.ldm.lightricks.vae.causal_video_autoencoder): CausalConv3d (first/last frame
+#     replicated in time, zeros in space), PixelNorm (per voxel), DepthToSpaceUpsample (conv,
+#     (c p1 p2 p3) -> (t p1)(h p2)(w p3), first frame dropped).  Every op is local.
+#   Mochi (comfy.ldm.genmo.vae.model): causal PConv3d (replicate padding), GroupNormSpatial (a
+#     GroupNorm per frame over the whole frame: not local in space), DepthToSpaceTime.
+#   HunyuanVideo (comfy.ldm.modules.diffusionmodules.model.Decoder with conv3d=True): GroupNorm
+#     over (C/g, T, H, W) of the whole video in the mid block, 3-D attention over every voxel,
+#     then 2-latent-frame chunks with carried causal convs whose GroupNorms see only the chunk.
+
+class PixelNorm(nn.Module):
+    def __init__(self, dim=1, eps=1e-8):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x):
+        return x / torch.sqrt(torch.mean(x ** 2, dim=self.dim, keepdim=True) + self.eps)
+
+
+class LtxCausalConv3d(nn.Module):
+    """LTX's CausalConv3d, non-causal as the decoder uses it: k//2 first/last frames replicated."""
+
+    def __init__(self, cin, cout, k=3):
+        super().__init__()
+        self.time_kernel_size = k
+        self.conv = nn.Conv3d(cin, cout, k, padding=(0, k // 2, k // 2))
+
+    def forward(self, x, causal=False):
+        p = (self.time_kernel_size - 1) // 2
+        if p:
+            x = torch.cat([x[:, :, :1].repeat(1, 1, p, 1, 1), x, x[:, :, -1:].repeat(1, 1, p, 1, 1)], 2)
+        return self.conv(x)
+
+
+class LtxResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1, self.conv1 = PixelNorm(), LtxCausalConv3d(c, c)
+        self.norm2, self.conv2 = PixelNorm(), LtxCausalConv3d(c, c)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class DepthToSpaceUpsample(nn.Module):
+    def __init__(self, c, stride=(2, 2, 2)):
+        super().__init__()
+        self.stride = stride
+        self.conv = LtxCausalConv3d(c, c * stride[0] * stride[1] * stride[2] // 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, t, h, w = y.shape
+        p1, p2, p3 = self.stride
+        y = y.reshape(b, c // (p1 * p2 * p3), p1, p2, p3, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        y = y.reshape(b, c // (p1 * p2 * p3), t * p1, h * p2, w * p3)
+        return y[:, :, 1:] if p1 == 2 else y
+
+
+class LtxDecoder(nn.Module):
+    """conv_in, up_blocks (res blocks and depth-to-space x2 in time and space), norm, conv_out;
+    out: (B, 3, 1 + 4 (T - 1), 4 H, 4 W)."""
+
+    def __init__(self, z=4, c=32):
+        super().__init__()
+        self.conv_in = LtxCausalConv3d(z, c)
+        self.up_blocks = nn.ModuleList([LtxResBlock(c), DepthToSpaceUpsample(c), LtxResBlock(c // 2),
+                                        DepthToSpaceUpsample(c // 2), LtxResBlock(c // 4)])
+        self.conv_norm_out = PixelNorm()
+        self.conv_out = LtxCausalConv3d(c // 4, 3)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for blk in self.up_blocks:
+            x = blk(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class GroupNormSpatial(nn.GroupNorm):
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        y = super().forward(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class PConv3d(nn.Conv3d):
+    """Mochi's causal conv: k-1 first frames replicated in time (replicate padding in space is the
+    conv's own padding_mode)."""
+
+    def forward(self, x):
+        k = self.kernel_size[0]
+        x = F.pad(x, (0, 0, 0, 0, k - 1, 0), mode="replicate")
+        return super().forward(x)
+
+
+class MochiResBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.channels = c
+        self.stack = nn.Sequential(GroupNormSpatial(groups, c), nn.SiLU(), PConv3d(c, c, 3, padding=(0, 1, 1),
+                                                                                     padding_mode="replicate"),
+                                   GroupNormSpatial(groups, c), nn.SiLU(), PConv3d(c, c, 3, padding=(0, 1, 1),
+                                                                                     padding_mode="replicate"))
+        self.attn_block = nn.Identity()
+
+    def forward(self, x):
+        return self.attn_block(x + self.stack(x))
+
+
+class Conv1x1(nn.Linear):
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class DepthToSpaceTime(nn.Module):
+    def __init__(self, temporal_expansion, spatial_expansion):
+        super().__init__()
+        self.temporal_expansion, self.spatial_expansion = temporal_expansion, spatial_expansion
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        st, s = self.temporal_expansion, self.spatial_expansion
+        x = x.reshape(b, c // (st * s * s), st, s, s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(b, c // (st * s * s), t * st, h * s, w * s)
+        return x[:, :, st - 1:] if st > 1 else x
+
+
+class CausalUpsampleBlock(nn.Module):
+    def __init__(self, cin, cout, n, groups, temporal_expansion=2, spatial_expansion=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[MochiResBlock(cin, groups) for _ in range(n)])
+        self.proj = Conv1x1(cin, cout * temporal_expansion * spatial_expansion ** 2)
+        self.d2st = DepthToSpaceTime(temporal_expansion, spatial_expansion)
+
+    def forward(self, x):
+        return self.d2st(self.proj(self.blocks(x)))
+
+
+class MochiDecoder(nn.Module):
+    """comfy.ldm.genmo.vae.model.Decoder's layout: blocks = [Sequential(Conv3d 1x1, ResBlocks),
+    CausalUpsampleBlock (ResBlocks, Conv1x1, DepthToSpaceTime dropping the first st - 1 frames) ...,
+    Sequential(ResBlocks)], SiLU, output_proj; GroupNormSpatial = a GroupNorm per frame."""
+
+    def __init__(self, z=4, c=16, mults=(1, 2), texp=(2,), sexp=(2,), nres=(1, 1, 1), groups=8):
+        super().__init__()
+        ch = [m * c for m in mults]
+        self.output_nonlinearity = "silu"
+        blocks = [nn.Sequential(nn.Conv3d(z, ch[-1], 1), *[MochiResBlock(ch[-1], groups) for _ in range(nres[-1])])]
+        for i in range(len(ch) - 1):
+            blocks.append(CausalUpsampleBlock(ch[-i - 1], ch[-i - 2], nres[-i - 2], groups, texp[-i - 1], sexp[-i - 1]))
+        blocks.append(nn.Sequential(*[MochiResBlock(ch[0], groups) for _ in range(nres[0])]))
+        self.blocks = nn.ModuleList(blocks)
+        self.output_proj = Conv1x1(ch[0], 3)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.output_proj(F.silu(x))
+
+
+class CarriedConv3d(nn.Module):
+    """ComfyUI's CarriedConv3d: a plain Conv3d whose padding conv_carry_causal_3d does."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, kernel_size, stride=stride)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def conv_carry_causal_3d(x, op, carry_in=None, carry_out=None):
+    """ComfyUI's rule: frame 0 replicated twice in time (first chunk) or the carried 2 frames,
+    replicate padding in space; the last 2 padded input frames pushed for the next chunk."""
+    if isinstance(op, CarriedConv3d):
+        if carry_in is None:
+            x = F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
+        else:
+            x = F.pad(x, (1, 1, 1, 1, 2 - carry_in[0].shape[2], 0), mode="replicate")
+            x = torch.cat([carry_in.pop(0), x], dim=2)
+        if carry_out is not None:
+            carry_out.append(x[:, :, -2:].clone())
+    return op(x)
+
+
+class HyResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.in_channels, self.out_channels, self.use_conv_shortcut = cin, cout, False
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), CarriedConv3d(cin, cout, 3)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), CarriedConv3d(cout, cout, 3)
+        if cin != cout:
+            self.nin_shortcut = CarriedConv3d(cin, cout, 1)
+
+    def forward(self, x, carry_in=None, carry_out=None):
+        h = conv_carry_causal_3d(F.silu(self.norm1(x)), self.conv1, carry_in, carry_out)
+        h = conv_carry_causal_3d(F.silu(self.norm2(h)), self.conv2, carry_in, carry_out)
+        return (self.nin_shortcut(x) if self.in_channels != self.out_channels else x) + h
+
+
+class HyAttnBlock(nn.Module):
+    """Attention over every voxel of the video (GroupNorm over all of it)."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv3d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        n = self.norm(x)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(n), self.k(n), self.v(n)))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(x.shape)
+        return x + self.proj_out(o)
+
+
+class HyUpsample(nn.Module):
+    def __init__(self, c, scale_factor):
+        super().__init__()
+        self.with_conv, self.scale_factor = True, scale_factor
+        self.conv = CarriedConv3d(c, c, 3)
+
+    def forward(self, x, carry_in=None, carry_out=None):
+        parts = []
+        if self.scale_factor[0] > 1.0:
+            if carry_in is None:        # the first chunk: frame 0 is upsampled in space only
+                parts.append(F.interpolate(x[:, :, :1], scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+                x = x[:, :, 1:]
+            if x.shape[2] > 0:
+                parts.append(F.interpolate(x, scale_factor=self.scale_factor, mode="nearest"))
+            x = torch.cat(parts, 2)
+        else:
+            x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+        return conv_carry_causal_3d(x, self.conv, carry_in, carry_out)
+
+
+class HunyuanDecoder(nn.Module):
+    """ComfyUI's Decoder(conv3d=True, time_compress=tc) (HunyuanVideo's VAE) with plain torch layers:
+    conv_in and the mid block (GroupNorm + attention over the whole video) at once, then the up
+    path in chunks of 2 latent frames with carried causal convs (GroupNorm per chunk)."""
+
+    def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, out_ch=3, groups=8,
+                 time_compress=2):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks, self.tanh_out, self.carried = len(ch_mult), num_res_blocks, False, True
+        block_in = ch * ch_mult[-1]
+        self.conv_in = CarriedConv3d(z_channels, block_in, 3)
+        self.mid = nn.Module()
+        self.mid.block_1 = HyResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = HyAttnBlock(block_in, groups)
+        self.mid.block_2 = HyResnetBlock(block_in, block_in, groups)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                up.block.append(HyResnetBlock(block_in, block_out, groups))
+                block_in = block_out
+            if i_level != 0:
+                t = 2.0 if i_level <= math.log2(time_compress) else 1.0
+                up.upsample = HyUpsample(block_in, (t, 2.0, 2.0))
+            self.up.insert(0, up)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = CarriedConv3d(block_in, out_ch, 3)
+
+    def forward(self, z):
+        h = conv_carry_causal_3d(z, self.conv_in)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        out, carry_in = [], None
+        chunks = torch.split(h, 2, dim=2)
+        for i, h1 in enumerate(chunks):
+            carry_out = [] if i < len(chunks) - 1 else None
+            for i_level in reversed(range(self.num_resolutions)):
+                for blk in self.up[i_level].block:
+                    h1 = blk(h1, carry_in, carry_out)
+                if i_level != 0:
+                    h1 = self.up[i_level].upsample(h1, carry_in, carry_out)
+            out.append(conv_carry_causal_3d(F.silu(self.norm_out(h1)), self.conv_out, carry_in, carry_out))
+            carry_in = carry_out
+        return torch.cat(out, 2)
+
+
+class HyDownsample(nn.Module):
+    def __init__(self, c, stride):
+        super().__init__()
+        self.with_conv = True
+        self.conv = CarriedConv3d(c, c, 3, stride=stride)
+
+    def forward(self, x, carry_in=None, carry_out=None):
+        return conv_carry_causal_3d(x, self.conv, carry_in, carry_out)
+
+
+class HunyuanEncoder(nn.Module):
+    """ComfyUI's Encoder(conv3d=True, time_compress=tc) with plain torch layers: frame 0 alone, then
+    chunks of 2 tc frames down the carried causal path (GroupNorm per chunk), then the mid block,
+    norm_out and conv_out over the whole latent video."""
+
+    def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, in_ch=3, groups=8,
+                 time_compress=2):
+        super().__init__()
+        self.num_resolutions, self.num_res_blocks, self.carried = len(ch_mult), num_res_blocks, True
+        self.conv_in = CarriedConv3d(in_ch, ch, 3)
+        in_ch_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_in = ch * in_ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                down.block.append(HyResnetBlock(block_in, ch * ch_mult[i_level], groups))
+                block_in = ch * ch_mult[i_level]
+            if i_level != self.num_resolutions - 1:
+                stride = (1, 2, 2) if (self.num_resolutions - 1 - i_level) > math.log2(time_compress) else 2
+                down.downsample = HyDownsample(block_in, stride)
+            self.down.append(down)
+        self.time_compress = time_compress
+        self.mid = nn.Module()
+        self.mid.block_1 = HyResnetBlock(block_in, block_in, groups)
+        self.mid.attn_1 = HyAttnBlock(block_in, groups)
+        self.mid.block_2 = HyResnetBlock(block_in, block_in, groups)
+        self.norm_out = nn.GroupNorm(groups, block_in, eps=1e-6)
+        self.conv_out = CarriedConv3d(block_in, 2 * z_channels, 3)
+
+    def forward(self, x):
+        tc = self.time_compress
+        xl = [x[:, :, :1]]
+        if x.shape[2] > tc:
+            xl += torch.split(x[:, :, 1:1 + ((x.shape[2] - 1) // tc) * tc], tc * 2, dim=2)
+        out, carry_in = [], None
+        for i, h in enumerate(xl):
+            carry_out = [] if i < len(xl) - 1 else None
+            h = conv_carry_causal_3d(h, self.conv_in, carry_in, carry_out)
+            for i_level in range(self.num_resolutions):
+                for blk in self.down[i_level].block:
+                    h = blk(h, carry_in, carry_out)
+                if i_level != self.num_resolutions - 1:
+                    h = self.down[i_level].downsample(h, carry_in, carry_out)
+            out.append(h)
+            carry_in = carry_out
+        h = torch.cat(out, 2)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return conv_carry_causal_3d(F.silu(self.norm_out(h)), self.conv_out)
+
+
+def hunyuan_encoder(seed: int = 0, **kw) -> HunyuanEncoder:
+    return _video_init(HunyuanEncoder(**kw), seed)
+
+
+def _video_init(m, seed):
+    sane_init(m, seed)
+    return m.eval()
+
+
+def ltx_decoder(seed: int = 0, **kw) -> LtxDecoder:
+    return _video_init(LtxDecoder(**kw), seed)
+
+
+def mochi_decoder(seed: int = 0, **kw) -> MochiDecoder:
+    return _video_init(MochiDecoder(**kw), seed)
+
+
+def hunyuan_decoder(seed: int = 0, **kw) -> HunyuanDecoder:
+    return _video_init(HunyuanDecoder(**kw), seed)
+
+
+def comfy_ltx_vae(seed: int = 0):
+    """ComfyUI's real LTX-Video VideoVAE (causal_video_autoencoder) at a small config: version-0
+    layout (PixelNorm, non-causal decoder, patch 4, one compress_all), 16 base channels.  Its
+    per-channel latent statistics are buffers (torch.empty in the class): set to identity here."""
+    _comfy_model()
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx
+    cfg = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128,
+           "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"residual": True, "multiplier": 2}],
+                              ["res_x", {"num_layers": 1}]],
+           "encoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {}], ["res_x", {"num_layers": 1}]],
+           "decoder_base_channels": 16, "encoder_base_channels": 16, "scaling_factor": 1.0,
+           "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform", "use_quant_conv": False,
+           "causal_decoder": False}
+    m = sane_init(ltx.VideoVAE(config=cfg), seed)
+    with torch.no_grad():
+        for n, b in m.per_channel_statistics.named_buffers():
+            b.fill_(1.0 if "std" in n else 0.0)
+    return m
+
+
+def comfy_video_decoders(seed: int = 0) -> dict:
+    """ComfyUI's real Mochi decoder and HunyuanVideo decoder/encoder classes, small."""
+    m = _comfy_model()
+    import comfy.ldm.genmo.vae.model as genmo
+    hy = m.Decoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                   resolution=64, z_channels=4, conv3d=True, time_compress=2)
+    mochi = genmo.Decoder(out_channels=3, base_channels=32, channel_multipliers=[1, 2], temporal_expansions=[2],
+                          spatial_expansions=[2], num_res_blocks=[1, 1, 1], latent_dim=4, has_attention=[False] * 3,
+                          output_norm=False, nonlinearity="silu", output_nonlinearity="silu", causal=True,
+                          padding_mode="replicate", affine=True, bias=True)
+    hy_enc = m.Encoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                       resolution=64, z_channels=4, double_z=True, conv3d=True, time_compress=2)
+    return {"hunyuan": sane_init(hy, seed), "mochi": sane_init(mochi, seed), "hunyuan_encoder": sane_init(hy_enc, seed)}

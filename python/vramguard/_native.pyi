@@ -63,7 +63,8 @@ def build_info() -> dict[str, Any]: ...
 def plan(width: int, height: int, *, overlap: int = 0, align: int = 1, fixed_bytes: float = 0,
          per_px_bytes: float = 0, budget: int, batch: int = 1, min_tile: int = 0,
          max_tile: int | None = None, feather: float = 0.5, depth: int | None = None,
-         depth_overlap: int = 0, depth_align: int = 1, depth_min: int = 1) -> dict[str, Any]: ...
+         depth_overlap: int = 0, depth_align: int = 1, depth_min: int = 1, depth_max: int | None = None,
+         per_edge_bytes: float = 0, per_frame_bytes: float = 0) -> dict[str, Any]: ...
 
 class Sampler:
     running: bool

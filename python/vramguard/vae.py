@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "plan_grid", "plan_video_grid", "VaeTilingError", "Step", "compile_decoder",
-           "compile_encoder", "run_program"]
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "decode_mochi_tiled", "video_layout",
+           "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
+           "compile_decoder", "compile_encoder", "run_program"]
 
 log = logging.getLogger("vramguard")
 
@@ -74,6 +76,11 @@ class Step:
     work: float = 3.0          # working-set multiplier over (input slice + output tile), for the plan
     in_channels: int = 0
     normed: tuple[str, ...] = ()   # maps this step GroupNorms (their whole-map statistics are gathered)
+    # video (B, C, T, H, W) maps: output frames for t input frames; carry: fn returns (out, carry)
+    # and the carry's tiles (the conv input's last frames, for the next time chunk) go to this map
+    t_out: Callable[[int], int] | None = None
+    carry: str | None = None
+    carry_res: int = 0             # the carry's resolution (0: res_out; a strided conv's: res_in)
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Program:
     latent_scale: int          # input res relative to latent grid (decoder 1, encoder 8)
     out_channels: int
     needs_stats: set[str] = field(default_factory=set)
+    frame_stats: bool = False  # GroupNorm per frame of a video (Mochi), not over the whole map
 
 
 def _silu(x: Any) -> Any:
@@ -244,20 +252,24 @@ def _finish(p: Program) -> Program:
 class _Stats:
     """Per-sample, per-channel count, mean and sum of squared deviations (M2) over everything written
     so far. Each tile gives its own mean/variance in one stable pass (torch.var_mean, the tile's
-    dtype); tiles merge in float64 with Chan's parallel formula, so large means do not cancel."""
+    dtype); tiles merge in float64 with Chan's parallel formula, so large means do not cancel.
+    frames > 0: statistics per frame of a video (Mochi's GroupNormSpatial), shape (b, c, frames)."""
 
-    def __init__(self, b: int, c: int, device: Any) -> None:
+    def __init__(self, b: int, c: int, device: Any, frames: int = 0) -> None:
         import torch
-        self.mean = torch.zeros(b, c, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(b, c, dtype=torch.float64, device=device)
+        shape = (b, c, frames) if frames else (b, c)
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
         self.n = 0
+        self.per_frame = bool(frames)
 
     def add(self, t: Any) -> None:
         import torch
-        nt = t.shape[2] * t.shape[3]
+        first = 3 if self.per_frame else 2
+        nt = math.prod(t.shape[first:])
         if nt == 0:
             return
-        var_t, mean_t = torch.var_mean(t, dim=(2, 3), correction=0)
+        var_t, mean_t = torch.var_mean(t, dim=tuple(range(first, t.ndim)), correction=0)
         mean_t = mean_t.to(self.mean.device, torch.float64)
         m2_t = var_t.to(self.mean.device, torch.float64) * nt
         n = self.n + nt
@@ -279,28 +291,29 @@ class _Ctx:
         if ck not in self.cache:
             st = self.stats[key]
             g = norm.num_groups
-            b, c = st.mean.shape
+            b, c, *rest = st.mean.shape          # rest: (frames,) for per-frame statistics
             if c % g:
                 raise VaeTilingError(f"GroupNorm {c} channels not divisible by {g} groups")
             # group = channels with equal counts: mean of means; variance = mean of the channel
             # variances + variance of the channel means (law of total variance)
-            cm = st.mean.view(b, g, -1)
-            mean = cm.mean(-1)
-            var = ((st.m2.view(b, g, -1) / st.n).mean(-1) + ((cm - mean[..., None]) ** 2).mean(-1)).clamp_min(0.0)
-            rstd = torch.rsqrt(var + norm.eps)
+            cm = st.mean.view(b, g, c // g, *rest)
+            mean = cm.mean(2)
+            var = ((st.m2.view(b, g, c // g, *rest) / st.n).mean(2) + ((cm - mean.unsqueeze(2)) ** 2).mean(2))
+            rstd = torch.rsqrt(var.clamp_min(0.0) + norm.eps)
             mean_c = mean.repeat_interleave(c // g, dim=1)
             rstd_c = rstd.repeat_interleave(c // g, dim=1)
             if norm.weight is not None:
-                w = norm.weight.to(torch.float64).to(mean_c.device)
-                bb = norm.bias.to(torch.float64).to(mean_c.device)
+                w = norm.weight.to(torch.float64).to(mean_c.device).view(c, *(1,) * len(rest))
+                bb = norm.bias.to(torch.float64).to(mean_c.device).view(c, *(1,) * len(rest))
                 scale = rstd_c * w
                 shift = bb - mean_c * scale
             else:
                 scale, shift = rstd_c, -mean_c * rstd_c
             self.cache[ck] = (scale, shift)
         scale, shift = self.cache[ck]
-        scale = scale.to(device=x.device, dtype=x.dtype)[:, :, None, None]
-        shift = shift.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+        tail = (1,) * (x.ndim - scale.ndim)
+        scale = scale.to(device=x.device, dtype=x.dtype).view(*scale.shape, *tail)
+        shift = shift.to(device=x.device, dtype=x.dtype).view(*shift.shape, *tail)
         return torch.addcmul(shift, x, scale)
 
 
@@ -383,15 +396,56 @@ class GridPlan:
     rows: int
     cols: int
     tile_bytes: int          # planned device working set, bytes (largest tile, largest step)
+    frames: int = 0          # video: latent frames per time chunk after the first (0: an image)
+    chunks: int = 0          # video: time chunks after the first
 
     @property
     def tiles(self) -> int:
-        return self.rows * self.cols
+        return self.rows * self.cols * max(1, self.chunks)
+
+
+def _linear_cost(p: Program, h: int, w: int) -> tuple[float, float, float]:
+    """The program's device working set (elements, batch 1) on a th x tw latent-px tile as
+    fixed + per_px * th tw + per_edge * (th + tw), bounding every step from above: a step reads
+    (th r + halo)(tw r + halo) input px and writes its output over the same slice, so its cost is
+    area + perimeter + constant; attention adds K/V of the whole map (fixed) and a score row per
+    query px.  The largest coefficient of each kind over the steps: >= every step's own cost."""
+    fixed = per_px = per_edge = 0.0
+    for s in p.steps:
+        r, q = s.res_in, s.res_out
+        if s.kind == "attn":
+            n = h * w * r * r
+            fixed = max(fixed, 2.0 * n * s.in_channels)
+            per_px = max(per_px, r * r * (4.0 * s.in_channels + n))
+            continue
+        hh = s.halo[0] + s.halo[1]
+        e_out = hh * q / r + 2
+        per_px = max(per_px, s.work * (s.in_channels * r * r + s.out_channels * q * q))
+        per_edge = max(per_edge, s.work * (s.in_channels * r * hh + s.out_channels * q * e_out))
+        fixed = max(fixed, s.work * (s.in_channels * hh * hh + s.out_channels * e_out * e_out))
+    return fixed, per_px, per_edge
+
+
+def _native_plan(w: int, h: int, *, fixed: float, per_px: float, per_edge: float, budget: int,
+                 per_frame: float = 0.0, depth: int | None = None, depth_min: int = 1) -> dict:
+    """One call of the C planner (planner.c) for non-overlapping tiles: a layer-synchronous VAE
+    reads each step's halo from the full map in the store, so its tiles need no overlap."""
+    from . import _native
+    kw: dict[str, Any] = dict(overlap=0, align=1, feather=0.0, fixed_bytes=float(fixed), per_px_bytes=float(per_px),
+                              per_edge_bytes=float(per_edge), per_frame_bytes=float(per_frame), budget=budget)
+    if depth is not None:
+        kw.update(depth=depth, depth_min=min(depth_min, depth))
+    r = _native.plan(w, h, **kw)
+    if not r["fits"]:
+        raise VaeTilingError(f"nothing fits in budget_bytes={budget} with at most {MAX_TILES} tiles: {r['why']}")
+    return r
 
 
 def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
               tile: int | tuple[int, int] | None = None) -> GridPlan:
-    """The fewest near-square tiles whose working set fits in budget_bytes (latent grid h x w)."""
+    """The fewest tiles whose working set fits in budget_bytes (latent grid h x w), planned by the
+    C planner (vramguard._native.plan) with the program's area + perimeter cost; tile= fixes the
+    tile size (latent px) instead."""
     if not isinstance(p, Program):
         raise TypeError(f"p must be a vae.Program (compile_decoder/compile_encoder), got {type(p).__name__}")
     h, w, batch, elem = _check_grid_args(h, w, batch, elem)
@@ -403,29 +457,11 @@ def plan_grid(p: Program, h: int, w: int, *, budget_bytes: int, batch: int = 1, 
         th, tw = -(-h // rows), -(-w // cols)
         need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
         return GridPlan(rows, cols, need)
-    # n tiles as rows x cols with tiles as square as possible (rows ~ sqrt(n h / w)); bounded
-    # like the C planner: at most MAX_TILES tries.  A tile's working set shrinks with the tile,
-    # so when the finest allowed grid does not fit, nothing does: answer at once.
-    nmax = min(h * w, MAX_TILES)
-    rows = min(h, max(1, round(math.sqrt(nmax * h / w))))
-    cols = min(w, -(-nmax // rows))
-    th, tw = -(-h // rows), -(-w // cols)
-    if _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem) > budget_bytes:
-        raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} with at most {MAX_TILES} tiles")
-    for n in range(1, nmax + 1):
-        r = math.sqrt(n * h / w)
-        best: GridPlan | None = None
-        for rows in {max(1, math.floor(r)), max(1, math.ceil(r))}:
-            cols = -(-n // rows)
-            if rows > h or cols > w:
-                continue
-            th, tw = -(-h // rows), -(-w // cols)
-            need = _tile_bytes(p, th, tw, batch, elem) + _attn_bytes(p, h, w, th, tw, batch, elem)
-            if need <= budget_bytes and (best is None or need < best.tile_bytes):
-                best = GridPlan(rows, cols, need)
-        if best is not None:
-            return best
-    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} with at most {MAX_TILES} tiles")
+    k = batch * elem
+    fixed, per_px, per_edge = _linear_cost(p, h, w)
+    r = _native_plan(w, h, fixed=fixed * k, per_px=per_px * k, per_edge=per_edge * k, budget=budget_bytes)
+    cols, rows = r["grid"]
+    return GridPlan(rows, cols, int(math.ceil(r["predicted_peak_bytes"])))
 
 
 MAX_TILES = 65536  # as the C planner (planner.c): planning stays bounded for any input
@@ -472,28 +508,31 @@ def _coarsest(p: Program, s: Step, base: list[Rect], grid: tuple[int, int] | Non
 
 def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, store_device: Any = None,
                 progress: Callable[[int, int], None] | None = None, budget: int | None = None,
-                grid: tuple[int, int] | None = None) -> Any:
+                grid: tuple[int, int] | None = None, carries: dict[str, Any] | None = None) -> Any:
     """Run a compiled program tile by tile; returns the output map on store_device.
 
     rects: the tiles (latent px) at the step that needs the most memory; with budget and grid
-    given, steps that fit in fewer tiles of the same grid (merged f x f) use those."""
+    given, steps that fit in fewer tiles of the same grid (merged f x f) use those.  x is NCHW, or
+    (B, C, T, H, W) for a video program (tiles in space, every frame of the chunk); carries: maps
+    the steps read by name (the previous time chunk's carries), updated with the ones they write."""
     import torch
-    if x.ndim != 4:
-        raise ValueError(f"expected an NCHW tensor, got shape {tuple(x.shape)}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected an NCHW or (B, C, T, H, W) tensor, got shape {tuple(x.shape)}")
     b = x.shape[0]
-    if x.shape[2] % p.latent_scale or x.shape[3] % p.latent_scale:
-        raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is not a multiple of {p.latent_scale}")
-    lh, lw = x.shape[2] // p.latent_scale, x.shape[3] // p.latent_scale
+    if x.shape[-2] % p.latent_scale or x.shape[-1] % p.latent_scale:
+        raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is not a multiple of {p.latent_scale}")
+    lh, lw = x.shape[-2] // p.latent_scale, x.shape[-1] // p.latent_scale
     device = torch.device(device) if device is not None else x.device
     store = torch.device(store_device) if store_device is not None else x.device
-    maps: dict[str, Any] = {p.input: x.to(store)}
+    carries = {} if carries is None else carries
+    maps: dict[str, Any] = {**carries, p.input: x.to(store)}
     stats: dict[str, _Stats] = {}
     last_use: dict[str, int] = {}
     for i, s in enumerate(p.steps):
         for n in s.inputs:
             last_use[n] = i
     if p.input in p.needs_stats:
-        st = _Stats(b, x.shape[1], store)
+        st = _Stats(b, x.shape[1], store, x.shape[2] if p.frame_stats else 0)
         st.add(x)
         stats[p.input] = st
     ctx = _Ctx(stats)
@@ -505,12 +544,16 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         H, W = lh * s.res_out, lw * s.res_out
         Hi, Wi = lh * s.res_in, lw * s.res_in
         dtype = maps[s.inputs[0]].dtype
-        out = torch.empty(b, s.out_channels, H, W, dtype=dtype, device=store)
-        st = _Stats(b, s.out_channels, store) if s.output in p.needs_stats else None
+        frames = () if x.ndim == 4 else (maps[s.inputs[0]].shape[2],)
+        if frames and s.t_out is not None:
+            frames = (s.t_out(frames[0]),)
+        out = torch.empty(b, s.out_channels, *frames, H, W, dtype=dtype, device=store)
+        st = _Stats(b, s.out_channels, store, out.shape[2] if p.frame_stats else 0) if s.output in p.needs_stats else None
         kv = None
         if s.kind == "attn":
             kv = _attn_kv(ctx, s, maps[s.inputs[0]], device)
-        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, maps[p.input].element_size())
+        per = maps[p.input].element_size() * max([1, *frames, *maps[s.inputs[0]].shape[2:-2]])
+        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, per)
         total += len(rects)
         k = 0
         while k < len(rects):
@@ -521,18 +564,31 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
             oom = False
             try:
                 with _tile_scope(), torch.no_grad():
-                    ins = [maps[n][:, :, iy0:iy1, ix0:ix1].to(device) for n in s.inputs]
+                    # a carry of an upsampling step is at its output resolution: sliced at that scale
+                    ins = [maps[n][..., iy0 * (f := maps[n].shape[-2] // Hi):iy1 * f, ix0 * f:ix1 * f].to(device)
+                           for n in s.inputs]
+                    c = None
                     if s.kind == "attn":
                         y = _attn_tile(ctx, s, ins[0], kv)
+                    elif s.carry is not None:
+                        y, c = s.fn(ctx, *ins)
                     else:
                         y = s.fn(ctx, *ins)
                     r_num, r_den = s.res_out, s.res_in
                     py, px = iy0 * r_num // r_den, ix0 * r_num // r_den
-                    y = y[:, :, oy0 - py:oy1 - py, ox0 - px:ox1 - px]
-                    if y.shape[2] != oy1 - oy0 or y.shape[3] != ox1 - ox0:
+                    y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2:-2] != out.shape[2:-2]:
                         raise VaeTilingError(f"step {s.name}: tile output {tuple(y.shape)} does not cover "
-                                             f"{oy1 - oy0}x{ox1 - ox0}")
-                    out[:, :, oy0:oy1, ox0:ox1] = y
+                                             f"{tuple(out.shape[2:-2])} x {oy1 - oy0}x{ox1 - ox0}")
+                    out[..., oy0:oy1, ox0:ox1] = y
+                    if c is not None:
+                        cr = s.carry_res or s.res_out
+                        if s.carry not in maps or maps[s.carry].shape[:3] != c.shape[:3]:
+                            maps[s.carry] = torch.empty(*c.shape[:3], lh * cr, lw * cr, dtype=c.dtype, device=store)
+                        cy, cx = iy0 * cr // s.res_in, ix0 * cr // s.res_in
+                        maps[s.carry][..., y0 * cr:y1 * cr, x0 * cr:x1 * cr] = \
+                            c[..., y0 * cr - cy:y1 * cr - cy, x0 * cr - cx:x1 * cr - cx]
+                        del c
                     if st is not None:
                         st.add(y)
                     del y, ins
@@ -554,9 +610,12 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         if st is not None:
             stats[s.output] = st
         for n in s.inputs:
-            if last_use.get(n) == i and n != p.input:
+            if last_use.get(n) == i and n != p.input and n not in carries:
                 del maps[n]
         ctx.cache.clear()
+    for s in p.steps:
+        if s.carry is not None and s.carry in maps:
+            carries[s.carry] = maps[s.carry]
     return maps[p.output]
 
 
@@ -564,14 +623,17 @@ def _attn_kv(ctx: _Ctx, s: Step, xfull: Any, device: Any) -> tuple[Any, Any]:
     """K and V of the whole map (1x1 convs, so computed in slices) as (B, 1, N, C)."""
     import torch
     a = s.module
-    b, c, h, w = xfull.shape
-    k = torch.empty(b, 1, h * w, c, dtype=xfull.dtype, device=device)
+    b, c = xfull.shape[:2]
+    h, w = xfull.shape[-2:]
+    per_row = math.prod(xfull.shape[2:]) // h        # tokens per row (every frame of a video)
+    k = torch.empty(b, 1, h * per_row, c, dtype=xfull.dtype, device=device)
     v = torch.empty_like(k)
-    rows = max(1, (1 << 20) // max(1, w * c))
+    rows = max(1, (1 << 20) // max(1, per_row * c))
     with torch.no_grad():
         for r0 in range(0, h, rows):
-            xs = ctx.gn(a.norm, xfull[:, :, r0:r0 + rows].to(device), s.inputs[0])
-            n0, n1 = r0 * w, min(h, r0 + rows) * w
+            # keys in row-slab order, not the map's: attention does not depend on the keys' order
+            xs = ctx.gn(a.norm, xfull[..., r0:r0 + rows, :].to(device), s.inputs[0])
+            n0, n1 = r0 * per_row, min(h, r0 + rows) * per_row
             k[:, 0, n0:n1] = a.k(xs).flatten(2).transpose(1, 2)
             v[:, 0, n0:n1] = a.v(xs).flatten(2).transpose(1, 2)
     return k, v
@@ -580,10 +642,9 @@ def _attn_kv(ctx: _Ctx, s: Step, xfull: Any, device: Any) -> tuple[Any, Any]:
 def _attn_tile(ctx: _Ctx, s: Step, xs: Any, kv: tuple[Any, Any]) -> Any:
     import torch.nn.functional as F
     a = s.module
-    b, c, h, w = xs.shape
     q = a.q(ctx.gn(a.norm, xs, s.inputs[0])).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
     o = F.scaled_dot_product_attention(q, kv[0], kv[1])
-    o = o.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+    o = o.squeeze(1).transpose(1, 2).reshape(xs.shape)
     return xs + a.proj_out(o)
 
 
@@ -609,6 +670,26 @@ def _check_tile(tile: Any) -> Any:
     return tuple(t)
 
 
+def _check_video_input(x: Any, what: str) -> None:
+    import torch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 5 or min(x.shape) < 1:
+        raise ValueError(f"{what} must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} holds non-finite values")
+
+
+def _grid_arg(grid: Any, lh: int, lw: int) -> tuple[int, int]:
+    """An explicit (rows, cols), checked and capped at the latent size."""
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+        raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
+    return min(grid[0], lh), min(grid[1], lw)
+
+
 def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any, device: Any,
          store_device: Any, progress: Any) -> Any:
     import torch
@@ -624,10 +705,7 @@ def _run(p: Program, x: Any, what: str, budget_bytes: Any, tile: Any, grid: Any,
     t = _check_tile(tile)
     lh, lw = x.shape[2] // p.latent_scale, x.shape[3] // p.latent_scale
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
-        rows, cols = min(grid[0], lh), min(grid[1], lw)
+        rows, cols = _grid_arg(grid, lh, lw)
     else:
         plan = plan_grid(p, lh, lw, budget_bytes=budget, batch=x.shape[0], elem=x.element_size(), tile=t)
         rows, cols = plan.rows, plan.cols
@@ -649,6 +727,10 @@ def decode_tiled(decoder: Any, latent: Any, *, budget_bytes: int, tile: int | tu
     tile: tile size in latent px (int or (rows, cols)) instead of the plan; grid: (rows, cols) tiles.
     Returns NCHW in the decoder's output range ([-1, 1] for SD-family VAEs), on store_device.
     """
+    import torch
+    if isinstance(latent, torch.Tensor) and latent.ndim == 5:
+        return decode_carried_tiled(decoder, latent, budget_bytes=budget_bytes, grid=grid, post_quant_conv=post_quant_conv,
+                                    device=device, store_device=store_device, progress=progress)
     p = compile_decoder(decoder, post_quant_conv)
     return _run(p, latent, "latent", budget_bytes, tile, grid, device, store_device, progress)
 
@@ -661,6 +743,10 @@ def encode_tiled(encoder: Any, image: Any, *, budget_bytes: int, tile: int | tup
     Height and width must be multiples of the encoder's downscale (2**(levels-1)); tile and grid
     are in latent px. Returns the encoder (+quant_conv) output: mean and logvar channels.
     """
+    import torch
+    if isinstance(image, torch.Tensor) and image.ndim == 5:
+        return encode_carried_tiled(encoder, image, budget_bytes=budget_bytes, grid=grid, quant_conv=quant_conv,
+                                    device=device, store_device=store_device, progress=progress)
     p = compile_encoder(encoder, quant_conv)
     return _run(p, image, "image", budget_bytes, tile, grid, device, store_device, progress)
 
@@ -864,77 +950,690 @@ def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
     return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
 
 
-def video_chunks(t: int) -> list[tuple[int, int]]:
-    """Wan's latent-frame chunks: [0, 1), then two frames at a time (WanVAE.decode)."""
-    return [(0, 1)] + [(1 + 2 * (i - 1), min(t, 1 + 2 * i)) for i in range(1, 1 + t // 2) if 1 + 2 * (i - 1) < t]
+def video_chunks(t: int, frames: int = 2) -> list[tuple[int, int]]:
+    """Latent-frame chunks: [0, 1) alone (Wan's first chunk: no time upsampling), then `frames` at a
+    time (WanVAE.decode: 2).  Any frames >= 2 gives the same video: every cache holds the last two
+    input frames of a layer, which a chunk of >= 2 frames always has (the last chunk may be 1)."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"frames must be an int >= 2, got {frames!r}")
+    return [(0, 1)] + [(a, min(t, a + frames)) for a in range(1, t, frames)]
 
 
-def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4) -> GridPlan:
-    """Fewest near-square spatial tiles for a Wan-shaped decoder (a conservative estimate: every
-    layer's channels at the output resolution, 2 chunk frames x 4 (time upsampling) + 2 cached)."""
-    import torch
+def _video_cost(decoder: Any, h: int, w: int) -> tuple[float, float, float, float]:
+    """A Wan-shaped decoder's working set (elements, batch 1) per latent frame of a time chunk, on a
+    th x tw latent-px tile: fixed + per_frame + per_px th tw + per_edge (th + tw), each per frame.
+    Walks the layers as _wan_chunk runs them: a conv reads its chunk frames plus 2 cached ones
+    (<= 3x per frame) with a 1-px halo, writes its output; time upsampling doubles the frames;
+    attention holds K/V of whole frames (per frame, any tile)."""
+    t_mult, r = 1, 1
+    per_px = per_edge = fixed = per_frame = 0.0
+
+    def conv(cin: int, cout: int, r_in: int, r_out: int, t_in: int, t_out: int, halo: int = 1) -> None:
+        nonlocal per_px, per_edge, fixed
+        work = 3.0
+        t_read = 3 * t_in                        # t_in frames per latent frame + 2 cached <= 3 t_in
+        e_out = 2 * halo * r_out / r_in + 2
+        per_px = max(per_px, work * (cin * t_read * r_in * r_in + cout * t_out * r_out * r_out))
+        per_edge = max(per_edge, work * (cin * t_read * r_in * 2 * halo + cout * t_out * r_out * e_out))
+        fixed = max(fixed, work * (cin * t_read * 4 * halo * halo + cout * t_out * e_out * e_out))
+
+    def chans(c: Any) -> tuple[int, int]:
+        return c.weight.shape[1], c.weight.shape[0]
+
+    conv(*chans(decoder.conv1), 1, 1, 1, 1)
+    for m in [*decoder.middle, *decoder.upsamples]:
+        name = _cls(m)
+        if name == "ResidualBlock":
+            convs = [c for c in m.residual if _cls(c) == "CausalConv3d"]
+            for c in convs:
+                conv(*chans(c), r, r, t_mult, t_mult)
+        elif name == "AttentionBlock":
+            c = m.proj.weight.shape[0]
+            per_frame = max(per_frame, 2.0 * t_mult * c * h * w * r * r)
+            per_px = max(per_px, t_mult * r * r * (4.0 * c + h * w * r * r))
+        elif m.mode in ("upsample2d", "upsample3d"):
+            t2 = t_mult * (2 if m.mode == "upsample3d" else 1)
+            conv(m.resample[1].weight.shape[1], m.resample[1].weight.shape[0], r, 2 * r, t2, t2)
+            r, t_mult = 2 * r, t2
+    conv(*chans(decoder.head[-1]), r, r, t_mult, t_mult)
+    return fixed, per_frame, per_px, per_edge
+
+
+def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
+                    frames: int = 1) -> GridPlan:
+    """Spatial tiles and time chunks for a Wan-shaped decoder, planned by the C planner in space and
+    time (depth = the latent frames after the first, which Wan decodes alone): the fewest tiles
+    whose working set fits.  frames: the latent frame count (1: an image-like decode)."""
     h, w, batch, elem = _check_grid_args(h, w, batch, elem)
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
+        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
     budget_bytes = _check_budget(budget_bytes)
     _check_video(decoder)
-    up = 1
-    chans = 0
-    for m in decoder.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            chans = max(chans, m.weight.shape[0] + m.weight.shape[1])
-        if _cls(m) == "Resample" and m.mode.startswith("upsample"):
-            up *= 2
-    frames = 2 * 4 + 2
-    attn_c = max([m.proj.weight.shape[0] for m in decoder.modules() if _cls(m) == "AttentionBlock"] or [0])
-    for n in range(1, min(h * w, MAX_TILES) + 1):
-        rows = max(1, round(math.sqrt(n * h / w)))
-        cols = -(-n // rows)
-        if rows > h or cols > w:
-            continue
-        th, tw = -(-h // rows), -(-w // cols)
-        need = 4 * frames * (th * up + 2) * (tw * up + 2) * chans
-        need += 2 * 2 * h * w * attn_c + 2 * frames * th * tw * h * w
-        need *= batch * elem
-        if need <= budget_bytes:
-            return GridPlan(rows, cols, need)
-    raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes}")
+    k = batch * elem
+    fixed, per_frame, per_px, per_edge = _video_cost(decoder, h, w)
+    # a time chunk of td latent frames costs td x the per-frame working set; the fixed part of
+    # every step is per frame too (halo corners), so it goes with per_frame
+    rest = frames - 1
+    r = _native_plan(w, h, fixed=0.0, per_px=per_px * k, per_edge=per_edge * k, per_frame=(per_frame + fixed) * k,
+                     budget=budget_bytes, depth=rest if rest >= 1 else 1, depth_min=2)
+    cols, rows, chunks = r["grid"]
+    td = r["tile"][2]
+    return GridPlan(rows, cols, int(math.ceil(r["predicted_peak_bytes"])), frames=td if rest >= 1 else 0,
+                    chunks=chunks if rest >= 1 else 0)
 
 
 def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
-                       conv2: Any = None, device: Any = None, store_device: Any = None,
+                       frames: int | None = None, conv2: Any = None, device: Any = None, store_device: Any = None,
                        progress: Callable[[int], None] | None = None) -> Any:
-    """Decode a Wan-shaped video latent (B, C, T, H, W) in Wan's time chunks and spatial tiles.
+    """Decode a Wan-shaped video latent (B, C, T, H, W) in time chunks and spatial tiles.
+
+    The planner (C, planner.c) picks the spatial grid and the chunk length (latent frames after
+    the first) from the budget; grid= fixes the grid (then chunks are Wan's 2 frames unless
+    frames= is given), frames= fixes the chunk length (>= 2).
 
     Equals WanVAE.decode (conv2, then the chunked decoder with caches) to float rounding; returns
     (B, 3, 1 + 4 * (T - 1), 8H, 8W) for Wan 2.1 in [-1, 1]. A ComfyUI Wan VAE maps on as
     decoder = vae.first_stage_model.decoder, conv2 = vae.first_stage_model.conv2.
     """
     import torch
-    if not isinstance(latent, torch.Tensor):
-        raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
-    if latent.ndim != 5 or min(latent.shape) < 1:
-        raise ValueError(f"latent must be a non-empty (B, C, T, H, W) tensor, got shape {tuple(latent.shape)}")
-    if not latent.is_floating_point():
-        raise TypeError(f"latent must be floating point, got {latent.dtype}")
-    if not torch.isfinite(latent).all():
-        raise ValueError("latent holds non-finite values")
+    _check_video_input(latent, "latent")
     budget = _check_budget(budget_bytes)
     _check_video(decoder)
     lh, lw = latent.shape[3], latent.shape[4]
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
+        raise ValueError(f"frames must be an int >= 2 (latent frames per chunk), got {frames!r}")
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-            raise ValueError(f"grid must be (rows, cols) ints >= 1, got {grid!r}")
-        rows, cols = min(grid[0], lh), min(grid[1], lw)
+        rows, cols = _grid_arg(grid, lh, lw)
+        frames = frames or 2
     else:
         plan = plan_video_grid(decoder, lh, lw, budget_bytes=budget, batch=latent.shape[0],
-                               elem=latent.element_size())
+                               elem=latent.element_size(), frames=latent.shape[2])
         rows, cols = plan.rows, plan.cols
+        frames = frames or max(2, plan.frames)
     device = torch.device(device) if device is not None else latent.device
     store = torch.device(store_device) if store_device is not None else latent.device
     run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress)
     with torch.no_grad():
         x = conv2(latent) if conv2 is not None else latent
-        outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2])]
-    log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks x %d tiles", x.shape[2], lh, lw,
-             len(outs), len(run.rects))
+        outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2], frames)]
+    log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks (%d latent frames after the first) x %d tiles",
+             x.shape[2], lh, lw, len(outs), frames, len(run.rects))
     return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------------------------- other video VAEs
+#
+# A decoder whose every op is local (convs, per-voxel norms such as LTX-Video's PixelNorm,
+# depth-to-space) is tiled exactly without running it layer by layer: each spatial tile is decoded
+# whole (all frames, so the model's own causal/temporal handling is untouched) with a halo of its
+# receptive field, and cropped.  The price is the halo's compute ((t + 2R) / t per side).  A decoder
+# with statistics or attention over whole frames (Mochi's per-frame GroupNorm, HunyuanVideo's
+# GroupNorm over the video and 3-D attention) is not local: tiles would differ from the untiled
+# decode, so it is not tiled here and the caller falls back with video_layout's reason.
+
+_RF_SEEN: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Attention")
+
+
+def video_layout(decoder: Any) -> tuple[str, str | None]:
+    """("wan", None): the layer-synchronous Wan path; ("carried", None): HunyuanVideo-shaped
+    (ComfyUI's Decoder with conv3d=True), layer-synchronous in its own time chunks; ("local", None):
+    every op local, the halo path; ("mochi", None): Mochi-shaped (GroupNorm per frame), layer-
+    synchronous; ("nonlocal", why): none of these (why names the modules)."""
+    import torch
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
+    try:
+        _check_video(decoder)
+        return "wan", None
+    except VaeTilingError:
+        pass
+    if _is_mochi(decoder):
+        return "mochi", None
+    if _carried(decoder):
+        try:
+            _check_layout_carried(decoder)
+            return "carried", None
+        except VaeTilingError as e:
+            return "nonlocal", f"{type(decoder).__name__}: HunyuanVideo-shaped but {e}"
+    found: dict[str, str] = {}
+    for name, m in decoder.named_modules():
+        cls = _cls(m)
+        hit = next((k for k in _NONLOCAL if k.lower() in cls.lower()), None)
+        if hit is None and isinstance(m, (torch.nn.GroupNorm, torch.nn.MultiheadAttention)):
+            hit = cls
+        if hit is not None and cls not in found:
+            found[cls] = name or "(root)"
+    if found:
+        mods = ", ".join(f"{c} at {n}" for c, n in found.items())
+        return "nonlocal", (f"{type(decoder).__name__} has statistics or attention over whole frames or the whole video "
+                            f"({mods}): spatial tiles would not match the untiled decode, and the layer-synchronous path "
+                            "knows only SD's and Wan's layouts")
+    return "local", None
+
+
+def receptive_field(decode: Callable[[Any], Any], channels: int, frames: int, *, dtype: Any = None,
+                    device: Any = None, probe: int = 33) -> tuple[int, int]:
+    """(R, scale): how far (latent px) a latent pixel reaches in the decoded video, measured by
+    decoding a probe latent twice with its centre pixel changed, and the spatial upscale.  Raises
+    when the change reaches the probe's border (R unknown)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(1, channels, frames, probe, probe, generator=g) * 0.5).to(device=device, dtype=dtype)
+    c = probe // 2
+    with torch.no_grad():
+        y0 = decode(z)
+        z[..., c, c] += 1.0
+        d = (decode(z) - y0).abs().amax(dim=(0, 1, 2)).float()
+    s = y0.shape[-1] // probe
+    if s < 1 or y0.shape[-1] != s * probe or y0.shape[-2] != s * probe:
+        raise VaeTilingError(f"decoder output {tuple(y0.shape)} is not an integer upscale of the {probe} px probe")
+    rows = torch.nonzero(d.amax(1) > 0).flatten()
+    cols = torch.nonzero(d.amax(0) > 0).flatten()
+    if rows.numel() == 0:
+        return 1, s
+    reach = max(abs(int(rows[0]) // s - c), abs(int(rows[-1]) // s - c),
+                abs(int(cols[0]) // s - c), abs(int(cols[-1]) // s - c))
+    if reach >= c:
+        raise VaeTilingError(f"receptive field reaches the {probe} px probe's border: not a local decoder")
+    return reach + 1, s
+
+
+def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                            halo: int | None = None, decode: Callable[[Any], Any] | None = None, device: Any = None,
+                            store_device: Any = None, progress: Callable[[int], None] | None = None) -> Any:
+    """Decode a (B, C, T, H, W) latent with a local decoder (video_layout "local": LTX-Video-shaped)
+    in spatial tiles, each with a halo of the receptive field: equals decode(latent) to float
+    rounding.  decode: the callable (default decoder itself); halo: latent px (default measured by
+    receptive_field); grid: (rows, cols), else planned by the C planner from the budget."""
+    import torch
+    _check_video_input(latent, "latent")
+    budget = _check_budget(budget_bytes)
+    kind, why = video_layout(decoder)
+    if kind != "local":
+        raise VaeTilingError(why or f"{type(decoder).__name__} is Wan-shaped: use decode_video_tiled")
+    if halo is not None and (isinstance(halo, bool) or not isinstance(halo, int) or halo < 0):
+        raise ValueError(f"halo must be an int >= 0 (latent px), got {halo!r}")
+    fn = decode if decode is not None else decoder
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
+    b, c, t, lh, lw = latent.shape
+    key = (c, min(t, 3), str(latent.dtype), str(device), id(getattr(decode, "__func__", decode)) if decode is not None else 0)
+    known = _RF_SEEN.setdefault(decoder, {})
+    if key not in known:      # a structural property: measured once per decoder (two probe decodes)
+        known[key] = receptive_field(fn, c, min(t, 3), dtype=latent.dtype, device=device)
+    r, scale = known[key]
+    halo = r if halo is None else halo
+    if grid is not None:
+        rows, cols = _grid_arg(grid, lh, lw)
+    else:
+        # every layer bounded by the widest conv at the output's voxel count: in + out channels,
+        # x3 working copies, per latent px of the tile with its halo (area + perimeter + corners)
+        chans = max([m.weight.shape[0] + m.weight.shape[1] for m in decoder.modules()
+                     if getattr(getattr(m, "weight", None), "ndim", 0) == 5] or [1])
+        t_out = 1 + 8 * t          # >= any temporal upscale up to 8x
+        per = 3.0 * chans * t_out * scale * scale * b * latent.element_size()
+        plan = _native_plan(lw, lh, fixed=per * 4 * halo * halo, per_px=per, per_edge=per * 2 * halo, budget=budget)
+        cols, rows = plan["grid"]
+    rects = grid_rects(lh, lw, rows, cols)
+    out = None
+    with torch.no_grad():
+        for k, (y0, y1, x0, x1) in enumerate(rects):
+            iy0, iy1 = _span(y0, y1, (halo, halo), lh)
+            ix0, ix1 = _span(x0, x1, (halo, halo), lw)
+            with _tile_scope():
+                y = fn(latent[..., iy0:iy1, ix0:ix1].to(device))
+                if out is None:
+                    out = torch.empty(b, y.shape[1], y.shape[2], lh * scale, lw * scale, dtype=y.dtype, device=store)
+                out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                    y[..., (y0 - iy0) * scale:(y1 - iy0) * scale, (x0 - ix0) * scale:(x1 - ix0) * scale]
+                del y
+            if progress is not None:
+                progress(k + 1)
+    log.info("vramguard: tiled local video VAE %dx%dx%d latent as %dx%d tiles, halo %d latent px", t, lh, lw,
+             rows, cols, halo)
+    return out
+
+
+def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
+    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan
+    path, or the halo path for a local decoder; VaeTilingError with the reason otherwise."""
+    dec = getattr(first_stage_model, "decoder", None)
+    if dec is None:
+        raise VaeTilingError(f"{type(first_stage_model).__name__} has no decoder")
+    kind, why = video_layout(dec)
+    if kind == "wan":
+        return decode_video_tiled, {"decoder": dec, "conv2": getattr(first_stage_model, "conv2", None)}
+    if kind == "local":
+        fn = getattr(first_stage_model, "decode", None)
+        return decode_video_halo_tiled, {"decoder": dec, "decode": fn if callable(fn) else None}
+    if kind == "mochi":
+        return _decode_counting, {"decoder": dec, "run": decode_mochi_tiled}
+    if kind == "carried":
+        return _decode_counting, {"decoder": dec, "post_quant_conv": getattr(first_stage_model, "post_quant_conv",
+                                                                                     None),
+                                  "run": decode_carried_tiled}
+    raise VaeTilingError(why or "unsupported video VAE")
+
+
+def _decode_counting(*, run: Callable[..., Any], progress: Callable[[int], None] | None = None, **kw: Any) -> Any:
+    """run (a step-program video path) with a progress callback of one argument (tiles done), as
+    the video paths report (the step programs report (done, total) per program)."""
+    n = {"done": 0}
+
+    def tick(done: int, total: int) -> None:
+        n["done"] += 1
+        if progress is not None:
+            progress(n["done"])
+
+    return run(progress=tick, **kw)
+
+
+# ---------------------------------------------------------------------------------- HunyuanVideo-shaped
+#
+# HunyuanVideo's VAE in ComfyUI is the SD Decoder built with conv3d=True: CarriedConv3d (causal in
+# time: the first frame replicated twice; replicate padding in space), GroupNorm over (C/g, T, H, W),
+# a 3-D attention over every voxel in the mid block.  Its forward runs conv_in and the mid block on
+# the whole video, then the up path on chunks of 2 latent frames, each conv carrying the last 2
+# frames of its padded input to the next chunk -- and the up path's GroupNorms see only the chunk.
+# So the chunks are part of the model's definition: the time tiles here are exactly those chunks
+# (the planner's depth axis pinned to 2), and inside each chunk (and in the mid block, over all
+# frames) every layer runs layer-synchronously over spatial tiles with the statistics of the chunk
+# (of the video), carries kept as whole frames and sliced with each tile's halo.
+
+def _carried(decoder: Any) -> bool:
+    return bool(getattr(decoder, "carried", False)) and _cls(getattr(decoder, "conv_in", None)) == "CarriedConv3d"
+
+
+def _causal_conv(conv: Any, a: Any, carry: Any) -> tuple[Any, Any]:
+    """ComfyUI's conv_carry_causal_3d on a tile: a = the conv's input (tile + halo), carry = the
+    previous chunk's last 2 padded input frames (same slice) or None (the first chunk: frame 0
+    twice).  Returns (output, this chunk's carry)."""
+    import torch
+    import torch.nn.functional as F
+    padded = torch.cat([carry.to(a), a], 2) if carry is not None else torch.cat([a[:, :, :1], a[:, :, :1], a], 2)
+    return conv.conv(F.pad(padded, (1, 1, 1, 1, 0, 0), mode="replicate")), padded[:, :, -2:]
+
+
+def _carry_names(name: str, later: bool, keep: bool) -> tuple[tuple[str, ...], str | None]:
+    return ((f"carry:{name}",) if later else ()), (f"carry_next:{name}" if keep else None)
+
+
+def _resnet3d(blk: Any, name: str, x: str, res: int, steps: list[Step], later: bool, keep: bool) -> str:
+    if getattr(blk, "use_conv_shortcut", False) and getattr(blk, "conv_shortcut", None) is not None:
+        raise VaeTilingError(f"{name}: a 3x3x3 conv shortcut is not supported")
+    cin, cout = blk.norm1.num_channels, blk.conv1.conv.weight.shape[0]
+    h = name + ".h"
+    in1, out1 = _carry_names(name + ".conv1", later, keep)
+    in2, out2 = _carry_names(name + ".conv2", later, keep)
+
+    def first(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(blk.conv1, _silu(ctx.gn(blk.norm1, xs, x)), cs)
+        return (y, c) if keep else y
+
+    def second(ctx: _Ctx, xs: Any, hs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(blk.conv2, _silu(ctx.gn(blk.norm2, hs, h)), cs)
+        sc = blk.nin_shortcut(xs) if getattr(blk, "nin_shortcut", None) is not None else xs
+        return (sc + y, c) if keep else sc + y
+
+    steps.append(Step(name + ".a", first, (x, *in1), h, cout, res, res, in_channels=cin, normed=(x,), carry=out1))
+    out = name + ".out"
+    steps.append(Step(name + ".b", second, (x, h, *in2), out, cout, res, res, in_channels=cin + cout, normed=(h,),
+                      carry=out2))
+    return out
+
+
+def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, first: bool = True,
+                    last: bool = True) -> Program:
+    """The HunyuanVideo-shaped decoder as layer-synchronous 5-D programs: part "mid" (conv_in and the
+    mid block over the whole video) or "up" (one 2-latent-frame chunk: first / last decide the
+    carries read and written and the first frame's spatial-only upsampling)."""
+    _check_layout_carried(decoder)
+    steps: list[Step] = []
+    if part == "mid":
+        cur = "z"
+        if post_quant_conv is not None:
+            steps.append(Step("post_quant_conv", lambda ctx, xs: post_quant_conv(xs), (cur,), "pq",
+                              post_quant_conv.weight.shape[0], 1, 1, halo=(0, 0),
+                              in_channels=post_quant_conv.weight.shape[1]))
+            cur = "pq"
+        steps.append(Step("conv_in", lambda ctx, xs: _causal_conv(decoder.conv_in, xs, None)[0], (cur,), "conv_in",
+                          decoder.conv_in.conv.weight.shape[0], 1, 1, in_channels=decoder.conv_in.conv.weight.shape[1]))
+        cur = _resnet3d(decoder.mid.block_1, "mid.block_1", "conv_in", 1, steps, False, False)
+        cur = _attn_step(decoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
+        cur = _resnet3d(decoder.mid.block_2, "mid.block_2", cur, 1, steps, False, False)
+        steps[-1].output = "out"
+        return _finish(Program(steps, "z", "out", 1, decoder.mid.block_2.conv2.conv.weight.shape[0]))
+    if part != "up":
+        raise ValueError(f"part must be 'mid' or 'up', got {part!r}")
+    later, keep = not first, not last
+    cur, res = "z", 1
+    for i_level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[i_level]
+        for i_block in range(decoder.num_res_blocks + 1):
+            cur = _resnet3d(up.block[i_block], f"up{i_level}.block{i_block}", cur, res, steps, later, keep)
+        if i_level != 0:
+            us = up.upsample
+            sf = us.scale_factor if isinstance(us.scale_factor, (tuple, list)) else (us.scale_factor,) * 3
+            t_up = sf[0] > 1.0
+            cin_, cout_ = _carry_names(f"up{i_level}.upsample", later, keep)
+
+            def upfn(ctx: _Ctx, xs: Any, cs: Any = None, us: Any = us, t_up: bool = t_up) -> Any:
+                import torch
+                import torch.nn.functional as F
+                parts, rest = [], xs
+                if t_up and first:
+                    parts.append(F.interpolate(xs[:, :, :1], scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+                    rest = xs[:, :, 1:]
+                if rest.shape[2] > 0:
+                    parts.append(F.interpolate(rest, scale_factor=(2.0 if t_up else 1.0, 2.0, 2.0), mode="nearest"))
+                y, c = _causal_conv(us.conv, torch.cat(parts, 2), cs)
+                return (y, c) if keep else y
+
+            def t_out(t: int, t_up: bool = t_up) -> int:
+                return (2 * t - 1 if first else 2 * t) if t_up else t
+
+            c = us.conv.conv.weight.shape[0]
+            steps.append(Step(f"up{i_level}.upsample", upfn, (cur, *cin_), f"up{i_level}.us", c, res, res * 2,
+                              work=6.0, in_channels=c, t_out=t_out, carry=cout_))
+            cur, res = f"up{i_level}.us", res * 2
+    name_in = cur
+    cin_, cout_ = _carry_names("conv_out", later, keep)
+    tanh = bool(getattr(decoder, "tanh_out", False))
+
+    def tail(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(decoder.conv_out, _silu(ctx.gn(decoder.norm_out, xs, name_in)), cs)
+        y = y.tanh() if tanh else y
+        return (y, c) if keep else y
+
+    cout = decoder.conv_out.conv.weight.shape[0]
+    steps.append(Step("conv_out", tail, (cur, *cin_), "out", cout, res, res, in_channels=decoder.norm_out.num_channels,
+                      normed=(cur,), carry=cout_))
+    return _finish(Program(steps, "z", "out", 1, cout))
+
+
+def compile_carried_encoder(encoder: Any, quant_conv: Any = None, *, part: str, first: bool = True,
+                            last: bool = True) -> Program:
+    """The HunyuanVideo-shaped encoder (ComfyUI's Encoder with conv3d=True) as 5-D programs: part
+    "down" (one time chunk: frame 0 alone, then 2 tc frames, carried) or "mid" (the mid block,
+    norm_out, conv_out (+ quant_conv) over the whole latent video)."""
+    import torch
+    if not isinstance(encoder, torch.nn.Module):
+        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+    if not _carried(encoder) or not all(hasattr(encoder, n) for n in ("down", "mid", "norm_out", "conv_out")):
+        raise VaeTilingError(f"{type(encoder).__name__} is not a carried conv3d Encoder (HunyuanVideo layout)")
+    if any(len(d.attn) for d in encoder.down):
+        raise VaeTilingError("a carried conv3d Encoder with attention in its down blocks")
+    top = 2 ** (encoder.num_resolutions - 1)
+    steps: list[Step] = []
+    if part == "mid":
+        cur = _resnet3d(encoder.mid.block_1, "mid.block_1", "x", 1, steps, False, False)
+        cur = _attn_step(encoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
+        cur = _resnet3d(encoder.mid.block_2, "mid.block_2", cur, 1, steps, False, False)
+        name_in = cur
+
+        def tail(ctx: _Ctx, xs: Any) -> Any:
+            y = _causal_conv(encoder.conv_out, _silu(ctx.gn(encoder.norm_out, xs, name_in)), None)[0]
+            return quant_conv(y) if quant_conv is not None else y
+
+        cout = (quant_conv.weight.shape[0] if quant_conv is not None else encoder.conv_out.conv.weight.shape[0])
+        steps.append(Step("conv_out", tail, (cur,), "out", cout, 1, 1, in_channels=encoder.norm_out.num_channels,
+                          normed=(cur,)))
+        return _finish(Program(steps, "x", "out", 1, cout))
+    if part != "down":
+        raise ValueError(f"part must be 'down' or 'mid', got {part!r}")
+    later, keep = not first, not last
+    res = top
+    cin_, cout_ = _carry_names("conv_in", later, keep)
+
+    def head(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, c = _causal_conv(encoder.conv_in, xs, cs)
+        return (y, c) if keep else y
+
+    steps.append(Step("conv_in", head, ("x", *cin_), "conv_in", encoder.conv_in.conv.weight.shape[0], res, res,
+                      in_channels=encoder.conv_in.conv.weight.shape[1], carry=cout_))
+    cur = "conv_in"
+    for i_level in range(encoder.num_resolutions):
+        down = encoder.down[i_level]
+        for i_block in range(encoder.num_res_blocks):
+            cur = _resnet3d(down.block[i_block], f"down{i_level}.block{i_block}", cur, res, steps, later, keep)
+        if i_level != encoder.num_resolutions - 1:
+            conv = down.downsample.conv
+            st = conv.conv.stride
+            if tuple(st[1:]) != (2, 2) or st[0] not in (1, 2):
+                raise VaeTilingError(f"down{i_level}.downsample: stride {tuple(st)} is not (1|2, 2, 2)")
+            cin_, cout_ = _carry_names(f"down{i_level}.downsample", later, keep)
+
+            def dfn(ctx: _Ctx, xs: Any, cs: Any = None, conv: Any = conv) -> Any:
+                y, c = _causal_conv(conv, xs, cs)
+                return (y, c) if keep else y
+
+            def t_out(t: int, s0: int = st[0]) -> int:
+                return (t - 1) // 2 + 1 if s0 == 2 else t
+
+            # a stride-2 conv with 1 px of padding: a tile starting at an even pixel p needs pixels
+            # from p - 2 (the slice then starts even too, so its outputs land on the grid)
+            c = conv.conv.weight.shape[0]
+            steps.append(Step(f"down{i_level}.downsample", dfn, (cur, *cin_), f"down{i_level}.ds", c, res, res // 2,
+                              halo=(2, 0), in_channels=c, t_out=t_out, carry=cout_, carry_res=res))
+            cur, res = f"down{i_level}.ds", res // 2
+    steps[-1].output = "out"
+    return _finish(Program(steps, "x", "out", top, steps[-1].out_channels))
+
+
+def encode_carried_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                         quant_conv: Any = None, device: Any = None, store_device: Any = None,
+                         progress: Callable[[int, int], None] | None = None) -> Any:
+    """Encode a (B, C, T, H, W) video (the encoder's input range) with a HunyuanVideo-shaped encoder:
+    equals quant_conv(encoder(video)) to float rounding.  Time tiles = the model's own chunks
+    (frame 0, then 2 time_compress frames; frames past the last whole group dropped, as ComfyUI
+    does); spatial tiles from the C planner or grid= (latent px)."""
+    import torch
+    _check_video_input(video, "video")
+    budget = _check_budget(budget_bytes)
+    probe = compile_carried_encoder(encoder, part="down", first=False, last=False)
+    mid = compile_carried_encoder(encoder, quant_conv, part="mid")
+    top = probe.latent_scale
+    b, _, t, hh, ww = video.shape
+    if hh % top or ww % top:
+        raise ValueError(f"video {hh}x{ww} is not a multiple of the encoder's downscale {top}")
+    lh, lw = hh // top, ww // top
+    tc = int(getattr(encoder, "time_compress", 1))
+    chunks = [(0, 1)]
+    usable = 1 + ((t - 1) // tc) * tc if t > tc else 1
+    chunks += [(a, min(usable, a + 2 * tc)) for a in range(1, usable, 2 * tc)]
+    k = b * video.element_size()
+    if grid is not None:
+        g_down = g_mid = _grid_arg(grid, lh, lw)
+    else:
+        g_down = _carried_plan(probe, lh, lw, 2 * tc + 2, budget, k, depth=None, what="down path (one chunk)")
+        g_mid = _carried_plan(mid, lh, lw, len(chunks) * 2, budget, k, depth=None, what="mid block (whole video)")
+    device = torch.device(device) if device is not None else video.device
+    store = torch.device(store_device) if store_device is not None else video.device
+    with torch.no_grad():
+        outs = _run_chunks(lambda first, last: compile_carried_encoder(encoder, part="down", first=first, last=last),
+                           video, chunks, grid_rects(lh, lw, *g_down), device, store, progress)
+        out = run_program(mid, torch.cat(outs, 2), rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
+                          progress=progress)
+    log.info("vramguard: tiled HunyuanVideo-shaped VAE encode %dx%dx%d video: %d chunks x %dx%d tiles, mid %dx%d",
+             t, hh, ww, len(chunks), g_down[0], g_down[1], g_mid[0], g_mid[1])
+    return out
+
+
+def _run_chunks(compile_chunk: Callable[[bool, bool], Program], x: Any, chunks: list[tuple[int, int]],
+                rects: list[Rect], device: Any, store: Any, progress: Any) -> list[Any]:
+    """Each time chunk's program over the spatial tiles, the carries one chunk writes read by the next."""
+    carries: dict[str, Any] = {}
+    outs = []
+    for i, (a, e) in enumerate(chunks):
+        p = compile_chunk(i == 0, i == len(chunks) - 1)
+        outs.append(run_program(p, x[:, :, a:e], rects=rects, device=device, store_device=store, progress=progress,
+                                carries=carries))
+        carries = {n.replace("carry_next:", "carry:", 1): v for n, v in carries.items() if n.startswith("carry_next:")}
+    return outs
+
+
+def _check_layout_carried(decoder: Any) -> None:
+    import torch
+    if not isinstance(decoder, torch.nn.Module):
+        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
+    if not _carried(decoder):
+        raise VaeTilingError(f"{type(decoder).__name__} is not a carried conv3d Decoder (HunyuanVideo layout)")
+    missing = [n for n in ("mid", "up", "norm_out", "conv_out", "num_resolutions", "num_res_blocks") if not hasattr(decoder, n)]
+    if missing:
+        raise VaeTilingError(f"decoder {type(decoder).__name__} lacks {missing}")
+    if any(len(decoder.up[i].attn) for i in range(decoder.num_resolutions)):
+        raise VaeTilingError("a carried conv3d Decoder with attention in its up blocks (ComfyUI asserts it never is)")
+
+
+def _carried_plan(p: Program, h: int, w: int, frames: int, budget: int, k: int, *, depth: int | None,
+                  what: str) -> tuple[int, int]:
+    fixed, per_px, per_edge = _linear_cost(p, h, w)
+    if depth is None:         # the whole video at once (the mid block): every frame in every tile
+        r = _native_plan(w, h, fixed=fixed * k * frames, per_px=per_px * k * frames, per_edge=per_edge * k * frames,
+                         budget=budget)
+        cols, rows = r["grid"]
+    else:                     # time chunks: the model's own 2 latent frames (depth pinned to 2)
+        from . import _native
+        r = _native.plan(w, h, overlap=0, align=1, feather=0.0, per_px_bytes=per_px * k * frames,
+                         per_edge_bytes=per_edge * k * frames, per_frame_bytes=fixed * k * frames, budget=budget,
+                         depth=depth, depth_min=min(2, depth), depth_max=min(2, depth))
+        if not r["fits"]:
+            raise VaeTilingError(f"nothing fits in budget_bytes={budget} for the {what}: {r['why']}")
+        cols, rows, _ = r["grid"]
+    return rows, cols
+
+
+def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                         post_quant_conv: Any = None, device: Any = None, store_device: Any = None,
+                         progress: Callable[[int, int], None] | None = None) -> Any:
+    """Decode a (B, C, T, H, W) latent with a HunyuanVideo-shaped decoder (ComfyUI's Decoder with
+    conv3d=True): equals decoder(post_quant_conv(latent)) to float rounding.  Spatial tiles from
+    the C planner (or grid=), time tiles = the model's 2-latent-frame chunks."""
+    import torch
+    _check_video_input(latent, "latent")
+    budget = _check_budget(budget_bytes)
+    _check_layout_carried(decoder)
+    b, _, t, lh, lw = latent.shape
+    mid = compile_carried(decoder, post_quant_conv, part="mid")
+    probe = compile_carried(decoder, part="up", first=False, last=False)
+    tc = 2 ** sum(1 for i in range(1, decoder.num_resolutions)
+                  if (decoder.up[i].upsample.scale_factor if isinstance(decoder.up[i].upsample.scale_factor, float)
+                      else decoder.up[i].upsample.scale_factor[0]) > 1.0)
+    k = b * latent.element_size()
+    if grid is not None:
+        g_mid = g_up = _grid_arg(grid, lh, lw)
+    else:
+        g_mid = _carried_plan(mid, lh, lw, t, budget, k, depth=None, what="mid block (whole video)")
+        g_up = _carried_plan(probe, lh, lw, tc + 2, budget, k, depth=t, what="up path (2-frame chunks)")
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
+    with torch.no_grad():
+        h = run_program(mid, latent, rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
+                        progress=progress)
+        chunks = [(a, min(t, a + 2)) for a in range(0, t, 2)]
+        outs = _run_chunks(lambda first, last: compile_carried(decoder, part="up", first=first, last=last), h, chunks,
+                           grid_rects(lh, lw, *g_up), device, store, progress)
+    log.info("vramguard: tiled HunyuanVideo-shaped VAE %dx%dx%d latent: mid block %dx%d tiles, %d chunks x %dx%d tiles",
+             t, lh, lw, g_mid[0], g_mid[1], len(chunks), g_up[0], g_up[1])
+    return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------------------------- Mochi-shaped
+#
+# Mochi's decoder (comfy.ldm.genmo.vae.model.Decoder) decodes the whole video at once: causal
+# PConv3d (first frame replicated in time, replicate padding in space), GroupNormSpatial (a
+# GroupNorm per frame over the whole frame), Conv1x1 projections and DepthToSpaceTime (dropping
+# the first st - 1 frames).  Every layer runs layer-synchronously over spatial tiles (all frames),
+# each GroupNorm with per-frame statistics gathered over the whole frame.  Time is not tiled
+# (the model has no time chunks of its own; its causal convs would allow carried chunks).
+
+def _is_mochi(decoder: Any) -> bool:
+    blocks = getattr(decoder, "blocks", None)
+    return (blocks is not None and hasattr(decoder, "output_proj") and len(blocks) >= 2
+            and any(_cls(m) == "CausalUpsampleBlock" for m in blocks)
+            and any(_cls(m) == "GroupNormSpatial" for m in decoder.modules()))
+
+
+def _mochi_res(blk: Any, name: str, x: str, res: int, steps: list[Step]) -> str:
+    n1, _, c1, n2, _, c2 = list(blk.stack)
+    if _cls(c1) != "PConv3d" or tuple(c1.kernel_size[1:]) != (3, 3) or tuple(c1.stride) != (1, 1, 1):
+        raise VaeTilingError(f"{name}: not a 3x3x3 stride-1 PConv3d residual stack")
+    c = blk.channels
+    h, out = name + ".h", name + ".out"
+    steps.append(Step(name + ".a", lambda ctx, xs: c1(_silu(ctx.gn(n1, xs, x))), (x,), h, c1.out_channels, res, res,
+                      in_channels=c, normed=(x,)))
+    steps.append(Step(name + ".b", lambda ctx, xs, hs: xs + c2(_silu(ctx.gn(n2, hs, h))), (x, h), out, c, res, res,
+                      in_channels=2 * c, normed=(h,)))
+    attn = blk.attn_block
+    if _cls(attn) == "Identity":
+        return out
+    if _cls(attn) != "AttentionBlock":
+        raise VaeTilingError(f"{name}: unsupported attention block {_cls(attn)}")
+    # Mochi's attention is over time, per pixel: local in space (its norm is per frame)
+    steps.append(Step(name + ".attn", lambda ctx, xs: xs + attn.attn(ctx.gn(attn.norm, xs, out)), (out,),
+                      name + ".att", c, res, res, halo=(0, 0), in_channels=c, normed=(out,)))
+    return name + ".att"
+
+
+def compile_mochi(decoder: Any) -> Program:
+    """Mochi's decoder as one layer-synchronous 5-D program (per-frame GroupNorm statistics)."""
+    if not _is_mochi(decoder):
+        raise VaeTilingError(f"{type(decoder).__name__} is not a Mochi-shaped decoder")
+    blocks = list(decoder.blocks)
+    first, ups, last = list(blocks[0]), blocks[1:-1], list(blocks[-1])
+    conv_in = first[0]
+    steps = [Step("conv_in", lambda ctx, xs: conv_in(xs), ("z",), "conv_in", conv_in.weight.shape[0], 1, 1,
+                  halo=(0, 0), in_channels=conv_in.weight.shape[1])]
+    cur, res = "conv_in", 1
+    for i, blk in enumerate(first[1:]):
+        cur = _mochi_res(blk, f"first.{i}", cur, res, steps)
+    for j, up in enumerate(ups):
+        for i, blk in enumerate(up.blocks):
+            cur = _mochi_res(blk, f"up{j}.{i}", cur, res, steps)
+        st, sx = up.d2st.temporal_expansion, up.d2st.spatial_expansion
+        cout = up.proj.weight.shape[0] // (st * sx * sx)
+
+        def t_out(t: int, st: int = st) -> int:
+            return t * st - (st - 1)
+
+        steps.append(Step(f"up{j}.d2st", lambda ctx, xs, up=up: up.d2st(up.proj(xs)), (cur,), f"up{j}.out", cout, res,
+                          res * sx, halo=(0, 0), in_channels=up.proj.weight.shape[1], t_out=t_out, work=4.0))
+        cur, res = f"up{j}.out", res * sx
+    for i, blk in enumerate(last):
+        cur = _mochi_res(blk, f"last.{i}", cur, res, steps)
+    silu = getattr(decoder, "output_nonlinearity", "silu") == "silu"
+    proj = decoder.output_proj
+    steps.append(Step("output_proj", lambda ctx, xs: proj(_silu(xs) if silu else xs), (cur,), "out",
+                      proj.weight.shape[0], res, res, halo=(0, 0), in_channels=proj.weight.shape[1]))
+    p = _finish(Program(steps, "z", "out", 1, proj.weight.shape[0]))
+    p.frame_stats = True
+    return p
+
+
+def decode_mochi_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                       device: Any = None, store_device: Any = None,
+                       progress: Callable[[int, int], None] | None = None) -> Any:
+    """Decode a (B, C, T, H, W) latent with a Mochi-shaped decoder: equals decoder(latent) to float
+    rounding.  Spatial tiles (every frame in each) from the C planner or grid=."""
+    import torch
+    _check_video_input(latent, "latent")
+    budget = _check_budget(budget_bytes)
+    p = compile_mochi(decoder)
+    b, _, t, lh, lw = latent.shape
+    if grid is not None:
+        rows, cols = _grid_arg(grid, lh, lw)
+    else:
+        frames = t
+        for s in p.steps:
+            if s.t_out is not None:
+                frames = s.t_out(frames)
+        k = b * latent.element_size() * frames     # every step at the most frames: an upper bound
+        fixed, per_px, per_edge = _linear_cost(p, lh, lw)
+        cols, rows = _native_plan(lw, lh, fixed=fixed * k, per_px=per_px * k, per_edge=per_edge * k, budget=budget)["grid"]
+    with torch.no_grad():
+        out = run_program(p, latent, rects=grid_rects(lh, lw, rows, cols), device=device, store_device=store_device,
+                          progress=progress)
+    log.info("vramguard: tiled Mochi-shaped VAE %dx%dx%d latent as %dx%d tiles (all frames each)", t, lh, lw, rows,
+             cols)
+    return out

@@ -694,8 +694,10 @@ def _vae_program(direction: str, vae: Any, ndim: int) -> tuple[Any, dict] | None
             vae_mod.compile_encoder(fsm.encoder, getattr(fsm, "quant_conv", None))
             return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "quant_conv", None)}
         if direction == "decode" and ndim == 5:
-            vae_mod._check_video(fsm.decoder)
-            return vae_mod.decode_video_tiled, {"decoder": fsm.decoder, "conv2": getattr(fsm, "conv2", None)}
+            return vae_mod.video_program(fsm)   # Wan: layer-synchronous; local (LTX-shaped): halo tiles
+        if direction == "encode" and ndim == 5:   # HunyuanVideo-shaped (Encoder with conv3d=True)
+            vae_mod.compile_carried_encoder(fsm.encoder, part="down")
+            return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "quant_conv", None)}
     except (vae_mod.VaeTilingError, AttributeError, TypeError) as e:
         log.info("vramguard: seamless tiled VAE not available for %s (%s); using overlap tiling",
                  type(fsm).__name__, e)
@@ -709,7 +711,7 @@ def _vae_seamless(direction: str, vae: Any, x: Any, reserve_gb: float) -> Any | 
 
     dec = direction == "decode"
     z = x["samples"] if dec else None
-    found = _vae_program(direction, vae, z.ndim if dec else 4)
+    found = _vae_program(direction, vae, z.ndim if dec else (5 if getattr(vae, "latent_dim", 2) == 3 else 4))
     if found is None:
         return None
     run, mods = found
@@ -729,6 +731,8 @@ def _vae_seamless(direction: str, vae: Any, x: Any, reserve_gb: float) -> Any | 
     else:
         px = vae.vae_encode_crop_pixels(x) if hasattr(vae, "vae_encode_crop_pixels") else x
         src = vae.process_input(px[:, :, :, :3].movedim(-1, 1)).to(dtype)
+        if getattr(vae, "latent_dim", 2) == 3:   # frames -> one (1, C, T, H, W) video, as VAE.encode does
+            src = src.movedim(1, 0).unsqueeze(0)
     with gcguard.stage("vae_decode" if dec else "vae_encode"), torch.no_grad():
         out = run(**mods, **{"latent" if dec else "image": src}, budget_bytes=budget, device=dev,
                   store_device=torch.device("cpu"), progress=tick)
