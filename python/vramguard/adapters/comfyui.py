@@ -699,8 +699,8 @@ def _vae_program(direction: str, vae: Any, ndim: int) -> tuple[Any, dict] | None
             vae_mod.compile_carried_encoder(fsm.encoder, part="down")
             return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "quant_conv", None)}
     except (vae_mod.VaeTilingError, AttributeError, TypeError) as e:
-        log.info("vramguard: seamless tiled VAE not available for %s (%s); using overlap tiling",
-                 type(fsm).__name__, e)
+        log.info("vramguard: seamless tiled VAE not available for %s (%s); using %s", type(fsm).__name__, e,
+                 "ComfyUI's own tiled path" if ndim == 5 else "overlap tiling")
     return None
 
 
