@@ -271,7 +271,7 @@ static PyObject *py_host_pinned(PyObject *m, PyObject *Py_UNUSED(a))
     char reason[VG_REASON];
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = vg_host_read_nogil(&st->src, &h, 1, reason);
+    rc = vg_host_read_nogil(&st->src, &h, VG_HOST_FRESH_PINNED, reason);
     if (rc == 0 && vg_ledger_joined() && (h.locked >= 0 || h.pinned >= 0))
         vg_ledger_host(-1, h.locked > h.pinned ? h.locked : h.pinned);
     Py_END_ALLOW_THREADS

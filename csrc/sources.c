@@ -162,18 +162,28 @@ static int64_t meminfo_field(const char *buf, const char *key)
 }
 
 /* Pinned host memory (issue 13): this process's locked and pinned pages, /proc/self/status
- * VmLck and VmPin.  Read with the system figures (every host_interval), not per call: the
- * kernel formats ~1.5 KB for it. */
-static void read_locked_pinned(vg_sources *src, vg_host *h)
+ * VmLck and VmPin.  Read at most every VG_PINNED_INTERVAL (or when asked for them fresh), not
+ * with every host refresh: the kernel formats ~1.5 KB for it, more than the rest of a fresh
+ * host read costs, and pinned memory changes at model-load granularity. */
+static void read_locked_pinned(vg_sources *src, vg_host *h, int now_please, double now)
 {
+    pthread_mutex_lock(&src->lock);
+    int cached = !now_please && src->pinned_at > 0 && now - src->pinned_at < VG_PINNED_INTERVAL;
+    h->locked = src->locked_cache, h->pinned = src->pinned_cache;
+    pthread_mutex_unlock(&src->lock);
+    if (cached)
+        return;
     h->locked = h->pinned = -1;
     char buf[4096];
     ssize_t n = src->fd_status >= 0 ? pread(src->fd_status, buf, sizeof buf - 1, 0) : -1;
-    if (n <= 0)
-        return;
-    buf[n] = '\0';
-    h->locked = meminfo_field(buf, "\nVmLck:");
-    h->pinned = meminfo_field(buf, "\nVmPin:");
+    if (n > 0) {
+        buf[n] = '\0';
+        h->locked = meminfo_field(buf, "\nVmLck:");
+        h->pinned = meminfo_field(buf, "\nVmPin:");
+    }
+    pthread_mutex_lock(&src->lock);
+    src->locked_cache = h->locked, src->pinned_cache = h->pinned, src->pinned_at = now;
+    pthread_mutex_unlock(&src->lock);
 }
 
 int vg_host_read_nogil(vg_sources *src, vg_host *h, int fresh, char *reason)
@@ -221,7 +231,7 @@ int vg_host_read_nogil(vg_sources *src, vg_host *h, int fresh, char *reason)
         }
     }
     h->process_rss = vg_process_rss_nogil(src);
-    read_locked_pinned(src, h);
+    read_locked_pinned(src, h, fresh == VG_HOST_FRESH_PINNED, now);
     h->timestamp = now;
     pthread_mutex_lock(&src->lock);
     src->host_cache = *h;
@@ -636,6 +646,7 @@ int vg_sources_init(vg_sources *src)
     pthread_once(&fork_once, register_fork_gen);
     src->fd_meminfo = src->fd_statm = src->fd_cg_max = src->fd_cg_cur = -1;
     src->fd_status = -1;
+    src->locked_cache = src->pinned_cache = -1;
     return 0;
 }
 
@@ -654,6 +665,7 @@ void vg_sources_after_fork(vg_sources *src)
     pthread_mutex_init(&src->lock, NULL);
     atomic_store(&src->fd_gen, 0u); /* /proc/self files name the parent */
     src->host_at = 0;
+    src->pinned_at = 0;
     for (int i = 0; i < VG_MAX_DEV; i++)
         src->proc_at[i] = 0;
 }

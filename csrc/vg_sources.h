@@ -79,6 +79,8 @@ typedef struct {
     /* system RAM figures change slowly and cost ~5 us to format: reused for host_interval s */
     double host_interval, host_at;
     vg_host host_cache;
+    double pinned_at; /* when VmLck/VmPin were last read (their own, slower interval) */
+    int64_t locked_cache, pinned_cache;
     /* /proc files kept open (pread is cheap; open is not), reopened after fork */
     atomic_uint fd_gen; /* fork generation the fds were opened in; 0 = not open */
     int fd_meminfo, fd_statm, fd_cg_max, fd_cg_cur;
@@ -100,6 +102,12 @@ int vg_sources_by_uuid(vg_sources *src);
 int vg_device_count_nogil(vg_sources *src, int *n, char *reason);
 /* index >= 0: a device (simulated or real); VG_HOST: host RAM as a source. */
 int vg_source_read_nogil(vg_sources *src, int index, vg_reading *r, char *reason);
+/* fresh: 0 = the cached figures when younger than host_interval; VG_HOST_FRESH = MemAvailable
+ * etc. now; VG_HOST_FRESH_PINNED = also VmLck/VmPin now (otherwise at most every
+ * VG_PINNED_INTERVAL seconds: the kernel formats all of /proc/self/status for them). */
+#define VG_HOST_FRESH 1
+#define VG_HOST_FRESH_PINNED 2
+#define VG_PINNED_INTERVAL 1.0
 int vg_host_read_nogil(vg_sources *src, vg_host *h, int fresh, char *reason);
 int64_t vg_process_rss_nogil(vg_sources *src);
 
