@@ -640,3 +640,20 @@ def test_comfyui_hunyuan_ltx_mochi_classes():
     mine_e.load_state_dict(enc.state_dict())
     with torch.no_grad():
         assert (mine_e(v) - rz).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kw, exc", [
+    (dict(channels=4096, frames=1), ValueError), (dict(channels=4, frames=1023), ValueError),
+    (dict(channels=1024, frames=64), ValueError),  # 2**26 values: over the probe's bound
+    (dict(channels=4, frames=2, probe=32), ValueError), (dict(channels=4, frames=2, probe=5), ValueError),
+    (dict(channels=4.0, frames=2), TypeError), (dict(channels=True, frames=2), TypeError),
+])
+def test_receptive_field_refuses_hostile_sizes_before_decoding(kw, exc):
+    """Fuzzer finding: receptive_field(channels=4096, frames=1023) built a 4.5 GB probe and ran two
+    decodes on it (a 'hang'); sizes are checked before anything is allocated or decoded."""
+    from vramguard import vae as tv
+
+    calls = []
+    with pytest.raises(exc):
+        tv.receptive_field(lambda z: calls.append(1) or z, **kw)
+    assert calls == []

@@ -1116,8 +1116,20 @@ def receptive_field(decode: Callable[[Any], Any], channels: int, frames: int, *,
                     device: Any = None, probe: int = 33) -> tuple[int, int]:
     """(R, scale): how far (latent px) a latent pixel reaches in the decoded video, measured by
     decoding a probe latent twice with its centre pixel changed, and the spatial upscale.  Raises
-    when the change reaches the probe's border (R unknown)."""
+    when the change reaches the probe's border (R unknown).  The probe is two decodes of
+    1 x channels x frames x probe x probe latents: channels <= 1024, frames <= 64, probe an odd
+    9..129 and at most 2**24 latent values, so a hostile call cannot ask for gigabytes."""
     import torch
+    for name, v, lo, hi in (("channels", channels, 1, 1024), ("frames", frames, 1, 64), ("probe", probe, 9, 129)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}"[:200])
+        if not lo <= v <= hi:
+            raise ValueError(f"{name} must be in {lo}..{hi}, got {v}")
+    if probe % 2 == 0:
+        raise ValueError(f"probe must be odd (a centre pixel), got {probe}")
+    if channels * frames * probe * probe > 1 << 24:
+        raise ValueError(f"probe latent of {channels}x{frames}x{probe}x{probe} values is over 2**24; "
+                         "use fewer frames or a smaller probe")
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(1, channels, frames, probe, probe, generator=g) * 0.5).to(device=device, dtype=dtype)
     c = probe // 2
