@@ -8,6 +8,7 @@ taken in a headless Chromium by the machinery of tests/test_frontend_browser.py
 docs/images/nodes.png      the "tiled upscale vs core" example workflow, loaded from the templates browser
 docs/images/settings.png   the settings dialog's vramguard section
 docs/images/monitor.png    the monitor in the top menu bar, its tooltip shown (hover)
+docs/images/templates.png  the templates browser's "vramguard" section: the example workflows
 docs/images/memory_timeline_node.png   the Memory Timeline node's output, from the "GC checkpoints +
                            memory timeline" example run on the real-host suite's tiny models (CPU)
 example_workflows/NAME.jpg the templates browser's thumbnail of each example (a picture of its graph)
@@ -51,18 +52,6 @@ def _union(a: dict, b: dict, pad: float, vw: float, vh: float) -> dict:
     return {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}
 
 
-def _ratio(clip: dict, ratio: float, within: dict) -> dict:
-    """clip grown about its centre to width/height = ratio (the templates browser's cards are
-    about 4:3), kept inside `within`."""
-    w, h = clip["width"], clip["height"]
-    w, h = max(w, h * ratio), max(h, w / ratio)
-    w, h = min(w, within["width"]), min(h, within["height"])
-    cx, cy = clip["x"] + clip["width"] / 2, clip["y"] + clip["height"] / 2
-    x = min(max(within["x"], cx - w / 2), within["x"] + within["width"] - w)
-    y = min(max(within["y"], cy - h / 2), within["y"] + within["height"] - h)
-    return {"x": x, "y": y, "width": w, "height": h}
-
-
 def monitor(f, out: Path) -> None:
     page = f.page
     page.wait_for("document.querySelectorAll('#vramguard-monitor [data-vg=bar]').length === 3", 30)
@@ -78,7 +67,7 @@ def monitor(f, out: Path) -> None:
     bar = page.eval("document.getElementById('vramguard-monitor').parentElement.closest('.actionbar, [class*=actionbar]')"
                     "?.getBoundingClientRect().toJSON() || null") or r
     clip = _union(bar, f.rect("#vramguard-monitor-tip"), 10, *page.eval("[innerWidth, innerHeight]"))
-    page.screenshot(str(out), clip)
+    page.screenshot(str(out), clip, scale=1.5)  # the bars' 10 px labels, legible
     page.mouse(5, 500)
     _check_size(out)
 
@@ -87,6 +76,17 @@ def settings(f, out: Path) -> None:
     f.open_settings()
     time.sleep(0.8)
     f.page.screenshot(str(out), f.rect("[role=dialog]"))
+    f.escape()
+    _check_size(out)
+
+
+def templates(f, out: Path) -> None:
+    """The templates browser's vramguard section (thumbnails as committed when this run started)."""
+    f.open_templates()
+    f.page.wait_for("(() => { const im = [...document.querySelectorAll('[data-testid^=template-workflow-] img')];"
+                    "return im.length >= 4 && im.every((i) => i.complete && i.naturalWidth > 0); })()", 20)
+    time.sleep(1)
+    f.page.screenshot(str(out), f.rect("[role=dialog]"), scale=0.8)
     f.escape()
     _check_size(out)
 
@@ -105,11 +105,22 @@ def nodes(f, out: Path) -> None:
 
 
 def thumbnails(f, folder: Path) -> None:
+    """640x480 JPEGs: the graph, fitted and centred on the canvas colour (the cards are about 4:3)."""
+    from PIL import Image
+
     for path in sorted(folder.glob("*.json")):
         load(f, path.stem)
-        clip = _ratio(f.graph_rect(8), 4 / 3, f.rect("canvas#graph-canvas") or f.rect("canvas"))
-        out = folder / f"{path.stem}.jpg"
-        f.page.screenshot(str(out), clip, scale=min(1.0, 640 / clip["width"]), fmt="jpeg", quality=80)
+        png = folder / f"{path.stem}.tmp.png"
+        f.page.screenshot(str(png), f.graph_rect(8))
+        with Image.open(png) as im:
+            im = im.convert("RGB")
+            k = min(640 / im.width, 480 / im.height, 1.0)
+            im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.LANCZOS)
+            card = Image.new("RGB", (640, 480), im.getpixel((1, 1)))
+            card.paste(im, ((640 - im.width) // 2, (480 - im.height) // 2))
+            out = folder / f"{path.stem}.jpg"
+            card.save(out, quality=82, optimize=True)
+        png.unlink()
         _check_size(out)
 
 
@@ -161,6 +172,7 @@ def main() -> None:
             nodes(f, args.out / "nodes.png")
             monitor(f, args.out / "monitor.png")
             settings(f, args.out / "settings.png")
+            templates(f, args.out / "templates.png")
             if not args.no_thumbnails:
                 thumbnails(f, REPO / "example_workflows")
             # the clone ComfyUI serves was copied before this run wrote the thumbnails
