@@ -92,7 +92,6 @@ def templates(f, out: Path) -> None:
 
 
 def load(f, name: str) -> None:
-    f.open_templates()
     f.load_template(name)
     f.page.eval("app.canvas.setDirty(true, true)")
     time.sleep(1.5)  # headless Chromium draws the canvas at a few frames per second

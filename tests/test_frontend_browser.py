@@ -5,7 +5,8 @@ package, only Debian's `chromium`).
 Checks: vramguard.js loads with no console error, exception or failed load that names it; the
 monitor sits in the top menu bar, one bar per GPU plus RAM, takes the pointer, shows a tooltip
 on hover and opens the VRAM bottom panel on click; the settings dialog's "vramguard" section
-lists every setting of the schema with the values Python uses; every example_workflows/*.json is
+lists every setting of the schema with the values Python uses, and a toggle clicked and a number
+typed there reach Python and ComfyUI's store; every example_workflows/*.json is
 listed in the templates browser and loads from it with every node type registered; the node
 library's search finds every vramguard node.  The GPUs are tests/fakelibs/fake_nvml.c's.
 
@@ -113,7 +114,14 @@ def test_monitor_in_the_top_bar(ui):
     rows = page.wait_for("(() => { const t = document.querySelector('table[data-vg=devices]');"
                          "return t && t.offsetParent !== null && t.rows.length; })()", 15)
     assert rows == 1 + len(FAKE_GPUS) + 1, rows  # header, GPUs, host RAM
+    # a click does not take the focus (a dialog closing would give it back, tooltip and all)
+    assert page.eval("document.activeElement?.id") != "vramguard-monitor"
     page.eval("app.extensionManager.command.execute('Workspace.ToggleBottomPanelTab.vramguard-memory')")
+    # keyboard: focus shows the tooltip, blur hides it
+    page.eval("document.getElementById('vramguard-monitor').focus()")
+    page.wait_for("getComputedStyle(document.getElementById('vramguard-monitor-tip')).display === 'block'", 10)
+    page.eval("document.getElementById('vramguard-monitor').blur()")
+    page.wait_for("getComputedStyle(document.getElementById('vramguard-monitor-tip')).display === 'none'", 10)
     assert not ui.errors(), ui.errors()
 
 
@@ -140,6 +148,44 @@ def test_settings_section(ui):
         ui.escape()
 
 
+def test_settings_changed_in_the_dialog_reach_python(ui):
+    """A toggle clicked and a number typed in the dialog: Python applies them at once (the pack's
+    route) and ComfyUI stores them (its own /settings)."""
+    before = _json(ui, "/vramguard/settings")
+    low, gc = before["vramguard.LowVRAM"], before["vramguard.GCThreshold"]
+    new_gc = 65 if gc != 65 else 60
+    field = "document.querySelector('[id=\"vramguard.GCThreshold\"] input')"
+
+    def set_gc(value):
+        ui.page.click(*ui.center(field))
+        ui.page.press("a", 65, modifiers=2)  # Ctrl+A
+        ui.page.type(str(value))
+        ui.page.press("Enter", 13)
+
+    ui.open_settings()
+    try:
+        ui.page.click(*ui.center("document.getElementById('vramguard.LowVRAM')"))
+        set_gc(new_gc)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            now = _json(ui, "/vramguard/settings")
+            if now["vramguard.LowVRAM"] == (not low) and now["vramguard.GCThreshold"] == new_gc:
+                break
+            time.sleep(0.25)
+        assert (now["vramguard.LowVRAM"], now["vramguard.GCThreshold"]) == (not low, new_gc), now
+        assert _json(ui, "/settings/vramguard.GCThreshold") == new_gc
+        assert _json(ui, "/settings/vramguard.LowVRAM") is (not low)
+        # and back, the same way
+        ui.page.click(*ui.center("document.getElementById('vramguard.LowVRAM')"))
+        set_gc(int(gc))
+        time.sleep(1)
+        now = _json(ui, "/vramguard/settings")
+        assert (now["vramguard.LowVRAM"], now["vramguard.GCThreshold"]) == (low, gc), now
+    finally:
+        ui.escape()
+    assert not ui.errors(), ui.errors()
+
+
 def _overlaps(rects: list) -> list:
     """Pairs of [title, x, y, w, h] boxes (title bar included) that overlap."""
     out = []
@@ -154,7 +200,6 @@ def test_example_workflows_load_from_the_templates_browser(ui):
     paths = sorted((REPO / "example_workflows").glob("*.json"))
     assert len(paths) >= 4
     for path in paths:
-        ui.open_templates()
         ui.load_template(path.stem)
         want = sorted(n["type"] for n in json.loads(path.read_text())["nodes"])
         ui.page.wait_for(f"app.graph.nodes.length === {len(want)}", 15)

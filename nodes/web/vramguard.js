@@ -295,8 +295,12 @@ const monitor = {
     this.placement = this.place(el);
     el.addEventListener?.("click", () => this.openPanel());
     el.addEventListener?.("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") this.openPanel(); });
+    // focus by keyboard only: a clicked monitor would get the focus back (and show its tooltip)
+    // whenever a dialog opened after the click closes
+    el.addEventListener?.("mousedown", (ev) => ev.preventDefault());
     for (const on of ["mouseenter", "focus"]) el.addEventListener?.(on, () => this.showTip());
     for (const off of ["mouseleave", "blur"]) el.addEventListener?.(off, () => this.hideTip());
+    el.addEventListener?.("keydown", (ev) => { if (ev.key === "Escape") this.hideTip(); });
     api.addEventListener("vramguard.monitor", (ev) => this.render(ev.detail));
     document.addEventListener("visibilitychange", () => this.tell());
   },

@@ -169,7 +169,23 @@ class Browser:
         self.mouse(x, y, "mouseReleased", "left")
 
     def key_text(self, text: str) -> None:
+        """Insert text at the caret (one input event, no key events)."""
         self.call("Input.insertText", {"text": text})
+
+    def press(self, key: str, vk: int, modifiers: int = 0, text: str | None = None) -> None:
+        """One key, down and up, as a keyboard sends it (modifiers: 2 = Ctrl)."""
+        down = {"type": "keyDown" if text else "rawKeyDown", "key": key, "windowsVirtualKeyCode": vk,
+                "modifiers": modifiers}
+        if text:
+            down["text"] = text
+        self.call("Input.dispatchKeyEvent", down)
+        self.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "windowsVirtualKeyCode": vk,
+                                             "modifiers": modifiers})
+
+    def type(self, text: str) -> None:
+        """Type printable ASCII key by key."""
+        for ch in text:
+            self.press(ch, ord(ch.upper()), text=ch)
 
     def screenshot(self, path: str, clip: dict | None = None, scale: float = 1, fmt: str = "png",
                    quality: int = 85) -> None:

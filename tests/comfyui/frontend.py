@@ -114,13 +114,15 @@ class Frontend:
         self.comfy.stop()
 
     # ------------------------------------------------------------------ helpers
-    def escape(self, times: int = 2) -> None:
-        """Close dialogs / popups as a user would."""
-        for _ in range(times):
-            for kind in ("keyDown", "keyUp"):
-                self.page.call("Input.dispatchKeyEvent", {"type": kind, "key": "Escape", "code": "Escape",
-                                                          "windowsVirtualKeyCode": 27})
+    def escape(self, tries: int = 4) -> None:
+        """Close dialogs as a user would (Escape, focus out of any field first); raises if one stays."""
+        for _ in range(tries):
+            self.page.eval("document.activeElement?.blur?.()")
+            self.page.press("Escape", 27)
             time.sleep(0.3)
+            if not self.page.eval("!!document.querySelector('[role=dialog]')"):
+                return
+        raise CDPError("a dialog stays open after Escape")
 
     def center(self, js_element: str) -> tuple:
         """The centre (CSS px) of the element a JS expression names, scrolled into view."""
@@ -130,12 +132,30 @@ class Frontend:
             raise CDPError(f"no element: {js_element}")
         return tuple(r)
 
+    def stable_center(self, js_element: str, timeout: float = 10) -> tuple:
+        """center(), once the element has stopped moving (dialogs animate in, and their lists grow
+        as they load: a click on a moving target can land on the backdrop and close the dialog)."""
+        deadline, last = time.time() + timeout, None
+        while True:
+            now = self.center(js_element)
+            if now == last or time.time() > deadline:
+                return now
+            last = now
+            time.sleep(0.3)
+
     def click_text(self, scope: str, text: str, timeout: float = 15) -> None:
         """Click the innermost element under `scope` (a CSS selector) whose text is exactly `text`."""
         js = (f"[...document.querySelectorAll({json.dumps(scope + ' *')})]"
               f".find((e) => e.children.length === 0 && e.textContent.trim() === {json.dumps(text)})")
-        self.page.wait_for(f"!!({js})", timeout)
-        self.page.click(*self.center(js))
+        deadline = time.time() + timeout
+        while True:  # the element can be re-rendered (detached) while the dialog loads: find it again
+            try:
+                self.page.wait_for(f"!!({js})", max(1.0, deadline - time.time()))
+                self.page.click(*self.stable_center(js))
+                return
+            except CDPError:
+                if time.time() > deadline:
+                    raise
 
     def rect(self, selector: str) -> dict | None:
         return self.page.eval(f"document.querySelector({json.dumps(selector)})?.getBoundingClientRect().toJSON()")
@@ -145,16 +165,27 @@ class Frontend:
         self.click_text("[role=dialog]", category)
         self.page.wait_for("!!document.querySelector('[role=dialog] [id=\"vramguard.LowVRAM\"]')", 15)
 
-    def open_templates(self, module: str = "vramguard") -> None:
-        self.page.eval("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        self.click_text("[role=dialog]", module, timeout=30)
+    def open_templates(self, module: str = "vramguard", card: str | None = None) -> None:
+        """The templates browser at `module`'s section (until `card`'s card shows, if given)."""
+        js = "!!document.querySelector(" + json.dumps(f'[data-testid="template-workflow-{card or ""}"]'
+                                                      if card else '[data-testid^="template-workflow-"]') + ")"
+        for attempt in range(4):
+            try:
+                if not self.page.eval("!!document.querySelector('[role=dialog]')"):
+                    self.page.eval("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+                    self.page.wait_for("!!document.querySelector('[role=dialog]')", 5)
+                self.click_text("[role=dialog]", module, timeout=15)
+                self.page.wait_for(js, 5)
+                return
+            except CDPError:  # the command came while the last dialog was closing, or the click missed
+                if attempt == 3:  # (the list was still moving): again
+                    raise
 
     def load_template(self, name: str) -> None:
-        """Click a template's card in the templates browser (the frontend fetches and loads it)."""
+        """Open the templates browser and click a template's card (the frontend fetches and loads it)."""
+        self.open_templates(card=name)
         sel = f'[data-testid="template-workflow-{name}"]'
-        self.page.wait_for(f"!!document.querySelector({json.dumps(sel)})", 15)
-        x, y = self.center(f"document.querySelector({json.dumps(sel)})")
-        self.page.click(x, y)
+        self.page.click(*self.stable_center(f"document.querySelector({json.dumps(sel)})"))
         self.page.wait_for("!document.querySelector('[role=dialog]')", 30)
 
     def graph_rect(self, pad: float = 16) -> dict:
