@@ -64,6 +64,8 @@ class Graph:
         self.links.append([lid, src["id"], slot, dst["id"], len(dst["inputs"]) - 1, t])
 
     def note(self, text, pos, size=(420, 160)):
+        """A Note at pos (its body's top left; the frontend draws a 30 px title bar above it):
+        tests/test_frontend_browser.py fails on nodes drawn over each other."""
         n = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
              "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
              "widgets_values": [text]}
@@ -119,7 +121,7 @@ def upscale_vs_core():
     g.note("Core 'Upscale Image (using Model)' vs vramguard's 'Upscale Image (tiled, auto)'.\n"
            "The tiled node picks the largest tile that fits the VRAM budget (reserve_gb -1 = the settings' "
            "reserve), blends the tiles without seams, and on out-of-memory shrinks the tile and keeps the "
-           "finished ones. max_tile 0 = no limit. Load any ESRGAN-type model and an image.", (20, 480))
+           "finished ones. max_tile 0 = no limit. Load any ESRGAN-type model and an image.", (20, 500))
     g.dump("tiled_upscale_vs_core.json")
 
 
@@ -136,7 +138,7 @@ def tiled_vae_decode():
     side_by_side(g, core, tiled, 1540, "vae")
     g.note("'VAE Decode (tiled, auto)' decodes in tiles that fit the budget and gives the untiled image "
            "(GroupNorm statistics over the whole image, global attention): compare the two outputs.",
-           (1180, 360))
+           (1180, 360), (340, 160))
     g.dump("tiled_vae_decode.json")
 
 
@@ -164,7 +166,7 @@ def gc_checkpoints_timeline():
     g.note("Memory Guard marks sampling as the 'unet' stage; GC Checkpoints run the GC policy where they "
            "sit (policy: only when it pays; forced: always). Memory Timeline draws device use, this process, "
            "RSS, the reserve and budget lines and the stages with their peaks, after the last checkpoint.",
-           (20, 420))
+           (20, 420), (340, 220))
     g.dump("gc_checkpoints_memory_timeline.json")
 
 

@@ -168,14 +168,14 @@ const full = {
   ledger: { joined: true, participants: 2, others_planned: { "0": 3 * G, "1": 0 } }, warn: 90, gpu_reason: null,
 };
 api.emit("vramguard.monitor", full);
-const first = { html: el.innerHTML, title: el.title };
+const first = { html: el.innerHTML, title: el.attrs["aria-description"] };  // the tooltip's text
 // a lower reading: the peak-hold marker stays at the earlier peak
 api.emit("vramguard.monitor", { ...full, devices: [{ ...full.devices[0], used: 4 * G }, full.devices[1]] });
 const held = el.innerHTML;
 // an old server (0.1 payload: fewer fields) and no GPU
 api.emit("vramguard.monitor", { devices: [], ram: { total: 8 * G, used: 2 * G }, warn: 90,
   gpu_reason: "unavailable: cannot load libnvidia-ml.so.1", last_stage: null });
-const nogpu = { html: el.innerHTML, title: el.title };
+const nogpu = { html: el.innerHTML, title: el.attrs["aria-description"] };
 // the bottom panel tab renders the details
 const tab = ext.bottomPanelTabs.find((t) => t.type === "custom");
 api.emit("vramguard.monitor", full);

@@ -75,8 +75,10 @@ async function push(id, value, old) {
 // One compact element: a bar per GPU and one for host RAM.  Where the frontend has its top menu
 // bar (app.menu, the slot Crystools' monitor uses too) it sits there, before the settings
 // buttons; on frontends without one it floats at the bottom right, clear of the sidebar and of
-// LiteGraph's info text.  Hovering shows what each figure is and why (no GPU: the reason);
-// clicking opens the "VRAM" bottom panel tab with the details (frontends with bottom panels).
+// LiteGraph's info text.  Hovering (or focusing it) shows what each figure is and why (no GPU:
+// the reason) in a tooltip of our own: an element, at once, and in a screenshot, which the
+// browser's title tooltip is not; its text is also the element's aria-description.  Clicking
+// (or Enter) opens the "VRAM" bottom panel tab with the details (frontends with bottom panels).
 const GiB = 2 ** 30;
 const PANEL_ID = "vramguard-memory";
 const HOLD_MS = 10000; // the peak-hold marker keeps the highest reading this long
@@ -92,10 +94,13 @@ const pct = (v, total) => (total > 0 ? Math.max(0, Math.min(100, (100 * Number(v
 
 const monitor = {
   el: null, panel: null, refresh: 2, warn: 90, timer: null, last: null, peaks: {}, placement: null,
+  tip: null, tipText: "", hovered: false,
   configure(values) {
     this.refresh = Number(values["vramguard.MonitorRefresh"] ?? this.refresh);
     this.warn = Number(values["vramguard.MonitorWarn"] ?? this.warn);
-    if (this.el) this.el.style.display = this.refresh > 0 ? "" : "none";
+    // "" would drop place()'s inline-flex: the bars and labels would then run together
+    if (this.el) this.el.style.display = this.refresh > 0 ? "inline-flex" : "none";
+    if (!(this.refresh > 0)) this.hideTip();
     this.tell();
   },
   // The server sends nothing unless a visible tab asked for it within 30 s.
@@ -199,7 +204,7 @@ const monitor = {
     if (d.ram) html += this.bar("ram", "RAM", { ...d.ram, reserve: 0, budget: null }, warn, now);
     if (this.el && this.refresh > 0) {
       this.el.innerHTML = html;
-      this.el.title = this.tooltip(d, now);
+      this.setTip(this.tooltip(d, now));
     }
     if (this.panel) this.renderPanel(this.panel);
   },
@@ -222,6 +227,38 @@ const monitor = {
     h += `</table>`;
     if (d.ledger?.joined) h += `<div>shared ledger: ${esc(d.ledger.participants)} process(es)</div>`;
     el.innerHTML = h + `</div>`;
+  },
+  setTip(text) {
+    this.tipText = text;
+    this.el?.setAttribute?.("aria-description", text);
+    if (this.hovered) this.showTip();
+  },
+  // below the monitor, right-aligned with it, kept inside the window
+  showTip() {
+    this.hovered = true;
+    if (!this.el?.getBoundingClientRect || !(this.refresh > 0)) return;
+    if (!this.tip) {
+      this.tip = document.createElement("div");
+      this.tip.id = "vramguard-monitor-tip";
+      this.tip.setAttribute("role", "tooltip");
+      this.tip.style.cssText = "position:fixed;z-index:10000;max-width:min(620px,calc(100vw - 16px));" +
+        "white-space:pre-wrap;font:11px/1.45 ui-monospace,Menlo,Consolas,monospace;color:#e8e8e8;" +
+        "background:rgba(24,24,24,.97);border:1px solid #555;border-radius:6px;padding:6px 9px;" +
+        "box-shadow:0 4px 14px rgba(0,0,0,.5)";
+      document.body.appendChild(this.tip);
+    }
+    this.tip.textContent = this.tipText;
+    this.tip.style.display = "block";
+    const r = this.el.getBoundingClientRect();
+    const w = this.tip.offsetWidth, h = this.tip.offsetHeight;
+    const left = Math.max(8, Math.min(r.right - w, window.innerWidth - w - 8));
+    const top = r.bottom + 6 + h <= window.innerHeight ? r.bottom + 6 : Math.max(8, r.top - 6 - h);
+    this.tip.style.left = `${left}px`;
+    this.tip.style.top = `${top}px`;
+  },
+  hideTip() {
+    this.hovered = false;
+    if (this.tip) this.tip.style.display = "none";
   },
   openPanel() {
     const cmd = app.extensionManager?.command;
@@ -252,10 +289,18 @@ const monitor = {
     el.setAttribute?.("aria-label", "vramguard memory monitor");
     // not empty before the first reading: the frontend shows its legacy-menu slot only with content
     el.innerHTML = `<span style="opacity:.7;font-size:10px">VRAM…</span>`;
-    el.title = "vramguard: waiting for the first reading";
+    el.tabIndex = 0;
+    this.el = el;
+    this.setTip("vramguard: waiting for the first reading");
     this.placement = this.place(el);
     el.addEventListener?.("click", () => this.openPanel());
-    this.el = el;
+    el.addEventListener?.("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") this.openPanel(); });
+    // focus by keyboard only: a clicked monitor would get the focus back (and show its tooltip)
+    // whenever a dialog opened after the click closes
+    el.addEventListener?.("mousedown", (ev) => ev.preventDefault());
+    for (const on of ["mouseenter", "focus"]) el.addEventListener?.(on, () => this.showTip());
+    for (const off of ["mouseleave", "blur"]) el.addEventListener?.(off, () => this.hideTip());
+    el.addEventListener?.("keydown", (ev) => { if (ev.key === "Escape") this.hideTip(); });
     api.addEventListener("vramguard.monitor", (ev) => this.render(ev.detail));
     document.addEventListener("visibilitychange", () => this.tell());
   },
