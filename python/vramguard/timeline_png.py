@@ -19,8 +19,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-_COLORS = [(66, 133, 244), (219, 68, 55), (244, 160, 0), (15, 157, 88), (171, 71, 188),
-           (0, 150, 170), (255, 112, 67), (120, 120, 30), (92, 107, 192)]
+# stage colours: one per stage name (a stage run twice keeps its colour), none close to the
+# lines' colours (reserve red, budget green, GC purple, process orange)
+_COLORS = [(66, 133, 244), (0, 172, 193), (124, 179, 66), (121, 85, 72), (216, 27, 96),
+           (92, 107, 192), (255, 179, 0), (0, 121, 107), (158, 157, 36)]
+
+
+def _stage_colors(stages: list) -> dict:
+    cols: dict = {}
+    for s in stages:
+        cols.setdefault(s["name"], _COLORS[len(cols) % len(_COLORS)])
+    return cols
 C_USED, C_PROC, C_RSS = (25, 60, 170), (230, 120, 0), (150, 90, 40)
 C_RESERVE, C_BUDGET, C_GC, C_TILE, C_GRID = (200, 30, 30), (0, 150, 90), (150, 60, 190), (120, 120, 120), (225, 225, 225)
 
@@ -168,8 +177,9 @@ def render_timeline(timeline: dict[str, Any], stages: list[dict], *, width: int 
     d.line([left, top, left, bottom, right, bottom], fill=(40, 40, 40))
 
     # the stage lane and boundaries: the plot stays unshaded
-    for i, s in enumerate(closed):
-        col = _COLORS[i % len(_COLORS)]
+    stage_col = _stage_colors(closed)
+    for s in closed:
+        col = stage_col[s["name"]]
         x0, x1 = X(s["start"]), max(X(s["end"]), X(s["start"]) + 2)
         d.rectangle([x0, lane_top, x1, lane_top + lh], fill=col)
         label = s["name"]
@@ -249,7 +259,7 @@ def render_timeline(timeline: dict[str, Any], stages: list[dict], *, width: int 
 
     # one row per stage: span and peaks, with units
     for i, s in enumerate(closed[-n_rows:] if n_rows else []):
-        col = _COLORS[(len(closed) - n_rows + i) % len(_COLORS)]
+        col = stage_col[s["name"]]
         d.rectangle([left, y + 3, left + 10, y + lh - 3], fill=col)
         parts = [f"{s['name']}: {s['start'] - t0:.2f}-{s['end'] - t0:.2f} s"]
         if s.get("peak_used", -1) >= 0:
