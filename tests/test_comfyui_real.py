@@ -329,6 +329,17 @@ def every_node_prompt() -> dict:
             "positive": ["17", 0], "negative": ["17", 0], "latent_image": ["11", 0], "denoise": 1.0}},
         "19": {"class_type": "VAEDecode", "inputs": {"samples": ["18", 0], "vae": ["10", 0]}},
         "20": _save(["19", 0], "vg_guarded"),
+        # batches (issue 16): batch size from the budget -> latents -> the pool reserved for the
+        # largest size -> a batch-guarded decode, every frame saved
+        "21": {"class_type": "VramguardBatchSizeAuto", "inputs": {"width": 64, "height": 48, "max_batch": 3,
+                                                                  "reserve_gb": -1.0, "model": ["15", 0],
+                                                                  "vae": ["10", 0]}},
+        "22": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 48, "batch_size": ["21", 0]}},
+        "23": {"class_type": "VramguardReserveForLargest", "inputs": {"width": 64, "height": 48, "batch": 3,
+                                                                     "passthrough": ["22", 0], "vae": ["10", 0]}},
+        "24": {"class_type": "VramguardVAEDecodeBatched", "inputs": {"samples": ["23", 0], "vae": ["10", 0],
+                                                                     "reserve_gb": -1.0}},
+        "25": _save(["24", 0], "vg_batched"),
     }
 
 
@@ -365,11 +376,17 @@ def _check_every_node_run(c: Comfy) -> None:
     from PIL import Image
 
     e = c.run(every_node_prompt())
-    sizes = {}
+    sizes, counts = {}, {}
     for out in e["outputs"].values():
         for im in out.get("images", []):
-            sizes[im["filename"].split("_0")[0]] = Image.open(c.base / "output" / im["subfolder"] / im["filename"]).size
-    assert sizes == {"vg_up": (256, 192), "vg_timeline": (400, 200), "vg_vae": (64, 48), "vg_guarded": (64, 48)}
+            key = im["filename"].split("_0")[0]
+            sizes[key] = Image.open(c.base / "output" / im["subfolder"] / im["filename"]).size
+            counts[key] = counts.get(key, 0) + 1
+    assert sizes == {"vg_up": (256, 192), "vg_timeline": (400, 200), "vg_vae": (64, 48), "vg_guarded": (64, 48),
+                     "vg_batched": (64, 48)}
+    # the batch size the Batch Size (auto) node chose (1..max_batch 3 on this host) came through
+    # the reservation and the batch-guarded decode as that many frames
+    assert 1 <= counts["vg_batched"] <= 3, counts
     assert "vramguard prompt" in c.log_tail(200000)  # the per-prompt summary from the prompt hook
     assert "IMPORT FAILED" not in c.log_tail(200000)
     stats = c.get("/vramguard/hooks")["gc_stats"]
