@@ -398,8 +398,8 @@ def test_wan_encode_fixture_is_sane(wan_enc):
     assert all(torch.isfinite(p).all() for p in e.parameters())
     assert ref.shape == (1, 8, 1 + (ET - 1) // 4, EH // 8, EW // 8)
     assert ref.std() > 0.1 and (_frame_steps(ref) > 1e-3).all()          # latent frames differ: it moves
-    assert [m.mode for m in e.downsamples if type(m).__name__ == "Resample"] == ["downsample3d", "downsample3d",
-                                                                                   "downsample2d"]
+    assert [m.mode for m in e.downsamples if type(m).__name__ == "Resample"] == ["downsample2d", "downsample3d",
+                                                                                   "downsample3d"]
 
 
 @pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
@@ -420,10 +420,15 @@ def test_wan_encode_matches_untiled(wan_enc, grid):
     assert torch.equal(same, out)
 
 
-@pytest.mark.parametrize("t", [1, 4, 5, 7, 9, 11])
-def test_wan_encode_frame_counts(wan_enc, t):
-    """1 + 4N frames, the rest dropped as WanVAE.encode does; N odd ends on a lone final frame."""
+@pytest.mark.parametrize("t, order", [(1, "sd"), (4, "sd"), (5, "sd"), (7, "sd"), (9, "sd"), (11, "sd"), (5, "cls"),
+                                      (13, "cls")])
+def test_wan_encode_frame_counts(wan_enc, t, order):
+    """1 + 4N frames, the rest dropped as WanVAE.encode does; N odd ends on a lone final frame.
+    order "sd": time downsampling at the 2nd and 3rd Resample (ComfyUI's sd.py for Wan 2.1), "cls":
+    at the 1st and 2nd (WanVAE's default arguments)."""
     e, conv1, v, _ = wan_enc
+    if order == "cls":
+        e = vm.wan_encoder(seed=7, temperal_downsample=(True, True, False))
     ref = vm.wan_encode(e, v[:, :, :t], conv1)
     out = vae.encode_video_tiled(e, v[:, :, :t], budget_bytes=1 << 30, grid=(2, 2), conv1=conv1)
     assert out.shape == ref.shape == (1, 8, 1 + (t - 1) // 4, EH // 8, EW // 8)

@@ -510,7 +510,7 @@ class Encoder3d(nn.Module):
     Resamples (temperal_downsample), middle (res, attention, res), head; small."""
 
     def __init__(self, dim=16, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
-                 temperal_downsample=(True, True, False)):
+                 temperal_downsample=(False, True, True)):     # what ComfyUI's sd.py builds for Wan 2.1
         super().__init__()
         dims = [dim * u for u in [1] + list(dim_mult)]
         scale = 1.0
@@ -590,12 +590,13 @@ def wan_encoder(seed: int = 0, **kw) -> Encoder3d:
     return _rms_gammas(m, seed).eval()
 
 
-def comfy_wan_vae(seed: int = 0, dim: int = 16, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1):
+def comfy_wan_vae(seed: int = 0, dim: int = 16, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1,
+                  temperal_downsample=(False, True, True)):
     """ComfyUI's own WanVAE (z_dim 4: encoder out 8 channels, conv1 8 -> 8), sanely initialised."""
     _comfy_model()
     import comfy.ldm.wan.vae as w
     m = w.WanVAE(dim=dim, z_dim=4, dim_mult=list(dim_mult), num_res_blocks=num_res_blocks,
-                 temperal_downsample=[True, True, False])
+                 temperal_downsample=list(temperal_downsample))
     sane_init(m, seed)
     return _rms_gammas(m, seed).eval()
 
