@@ -454,17 +454,22 @@ def test_wan_encode_metrics_catch_dropped_caches(wan_enc, monkeypatch):
     assert ((_frame_steps(naive) / _frame_steps(ref) - 1).abs() > 0.01).any()      # ours: < 0.001
 
 
-def test_wan_encode_planned_from_the_budget_and_oom_replans(wan_enc, caplog):
+def test_wan_encode_planned_from_the_budget_and_oom_replans(wan_enc, caplog, monkeypatch):
     e, conv1, v, ref = wan_enc
     span = (ref.max() - ref.min()).item()
     big = vae.plan_wan_encode_grid(e, EH // 8, EW // 8, budget_bytes=1 << 30, frames=ET)
     small = vae.plan_wan_encode_grid(e, EH // 8, EW // 8, budget_bytes=512 << 10, frames=ET)
     assert big.rows * big.cols == 1 and small.rows * small.cols > 1 and small.tile_bytes <= 512 << 10
     assert small.frames == 2 and small.chunks == (ET - 1) // 2          # time tile pinned at Wan's chunk
+    peaks = []
+    monkeypatch.setattr(vae, "_tile_scope", vm.tile_peak_scope(peaks))
     with caplog.at_level("INFO", logger="vramguard"):
         out = vae.encode_video_tiled(e, v, budget_bytes=512 << 10, conv1=conv1)
+    monkeypatch.undo()
     assert f"7 chunks x {small.rows * small.cols} tiles" in caplog.text, caplog.text
     assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0
+    # measured: live bytes one tile's work allocates stay under the planned working set
+    assert small.tile_bytes // 20 < max(peaks) <= small.tile_bytes, (max(peaks), small.tile_bytes)
     conv = next(m for m in e.downsamples if type(m).__name__ == "Resample").resample[1]   # the first stride-2 conv
     real, n = conv.forward, {"k": 0}
 
