@@ -775,18 +775,27 @@ def _video_layers(decoder: Any) -> list[Any]:
     return [decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head]
 
 
-def _check_video(decoder: Any) -> None:
+def _check_wan_layout(model: Any, what: str, parts: tuple[str, str], modes: tuple[str, ...]) -> list[Any]:
+    """A Wan-shaped Decoder3d / Encoder3d (what: "decoder" / "encoder"): conv1, the two Sequentials
+    `parts` of ResidualBlock / AttentionBlock / Resample (a mode in `modes`), head; their layers."""
     import torch
-    if not isinstance(decoder, torch.nn.Module):
-        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
-    missing = [n for n in ("conv1", "middle", "upsamples", "head") if not hasattr(decoder, n)]
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+    missing = [n for n in ("conv1", *parts, "head") if not hasattr(model, n)]
     if missing:
-        raise VaeTilingError(f"decoder {type(decoder).__name__} lacks {missing}: not a Wan-shaped Decoder3d")
-    for m in [*decoder.middle, *decoder.upsamples]:
+        raise VaeTilingError(f"{what} {type(model).__name__} lacks {missing}: not a Wan-shaped "
+                             f"{what.capitalize()}3d")
+    layers = [m for n in parts for m in getattr(model, n)]
+    for m in layers:
         if _cls(m) not in ("ResidualBlock", "AttentionBlock", "Resample"):
-            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped decoder")
-        if _cls(m) == "Resample" and m.mode not in ("upsample2d", "upsample3d", "none"):
-            raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in a decoder")
+            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped {what}")
+        if _cls(m) == "Resample" and m.mode not in modes:
+            raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in a {what}")
+    return layers
+
+
+def _check_video(decoder: Any) -> None:
+    _check_wan_layout(decoder, "decoder", ("middle", "upsamples"), ("upsample2d", "upsample3d", "none"))
 
 
 class _VideoRun:
@@ -943,20 +952,28 @@ def _wan_resample(run: _VideoRun, blk: Any, x: Any, res: int) -> tuple[Any, int]
     return out, res * 2
 
 
-def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
+def _wan_walk(run: _VideoRun, model: Any, layers: list[Any], x: Any, res: int,
+              resample: Callable[[_VideoRun, Any, Any, int], tuple[Any, int]]) -> Any:
+    """One time chunk through a Wan Decoder3d / Encoder3d: conv1, the layers, head (norm, SiLU,
+    conv); resample runs a Resample and gives (output or None: the chunk stops, its resolution)."""
     import torch.nn.functional as F
-    res = 1
-    h = run.conv(decoder.conv1, x, res)
-    for layer in [*decoder.middle, *decoder.upsamples]:
+    h = run.conv(model.conv1, x, res)
+    for layer in layers:
         name = _cls(layer)
         if name == "ResidualBlock":
             h = _wan_residual(run, layer, h, res)
         elif name == "AttentionBlock":
             h = _wan_attention(run, layer, h, res)
         else:
-            h, res = _wan_resample(run, layer, h, res)
-    n, _, conv = list(decoder.head)
+            h, res = resample(run, layer, h, res)
+            if h is None:
+                return None
+    n, _, conv = list(model.head)
     return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
+
+
+def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
+    return _wan_walk(run, decoder, [*decoder.middle, *decoder.upsamples], x, 1, _wan_resample)
 
 
 def video_chunks(t: int, frames: int = 2) -> list[tuple[int, int]]:
@@ -1008,17 +1025,21 @@ def _video_cost(decoder: Any, h: int, w: int) -> tuple[float, float, float, floa
     return fixed, per_frame, per_px, per_edge
 
 
+def _check_video_plan(h: Any, w: Any, batch: Any, elem: Any, frames: Any, budget: Any) -> tuple[int, int, int, int]:
+    """The checked (h, w, batch * elem, budget) of a video plan; frames: 1.._MAX_SIDE."""
+    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
+        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
+    return h, w, batch * elem, _check_budget(budget)
+
+
 def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
                     frames: int = 1) -> GridPlan:
     """Spatial tiles and time chunks for a Wan-shaped decoder, planned by the C planner in space and
     time (depth = the latent frames after the first, which Wan decodes alone): the fewest tiles
     whose working set fits.  frames: the latent frame count (1: an image-like decode)."""
-    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
-    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
-        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
-    budget_bytes = _check_budget(budget_bytes)
+    h, w, k, budget_bytes = _check_video_plan(h, w, batch, elem, frames, budget_bytes)
     _check_video(decoder)
-    k = batch * elem
     fixed, per_frame, per_px, per_edge = _video_cost(decoder, h, w)
     # a time chunk of td latent frames costs td x the per-frame working set; the fixed part of
     # every step is per frame too (halo corners), so it goes with per_frame
@@ -1082,25 +1103,15 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
 
 def check_wan_encoder(encoder: Any) -> None:
     """Raises VaeTilingError (TypeError: not a module) unless encoder is a Wan 2.1-shaped Encoder3d."""
-    import torch
-    if not isinstance(encoder, torch.nn.Module):
-        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
-    missing = [n for n in ("conv1", "downsamples", "middle", "head") if not hasattr(encoder, n)]
-    if missing:
-        raise VaeTilingError(f"encoder {type(encoder).__name__} lacks {missing}: not a Wan-shaped Encoder3d")
+    layers = _check_wan_layout(encoder, "encoder", ("downsamples", "middle"), ("downsample2d", "downsample3d", "none"))
     if _cls(encoder.conv1) != "CausalConv3d" or _cls(encoder.head[-1]) != "CausalConv3d":
         raise VaeTilingError(f"encoder {type(encoder).__name__}: conv1/head are not CausalConv3d")
-    for m in [*encoder.downsamples, *encoder.middle]:
-        if _cls(m) not in ("ResidualBlock", "AttentionBlock", "Resample"):
-            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped encoder")
-        if _cls(m) == "Resample":
-            if m.mode not in ("downsample2d", "downsample3d", "none"):
-                raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in an encoder")
-            if m.mode != "none":
-                c = m.resample[1]
-                if (_cls(m.resample[0]) != "ZeroPad2d" or tuple(m.resample[0].padding) != (0, 1, 0, 1)
-                        or tuple(c.stride) != (2, 2) or tuple(c.kernel_size) != (3, 3) or tuple(c.padding) != (0, 0)):
-                    raise VaeTilingError("a Wan encoder Resample that is not ZeroPad2d((0, 1, 0, 1)) + 3x3 stride 2")
+    for m in layers:
+        if _cls(m) == "Resample" and m.mode != "none":
+            c = m.resample[1]
+            if (_cls(m.resample[0]) != "ZeroPad2d" or tuple(m.resample[0].padding) != (0, 1, 0, 1)
+                    or tuple(c.stride) != (2, 2) or tuple(c.kernel_size) != (3, 3) or tuple(c.padding) != (0, 0)):
+                raise VaeTilingError("a Wan encoder Resample that is not ZeroPad2d((0, 1, 0, 1)) + 3x3 stride 2")
 
 
 def _wan_downscale(encoder: Any) -> int:
@@ -1141,22 +1152,10 @@ def _wan_downsample(run: _VideoRun, blk: Any, x: Any, res: int, final: bool) -> 
 
 
 def _wan_encode_chunk(run: _VideoRun, encoder: Any, x: Any, final: bool) -> Any:
-    import torch.nn.functional as F
-    res = _wan_downscale(encoder)
-    h = run.conv(encoder.conv1, x, res)
-    for layer in [*encoder.downsamples, *encoder.middle]:
-        name = _cls(layer)
-        if name == "ResidualBlock":
-            h = _wan_residual(run, layer, h, res)
-        elif name == "AttentionBlock":
-            h = _wan_attention(run, layer, h, res)
-        else:
-            h = _wan_downsample(run, layer, h, res, final)
-            if h is None:
-                return None
-            res //= 2 if layer.mode != "none" else 1
-    n, _, conv = list(encoder.head)
-    return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
+    def down(run: _VideoRun, layer: Any, h: Any, res: int) -> tuple[Any, int]:
+        return _wan_downsample(run, layer, h, res, final), (res if layer.mode == "none" else res // 2)
+
+    return _wan_walk(run, encoder, [*encoder.downsamples, *encoder.middle], x, _wan_downscale(encoder), down)
 
 
 def wan_encode_chunks(t: int) -> list[tuple[int, int]]:
@@ -1203,12 +1202,8 @@ def plan_wan_encode_grid(encoder: Any, h: int, w: int, *, budget_bytes: int, bat
                          frames: int = 1) -> GridPlan:
     """Spatial tiles for a Wan-shaped encoder (latent grid h x w), planned by the C planner in space
     and time with the time tile pinned at Wan's own chunk (2 input frames; frames: the video's)."""
-    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
-    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
-        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
-    budget_bytes = _check_budget(budget_bytes)
+    h, w, k, budget_bytes = _check_video_plan(h, w, batch, elem, frames, budget_bytes)
     check_wan_encoder(encoder)
-    k = batch * elem
     fixed, per_frame, per_px, per_edge = _wan_encode_cost(encoder, h, w)
     rest = max(2, 4 * ((frames - 1) // 4))
     from . import _native
