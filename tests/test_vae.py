@@ -375,6 +375,158 @@ def test_comfyui_wan_decoder3d():
     assert vm.psnr(out, ref) >= 45.0
 
 
+# ------------------------------------------------------------------ video encode (Wan 2.1-shaped)
+
+ET, EH, EW = 13, 32, 48       # input frames 0 | 1-2 | 3-4 | ... | 11-12: 7 chunks, 4 latent frames
+
+
+def _frame_steps(v):
+    """Mean squared change between consecutive frames, one value per frame boundary."""
+    return ((v[:, :, 1:] - v[:, :, :-1]).double() ** 2).mean(dim=(0, 1, 3, 4))
+
+
+@pytest.fixture(scope="module")
+def wan_enc():
+    e = vm.wan_encoder(seed=7)
+    conv1 = vm.sane_init(vm.CausalConv3d(8, 8, 1), seed=8)
+    v = vm.video_frames(ET, EH, EW, seed=9)
+    return e, conv1, v, vm.wan_encode(e, v, conv1)
+
+
+def test_wan_encode_fixture_is_sane(wan_enc):
+    e, conv1, v, ref = wan_enc
+    assert all(torch.isfinite(p).all() for p in e.parameters())
+    assert ref.shape == (1, 8, 1 + (ET - 1) // 4, EH // 8, EW // 8)
+    assert ref.std() > 0.1 and (_frame_steps(ref) > 1e-3).all()          # latent frames differ: it moves
+    assert [m.mode for m in e.downsamples if type(m).__name__ == "Resample"] == ["downsample2d", "downsample3d",
+                                                                                   "downsample3d"]
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_wan_encode_matches_untiled(wan_enc, grid):
+    """2 and 6 spatial tiles over Wan's own time chunks (caches and deferred frames): equals
+    WanVAE.encode's loop to float rounding, no seam in space or across the chunks in time."""
+    e, conv1, v, ref = wan_enc
+    out = vae.encode_video_tiled(e, v, budget_bytes=1 << 30, grid=grid, conv1=conv1)
+    span = (ref.max() - ref.min()).item()
+    assert out.shape == ref.shape
+    assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0
+    assert (out - ref).abs().max() < 1e-4
+    ys, xs = _borders(*grid, EH // 8, EW // 8, 1)
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    # every latent frame boundary is a chunk boundary (each latent frame after the first: 2 chunks)
+    assert ((_frame_steps(out) / _frame_steps(ref) - 1).abs() < 1e-3).all()
+    same = vae.encode_tiled(e, v, budget_bytes=1 << 30, grid=grid, quant_conv=conv1)      # the 5-D dispatch
+    assert torch.equal(same, out)
+
+
+@pytest.mark.parametrize("t, order", [(1, "sd"), (4, "sd"), (5, "sd"), (7, "sd"), (9, "sd"), (11, "sd"), (5, "cls"),
+                                      (13, "cls")])
+def test_wan_encode_frame_counts(wan_enc, t, order):
+    """1 + 4N frames, the rest dropped as WanVAE.encode does; N odd ends on a lone final frame.
+    order "sd": time downsampling at the 2nd and 3rd Resample (ComfyUI's sd.py for Wan 2.1), "cls":
+    at the 1st and 2nd (WanVAE's default arguments)."""
+    e, conv1, v, _ = wan_enc
+    if order == "cls":
+        e = vm.wan_encoder(seed=7, temperal_downsample=(True, True, False))
+    ref = vm.wan_encode(e, v[:, :, :t], conv1)
+    out = vae.encode_video_tiled(e, v[:, :, :t], budget_bytes=1 << 30, grid=(2, 2), conv1=conv1)
+    assert out.shape == ref.shape == (1, 8, 1 + (t - 1) // 4, EH // 8, EW // 8)
+    assert (out - ref).abs().max() < 1e-4
+
+
+def test_wan_encode_metrics_catch_dropped_caches(wan_enc, monkeypatch):
+    """The same chunks with every causal conv's cache dropped (zeros instead): PSNR and the
+    time-step metric at the chunk boundaries both fail; so the tiled run's pass means something."""
+    e, conv1, v, ref = wan_enc
+    real = vm.CausalConv3d.forward
+
+    def no_cache(self, x, cache_x=None, cache_list=None, cache_idx=None):
+        if cache_list is not None:
+            cache_list[cache_idx] = None
+        return real(self, x)
+
+    monkeypatch.setattr(vm.CausalConv3d, "forward", no_cache)
+    naive = vm.wan_encode(e, v, conv1)
+    monkeypatch.undo()
+    assert naive.shape == ref.shape
+    assert vm.psnr(naive, ref, peak_to_peak=(ref.max() - ref.min()).item()) < 45.0
+    assert ((_frame_steps(naive) / _frame_steps(ref) - 1).abs() > 0.01).any()      # ours: < 0.001
+
+
+def test_wan_encode_planned_from_the_budget_and_oom_replans(wan_enc, caplog, monkeypatch):
+    e, conv1, v, ref = wan_enc
+    span = (ref.max() - ref.min()).item()
+    big = vae.plan_wan_encode_grid(e, EH // 8, EW // 8, budget_bytes=1 << 30, frames=ET)
+    small = vae.plan_wan_encode_grid(e, EH // 8, EW // 8, budget_bytes=512 << 10, frames=ET)
+    assert big.rows * big.cols == 1 and small.rows * small.cols > 1 and small.tile_bytes <= 512 << 10
+    assert small.frames == 2 and small.chunks == (ET - 1) // 2          # time tile pinned at Wan's chunk
+    peaks = []
+    monkeypatch.setattr(vae, "_tile_scope", vm.tile_peak_scope(peaks))
+    with caplog.at_level("INFO", logger="vramguard"):
+        out = vae.encode_video_tiled(e, v, budget_bytes=512 << 10, conv1=conv1)
+    monkeypatch.undo()
+    assert f"7 chunks x {small.rows * small.cols} tiles" in caplog.text, caplog.text
+    assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0
+    # measured: live bytes one tile's work allocates stay under the planned working set
+    assert small.tile_bytes // 20 < max(peaks) <= small.tile_bytes, (max(peaks), small.tile_bytes)
+    conv = next(m for m in e.downsamples if type(m).__name__ == "Resample").resample[1]   # the first stride-2 conv
+    real, n = conv.forward, {"k": 0}
+
+    def flaky(*a, **kw):
+        n["k"] += 1
+        if n["k"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    conv.forward = flaky
+    caplog.clear()
+    try:
+        with caplog.at_level("WARNING", logger="vramguard"):
+            out = vae.encode_video_tiled(e, v, budget_bytes=1 << 30, grid=(2, 2), conv1=conv1)
+    finally:
+        del conv.forward
+    assert "2 tiles done" in caplog.text, caplog.text
+    assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0
+
+
+def test_wan_encode_progress_and_bad_inputs(wan_enc, enc):
+    e, conv1, v, _ = wan_enc
+    ticks = []
+    vae.encode_video_tiled(e, v[:, :, :5], budget_bytes=1 << 30, grid=(1, 2), progress=lambda d, t: ticks.append((d, t)))
+    assert [d for d, _ in ticks] == list(range(1, len(ticks) + 1)) and all(d <= t for d, t in ticks)
+    with pytest.raises(ValueError, match="B, C, T, H, W"):
+        vae.encode_video_tiled(e, v[0], budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="multiple"):
+        vae.encode_video_tiled(e, v[..., :44], budget_bytes=1 << 30)
+    with pytest.raises(vae.VaeTilingError, match="Wan-shaped Encoder3d"):
+        vae.encode_video_tiled(enc, v, budget_bytes=1 << 30)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        vae.encode_video_tiled(object(), v, budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="budget_bytes"):
+        vae.encode_video_tiled(e, v, budget_bytes=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        vae.encode_video_tiled(e, v * float("nan"), budget_bytes=1 << 30)
+
+
+@pytest.mark.usefixtures("comfy_classes")
+def test_comfyui_wan_vae_encode():
+    """ComfyUI's own WanVAE: its encode (mean) equals ours over its encoder and conv1 at 2 and 6
+    tiles; our stand-in Encoder3d with its weights is the same network."""
+    m = vm.comfy_wan_vae(seed=21)
+    v = vm.video_frames(ET, EH, EW, seed=22)
+    with torch.no_grad():
+        ref = m.encode(v)
+    assert ref.shape == (1, 4, 4, EH // 8, EW // 8) and ref.std() > 0.1
+    span = (ref.max() - ref.min()).item()
+    for grid in [(1, 2), (2, 3)]:
+        out = vae.encode_video_tiled(m.encoder, v, budget_bytes=1 << 30, grid=grid, conv1=m.conv1)[:, :4]
+        assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0
+    mine = vm.wan_encoder(seed=0)
+    mine.load_state_dict(m.encoder.state_dict())
+    assert (vm.wan_encode(mine, v, m.conv1)[:, :4] - ref).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("h,w,exc", [(-(2**63), -1, ValueError), (0, 4, ValueError), (2**40, 2**40, ValueError),
                                      (4.0, 4, TypeError), (True, 4, TypeError)])
 def test_plan_grid_rejects_bad_sizes_at_once(h, w, exc):

@@ -141,3 +141,40 @@ def test_video_encode_node_hunyuan_shaped(small_host_budget):
     out = comfyui.vae_tiled("encode", v, frames, overlap=8)["samples"]
     assert out.shape == ref.shape == (1, 4, 3, 8, 12)
     assert vm.psnr(out, ref, peak_to_peak=float(ref.max() - ref.min())) >= 45.0
+
+
+def test_video_encode_node_wan_shaped(monkeypatch, caplog):
+    """A Wan-shaped VAE (video_layout of its decoder: "wan"): IMAGE frames -> (1, 3, T, H, W) ->
+    WanVAE.encode's chunks over spatial tiles, then conv1; the LATENT is the mean."""
+    from vramguard import vae as vae_mod
+
+    monkeypatch.setattr(comfyui, "_budget", lambda dev, reserve_gb: 512 << 10)   # this small video in tiles
+
+    class _WanFSM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = vm.wan_encoder(seed=9)
+            self.decoder = vm.wan_decoder(seed=10)
+            self.conv1 = vm.sane_init(vm.CausalConv3d(8, 8, 1), seed=11)
+
+        def encode(self, x):
+            return vm.wan_encode(self.encoder, x, self.conv1)[:, :4]
+
+    v = _VAE()
+    v.first_stage_model = _WanFSM()
+    v.latent_dim = 3
+    run, mods = comfyui._vae_program("encode", v, 5)      # encode_tiled: 5-D, not carried -> encode_video_tiled
+    assert run is vae_mod.encode_tiled and mods["quant_conv"] is v.first_stage_model.conv1
+    frames = torch.rand(7, 32, 48, 3, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ref = v.first_stage_model.encode(v.process_input(frames.movedim(-1, 1)).movedim(1, 0).unsqueeze(0))
+    with caplog.at_level("INFO", logger="vramguard"):
+        out = comfyui.vae_tiled("encode", v, frames, overlap=8)["samples"]
+    assert "tiled Wan-shaped VAE encode" in caplog.text and "x 1 tiles" not in caplog.text, caplog.text
+    assert out.shape == ref.shape == (1, 4, 2, 4, 6)
+    assert vm.psnr(out, ref, peak_to_peak=float(ref.max() - ref.min())) >= 100.0
+    v.first_stage_model.encoder.downsamples.append(torch.nn.GroupNorm(2, 32))    # not Wan's layout: ComfyUI's path
+    caplog.clear()
+    with caplog.at_level("INFO", logger="vramguard"):
+        assert comfyui._vae_program("encode", v, 5) is None
+    assert "unsupported layer GroupNorm" in caplog.text, caplog.text

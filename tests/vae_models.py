@@ -373,12 +373,19 @@ class Resample(nn.Module):
     def __init__(self, dim, mode):
         super().__init__()
         self.dim, self.mode = dim, mode
+        if mode.startswith("down"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+            return
         self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
                                       nn.Conv2d(dim, dim // 2, 3, padding=1))
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x, feat_cache=None, feat_idx=[0]):
+    def forward(self, x, feat_cache=None, feat_idx=[0], final=False):
+        if self.mode.startswith("down"):
+            return self._down(x, feat_cache, feat_idx, final)
         b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and feat_cache is not None:
             idx = feat_idx[0]
@@ -394,6 +401,29 @@ class Resample(nn.Module):
         t = x.shape[2]
         return _unframes(self.resample(_frames(x)), b, t)
 
+    def _down(self, x, feat_cache, feat_idx, final):
+        """Wan 2.1's (ComfyUI 0.30) downsample: spatial stride 2 per frame, then for downsample3d a
+        stride-2 time conv over [the last frame kept, x]; the first chunk keeps x and passes it on;
+        a lone output frame is deferred to the next chunk (None: the encoder stops) unless final."""
+        b, c, t, h, w = x.shape
+        x = _unframes(self.resample(_frames(x)), b, t)
+        if self.mode == "downsample3d" and feat_cache is not None:
+            idx = feat_idx[0]
+            if feat_cache[idx] is None:
+                feat_cache[idx] = x
+            else:
+                cache_x = x[:, :, -1:]
+                x = self.time_conv(torch.cat([feat_cache[idx][:, :, -1:], x], 2))
+                feat_cache[idx] = cache_x
+                if feat_cache[idx + 1] is not None:
+                    x = torch.cat([feat_cache[idx + 1], x], 2)
+                    feat_cache[idx + 1] = None
+                if x.shape[2] == 1 and not final:
+                    feat_cache[idx + 1] = x
+                    x = None
+            feat_idx[0] += 2
+        return x
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, in_dim, out_dim):
@@ -404,7 +434,7 @@ class ResidualBlock(nn.Module):
                                       CausalConv3d(out_dim, out_dim, 3, padding=1))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x, feat_cache=None, feat_idx=[0]):
+    def forward(self, x, feat_cache=None, feat_idx=[0], final=False):
         old_x = x
         for layer in self.residual:
             if isinstance(layer, CausalConv3d) and feat_cache is not None:
@@ -425,7 +455,7 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x, feat_cache=None, feat_idx=[0]):
+    def forward(self, x, feat_cache=None, feat_idx=[0], final=False):
         b, c, t, h, w = x.shape
         f = self.norm(_frames(x))
         q, k, v = (u.flatten(2).transpose(1, 2).unsqueeze(1) for u in self.to_qkv(f).chunk(3, dim=1))
@@ -473,6 +503,118 @@ class Decoder3d(nn.Module):
             else:
                 x = layer(x)
         return x
+
+
+class Encoder3d(nn.Module):
+    """Wan 2.1's encoder layout (ComfyUI's Encoder3d): conv1, residual blocks with downsample2d/3d
+    Resamples (temperal_downsample), middle (res, attention, res), head; small."""
+
+    def __init__(self, dim=16, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
+                 temperal_downsample=(False, True, True)):     # what ComfyUI's sd.py builds for Wan 2.1
+        super().__init__()
+        dims = [dim * u for u in [1] + list(dim_mult)]
+        scale = 1.0
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        downs = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                downs.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    downs.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                downs.append(Resample(out_dim, "downsample3d" if temperal_downsample[i] else "downsample2d"))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*downs)
+        self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim),
+                                    ResidualBlock(out_dim, out_dim))
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
+                                  CausalConv3d(out_dim, z_dim, 3, padding=1))
+
+    def forward(self, x, feat_cache=None, feat_idx=[0], final=False):
+        if feat_cache is not None:
+            idx = feat_idx[0]
+            cache_x = x[:, :, -CACHE_T:]
+            x = self.conv1(x, feat_cache[idx])
+            feat_cache[idx] = cache_x
+            feat_idx[0] += 1
+        else:
+            x = self.conv1(x)
+        for layer in [*self.downsamples, *self.middle]:
+            x = layer(x, feat_cache, feat_idx, final=final) if feat_cache is not None else layer(x)
+            if x is None:
+                return None
+        for layer in self.head:
+            if isinstance(layer, CausalConv3d) and feat_cache is not None:
+                cache_x = x[:, :, -CACHE_T:]
+                x = layer(x, feat_cache[feat_idx[0]])
+                feat_cache[feat_idx[0]] = cache_x
+                feat_idx[0] += 1
+            else:
+                x = layer(x)
+        return x
+
+
+def wan_encode(encoder, x, conv1=None):
+    """WanVAE.encode's loop (ComfyUI 0.30): frames cut to 1 + 4N, frame 0, then 2 frames at a time
+    with one cache slot per CausalConv3d and per downsample3d Resample (two: kept frame, deferred
+    output); returns conv1's output (mean and logvar) or the encoder's.  Works on ComfyUI's too."""
+    n = sum(1 for m in encoder.modules()
+            if type(m).__name__ == "CausalConv3d" or (type(m).__name__ == "Resample" and m.mode == "downsample3d"))
+    t = 1 + ((x.shape[2] - 1) // 4) * 4
+    iters = 1 + (t - 1) // 2
+    feat = [None] * n if iters > 1 else None
+    outs = []
+    with torch.no_grad():
+        for i in range(iters):
+            a, b = (0, 1) if i == 0 else (1 + 2 * (i - 1), 1 + 2 * i)
+            o = encoder(x[:, :, a:b], feat_cache=feat, feat_idx=[0], final=i == iters - 1)
+            if o is not None:
+                outs.append(o)
+        out = torch.cat(outs, 2)
+        return conv1(out) if conv1 is not None else out
+
+
+def _rms_gammas(m, seed):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1000)
+        for mod in m.modules():
+            if type(mod).__name__ == "RMS_norm":
+                mod.gamma.copy_(1 + (torch.rand(mod.gamma.shape, generator=g) * 2 - 1) * 0.2)
+    return m
+
+
+def wan_encoder(seed: int = 0, **kw) -> Encoder3d:
+    m = Encoder3d(**kw)
+    sane_init(m, seed)
+    return _rms_gammas(m, seed).eval()
+
+
+def comfy_wan_vae(seed: int = 0, dim: int = 16, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1,
+                  temperal_downsample=(False, True, True)):
+    """ComfyUI's own WanVAE (z_dim 4: encoder out 8 channels, conv1 8 -> 8), sanely initialised."""
+    _comfy_model()
+    import comfy.ldm.wan.vae as w
+    m = w.WanVAE(dim=dim, z_dim=4, dim_mult=list(dim_mult), num_res_blocks=num_res_blocks,
+                 temperal_downsample=list(temperal_downsample))
+    sane_init(m, seed)
+    return _rms_gammas(m, seed).eval()
+
+
+def video_frames(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A moving, textured video in [-1, 1] (B=1, 3, t, h, w): a drifting test card plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, h).view(h, 1)
+    xs = torch.linspace(0, 1, w).view(1, w)
+    frames = []
+    for i in range(t):
+        s = i * 0.15
+        r = torch.sin(6.0 * (xs + s)) * torch.cos(4.0 * ys)
+        gch = ((xs * 5 + ys * 3 + s) % 1.0) * 2 - 1
+        bch = torch.sign(torch.sin(9.0 * (xs - s)) * torch.sin(7.0 * ys)) * 0.6
+        frames.append(torch.stack([r, gch, bch]))
+    v = torch.stack(frames, 1).unsqueeze(0)
+    return (v + 0.15 * torch.randn(v.shape, generator=g)).clamp(-1, 1)
 
 
 def wan_decode(decoder, z, conv2=None):

@@ -41,7 +41,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "decode_mochi_tiled", "video_layout",
+__all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "encode_video_tiled", "plan_wan_encode_grid",
+           "check_wan_encoder", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "decode_mochi_tiled", "video_layout",
            "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
            "compile_decoder", "compile_encoder", "run_program"]
 
@@ -744,6 +745,9 @@ def encode_tiled(encoder: Any, image: Any, *, budget_bytes: int, tile: int | tup
     are in latent px. Returns the encoder (+quant_conv) output: mean and logvar channels.
     """
     import torch
+    if isinstance(image, torch.Tensor) and image.ndim == 5 and not _carried(encoder):
+        return encode_video_tiled(encoder, image, budget_bytes=budget_bytes, grid=grid, conv1=quant_conv,
+                                  device=device, store_device=store_device, progress=progress)
     if isinstance(image, torch.Tensor) and image.ndim == 5:
         return encode_carried_tiled(encoder, image, budget_bytes=budget_bytes, grid=grid, quant_conv=quant_conv,
                                     device=device, store_device=store_device, progress=progress)
@@ -771,18 +775,27 @@ def _video_layers(decoder: Any) -> list[Any]:
     return [decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head]
 
 
-def _check_video(decoder: Any) -> None:
+def _check_wan_layout(model: Any, what: str, parts: tuple[str, str], modes: tuple[str, ...]) -> list[Any]:
+    """A Wan-shaped Decoder3d / Encoder3d (what: "decoder" / "encoder"): conv1, the two Sequentials
+    `parts` of ResidualBlock / AttentionBlock / Resample (a mode in `modes`), head; their layers."""
     import torch
-    if not isinstance(decoder, torch.nn.Module):
-        raise TypeError(f"decoder must be a torch.nn.Module, got {type(decoder).__name__}")
-    missing = [n for n in ("conv1", "middle", "upsamples", "head") if not hasattr(decoder, n)]
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+    missing = [n for n in ("conv1", *parts, "head") if not hasattr(model, n)]
     if missing:
-        raise VaeTilingError(f"decoder {type(decoder).__name__} lacks {missing}: not a Wan-shaped Decoder3d")
-    for m in [*decoder.middle, *decoder.upsamples]:
+        raise VaeTilingError(f"{what} {type(model).__name__} lacks {missing}: not a Wan-shaped "
+                             f"{what.capitalize()}3d")
+    layers = [m for n in parts for m in getattr(model, n)]
+    for m in layers:
         if _cls(m) not in ("ResidualBlock", "AttentionBlock", "Resample"):
-            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped decoder")
-        if _cls(m) == "Resample" and m.mode not in ("upsample2d", "upsample3d", "none"):
-            raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in a decoder")
+            raise VaeTilingError(f"unsupported layer {_cls(m)} in a Wan-shaped {what}")
+        if _cls(m) == "Resample" and m.mode not in modes:
+            raise VaeTilingError(f"unsupported Resample mode {m.mode!r} in a {what}")
+    return layers
+
+
+def _check_video(decoder: Any) -> None:
+    _check_wan_layout(decoder, "decoder", ("middle", "upsamples"), ("upsample2d", "upsample3d", "none"))
 
 
 class _VideoRun:
@@ -797,26 +810,31 @@ class _VideoRun:
         self.done = 0
 
     # one layer-synchronous step over all tiles: out[tile] = fn(slices of the inputs with halo)
-    def step(self, fn: Callable[..., Any], ins: list[Any], res: int, scale: int, out_c: int, halo: int,
-             out_frames: int) -> Any:
+    def step(self, fn: Callable[..., Any], ins: list[Any], res: int, scale: int, out_c: int,
+             halo: int | tuple[int, int], out_frames: int, den: int = 1) -> Any:
+        """scale / den: the output resolution over the input's (a stride-2 conv: 1 / 2, its tiles
+        start on even input px, as every tile edge at res >= 2 is); halo: px, or (before, after)."""
         import torch
         x0 = ins[0]
         b, _, _, hi, wi = x0.shape
-        out = torch.empty(b, out_c, out_frames, hi * scale, wi * scale, dtype=x0.dtype, device=self.store)
+        hb, ha = (halo, halo) if isinstance(halo, int) else halo
+        out = torch.empty(b, out_c, out_frames, hi * scale // den, wi * scale // den, dtype=x0.dtype,
+                          device=self.store)
         k = 0
         rects = self.rects
         while k < len(rects):
             y0, y1, c0, c1 = rects[k]
-            oy0, oy1, ox0, ox1 = y0 * res * scale, y1 * res * scale, c0 * res * scale, c1 * res * scale
-            iy0, iy1 = _span(y0 * res, y1 * res, (halo, halo), hi)
-            ix0, ix1 = _span(c0 * res, c1 * res, (halo, halo), wi)
+            rs = res * scale
+            oy0, oy1, ox0, ox1 = y0 * rs // den, y1 * rs // den, c0 * rs // den, c1 * rs // den
+            iy0, iy1 = _span(y0 * res, y1 * res, (hb, ha), hi)
+            ix0, ix1 = _span(c0 * res, c1 * res, (hb, ha), wi)
             oom = False
             try:
                 with _tile_scope(), torch.no_grad():
                     sl = [t[..., iy0:iy1, ix0:ix1].to(self.device) if isinstance(t, torch.Tensor) else t
                           for t in ins]
                     y = fn(*sl)
-                    py, px = iy0 * scale, ix0 * scale
+                    py, px = iy0 * scale // den, ix0 * scale // den
                     y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
                     if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2] != out_frames:
                         raise VaeTilingError(f"video step: tile output {tuple(y.shape)} does not cover "
@@ -934,20 +952,28 @@ def _wan_resample(run: _VideoRun, blk: Any, x: Any, res: int) -> tuple[Any, int]
     return out, res * 2
 
 
-def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
+def _wan_walk(run: _VideoRun, model: Any, layers: list[Any], x: Any, res: int,
+              resample: Callable[[_VideoRun, Any, Any, int], tuple[Any, int]]) -> Any:
+    """One time chunk through a Wan Decoder3d / Encoder3d: conv1, the layers, head (norm, SiLU,
+    conv); resample runs a Resample and gives (output or None: the chunk stops, its resolution)."""
     import torch.nn.functional as F
-    res = 1
-    h = run.conv(decoder.conv1, x, res)
-    for layer in [*decoder.middle, *decoder.upsamples]:
+    h = run.conv(model.conv1, x, res)
+    for layer in layers:
         name = _cls(layer)
         if name == "ResidualBlock":
             h = _wan_residual(run, layer, h, res)
         elif name == "AttentionBlock":
             h = _wan_attention(run, layer, h, res)
         else:
-            h, res = _wan_resample(run, layer, h, res)
-    n, _, conv = list(decoder.head)
+            h, res = resample(run, layer, h, res)
+            if h is None:
+                return None
+    n, _, conv = list(model.head)
     return run.conv(conv, h, res, pre=lambda t: F.silu(n(t)))
+
+
+def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
+    return _wan_walk(run, decoder, [*decoder.middle, *decoder.upsamples], x, 1, _wan_resample)
 
 
 def video_chunks(t: int, frames: int = 2) -> list[tuple[int, int]]:
@@ -999,17 +1025,21 @@ def _video_cost(decoder: Any, h: int, w: int) -> tuple[float, float, float, floa
     return fixed, per_frame, per_px, per_edge
 
 
+def _check_video_plan(h: Any, w: Any, batch: Any, elem: Any, frames: Any, budget: Any) -> tuple[int, int, int, int]:
+    """The checked (h, w, batch * elem, budget) of a video plan; frames: 1.._MAX_SIDE."""
+    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
+        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
+    return h, w, batch * elem, _check_budget(budget)
+
+
 def plan_video_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
                     frames: int = 1) -> GridPlan:
     """Spatial tiles and time chunks for a Wan-shaped decoder, planned by the C planner in space and
     time (depth = the latent frames after the first, which Wan decodes alone): the fewest tiles
     whose working set fits.  frames: the latent frame count (1: an image-like decode)."""
-    h, w, batch, elem = _check_grid_args(h, w, batch, elem)
-    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= _MAX_SIDE:
-        raise ValueError(f"frames must be an int 1..{_MAX_SIDE}, got {frames!r}")
-    budget_bytes = _check_budget(budget_bytes)
+    h, w, k, budget_bytes = _check_video_plan(h, w, batch, elem, frames, budget_bytes)
     _check_video(decoder)
-    k = batch * elem
     fixed, per_frame, per_px, per_edge = _video_cost(decoder, h, w)
     # a time chunk of td latent frames costs td x the per-frame working set; the fixed part of
     # every step is per frame too (halo corners), so it goes with per_frame
@@ -1059,6 +1089,176 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks (%d latent frames after the first) x %d tiles",
              x.shape[2], lh, lw, len(outs), frames, len(run.rects))
     return torch.cat(outs, 2)
+
+
+# ---------------------------------------------------------------------------------- Wan encode
+#
+# Wan 2.1's encoder (comfy.ldm.wan.vae.Encoder3d) as WanVAE.encode runs it: frames past the last
+# 4N + 1 dropped, frame 0 alone, then chunks of 2 frames, each conv with its cache of the last 2
+# input frames; a downsample3d Resample keeps its (spatially downsampled) input's last frame for
+# its stride-2 time conv and defers a lone output frame to the next chunk (the rest of that chunk
+# is not run) unless the chunk is the last.  Every layer runs over spatial tiles as the decoder's
+# (RMS norms per pixel, per-frame attention by query tiles); a stride-2 spatial conv reads its
+# tile plus one px after it (ZeroPad2d((0, 1, 0, 1)) then 3x3 stride 2).
+
+def check_wan_encoder(encoder: Any) -> None:
+    """Raises VaeTilingError (TypeError: not a module) unless encoder is a Wan 2.1-shaped Encoder3d."""
+    layers = _check_wan_layout(encoder, "encoder", ("downsamples", "middle"), ("downsample2d", "downsample3d", "none"))
+    if _cls(encoder.conv1) != "CausalConv3d" or _cls(encoder.head[-1]) != "CausalConv3d":
+        raise VaeTilingError(f"encoder {type(encoder).__name__}: conv1/head are not CausalConv3d")
+    for m in layers:
+        if _cls(m) == "Resample" and m.mode != "none":
+            c = m.resample[1]
+            if (_cls(m.resample[0]) != "ZeroPad2d" or tuple(m.resample[0].padding) != (0, 1, 0, 1)
+                    or tuple(c.stride) != (2, 2) or tuple(c.kernel_size) != (3, 3) or tuple(c.padding) != (0, 0)):
+                raise VaeTilingError("a Wan encoder Resample that is not ZeroPad2d((0, 1, 0, 1)) + 3x3 stride 2")
+
+
+def _wan_downscale(encoder: Any) -> int:
+    return 2 ** sum(1 for m in encoder.downsamples if _cls(m) == "Resample" and m.mode != "none")
+
+
+def _wan_downsample(run: _VideoRun, blk: Any, x: Any, res: int, final: bool) -> Any:
+    """Resample downsample2d/3d over tiles; None where Wan defers this chunk's lone frame."""
+    import torch
+    if blk.mode == "none":
+        return x
+    conv2d = blk.resample[1]
+    b, c, t = x.shape[:3]
+
+    def spatial(xs: Any) -> Any:
+        f = xs.permute(0, 2, 1, 3, 4).reshape(b * t, c, *xs.shape[-2:])
+        y = blk.resample(f)
+        return y.reshape(b, t, y.shape[1], *y.shape[-2:]).permute(0, 2, 1, 3, 4)
+
+    y = run.step(spatial, [x], res, 1, conv2d.weight.shape[0], (0, 1), t, den=2)
+    if blk.mode == "downsample2d":
+        return y
+    key = id(blk)
+    last = run.cache.get(key)
+    run.cache[key] = y[:, :, -1:].clone()
+    if last is None:            # the first chunk: no time conv, its frame passes on
+        return y
+    tc = blk.time_conv
+    t_out = (t + 1 - tc.weight.shape[2]) // tc.stride[0] + 1
+    out = run.step(lambda ys, cs: tc(torch.cat([cs, ys], 2)), [y, last], res // 2, 1, tc.weight.shape[0], 0, t_out)
+    deferred = run.cache.pop((key, "defer"), None)
+    if deferred is not None:
+        out = torch.cat([deferred, out], 2)
+    if out.shape[2] == 1 and not final:
+        run.cache[(key, "defer")] = out
+        return None
+    return out
+
+
+def _wan_encode_chunk(run: _VideoRun, encoder: Any, x: Any, final: bool) -> Any:
+    def down(run: _VideoRun, layer: Any, h: Any, res: int) -> tuple[Any, int]:
+        return _wan_downsample(run, layer, h, res, final), (res if layer.mode == "none" else res // 2)
+
+    return _wan_walk(run, encoder, [*encoder.downsamples, *encoder.middle], x, _wan_downscale(encoder), down)
+
+
+def wan_encode_chunks(t: int) -> list[tuple[int, int]]:
+    """WanVAE.encode's input-frame chunks: frame 0, then 2 frames at a time up to 1 + 4 ((t - 1) // 4)."""
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise ValueError(f"t must be an int >= 1, got {t!r}")
+    usable = 1 + ((t - 1) // 4) * 4
+    return [(0, 1)] + [(a, a + 2) for a in range(1, usable, 2)]
+
+
+def _wan_encode_cost(encoder: Any, h: int, w: int) -> tuple[float, float, float, float]:
+    """A Wan-shaped encoder's working set (elements, batch 1) per input frame of a time chunk on a
+    th x tw latent-px tile, as (fixed, per_frame, per_px, per_edge) like _video_cost: every layer
+    reads at most 2 frames per chunk frame (the chunk plus 2 cached) and writes at most 1."""
+    per_px = per_edge = fixed = per_frame = 0.0
+
+    def conv(cin: int, cout: int, r_in: int, r_out: int, hb: int, ha: int, work: float = 3.0) -> None:
+        nonlocal per_px, per_edge, fixed
+        e_in, e_out = hb + ha, (hb + ha) * r_out / r_in + 2
+        per_px = max(per_px, work * (cin * 2 * r_in * r_in + cout * r_out * r_out))
+        per_edge = max(per_edge, work * (cin * 2 * r_in * e_in + cout * r_out * e_out))
+        fixed = max(fixed, work * (cin * 2 * e_in * e_in + cout * e_out * e_out))
+
+    r = _wan_downscale(encoder)
+    conv(encoder.conv1.weight.shape[1], encoder.conv1.weight.shape[0], r, r, 1, 1)
+    for m in [*encoder.downsamples, *encoder.middle]:
+        name = _cls(m)
+        if name == "ResidualBlock":
+            for c in (c for c in m.residual if _cls(c) == "CausalConv3d"):
+                conv(c.weight.shape[1], c.weight.shape[0], r, r, 1, 1)
+        elif name == "AttentionBlock":
+            c = m.proj.weight.shape[0]
+            per_frame = max(per_frame, 2.0 * c * h * w * r * r)
+            per_px = max(per_px, r * r * (4.0 * c + h * w * r * r))
+        elif m.mode != "none":
+            c = m.resample[1]
+            conv(c.weight.shape[1], c.weight.shape[0], r, r // 2, 0, 1, work=4.0)   # + the frames' reshape
+            r //= 2
+    conv(encoder.head[-1].weight.shape[1], encoder.head[-1].weight.shape[0], r, r, 1, 1)
+    return fixed, per_frame, per_px, per_edge
+
+
+def plan_wan_encode_grid(encoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
+                         frames: int = 1) -> GridPlan:
+    """Spatial tiles for a Wan-shaped encoder (latent grid h x w), planned by the C planner in space
+    and time with the time tile pinned at Wan's own chunk (2 input frames; frames: the video's)."""
+    h, w, k, budget_bytes = _check_video_plan(h, w, batch, elem, frames, budget_bytes)
+    check_wan_encoder(encoder)
+    fixed, per_frame, per_px, per_edge = _wan_encode_cost(encoder, h, w)
+    rest = max(2, 4 * ((frames - 1) // 4))
+    from . import _native
+    r = _native.plan(w, h, overlap=0, align=1, feather=0.0, per_px_bytes=per_px * k, per_edge_bytes=per_edge * k,
+                     per_frame_bytes=(per_frame + fixed) * k, budget=budget_bytes, depth=rest, depth_min=2,
+                     depth_max=2)
+    if not r["fits"]:
+        raise VaeTilingError(f"nothing fits in budget_bytes={budget_bytes} for the Wan encoder: {r['why']}")
+    cols, rows, chunks = r["grid"]
+    return GridPlan(rows, cols, int(math.ceil(r["predicted_peak_bytes"])), frames=2, chunks=chunks)
+
+
+def encode_video_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
+                       conv1: Any = None, device: Any = None, store_device: Any = None,
+                       progress: Callable[..., None] | None = None) -> Any:
+    """Encode a (B, 3, T, H, W) video ([-1, 1]) with a Wan 2.1-shaped encoder as WanVAE.encode does
+    (frames past 1 + 4N dropped; frame 0, then 2-frame chunks with the causal caches), each layer
+    over spatial tiles: equals conv1(encoder(...)) chunked to float rounding.  Returns
+    (B, 2 z, 1 + (T - 1) // 4, H / 8, W / 8) (mean and logvar; ComfyUI keeps the mean).  A ComfyUI
+    Wan VAE maps on as encoder = first_stage_model.encoder, conv1 = first_stage_model.conv1.
+    progress(done, total): tile steps done (total: an estimate, grows on an OOM re-plan)."""
+    import torch
+    _check_video_input(video, "video")
+    budget = _check_budget(budget_bytes)
+    check_wan_encoder(encoder)
+    top = _wan_downscale(encoder)
+    b, _, t, hh, ww = video.shape
+    if hh % top or ww % top:
+        raise ValueError(f"video {hh}x{ww} is not a multiple of the encoder's downscale {top}")
+    lh, lw = hh // top, ww // top
+    if grid is not None:
+        rows, cols = _grid_arg(grid, lh, lw)
+    else:
+        plan = plan_wan_encode_grid(encoder, lh, lw, budget_bytes=budget, batch=b, elem=video.element_size(),
+                                    frames=t)
+        rows, cols = plan.rows, plan.cols
+    device = torch.device(device) if device is not None else video.device
+    store = torch.device(store_device) if store_device is not None else video.device
+    chunks = wan_encode_chunks(t)
+    n_steps = sum(1 for m in encoder.modules() if _cls(m) in ("CausalConv3d", "Resample", "AttentionBlock"))
+    total = len(chunks) * n_steps * rows * cols
+    tick = (lambda done: progress(done, max(total, done))) if progress is not None else None
+    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, tick)
+    outs = []
+    with torch.no_grad():
+        for i, (a, e) in enumerate(chunks):
+            o = _wan_encode_chunk(run, encoder, video[:, :, a:e].to(store), final=i == len(chunks) - 1)
+            if o is not None:
+                outs.append(o)
+        out = torch.cat(outs, 2)
+        if conv1 is not None:
+            out = run.step(lambda xs: conv1(xs), [out], 1, 1, conv1.weight.shape[0], 0, out.shape[2])
+    log.info("vramguard: tiled Wan-shaped VAE encode %dx%dx%d video: %d chunks x %d tiles", t, hh, ww, len(chunks),
+             len(run.rects))
+    return out
 
 
 # ---------------------------------------------------------------------------------- other video VAEs
