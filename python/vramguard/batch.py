@@ -25,9 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import _native
-from . import accounting as acc
 from ._units import parse_size, short_repr
-from .tiling import CostModel, _is_oom, _release, default_cost, resolve_budget
+from .tiling import CostModel, _is_oom, _plan_device as _target, _release, default_cost, resolve_budget
 
 __all__ = ["AllocSim", "batch_size", "clear_allocators", "guarded_batch", "prewarm", "reserve_for",
            "prewarm_for_tiles", "simulate_allocator", "simulated_allocator", "simulated_fn",
@@ -127,17 +126,6 @@ def _torch_cuda(device: int | None) -> Any | None:
     except Exception:
         return None
     return torch
-
-
-def _target(device: Any) -> int | None:
-    """A GPU index, None for host RAM ("host"/"cpu"); None means the default device."""
-    if device is None:
-        return acc.default_device()
-    if isinstance(device, str) and device in ("host", "cpu"):
-        return None
-    if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
-        raise TypeError(f"device must be a device index or None, got {short_repr(device)}")
-    return int(device)
 
 
 def prewarm(what: Any, *, cost: CostModel | None = None, batch: int = 1, device: Any = None,
