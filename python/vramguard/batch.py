@@ -128,6 +128,14 @@ def _torch_cuda(device: int | None) -> Any | None:
     return torch
 
 
+def _release_for(sim: Any) -> None:
+    """Give cached blocks back: the allocator model's on a simulated card, else gc + torch's."""
+    if sim is not None:
+        sim.empty_cache()
+    else:
+        _release()
+
+
 def prewarm(what: Any, *, cost: CostModel | None = None, batch: int = 1, device: Any = None,
             allocator: Any = None, strict: bool = False) -> int:
     """Make the allocator hold one free block fitting the largest working set.
@@ -201,11 +209,7 @@ def reserve_for(what: Any, *, cost: CostModel | None = None, batch: int = 1, dev
         yield n
     finally:
         if release:
-            sim = allocator if allocator is not None else simulated_allocator(_target(device))
-            if sim is not None:
-                sim.empty_cache()
-            else:
-                _release()
+            _release_for(allocator if allocator is not None else simulated_allocator(_target(device)))
 
 
 # ============================================================================ batch size
@@ -304,7 +308,7 @@ def guarded_batch(fn: Callable[[Any], Any], items: Any, *, chunk: int | None = N
         chunk = max(1, n)
     chunk = min(chunk, max(1, n))
     oom = is_oom or _is_oom
-    rel = release or (sim.empty_cache if sim is not None else _release)
+    rel = release or (lambda: _release_for(sim))
     st = {"items": n, "chunks": 0, "ooms": 0, "first_chunk": chunk, "chunk": chunk}
     if prewarm_chunk and n and each > 0:
         prewarm(int(fixed + each * chunk), device=device, allocator=sim)
