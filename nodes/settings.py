@@ -360,13 +360,13 @@ _DEVICE_FIELDS = ("total", "free", "used", "process_used", "framework_reserved",
                   "evictable", "reserve", "cap", "budget", "largest_free_block", "inactive_split")
 
 
-def _optional(fn_name: str, default: Any) -> Any:
-    """vramguard.ledger.<fn_name>() if this build has it, else `default`; never raises."""
+def _optional(fn_name: str, default: Any, *args: Any) -> Any:
+    """vramguard.ledger.<fn_name>(*args) if this build has it, else `default`; never raises."""
     fn = getattr(getattr(vg, "ledger", None), fn_name, None)
     if not callable(fn):
         return default
     try:
-        return fn()
+        return fn(*args)
     except Exception as e:  # a corrupted ledger region must not break the monitor
         log.debug("vramguard: monitor: ledger.%s failed: %s", fn_name, e)
         return default
@@ -387,13 +387,18 @@ def payload() -> dict[str, Any]:
     Sizes are bytes; a figure this build or device does not have is null.  Fields: devices
     (one per GPU: index, name, source and _DEVICE_FIELDS), ram (total, used, available,
     process_rss, pinned, cgroup_limit), reserve_setting, last_stage, stages (the last 8 closed
-    stages with peaks and seconds), ledger (joined, participants, others_planned per device) or
-    null, warn, gpu_reason."""
+    stages with peaks and seconds), ledger (joined, participants, others_planned per device, rows:
+    pid/self/devices{used, planned} per participant) or null, warn, gpu_reason.  Each device also
+    has learned: {reserve, reason} when the reserve that learns is on, else null."""
     devs = []
     try:
         for s in vg.snapshots():
             d = {"index": s.index, "name": s.name, "source": getattr(s, "source", None)}
             d.update({k: getattr(s, k, None) for k in _DEVICE_FIELDS})
+            # the reserve that learns (a setting, off by default): its figure and why
+            lr = _optional("learned_reserve", None, s.index)
+            d["learned"] = ({"reserve": lr.get("reserve"), "reason": lr.get("reason")}
+                            if isinstance(lr, dict) and lr.get("enabled") else None)
             devs.append(d)
     except Exception as e:
         devs = []
@@ -410,7 +415,11 @@ def payload() -> dict[str, Any]:
         ledger = {"joined": True, "participants": len(parts),
                   "others_planned": {str(d["index"]): sum(
                       int(p.get("devices", {}).get(str(d["index"]), {}).get("outstanding", 0) or 0)
-                      for p in parts if not p.get("self")) for d in devs}}
+                      for p in parts if not p.get("self")) for d in devs},
+                  # who holds what: each participant's used / planned bytes per device
+                  "rows": [{"pid": p.get("pid"), "self": bool(p.get("self")),
+                            "devices": {k: {"used": v.get("used"), "planned": v.get("planned")}
+                                        for k, v in (p.get("devices") or {}).items()}} for p in parts]}
     # the reserve in force per device (in "devices") can differ from the dialog's: a Set Reserve
     # node, or ComfyUI's --reserve-vram / --vram-headroom (the larger one is used)
     return {"devices": devs,

@@ -158,14 +158,18 @@ const G = 2 ** 30;
 const full = {
   devices: [
     { index: 0, name: "RTX A", source: "nvml", total: 24 * G, used: 10 * G, process_used: 8 * G, evictable: 2 * G,
-      reserve: 1.5 * G, cap: 0, budget: 10.5 * G, largest_free_block: 3 * G, inactive_split: 0.25 * G },
+      reserve: 1.5 * G, cap: 0, budget: 10.5 * G, largest_free_block: 3 * G, inactive_split: 0.25 * G,
+      learned: { reserve: 1.5 * G, reason: "other apps peaked at 1.50 GB in the last 600 s" } },
     { index: 1, name: "RTX B", source: "nvml", total: 12 * G, used: 11.5 * G, process_used: 11 * G, evictable: 0,
       reserve: 1 * G, cap: 0, budget: 0 },
   ],
   ram: { total: 64 * G, used: 20 * G, available: 44 * G, process_rss: 6 * G, pinned: 2 * G, cgroup_limit: null },
   reserve_setting: 1 * G, last_stage: { name: "vae_decode", peak_used: 11 * G, peak_rss: 5 * G, seconds: 1.5 },
   stages: [{ name: "unet", peak_used: 12 * G, peak_rss: 5 * G, seconds: 3 }, { name: "vae_decode", peak_used: 11 * G, peak_rss: 5 * G, seconds: 1.5 }],
-  ledger: { joined: true, participants: 2, others_planned: { "0": 3 * G, "1": 0 } }, warn: 90, gpu_reason: null,
+  ledger: { joined: true, participants: 2, others_planned: { "0": 3 * G, "1": 0 },
+            rows: [{ pid: 4242, self: true, devices: { "0": { used: 8 * G, planned: 0 } } },
+                   { pid: 4343, self: false, devices: { "0": { used: 1 * G, planned: 4 * G } } }] },
+  warn: 90, gpu_reason: null,
 };
 api.emit("vramguard.monitor", full);
 const first = { html: el.innerHTML, title: el.attrs["aria-description"] };  // the tooltip's text
@@ -222,7 +226,8 @@ def test_monitor_in_the_top_menu_bar_is_a_real_element(tmp_path):
     b = _attr_pct(html, "budget", "gpu0")
     assert "left:33.3%" in b and "width:43.8%" in b
     for word in ("reserve", "budget", "free + evictable - reserve", "peak", "largest free block",
-                 "pinned", "Set Reserve", "vae_decode", "shared ledger", "other vramguard processes plan 3.00 GB"):
+                 "pinned", "Set Reserve", "vae_decode", "shared ledger", "other vramguard processes plan 3.00 GB",
+                 "learned reserve 1.50 GB: other apps peaked"):
         assert word in title, (word, title)
     # peak hold: used fell from 10 to 4 GB, the marker stays at 10 GB (41.7 %) while the fill is at 16.7 %
     assert "left:calc(41.7% - 1px)" in _attr_pct(d["held"], "peak", "gpu0")
@@ -233,6 +238,10 @@ def test_monitor_in_the_top_menu_bar_is_a_real_element(tmp_path):
     # the details tab and the click that opens it
     assert d["tab"]["title"] == "VRAM" and 'data-vg="devices"' in d["panel"] and "RTX B" in d["panel"]
     assert "unet" in d["panel"] and "pinned 2.00 GB" in d["panel"]
+    # who holds what (issue 13): one row per ledger participant, and the learned reserve with its reason
+    assert 'data-vg="ledger"' in d["panel"] and "pid 4242 (this one)" in d["panel"]
+    assert "pid 4343" in d["panel"] and "1.00 GB / 4.00 GB" in d["panel"]
+    assert "learned reserve 1.50 GB: other apps peaked" in d["panel"]
     assert d["executed"] == [f"Workspace.ToggleBottomPanelTab.{d['tab']['id']}"]
     assert d["menuCommands"][0]["commands"] == d["commands"]
 
@@ -270,6 +279,14 @@ def test_payload_shape_with_and_without_newer_fields(monkeypatch):
         assert set(d["ram"]) >= {"total", "used", "available", "process_rss", "pinned"}
         assert d["stages"][-1]["name"] == "vae_decode" and d["last_stage"] == d["stages"][-1]
         assert d["gpu_reason"] is None
+        assert g["learned"] is None  # the reserve that learns is off by default
+        vg.set_learn_reserve(True)
+        try:
+            lr = settings.payload()["devices"][0]["learned"]
+            want = vg.learned_reserve(0)
+            assert lr == {"reserve": want["reserve"], "reason": want["reason"]} and lr["reason"]
+        finally:
+            vg.set_learn_reserve(False)
         # a build without the ledger's summary/host_pinned (or whose calls raise): still a payload
         monkeypatch.delattr(vg.ledger, "summary", raising=False)
         monkeypatch.setattr(vg.ledger, "host_pinned", lambda: 1 / 0, raising=False)

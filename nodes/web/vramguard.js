@@ -175,6 +175,7 @@ const monitor = {
       if (g.largest_free_block !== null && g.largest_free_block !== undefined) {
         lines.push(`  largest free block ${fmt(g.largest_free_block)}; inactive split ${fmt(g.inactive_split)} (fragmentation)`);
       }
+      if (g.learned) lines.push(`  learned reserve ${fmt(g.learned.reserve)}: ${g.learned.reason}`);
       const other = d.ledger?.others_planned?.[String(g.index)];
       if (other > 0) lines.push(`  other vramguard processes plan ${fmt(other)} more (shared ledger)`);
     }
@@ -225,7 +226,18 @@ const monitor = {
       h += row([esc(s.name), s.peak_used >= 0 ? fmt(s.peak_used) : "n/a", fmt(s.peak_rss), esc(s.seconds)]);
     }
     h += `</table>`;
-    if (d.ledger?.joined) h += `<div>shared ledger: ${esc(d.ledger.participants)} process(es)</div>`;
+    if (d.ledger?.joined) {
+      h += `<div>shared ledger: ${esc(d.ledger.participants)} process(es)</div>`;
+      h += `<table data-vg="ledger">` + row(["<b>process</b>", "<b>device: used / planned</b>"]);
+      for (const p of d.ledger.rows || []) {
+        const claims = Object.entries(p.devices || {}).map(([k, v]) => `${esc(k)}: ${fmt(v.used)} / ${fmt(v.planned)}`);
+        h += row([`pid ${esc(p.pid)}${p.self ? " (this one)" : ""}`, claims.join(", ") || "no claims"]);
+      }
+      h += `</table>`;
+    }
+    for (const g of d.devices || []) {
+      if (g.learned) h += `<div>GPU ${esc(g.index)}: learned reserve ${fmt(g.learned.reserve)}: ${esc(g.learned.reason)}</div>`;
+    }
     el.innerHTML = h + `</div>`;
   },
   setTip(text) {
