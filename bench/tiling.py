@@ -8,7 +8,11 @@ cases; and, on a GPU, auto tiles vs fixed 512 + halving.
 Stitchers (fn returns a ready result, so only the stitch is measured; every one writes a new
 NHWC float32 output of the same grid, that of vramguard's planner):
   * ours          vramguard.tiled (C canvas, smoothstep ramps that sum to one, no weight buffer)
+                  with band=True as the upscale node runs it: a row of tiles blended row by row
+                  (the output written in address order), the output prefaulted by a thread of
+                  the canvas from the end backwards
   * ours_reused   the same into a caller's pre-faulted output (out=)
+  * ours_tile_order  tile by tile (band=False, tiled()'s default for results fn may overwrite)
   * torch         competent torch: precomputed 1-D ramps, one outer product per tile, addcmul_
                   into the output and add_ into a weight plane, one in-place division
   * torch_norm    torch with ramps that sum to one: addcmul_ only, no weights, no division
@@ -206,8 +210,12 @@ def stitch_bench(torch, comfy_utils, name, H, W, scale, tile, overlap, dtype, ha
     mem_src = np.ones(out_bytes, np.uint8)
     mem_dst = np.zeros(out_bytes, np.uint8)
     runs = {
-        "ours": lambda: vg.tiled(fn, img, out=np.empty(shape, out_dtype), **kw),
-        "ours_reused": lambda: vg.tiled(fn, img, out=reused, **kw),
+        # band=True as the upscale node passes it (its model returns a new tensor per tile;
+        # here fn returns views of one constant buffer, which banding reads correctly too)
+        "ours": lambda: vg.tiled(fn, img, out=np.empty(shape, out_dtype), band=True, **kw),
+        "ours_reused": lambda: vg.tiled(fn, img, out=reused, band=True, **kw),
+        # tile by tile (tiled()'s default for results fn might overwrite), prefault still on
+        "ours_tile_order": lambda: vg.tiled(fn, img, out=np.empty(shape, out_dtype), band=False, **kw),
         "memcpy_reused": lambda: np.copyto(mem_dst, mem_src),
         "memcpy_fresh": lambda: np.copyto(np.empty_like(mem_src), mem_src),
         "numpy": lambda: numpy_stitch(src, ntiles, shape, scratch, out_dtype),
@@ -258,6 +266,8 @@ def stitch_bench(torch, comfy_utils, name, H, W, scale, tile, overlap, dtype, ha
         "cpu_s": {k: rnd(spread(v)) for k, v in cpu.items()},
         "vs_memcpy_reused": rnd(spread([m / o for m, o in zip(wall["memcpy_reused"], wall["ours_reused"])])),
         "vs_memcpy_fresh": rnd(spread([m / o for m, o in zip(wall["memcpy_fresh"], wall["ours"])])),
+        "vs_memcpy_fresh_tile_order": rnd(spread([m / o for m, o in zip(wall["memcpy_fresh"],
+                                                                         wall["ours_tile_order"])])),
         # the same in CPU seconds (memcpy runs on one thread, the canvas on all): less noisy
         "vs_memcpy_reused_cpu": rnd(spread([m / o for m, o in zip(cpu["memcpy_reused"], cpu["ours_reused"])])),
         "vs_memcpy_fresh_cpu": rnd(spread([m / o for m, o in zip(cpu["memcpy_fresh"], cpu["ours"])])),
@@ -276,7 +286,7 @@ def callgrind_child(handoff: str) -> None:
     src = Source(None, handoff, th * scale, tw * scale, 3, dtype)
     img = np.zeros((1, H, W, 3), np.float32)
     out = vg.tiled(lambda t: src.np_tile(t.shape[1] * scale, t.shape[2] * scale), img, scale=scale,
-                   overlap=overlap, tile=tile, min_tile=2 * overlap,
+                   overlap=overlap, tile=tile, min_tile=2 * overlap, band=True,
                    out=np.empty((1, H * scale, W * scale, 3), np.float32 if handoff == "node-fp16" else dtype))
     print(json.dumps({"values": int(out.size), "isa": _native.Canvas(np.zeros((1, 1, 1, 3), np.float32)).isa}))
 

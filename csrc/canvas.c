@@ -1,6 +1,6 @@
 /* canvas.c — blend tile results into the output (the Canvas type).
  *
- * Owns Canvas (put / finish / coverage / weights) and the half-float conversions it needs.
+ * Owns Canvas (put / put_band / finish / coverage / weights) and the half-float conversions it needs.
  *
  * Blending: along each axis, neighbouring tiles overlap by L >= overlap input pixels.  The
  * two tiles' weights in that band are s(t) and 1 - s(t) (s = smoothstep) over its middle
@@ -17,6 +17,11 @@
  * every tile result and one write of the output — is what it costs, plus read-modify-write in
  * the overlaps.
  *
+ * Write order: put() blends one tile; put_band() a row of tiles, row by row across them, so the
+ * output is written in address order as one copy writes it (plain stores there: each page is
+ * still in cache after the kernel zeroed it), with exactly the values puts in order give.  A big
+ * output is faulted in by a thread of its own, from its end backwards (prefault_thread).
+ *
  * Row kernels (see "row kernels" below): SSE2 / AVX2+F16C / AVX-512F / NEON picked at run time,
  * bit-identical to the scalar path; the interior of a first write is a streamed copy; tiles of
  * any strides (the node's movedim views, float16 or float32) are read in place.
@@ -29,8 +34,14 @@
 #include "vg_numpy.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels say EINVAL and the prefault stops */
+#endif
 
 #define VG_MAX_RAMPS 32
 #define VG_MAX_THREADS 16
@@ -114,7 +125,48 @@ typedef struct {
     pthread_mutex_t lock;
     pid_t lock_pid;
     int64_t puts;
+    /* The prefault thread (see prefault_thread): running while pf_pid is this process's. */
+    pthread_t pf;
+    pid_t pf_pid;
+    atomic_int pf_stop;
+    char *pf_base;
+    size_t pf_len;
 } Canvas;
+
+/* A fresh output costs its page faults: the kernel zeroes every page on first touch, as much
+ * CPU again as the stitch itself (17 ms for 201 MB here), and a tile writes only its part of
+ * each page.  So a big output is faulted in ahead of the tiles by a thread of its own, from the
+ * end backwards (the tiles come top-down: the two meet in the middle), 2 MiB at a time with
+ * MADV_POPULATE_WRITE (contents untouched; on a reused output the pages are present and it
+ * costs a page-table walk).  In a real upscale it runs while the model computes the tiles.
+ * It touches only memory of `out`, which the canvas holds; finish() and clear stop and join it
+ * before letting go of out. */
+static void *prefault_thread(void *arg)
+{
+    Canvas *cv = arg;
+    const uintptr_t huge = (uintptr_t)2 << 20, page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)cv->pf_base & ~(page - 1), end = (uintptr_t)cv->pf_base + cv->pf_len;
+    while (end > lo && !atomic_load_explicit(&cv->pf_stop, memory_order_relaxed)) {
+        uintptr_t start = (end - 1) & ~(huge - 1);
+        if (start < lo)
+            start = lo;
+        if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) != 0)
+            break; /* an old kernel, a mapping that cannot be populated: the tiles fault it */
+        end = start;
+    }
+    return NULL;
+}
+
+static void prefault_stop(Canvas *cv)
+{
+    if (cv->pf_pid == 0)
+        return;
+    if (cv->pf_pid == getpid()) { /* in a forked child the thread does not exist */
+        atomic_store(&cv->pf_stop, 1);
+        pthread_join(cv->pf, NULL);
+    }
+    cv->pf_pid = 0;
+}
 
 static double ramp_weight(const vg_ramp *r, int n, double x)
 {
@@ -564,8 +616,15 @@ typedef struct {
     const row_table *rows;
     copy_fn copy;
     strided_fn strided;
-    npy_intp row_lo, row_hi; /* rows of the (nb x h) work this thread owns */
 } put_job;
+
+/* One thread's share of a put (one job) or a band (several jobs over the same rows): rows
+ * [row_lo, row_hi) of the (nb x h) work, every job's span of a row before the next row. */
+typedef struct {
+    const put_job *jobs;
+    int njobs;
+    npy_intp row_lo, row_hi;
+} put_share;
 
 /* Pixels [x0, x1) of one tile row into d (that row's first output pixel), C values a pixel
  * (1 for a plane row of NCHW).  A first write with weight exactly one is a copy. */
@@ -609,51 +668,57 @@ static void set_bits(unsigned char *row, npy_intp x0, npy_intp x1)
         row[x >> 3] |= (unsigned char)(1u << (x & 7));
 }
 
-/* The rows [row_lo, row_hi) of one put.  Not inlined and never cloned: bench/tiling.py counts
- * the instructions spent here (and in tile_weights) under callgrind, by these names. */
-__attribute__((noinline, noclone)) static void stitch_rows(const put_job *j)
+/* Row r (of the nb x h work) of one job. */
+static inline void stitch_row(const put_job *j, npy_intp r)
 {
     Canvas *cv = j->cv;
     size_t es = cv->is_half ? 2 : 4;
     char *out = j->out;
-    for (npy_intp r = j->row_lo; r < j->row_hi; r++) {
-        npy_intp n = r / j->h, y = r % j->h, b = j->b0 + n, Y = j->oy + y;
-        int64_t *cov = &cv->covered[b * cv->H + Y];
-        npy_intp a = (npy_intp)*cov - j->ox; /* tile-local x where "store" starts */
-        if (a < 0) {
-            /* a gap left of this tile: zero it so later tiles can add there (the bitmap,
-             * made before the workers started, remembers it is not covered) */
-            npy_intp gap0 = (npy_intp)*cov, gap1 = j->ox;
-            if (!cv->nchw)
-                zero_row(out + ((b * cv->H + Y) * cv->W + gap0) * cv->C * es, cv->is_half,
-                         (gap1 - gap0) * cv->C);
-            else
-                for (npy_intp c = 0; c < cv->C; c++)
-                    zero_row(out + (((b * cv->C + c) * cv->H + Y) * cv->W + gap0) * es,
-                             cv->is_half, gap1 - gap0);
-            a = 0;
-        }
-        if (a > j->w)
-            a = j->w;
-        float wy = j->wy[y];
-        if (!cv->nchw) {
-            char *d = out + ((b * cv->H + Y) * cv->W + j->ox) * cv->C * es;
-            const char *s = j->src + n * j->sb + y * j->sy;
-            blend_span(j, d, s, cv->C, wy, 0, a, 1);
-            blend_span(j, d, s, cv->C, wy, a, j->w, 0);
-        } else {
-            for (npy_intp c = 0; c < cv->C; c++) {
-                char *d = out + (((b * cv->C + c) * cv->H + Y) * cv->W + j->ox) * es;
-                const char *s = j->src + n * j->sb + c * j->sc + y * j->sy;
-                blend_span(j, d, s, 1, wy, 0, a, 1);
-                blend_span(j, d, s, 1, wy, a, j->w, 0);
-            }
-        }
-        if (cv->bits)
-            set_bits(cv->bits + (b * cv->H + Y) * cv->row_bytes, j->ox, j->ox + j->w);
-        if (j->ox + j->w > *cov)
-            *cov = j->ox + j->w;
+    npy_intp n = r / j->h, y = r % j->h, b = j->b0 + n, Y = j->oy + y;
+    int64_t *cov = &cv->covered[b * cv->H + Y];
+    npy_intp a = (npy_intp)*cov - j->ox; /* tile-local x where "store" starts */
+    if (a < 0) {
+        /* a gap left of this tile: zero it so later tiles can add there (the bitmap,
+         * made before the workers started, remembers it is not covered) */
+        npy_intp gap0 = (npy_intp)*cov, gap1 = j->ox;
+        if (!cv->nchw)
+            zero_row(out + ((b * cv->H + Y) * cv->W + gap0) * cv->C * es, cv->is_half, (gap1 - gap0) * cv->C);
+        else
+            for (npy_intp c = 0; c < cv->C; c++)
+                zero_row(out + (((b * cv->C + c) * cv->H + Y) * cv->W + gap0) * es, cv->is_half, gap1 - gap0);
+        a = 0;
     }
+    if (a > j->w)
+        a = j->w;
+    float wy = j->wy[y];
+    if (!cv->nchw) {
+        char *d = out + ((b * cv->H + Y) * cv->W + j->ox) * cv->C * es;
+        const char *s = j->src + n * j->sb + y * j->sy;
+        blend_span(j, d, s, cv->C, wy, 0, a, 1);
+        blend_span(j, d, s, cv->C, wy, a, j->w, 0);
+    } else {
+        for (npy_intp c = 0; c < cv->C; c++) {
+            char *d = out + (((b * cv->C + c) * cv->H + Y) * cv->W + j->ox) * es;
+            const char *s = j->src + n * j->sb + c * j->sc + y * j->sy;
+            blend_span(j, d, s, 1, wy, 0, a, 1);
+            blend_span(j, d, s, 1, wy, a, j->w, 0);
+        }
+    }
+    if (cv->bits)
+        set_bits(cv->bits + (b * cv->H + Y) * cv->row_bytes, j->ox, j->ox + j->w);
+    if (j->ox + j->w > *cov)
+        *cov = j->ox + j->w;
+}
+
+/* One thread's rows: for each row, every job in put order, so a band of tiles writes each
+ * output row left to right as one copy would (the order of additions, and so every value, is
+ * that of putting the tiles one by one).  Not inlined and never cloned: bench/tiling.py counts
+ * the instructions spent here (and in tile_weights) under callgrind, by these names. */
+__attribute__((noinline, noclone)) static void stitch_rows(const put_share *sh)
+{
+    for (npy_intp r = sh->row_lo; r < sh->row_hi; r++)
+        for (int k = 0; k < sh->njobs; k++)
+            stitch_row(&sh->jobs[k], r);
 #ifdef VG_X86
     _mm_sfence(); /* the copies' non-temporal stores are visible before put() returns */
 #endif
@@ -793,11 +858,15 @@ static int first_gap(const Canvas *cv, npy_intp *row, npy_intp *x)
 
 static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"out", "layout", "threads", "isa", NULL};
+    static char *kwlist[] = {"out", "layout", "threads", "isa", "prefault", NULL};
     PyObject *arr;
     const char *layout = "nhwc", *isa_name = "auto";
-    int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|sis:Canvas", kwlist, &arr, &layout, &threads, &isa_name))
+    int threads = 0, prefault = -1;
+    PyObject *opf = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|sisO:Canvas", kwlist, &arr, &layout, &threads, &isa_name,
+                                     &opf))
+        return NULL;
+    if (opf != Py_None && (prefault = PyObject_IsTrue(opf)) < 0) /* None: auto */
         return NULL;
     pthread_once(&isa_once, detect_isa);
     int isa;
@@ -876,6 +945,17 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return PyErr_NoMemory();
     }
     cv->out = (PyArrayObject *)Py_NewRef(arr);
+    /* auto: an output of 32 MiB or more (below that the faults cost well under a millisecond)
+     * on a machine with a second CPU for the thread */
+    size_t bytes = (size_t)PyArray_NBYTES(a);
+    if (prefault < 0)
+        prefault = bytes >= ((size_t)32 << 20) && sysconf(_SC_NPROCESSORS_ONLN) >= 2;
+    if (prefault) {
+        cv->pf_base = PyArray_BYTES(a), cv->pf_len = bytes;
+        atomic_init(&cv->pf_stop, 0);
+        if (pthread_create(&cv->pf, NULL, prefault_thread, cv) == 0)
+            cv->pf_pid = getpid();
+    }
     return (PyObject *)cv;
 }
 
@@ -888,6 +968,7 @@ static int Canvas_traverse(Canvas *cv, visitproc visit, void *arg)
 
 static int Canvas_clear(Canvas *cv)
 {
+    prefault_stop(cv); /* it writes into out's pages */
     Py_CLEAR(cv->out);
     return 0;
 }
@@ -967,42 +1048,56 @@ __attribute__((noinline, noclone)) static npy_intp tile_weights(const vg_ramp *r
     return n;
 }
 
-/* put(result, b0, ox, oy, xramps, yramps): blend result ([nb,h,w,C] or [nb,C,h,w], float32
- * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox).
- *
- * Order matters: every argument is parsed first (that is where Python callbacks can run and
- * even close this canvas), then the canvas state is checked under its lock, then we act. */
-static PyObject *Canvas_put(Canvas *cv, PyObject *args)
+/* One tile of a put or a band, parsed and checked: the result (read in place or a copy of
+ * ours), its offsets and its weights. */
+typedef struct {
+    PyArrayObject *src;
+    npy_intp nb, b0, h, w, ox, oy;
+    int type;
+    vg_ramp rx[VG_MAX_RAMPS], ry[VG_MAX_RAMPS];
+    int nrx, nry;
+    float *wx, *wy, *wxc;
+    npy_intp *ones, nones;
+} put_item;
+
+static void item_clear(put_item *it)
+{
+    Py_CLEAR(it->src);
+    PyMem_Free(it->wx);
+    PyMem_Free(it->ones);
+    it->wx = NULL, it->ones = NULL;
+}
+
+/* Parse (result, b0, ox, oy, xramps, yramps): where Python code can run (__index__,
+ * __float__, __bool__, __iter__), so before the canvas is looked at.  -1 with an exception. */
+static int item_parse(PyObject *args, put_item *it)
 {
     PyObject *res, *ob0, *oox, *ooy, *xr, *yr;
     if (!PyArg_ParseTuple(args, "OOOOOO:put", &res, &ob0, &oox, &ooy, &xr, &yr))
-        return NULL;
+        return -1;
     Py_ssize_t b0, ox, oy;
     if (parse_offset(ob0, "image offset b0", &b0) < 0 || parse_offset(oox, "x offset", &ox) < 0 ||
         parse_offset(ooy, "y offset", &oy) < 0)
-        return NULL;
-    vg_ramp rx[VG_MAX_RAMPS], ry[VG_MAX_RAMPS];
-    int nrx, nry;
-    if (parse_ramps(xr, "xramps", rx, &nrx) < 0 || parse_ramps(yr, "yramps", ry, &nry) < 0)
-        return NULL;
+        return -1;
+    if (parse_ramps(xr, "xramps", it->rx, &it->nrx) < 0 || parse_ramps(yr, "yramps", it->ry, &it->nry) < 0)
+        return -1;
     if (!PyArray_Check(res)) {
         PyErr_Format(PyExc_TypeError, "result must be a numpy.ndarray, got %.80s", Py_TYPE(res)->tp_name);
-        return NULL;
+        return -1;
     }
     PyArrayObject *ra = (PyArrayObject *)res;
     int t = PyArray_TYPE(ra);
     if (t != NPY_FLOAT32 && t != NPY_FLOAT16) {
-        PyErr_Format(PyExc_TypeError, "result must be float32 or float16, got %R",
-                     (PyObject *)PyArray_DESCR(ra));
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "result must be float32 or float16, got %R", (PyObject *)PyArray_DESCR(ra));
+        return -1;
     }
     if (PyArray_NDIM(ra) != 4) {
         PyErr_Format(PyExc_ValueError, "result must be 4-D, got %d-D", PyArray_NDIM(ra));
-        return NULL;
+        return -1;
     }
     if (PyArray_SIZE(ra) == 0) {
         PyErr_SetString(PyExc_ValueError, "result is empty (a zero-size dimension)");
-        return NULL;
+        return -1;
     }
     /* Any strides are read in place (a movedim view of an NCHW network output, a slice, a
      * reversed view): no per-tile copy.  Only a subclass (viewed as a plain ndarray, so no
@@ -1010,19 +1105,21 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
      * The image/row strides are used as given; whether a row's values are back to back picks
      * the vector kernels or the strided one. */
     int read_in_place = PyArray_CheckExact(res) && PyArray_ISALIGNED(ra) && !PyArray_ISBYTESWAPPED(ra);
-    PyArrayObject *src = read_in_place ? (PyArrayObject *)Py_NewRef(res)
-                                       : (PyArrayObject *)PyArray_FROM_OTF(
-                                             res, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY);
-    if (src == NULL)
-        return NULL;
-    PyArrayObject *out = NULL;
-    PyObject *ret = NULL;
-    float *wx = NULL;
-    npy_intp *ones = NULL;
-    int locked = 0;
-    npy_intp *d = PyArray_DIMS(src);
-    npy_intp nb = d[0], c = cv->nchw ? d[1] : d[3], h = cv->nchw ? d[2] : d[1],
-             w = cv->nchw ? d[3] : d[2];
+    it->src = read_in_place ? (PyArrayObject *)Py_NewRef(res)
+                            : (PyArrayObject *)PyArray_FROM_OTF(res, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY);
+    if (it->src == NULL)
+        return -1;
+    it->type = t, it->b0 = b0, it->ox = ox, it->oy = oy;
+    return 0;
+}
+
+/* Check a parsed item against the canvas and out (no Python code runs here), copy a result
+ * that overlaps out, and compute its weights.  -1 with an exception. */
+static int item_prepare(Canvas *cv, PyArrayObject *out, put_item *it)
+{
+    npy_intp *d = PyArray_DIMS(it->src);
+    npy_intp nb = d[0], c = cv->nchw ? d[1] : d[3], h = cv->nchw ? d[2] : d[1], w = cv->nchw ? d[3] : d[2];
+    npy_intp b0 = it->b0, ox = it->ox, oy = it->oy;
     /* overflow-safe: each length is checked against its limit before the offset is */
     if (c != cv->C || nb > cv->B || b0 > cv->B - nb || w > cv->W || ox > cv->W - w || h > cv->H ||
         oy > cv->H - h) {
@@ -1030,8 +1127,163 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
                      "result of %zd image(s) %zdx%zd px x %zd ch at (x=%zd, y=%zd, image %zd) does "
                      "not fit the output %zd image(s) %zdx%zd px x %zd ch",
                      nb, w, h, c, ox, oy, b0, cv->B, cv->W, cv->H, cv->C);
-        goto done;
+        return -1;
     }
+    it->nb = nb, it->h = h, it->w = w;
+    /* a result that overlaps the output would be overwritten while we read it */
+    uintptr_t slo, shi, olo, ohi;
+    array_extent(it->src, &slo, &shi);
+    array_extent(out, &olo, &ohi);
+    if (slo < ohi && olo < shi) {
+        PyArrayObject *copy = (PyArrayObject *)PyArray_FROM_OTF(
+            (PyObject *)it->src, it->type, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY | NPY_ARRAY_ENSURECOPY);
+        if (copy == NULL)
+            return -1;
+        Py_SETREF(it->src, copy);
+    }
+    /* w * C <= the output's element count (w <= W was checked), so these sizes fit */
+    size_t nwxc = cv->nchw ? 0 : (size_t)w * (size_t)c;
+    it->wx = PyMem_Malloc(sizeof(float) * ((size_t)w + (size_t)h + nwxc));
+    it->ones = PyMem_Malloc(sizeof(npy_intp) * ((size_t)w + 1));
+    if (it->wx == NULL || it->ones == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    it->wy = it->wx + w, it->wxc = cv->nchw ? it->wx : it->wy + h;
+    it->nones = tile_weights(it->rx, it->nrx, it->ry, it->nry, ox, oy, w, h, cv->nchw ? 0 : c, it->wx, it->wy,
+                             it->wxc, it->ones);
+    return 0;
+}
+
+/* Blend items (sharing nb, b0, h and oy when n > 1) into out, as n puts in this order would.
+ * Call with the lock held and cv->out == out; the GIL is released while the rows run. */
+static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int n)
+{
+    const put_item *f = &items[0];
+    npy_intp rows = f->nb * f->h;
+    if (cv->bits == NULL) {
+        /* a tile right of a row's written prefix leaves a gap: from now on track exactly (a
+         * band's rows evolve their prefix tile by tile, as separate puts would) */
+        int gap = 0;
+        for (npy_intp r = 0; r < rows && !gap; r++) {
+            int64_t cov = cv->covered[(f->b0 + r / f->h) * cv->H + f->oy + r % f->h];
+            for (int k = 0; k < n && !gap; k++) {
+                gap = cov < items[k].ox;
+                if (items[k].ox + items[k].w > cov)
+                    cov = items[k].ox + items[k].w;
+            }
+        }
+        if (gap) {
+            npy_intp all = cv->B * cv->H;
+            cv->bits = PyMem_Calloc((size_t)all, (size_t)cv->row_bytes);
+            if (cv->bits == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            for (npy_intp r = 0; r < all; r++)
+                set_bits(cv->bits + r * cv->row_bytes, 0, (npy_intp)cv->covered[r]);
+        }
+    }
+    put_job *jobs = PyMem_Malloc(sizeof(put_job) * (size_t)n);
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    const row_table *rowk;
+    copy_fn copyk;
+    strided_fn stridedk;
+    isa_kernels(cv->isa, &rowk, &copyk, &stridedk);
+    if (n > 1) /* a band writes each row's pages in order, still in cache after the zeroing
+                * fault: plain stores (non-temporal ones would write the zeroes back first) */
+        copyk = copy_scalar;
+    npy_intp work = 0;
+    for (int k = 0; k < n; k++) {
+        const put_item *it = &items[k];
+        PyArrayObject *src = it->src;
+        npy_intp ses = it->type == NPY_FLOAT16 ? 2 : 4, sx = PyArray_STRIDE(src, cv->nchw ? 3 : 2),
+                 sc = PyArray_STRIDE(src, cv->nchw ? 1 : 3);
+        int contig = cv->nchw ? sx == ses : (sc == ses || cv->C == 1) && sx == ses * cv->C;
+        jobs[k] = (put_job){cv, PyArray_BYTES(out), PyArray_BYTES(src), it->type == NPY_FLOAT16, contig,
+                            it->nb, it->b0, it->h, it->w, it->ox, it->oy, PyArray_STRIDE(src, 0), sc,
+                            PyArray_STRIDE(src, cv->nchw ? 2 : 1), sx, it->wx, it->wxc, it->wy, it->ones,
+                            it->nones, rowk, copyk, stridedk};
+        work += it->w; /* <= n * W: no overflow */
+    }
+    int nt = cv->nthreads;
+    /* threads pay off only on big tiles (~1 ms of work per extra thread) */
+    work = work / (npy_intp)n * rows * cv->C * n;
+    if (work < (npy_intp)nt * 262144)
+        nt = (int)(work / 262144) + 1;
+    if (nt > rows)
+        nt = (int)rows;
+    put_share sh[VG_MAX_THREADS];
+    for (int i = 0; i < nt; i++)
+        sh[i] = (put_share){jobs, n, rows * i / nt, rows * (i + 1) / nt};
+    pthread_t th[VG_MAX_THREADS];
+    int started = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 1; i < nt; i++) {
+        if (pthread_create(&th[i], NULL, put_thread, &sh[i]) != 0)
+            break;
+        started = i;
+    }
+    stitch_rows(&sh[0]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(th[i], NULL);
+    for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
+        stitch_rows(&sh[i]);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(jobs);
+    cv->puts += n;
+    return 0;
+}
+
+/* Prefix the pending exception's message with "band item k: " (same type; a non-string
+ * exception is left as it is). */
+static void band_error(int k)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *e = PyErr_GetRaisedException();
+    PyObject *msg = e ? PyObject_Str(e) : NULL;
+    if (msg != NULL)
+        PyErr_Format((PyObject *)Py_TYPE(e), "band item %d: %U", k, msg);
+    else
+        PyErr_SetRaisedException(Py_XNewRef(e));
+    Py_XDECREF(msg);
+    Py_XDECREF(e);
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *msg = value ? PyObject_Str(value) : NULL;
+    if (msg != NULL) {
+        PyErr_Format(type, "band item %d: %U", k, msg);
+        Py_DECREF(msg);
+        Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+    } else {
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+#endif
+}
+
+/* Parse n argument tuples (args[k]), then check them against the canvas and blend them under
+ * its lock.  Order matters: every argument is parsed first (that is where Python callbacks
+ * can run and even close this canvas), then the canvas state is checked, then we act. */
+static PyObject *put_items(Canvas *cv, PyObject *const *args, int n, int band)
+{
+    put_item *items = PyMem_Calloc((size_t)n, sizeof(put_item));
+    if (items == NULL)
+        return PyErr_NoMemory();
+    PyObject *ret = NULL;
+    PyArrayObject *out = NULL;
+    int locked = 0;
+    for (int k = 0; k < n; k++)
+        if (item_parse(args[k], &items[k]) < 0) {
+            if (band)
+                band_error(k);
+            goto done;
+        }
     if (cv->out == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
         goto done;
@@ -1039,98 +1291,79 @@ static PyObject *Canvas_put(Canvas *cv, PyObject *args)
     out = (PyArrayObject *)Py_NewRef(cv->out);
     if (!out_unchanged(cv, out))
         goto done;
-    {
-        /* a result that overlaps the output would be overwritten while we read it */
-        uintptr_t slo, shi, olo, ohi;
-        array_extent(src, &slo, &shi);
-        array_extent(out, &olo, &ohi);
-        if (slo < ohi && olo < shi) {
-            PyArrayObject *copy = (PyArrayObject *)PyArray_FROM_OTF(
-                (PyObject *)src, t, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSUREARRAY | NPY_ARRAY_ENSURECOPY);
-            if (copy == NULL)
-                goto done;
-            Py_SETREF(src, copy);
+    for (int k = 0; k < n; k++) {
+        if (item_prepare(cv, out, &items[k]) < 0) {
+            if (band)
+                band_error(k);
+            goto done;
+        }
+        if (k > 0 && (items[k].nb != items[0].nb || items[k].b0 != items[0].b0 || items[k].h != items[0].h ||
+                      items[k].oy != items[0].oy)) {
+            PyErr_Format(PyExc_ValueError,
+                         "band item %d: a band's tiles share their images, y offset and height; item 0 has "
+                         "%zd image(s) from %zd, y=%zd, %zd rows, item %d has %zd from %zd, y=%zd, %zd rows",
+                         k, items[0].nb, items[0].b0, items[0].oy, items[0].h, k, items[k].nb, items[k].b0,
+                         items[k].oy, items[k].h);
+            goto done;
         }
     }
-    /* w * C <= the output's element count (w <= W was checked), so these sizes fit */
-    size_t nwxc = cv->nchw ? 0 : (size_t)w * (size_t)c;
-    wx = PyMem_Malloc(sizeof(float) * ((size_t)w + (size_t)h + nwxc));
-    ones = PyMem_Malloc(sizeof(npy_intp) * ((size_t)w + 1));
-    if (wx == NULL || ones == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    float *wy = wx + w, *wxc = cv->nchw ? wx : wy + h;
-    npy_intp nones = tile_weights(rx, nrx, ry, nry, ox, oy, w, h, cv->nchw ? 0 : c, wx, wy, wxc, ones);
-
     canvas_lock(cv);
     locked = 1;
     if (cv->out != out) { /* finish() ran while we waited for the lock */
         PyErr_SetString(PyExc_RuntimeError, "canvas is closed");
         goto done;
     }
-    npy_intp rows = nb * h;
-    if (cv->bits == NULL) {
-        /* a tile right of a row's written prefix leaves a gap: from now on track exactly */
-        int gap = 0;
-        for (npy_intp r = 0; r < rows && !gap; r++)
-            gap = cv->covered[(b0 + r / h) * cv->H + oy + r % h] < ox;
-        if (gap) {
-            npy_intp all = cv->B * cv->H;
-            cv->bits = PyMem_Calloc((size_t)all, (size_t)cv->row_bytes);
-            if (cv->bits == NULL) {
-                PyErr_NoMemory();
-                goto done;
-            }
-            for (npy_intp r = 0; r < all; r++)
-                set_bits(cv->bits + r * cv->row_bytes, 0, (npy_intp)cv->covered[r]);
-        }
-    }
-
-    put_job jobs[VG_MAX_THREADS];
-    int nt = cv->nthreads;
-    /* threads pay off only on big tiles (~1 ms of work per extra thread) */
-    npy_intp work = rows * w * c;
-    if (work < (npy_intp)nt * 262144)
-        nt = (int)(work / 262144) + 1;
-    if (nt > rows)
-        nt = (int)rows;
-    npy_intp ses = t == NPY_FLOAT16 ? 2 : 4, sx = PyArray_STRIDE(src, cv->nchw ? 3 : 2),
-             sc = PyArray_STRIDE(src, cv->nchw ? 1 : 3);
-    int contig = cv->nchw ? sx == ses : (sc == ses || c == 1) && sx == ses * c;
-    const row_table *rowk;
-    copy_fn copyk;
-    strided_fn stridedk;
-    isa_kernels(cv->isa, &rowk, &copyk, &stridedk);
-    for (int i = 0; i < nt; i++) {
-        jobs[i] = (put_job){cv, PyArray_BYTES(out), PyArray_BYTES(src), t == NPY_FLOAT16, contig, nb, b0, h, w,
-                            ox, oy, PyArray_STRIDE(src, 0), sc, PyArray_STRIDE(src, cv->nchw ? 2 : 1), sx,
-                            wx, wxc, wy, ones, nones, rowk, copyk, stridedk,
-                            rows * i / nt, rows * (i + 1) / nt};
-    }
-    pthread_t th[VG_MAX_THREADS];
-    int started = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (int i = 1; i < nt; i++) {
-        if (pthread_create(&th[i], NULL, put_thread, &jobs[i]) != 0)
-            break;
-        started = i;
-    }
-    stitch_rows(&jobs[0]);
-    for (int i = 1; i <= started; i++)
-        pthread_join(th[i], NULL);
-    for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
-        stitch_rows(&jobs[i]);
-    Py_END_ALLOW_THREADS
-    cv->puts++;
+    if (items_run(cv, out, items, n) < 0)
+        goto done;
     ret = Py_NewRef(Py_None);
 done:
     if (locked)
         canvas_unlock(cv);
-    PyMem_Free(wx);
-    PyMem_Free(ones);
+    for (int k = 0; k < n; k++)
+        item_clear(&items[k]);
+    PyMem_Free(items);
     Py_XDECREF(out);
-    Py_DECREF(src);
+    return ret;
+}
+
+/* put(result, b0, ox, oy, xramps, yramps): blend result ([nb,h,w,C] or [nb,C,h,w], float32
+ * or float16, any strides) into out[b0:b0+nb] at output offset (oy, ox). */
+static PyObject *Canvas_put(Canvas *cv, PyObject *args)
+{
+    return put_items(cv, &args, 1, 0);
+}
+
+/* put_band(items): items a list or tuple of put()'s argument tuples for tiles of one band (the
+ * same images, y offset and height), blended as put() of each in order would (the same
+ * values), but row by row across the band, so the output is written in address order as one
+ * copy would write it: on a fresh output each page is written right after the kernel zeroed
+ * it, while those zeroes are still in cache. */
+#define VG_MAX_BAND 4096
+static PyObject *Canvas_put_band(Canvas *cv, PyObject *arg)
+{
+    if (!PyList_Check(arg) && !PyTuple_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "items must be a list or tuple of put() argument tuples, got %.80s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Tuple(arg); /* a private copy: parsing may run code that mutates a list */
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject *ret = NULL;
+    if (n < 1 || n > VG_MAX_BAND) {
+        PyErr_Format(PyExc_ValueError, "items must hold 1..%d tiles, got %zd", VG_MAX_BAND, n);
+        goto out;
+    }
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (!PyTuple_Check(PyTuple_GET_ITEM(seq, k))) {
+            PyErr_Format(PyExc_TypeError, "band item %zd must be a tuple (result, b0, ox, oy, xramps, yramps), "
+                         "got %.80s", k, Py_TYPE(PyTuple_GET_ITEM(seq, k))->tp_name);
+            goto out;
+        }
+    ret = put_items(cv, &PyTuple_GET_ITEM(seq, 0), (int)n, 1);
+out:
+    Py_DECREF(seq);
     return ret;
 }
 
@@ -1174,6 +1407,7 @@ static PyObject *Canvas_finish(Canvas *cv, PyObject *Py_UNUSED(a))
                      "tile; refusing to return a half-written result",
                      x, row % cv->H, row / cv->H);
     else {
+        prefault_stop(cv);
         o = (PyObject *)cv->out;
         cv->out = NULL;
     }
@@ -1232,6 +1466,8 @@ static PyObject *Canvas_isas(PyObject *Py_UNUSED(cls), PyObject *Py_UNUSED(a))
 static PyMethodDef Canvas_methods[] = {
     {"put", (PyCFunction)Canvas_put, METH_VARARGS,
      "put($self, result, b0, ox, oy, xramps, yramps, /)\n--\n\nBlend one tile result into the output."},
+    {"put_band", (PyCFunction)Canvas_put_band, METH_O,
+     "put_band($self, items, /)\n--\n\nBlend one band's tiles (put() argument tuples) row by row."},
     {"finish", (PyCFunction)Canvas_finish, METH_NOARGS,
      "finish($self, /)\n--\n\nReturn the output if every pixel was covered; close."},
     {"coverage", (PyCFunction)Canvas_coverage, METH_NOARGS,
@@ -1248,7 +1484,7 @@ static PyGetSetDef Canvas_getset[] = {
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot Canvas_slots[] = {
-    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0, isa='auto')\n--\n\nBlends tile results into out."},
+    {Py_tp_doc, "Canvas(out, layout='nhwc', threads=0, isa='auto', prefault=None)\n--\n\nBlends tile results into out."},
     {Py_tp_new, Canvas_new},
     {Py_tp_dealloc, Canvas_dealloc},
     {Py_tp_traverse, Canvas_traverse},

@@ -635,6 +635,36 @@ def put_args(rng, ctx):
     return args, (b0, ox, oy, res)
 
 
+def band_args(rng, ctx):
+    """A band for Canvas.put_band: put_args' tile plus 0-3 more of its images, rows and height at
+    random x (a valid band), then sometimes broken: a tile of another height or row, a non-tuple
+    item, an empty or hostile container."""
+    layout, dt, B, H, W, C = ctx.canvas_dims
+    args0, _ = put_args(rng, ctx)
+    items = [tuple(args0)]
+    res0 = args0[0]
+    if (isinstance(res0, np.ndarray) and res0.ndim == 4 and all(type(x) is int for x in args0[1:4])
+            and res0.shape[0] * res0.shape[1] * res0.shape[2] <= 4096):   # not a hostile giant's rows
+        nb, h = res0.shape[0], (res0.shape[1] if layout == "nhwc" else res0.shape[2])
+        for _ in range(rng.choice([0, 1, 2, 3])):
+            w = rng.randint(1, W)
+            ox = rng.randint(0, W - w)
+            hh = h + 1 if rng.random() < 0.05 else h
+            shape = (nb, hh, w, C) if layout == "nhwc" else (nb, C, hh, w)
+            rdt = rng.choice([dt, np.float32, np.float16])
+            res = np.asarray(rng.uniform(-2, 2), rdt) + np.zeros(shape, rdt)
+            oy = args0[3] + 1 if rng.random() < 0.05 else args0[3]
+            items.append((res, args0[1], ox, oy, valid_ramps(rng, ox, w), args0[5]))
+    r = rng.random()
+    if r < 0.04:
+        return adversarial(rng)
+    if r < 0.08:
+        return []
+    if r < 0.12:
+        items.insert(rng.randrange(len(items) + 1), adversarial(rng))
+    return items if rng.random() < 0.5 else tuple(items)
+
+
 def gen_native(t: Target, rng, ctx):
     """(callable, args, kwargs, check) for a native target, valid near the edges, then mutated."""
     n = t.name.split(".", 1)[1]
@@ -645,33 +675,49 @@ def gen_native(t: Target, rng, ctx):
             else np.zeros(tuple(rng.randint(0, 9) for _ in range(4)), np.float32)
         args = [a, layout, rng.choice([0, 1, 16, 17, -1, 2 ** 31, hostile_number(rng, 2)])]
         return t.obj, args[: rng.randint(1, 3)], {}, None
-    if n in ("Canvas.put", "Canvas.finish", "Canvas.coverage", "Canvas.puts"):
+    if n in ("Canvas.put", "Canvas.put_band", "Canvas.finish", "Canvas.coverage", "Canvas.puts"):
         cv = make_canvas(rng, ctx)
+
+        def mark(args):
+            ok_types = (isinstance(args, (tuple, list)) and len(args) == 6 and isinstance(args[0], np.ndarray)
+                        and all(type(x) is int for x in args[1:4]))
+            if not ok_types:  # an int-like whose value we can't read back safely: don't judge
+                ctx.canvas_mask = None
+            if ok_types and args[0].ndim == 4 and ctx.canvas_mask is not None:
+                layout = ctx.canvas_dims[0]
+                nb = args[0].shape[0]
+                h, w = (args[0].shape[1], args[0].shape[2]) if layout == "nhwc" else args[0].shape[2:4]
+                ctx.canvas_mask[args[1]:args[1] + nb, args[3]:args[3] + h, args[2]:args[2] + w] = True
+                if not np.isfinite(np.asarray(args[0], np.float64)).all():
+                    ctx.nonfinite = True
+
+        def finish_check():
+            # then finish: must refuse unless every pixel was written; result finite
+            try:
+                out = cv.finish()
+            except RuntimeError:
+                return None
+            if ctx.canvas_mask is not None and not ctx.canvas_mask.all():
+                return ("finish() returned an output with pixels no put() wrote "
+                        f"({int((~ctx.canvas_mask).sum())} of {ctx.canvas_mask.size})")
+            if not ctx.nonfinite and not np.isfinite(np.asarray(out, np.float64)).all():
+                return "finish() returned non-finite values from finite inputs"
+            return None
+
+        if n == "Canvas.put_band":
+            items = band_args(rng, ctx)
+
+            def check_band(r, items=items):
+                for it in items:   # no exception: every item was blended
+                    mark(it)
+                return finish_check()
+            return cv.put_band, [items], {}, check_band
         if n == "Canvas.put":
-            args, (b0, ox, oy, res) = put_args(rng, ctx)
+            args, _ = put_args(rng, ctx)
 
             def check(r, args=args):
-                ok_types = all(type(x) is int for x in args[1:4]) and isinstance(args[0], np.ndarray)
-                if not ok_types:  # an int-like whose value we can't read back safely: don't judge
-                    ctx.canvas_mask = None
-                if ok_types and args[0].ndim == 4 and ctx.canvas_mask is not None:
-                    layout = ctx.canvas_dims[0]
-                    nb = args[0].shape[0]
-                    h, w = (args[0].shape[1], args[0].shape[2]) if layout == "nhwc" else args[0].shape[2:4]
-                    ctx.canvas_mask[args[1]:args[1] + nb, args[3]:args[3] + h, args[2]:args[2] + w] = True
-                    if not np.isfinite(np.asarray(args[0], np.float64)).all():
-                        ctx.nonfinite = True
-                # then finish: must refuse unless every pixel was written; result finite
-                try:
-                    out = cv.finish()
-                except RuntimeError:
-                    return None
-                if ctx.canvas_mask is not None and not ctx.canvas_mask.all():
-                    return ("finish() returned an output with pixels no put() wrote "
-                            f"({int((~ctx.canvas_mask).sum())} of {ctx.canvas_mask.size})")
-                if not ctx.nonfinite and not np.isfinite(np.asarray(out, np.float64)).all():
-                    return "finish() returned non-finite values from finite inputs"
-                return None
+                mark(args)
+                return finish_check()
             return cv.put, args, {}, check
         if n == "Canvas.puts":
             return (lambda: cv.puts), [], {}, None
@@ -1140,7 +1186,7 @@ def foreign(e: BaseException) -> bool:
 
 
 # Entry points whose generators know their valid space get more calls (the rest: weight 1).
-WEIGHTS = {"_native.Canvas.put": 8, "_native.plan": 5, "_native.budget": 3, "_native.Policy.decide": 3,
+WEIGHTS = {"_native.Canvas.put": 8, "_native.Canvas.put_band": 6, "_native.plan": 5, "_native.budget": 3, "_native.Policy.decide": 3,
            "_native.snapshot": 2, "_native.simulate": 2, "_native.Canvas.weights": 2, "_native.Sampler.stop": 2,
            "_native.Sampler.start": 2, "vramguard.tiled": 3, "vramguard.plan_tiles": 3, "vramguard.stage": 2,
            "vramguard.gc_check": 2}

@@ -42,7 +42,7 @@ def test_fuzz_finds_every_public_entry_point():
         if n.startswith("_") or n == "after_fork_child" or not callable(getattr(_native, n)):
             continue
         assert f"_native.{n}" in names, n
-    for n in ("put", "finish", "coverage", "weights"):
+    for n in ("put", "put_band", "finish", "coverage", "weights"):
         assert f"_native.Canvas.{n}" in names
     for n in ("start", "stop", "reset", "begin", "end", "stages", "timeline", "last_error"):
         assert f"_native.Sampler.{n}" in names

@@ -656,7 +656,8 @@ def upscale_tiled(upscale_model: Any, image: Any, overlap: int = 32, reserve_gb:
     if cost is None and device_index(dev) is not None:
         cost = tiling.calibrate(fn, image[:1].to(dev), key=key)
     out = _run_tiled("upscale", fn, image, dev=dev, scale=scale, overlap=overlap, cost=cost,
-                     budget=_budget(dev, reserve_gb), min_tile=floor, max_tile=max_tile or None, max_batch=1)
+                     budget=_budget(dev, reserve_gb), min_tile=floor, max_tile=max_tile or None, max_batch=1,
+                     band=True)   # the model returns a new tensor per tile: a row of them can wait
     out = torch.clamp(out, 0.0, 1.0)
     if alpha is not None:
         a = torch.nn.functional.interpolate(alpha.movedim(-1, -3).float(), size=out.shape[1:3], mode="bilinear")
