@@ -128,7 +128,7 @@ typedef struct {
     /* The prefault thread (see prefault_thread): running while pf_pid is this process's. */
     pthread_t pf;
     pid_t pf_pid;
-    atomic_int pf_stop;
+    atomic_int pf_stop, pf_done;
     char *pf_base;
     size_t pf_len;
 } Canvas;
@@ -154,6 +154,7 @@ static void *prefault_thread(void *arg)
             break; /* an old kernel, a mapping that cannot be populated: the tiles fault it */
         end = start;
     }
+    atomic_store(&cv->pf_done, 1);
     return NULL;
 }
 
@@ -953,6 +954,7 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (prefault) {
         cv->pf_base = PyArray_BYTES(a), cv->pf_len = bytes;
         atomic_init(&cv->pf_stop, 0);
+        atomic_init(&cv->pf_done, 0);
         if (pthread_create(&cv->pf, NULL, prefault_thread, cv) == 0)
             cv->pf_pid = getpid();
     }
@@ -1210,6 +1212,10 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
         work += it->w; /* <= n * W: no overflow */
     }
     int nt = cv->nthreads;
+    /* while the prefault thread runs it has one of the CPUs (the blend is memory-bound: one
+     * thread fewer costs it little) */
+    if (nt > 1 && cv->pf_pid == getpid() && !atomic_load(&cv->pf_done))
+        nt--;
     /* threads pay off only on big tiles (~1 ms of work per extra thread) */
     work = work / (npy_intp)n * rows * cv->C * n;
     if (work < (npy_intp)nt * 262144)
