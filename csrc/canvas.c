@@ -411,10 +411,10 @@ VG_ROW_WRAPPERS(avx2, AVX2, avx2_body)
  * read-for-ownership of every line (a third of the traffic) and do not evict the tile being
  * read.  stitch_rows fences (sfence) before its rows count as done. */
 #define VG_STREAM_MIN 1024
-AVX2 static void copy_avx2(char *d, const char *s, size_t bytes)
+VG_INLINE AVX2 void copy_avx2_body(char *d, const char *s, size_t bytes, int stream)
 {
     size_t i = 0;
-    if (bytes >= VG_STREAM_MIN) {
+    if (stream && bytes >= VG_STREAM_MIN) {
         size_t head = (32 - ((uintptr_t)d & 31)) & 31;
         _mm256_storeu_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
         for (i = head; i + 128 <= bytes; i += 128) {
@@ -426,10 +426,19 @@ AVX2 static void copy_avx2(char *d, const char *s, size_t bytes)
             _mm256_stream_si256((__m256i *)(d + i + 64), c), _mm256_stream_si256((__m256i *)(d + i + 96), e);
         }
     }
+    for (; i + 128 <= bytes; i += 128) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(s + i)), b = _mm256_loadu_si256((const __m256i *)(s + i + 32)),
+                c = _mm256_loadu_si256((const __m256i *)(s + i + 64)),
+                e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
+        _mm256_storeu_si256((__m256i *)(d + i), a), _mm256_storeu_si256((__m256i *)(d + i + 32), b);
+        _mm256_storeu_si256((__m256i *)(d + i + 64), c), _mm256_storeu_si256((__m256i *)(d + i + 96), e);
+    }
     for (; i + 32 <= bytes; i += 32)
         _mm256_storeu_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
     memcpy(d + i, s + i, bytes - i);
 }
+AVX2 static void copy_avx2(char *d, const char *s, size_t bytes) { copy_avx2_body(d, s, bytes, 1); }
+AVX2 static void copy_plain_avx2(char *d, const char *s, size_t bytes) { copy_avx2_body(d, s, bytes, 0); }
 
 AVX2 static void half_plane_f16c(float *dst, const uint16_t *src, npy_intp n)
 {
@@ -501,10 +510,10 @@ VG_SIMD_BODY(avx512_body, AVX512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _
              ld16, st16)
 VG_ROW_WRAPPERS(avx512, AVX512, avx512_body)
 
-AVX512 static void copy_avx512(char *d, const char *s, size_t bytes)
+VG_INLINE AVX512 void copy_avx512_body(char *d, const char *s, size_t bytes, int stream)
 {
     size_t i = 0;
-    if (bytes >= VG_STREAM_MIN) {
+    if (stream && bytes >= VG_STREAM_MIN) {
         size_t head = (64 - ((uintptr_t)d & 63)) & 63;
         _mm512_storeu_si512(d, _mm512_loadu_si512(s));
         for (i = head; i + 256 <= bytes; i += 256) {
@@ -514,10 +523,18 @@ AVX512 static void copy_avx512(char *d, const char *s, size_t bytes)
             _mm512_stream_si512((void *)(d + i + 128), c), _mm512_stream_si512((void *)(d + i + 192), e);
         }
     }
+    for (; i + 256 <= bytes; i += 256) {
+        __m512i a = _mm512_loadu_si512(s + i), b = _mm512_loadu_si512(s + i + 64),
+                c = _mm512_loadu_si512(s + i + 128), e = _mm512_loadu_si512(s + i + 192);
+        _mm512_storeu_si512(d + i, a), _mm512_storeu_si512(d + i + 64, b);
+        _mm512_storeu_si512(d + i + 128, c), _mm512_storeu_si512(d + i + 192, e);
+    }
     for (; i + 64 <= bytes; i += 64)
         _mm512_storeu_si512(d + i, _mm512_loadu_si512(s + i));
     memcpy(d + i, s + i, bytes - i);
 }
+AVX512 static void copy_avx512(char *d, const char *s, size_t bytes) { copy_avx512_body(d, s, bytes, 1); }
+AVX512 static void copy_plain_avx512(char *d, const char *s, size_t bytes) { copy_avx512_body(d, s, bytes, 0); }
 
 #endif /* __x86_64__ */
 
@@ -543,7 +560,8 @@ VG_ROW_WRAPPERS(neon, , neon_body)
 
 static const row_table row_scalar_t = VG_ROW_TABLE(scalar);
 
-static void isa_kernels(int isa, const row_table **rows, copy_fn *copy, strided_fn *strided)
+/* stream: the copy kernel with non-temporal stores (tile order), else plain stores (a band) */
+static void isa_kernels(int isa, int stream, const row_table **rows, copy_fn *copy, strided_fn *strided)
 {
     *rows = &row_scalar_t, *copy = copy_scalar, *strided = strided_scalar;
 #ifdef VG_X86
@@ -552,16 +570,17 @@ static void isa_kernels(int isa, const row_table **rows, copy_fn *copy, strided_
     if (isa == ISA_SSE2)
         *rows = &sse2_t, *copy = copy_sse2;
     else if (isa == ISA_AVX2)
-        *rows = &avx2_t, *copy = copy_avx2, *strided = strided_avx2;
+        *rows = &avx2_t, *copy = stream ? copy_avx2 : copy_plain_avx2, *strided = strided_avx2;
     else if (isa == ISA_AVX512)
-        *rows = &avx512_t, *copy = copy_avx512, *strided = strided_avx2; /* planes: 8 lanes do */
+        *rows = &avx512_t, *copy = stream ? copy_avx512 : copy_plain_avx512,
+        *strided = strided_avx2; /* planes: 8 lanes do */
 #endif
 #ifdef VG_NEON
     static const row_table neon_t = VG_ROW_TABLE(neon);
     if (isa == ISA_NEON)
         *rows = &neon_t;
 #endif
-    (void)isa;
+    (void)isa, (void)stream;
 }
 
 /* What this CPU can run (bit i = level i), and the default level, found once. */
@@ -1194,10 +1213,9 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
     const row_table *rowk;
     copy_fn copyk;
     strided_fn stridedk;
-    isa_kernels(cv->isa, &rowk, &copyk, &stridedk);
-    if (n > 1) /* a band writes each row's pages in order, still in cache after the zeroing
-                * fault: plain stores (non-temporal ones would write the zeroes back first) */
-        copyk = copy_scalar;
+    /* a band writes each row's pages in order, still in cache after the zeroing fault: plain
+     * stores there (non-temporal ones would write the zeroes back first) */
+    isa_kernels(cv->isa, n == 1, &rowk, &copyk, &stridedk);
     npy_intp work = 0;
     for (int k = 0; k < n; k++) {
         const put_item *it = &items[k];

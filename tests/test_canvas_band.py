@@ -49,13 +49,14 @@ def grid_items(rng, layout, dt, B, H, W, C, cols, rows, ov, strided=False):
 @pytest.mark.parametrize("dt", [np.float32, np.float16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("strided", [False, True])
-def test_put_band_equals_puts_in_order_bit_for_bit(layout, dt, threads, strided):
+@pytest.mark.parametrize("isa", _native.Canvas.isas())
+def test_put_band_equals_puts_in_order_bit_for_bit(layout, dt, threads, strided, isa):
     rng = np.random.default_rng(threads * 7 + (dt == np.float16) + 3 * strided)
-    B, H, W, C = 2, 61, 97, 3
+    B, H, W, C = 2, 61, 397, 3         # rows of > 1 KiB: the copy kernels' vector loops run
     shape = (B, H, W, C) if layout == "nhwc" else (B, C, H, W)
     bands = grid_items(rng, layout, dt, B, H, W, C, cols=4, rows=3, ov=9, strided=strided)
-    a = _native.Canvas(np.empty(shape, dt), layout, threads)
-    b = _native.Canvas(np.empty(shape, dt), layout, threads)
+    a = _native.Canvas(np.empty(shape, dt), layout, threads, isa=isa)
+    b = _native.Canvas(np.empty(shape, dt), layout, threads, isa=isa)
     for band in bands:
         for it in band:
             a.put(*it)
