@@ -1216,7 +1216,7 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
     /* a band writes each row's pages in order, still in cache after the zeroing fault: plain
      * stores there (non-temporal ones would write the zeroes back first) */
     isa_kernels(cv->isa, n == 1, &rowk, &copyk, &stridedk);
-    npy_intp work = 0;
+    double work = 0; /* values blended: a double, so no product of sizes can overflow */
     for (int k = 0; k < n; k++) {
         const put_item *it = &items[k];
         PyArrayObject *src = it->src;
@@ -1227,7 +1227,7 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
                             it->nb, it->b0, it->h, it->w, it->ox, it->oy, PyArray_STRIDE(src, 0), sc,
                             PyArray_STRIDE(src, cv->nchw ? 2 : 1), sx, it->wx, it->wxc, it->wy, it->ones,
                             it->nones, rowk, copyk, stridedk};
-        work += it->w; /* <= n * W: no overflow */
+        work += (double)it->w * (double)rows * (double)cv->C;
     }
     int nt = cv->nthreads;
     /* while the prefault thread runs it has one of the CPUs (the blend is memory-bound: one
@@ -1235,9 +1235,8 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
     if (nt > 1 && cv->pf_pid == getpid() && !atomic_load(&cv->pf_done))
         nt--;
     /* threads pay off only on big tiles (~1 ms of work per extra thread) */
-    work = work / (npy_intp)n * rows * cv->C * n;
-    if (work < (npy_intp)nt * 262144)
-        nt = (int)(work / 262144) + 1;
+    if (work < (double)nt * 262144.0)
+        nt = (int)(work / 262144.0) + 1;
     if (nt > rows)
         nt = (int)rows;
     put_share sh[VG_MAX_THREADS];
