@@ -1070,3 +1070,42 @@ def comfy_video_decoders(seed: int = 0) -> dict:
     hy_enc = m.Encoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
                        resolution=64, z_channels=4, double_z=True, conv3d=True, time_compress=2)
     return {"hunyuan": sane_init(hy, seed), "mochi": sane_init(mochi, seed), "hunyuan_encoder": sane_init(hy_enc, seed)}
+
+
+def comfy_ltx_vae_091(seed: int = 0, causal: bool = False):
+    """ComfyUI's real LTX-Video VideoVAE in a 0.9.1-style layout, small: timestep conditioning
+    (decode noise, time embedders, per-block and last scale/shift tables), inject_noise res
+    blocks, a residual compress_all with multiplier 2, compress_time, compress_space and a res_x_y
+    (channel LayerNorm + 1x1x1 shortcut), PixelNorm, reflect padding, patch 4.  Decoder order:
+    res_x(2, noise) 32ch, compress_space, res_x_y 32->16, compress_time, res_x(1, noise),
+    compress_all (residual) 16->8, res_x(1); (T - 1) x 4 + 1 frames, 16 x the latent's size.
+    What ComfyUI leaves to the checkpoint (torch.empty or zeros) is drawn here, seeded: channel
+    LayerNorms, last_scale_shift_table, the noise scales and the latent statistics."""
+    _comfy_model()
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx
+    cfg = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128,
+           "decoder_blocks": [["res_x", {"num_layers": 1, "inject_noise": False}],
+                              ["compress_all", {"residual": True, "multiplier": 2}],
+                              ["res_x", {"num_layers": 1, "inject_noise": True}],
+                              ["compress_time", {"multiplier": 1}],
+                              ["res_x_y", {"multiplier": 2}],
+                              ["compress_space", {"multiplier": 1}],
+                              ["res_x", {"num_layers": 2, "inject_noise": True}]],
+           "encoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {}], ["res_x", {"num_layers": 1}]],
+           "decoder_base_channels": 8, "encoder_base_channels": 8, "scaling_factor": 1.0,
+           "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform", "use_quant_conv": False,
+           "causal_decoder": causal, "timestep_conditioning": True}
+    m = sane_init(ltx.VideoVAE(config=cfg), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if ".norm3." in name or name.endswith("norm.weight") or name.endswith("norm.bias"):
+                p.copy_((1.0 if leaf == "weight" else 0.0) + (torch.rand(p.shape, generator=g) * 2 - 1) * 0.2)
+            elif leaf in ("last_scale_shift_table", "scale_shift_table"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif leaf.startswith("per_channel_scale"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+        for n, b in m.per_channel_statistics.named_buffers():
+            b.copy_(0.5 + torch.rand(b.shape, generator=g) if "std" in n else (torch.rand(b.shape, generator=g) - 0.5) * 0.4)
+    return m
