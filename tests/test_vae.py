@@ -838,6 +838,19 @@ def test_comfyui_ltx_091_layer_sync_equals_videovae_decode(causal):
                                                              frames=frames))
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5, (grid, frames)
         assert f / f_ref <= 1.001, (grid, frames, f / f_ref)
+    # weights ComfyUI casts on the fly (Dynamic VRAM / lowvram set comfy_cast_weights on every op):
+    # the same valid convs with comfy.ops.cast_bias_weight's weights
+    cast = [mod for mod in m.decoder.modules() if hasattr(mod, "comfy_cast_weights")]
+    assert cast
+    for mod in cast:
+        mod.comfy_cast_weights = True
+    try:
+        f, out = _ltx_flops(lambda: vae_ltx.decode_ltx_tiled(m.decoder, z, vae=m, budget_bytes=1 << 30, grid=(2, 3),
+                                                             frames=2))
+    finally:
+        for mod in cast:
+            del mod.comfy_cast_weights        # back to the class's False
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5 and f / f_ref <= 1.001, f / f_ref
     # the decode noise and inject_noise are part of it: other draws give another video
     torch.manual_seed(7)
     with torch.no_grad():

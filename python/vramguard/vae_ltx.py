@@ -152,6 +152,22 @@ class _Crop:
         return a[:, :, self.t:self.t + self.nt]
 
 
+def _comfy_cast(conv: Any, x: Any) -> tuple[Any, Any] | None:
+    """(weight, bias) of a ComfyUI ops conv as its forward would use them (cast to x's device and
+    dtype, weight patches applied): comfy.ops.cast_bias_weight's legacy form, the same call in
+    0.3.64 .. 0.33.  None where ComfyUI is not loaded or the call does not fit."""
+    import sys
+    ops = sys.modules.get("comfy.ops")
+    fn = getattr(ops, "cast_bias_weight", None)
+    if fn is None or not hasattr(conv, "forward_comfy_cast_weights"):
+        return None
+    try:
+        r = fn(conv, x)
+    except TypeError:
+        return None
+    return (r[0], r[1]) if isinstance(r, tuple) and len(r) >= 2 else None
+
+
 def _halo_t(cc: Any, causal: bool) -> tuple[int, int]:
     k = cc.conv.weight.shape[2]
     return (k - 1, 0) if causal else ((k - 1) // 2, (k - 1) // 2)
@@ -199,22 +215,29 @@ class _Compiler:
     def conv(self, cc: Any, x: Any, c: _Crop) -> Any:
         """The conv over the gathered slice (its time halo already there), for the box's voxels only:
         the slice's 1-px halo where it has one, the conv's own padding (zeros / reflect / replicate)
-        at the frame's borders, then a 'valid' conv: no output is computed twice.  A conv whose
-        weights ComfyUI casts or patches on the fly (or on another device) runs as its module on
-        the whole slice instead and is cropped (the halo ring computed and dropped)."""
+        at the frame's borders, then a 'valid' conv: no output is computed twice.  Weights that
+        ComfyUI casts or patches on the fly (Dynamic VRAM, lowvram, LoRA) come from its own
+        comfy.ops.cast_bias_weight; where that is not at hand the conv runs as its module on the
+        whole slice and is cropped (the halo ring computed and dropped)."""
         import torch.nn.functional as F
         conv = cc.conv
-        w = conv.weight
+        w, bias = conv.weight, conv.bias
         mode = getattr(conv, "padding_mode", "zeros")
+        if mode not in ("zeros", "reflect", "replicate"):
+            return c.sp(conv(x))
         if (getattr(conv, "comfy_cast_weights", False) or getattr(conv, "weight_function", None)
-                or getattr(conv, "bias_function", None) or w.device != x.device or w.dtype != x.dtype
-                or mode not in ("zeros", "reflect", "replicate")):
+                or getattr(conv, "bias_function", None)):
+            cast = _comfy_cast(conv, x)
+            if cast is None:
+                return c.sp(conv(x))
+            w, bias = cast
+        elif w.device != x.device or w.dtype != x.dtype:
             return c.sp(conv(x))
         p = w.shape[-1] // 2
         pads = (p - c.x, p - (x.shape[-1] - c.x - c.nx), p - c.y, p - (x.shape[-2] - c.y - c.ny), 0, 0)
         if any(pads):
             x = F.pad(x, pads, mode="constant" if mode == "zeros" else mode)
-        return F.conv3d(x, w, conv.bias)
+        return F.conv3d(x, w, bias)
 
     def add(self, **kw: Any) -> str:
         s = _Step(ts=self.ts, r=self.r, **kw)
