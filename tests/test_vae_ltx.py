@@ -34,11 +34,11 @@ def ltx():
     return d, z, ref, f
 
 
-# 2, 6, 12 tiles, non-square, 1-px tiles (tiny: every conv's halo is the whole neighbour); the
+# 2, 6, 12 tiles, non-square, 2 x 1-px tiles (tiny: a conv's halo is a whole neighbour); the
 # video in one time box, in 1-frame boxes (every box's time halo from its neighbours or the
 # replicated first/last frame) and in boxes of 3 + 1 frames
 @pytest.mark.parametrize("grid, frames", [((1, 2), None), ((2, 3), None), ((3, 4), None), ((2, 5), None),
-                                          ((8, 12), None), ((1, 1), 1), ((2, 3), 1), ((3, 4), 3), ((2, 5), 3)],
+                                          ((4, 12), None), ((1, 1), 1), ((2, 3), 1), ((3, 4), 3), ((2, 5), 3)],
                          ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else f"t{v or 'all'}")
 def test_layer_sync_boxes_equal_the_untiled_decode(ltx, grid, frames):
     d, z, ref, f_ref = ltx
@@ -160,3 +160,42 @@ def test_unsupported_conv_is_refused_by_name():
     with pytest.raises(vae.VaeTilingError, match=r"up_blocks.0.conv1: unsupported conv"):
         vae_ltx.check_ltx(d)
     assert vae.video_layout(d)[0] == "local"     # still local: the halo path keeps it
+
+
+# ------------------------------------------------------------------ 0.9.1-style (no ComfyUI needed)
+
+@pytest.fixture(scope="module")
+def ltx091():
+    m = vm.ltx_vae_091(seed=5)
+    z = vm.video_latent(3, 6, 8, seed=6)
+    torch.manual_seed(11)                  # decode noise and inject_noise: drawn from torch's generator
+    f, ref = _flops(lambda: m.decode(z))
+    assert ref.shape == (1, 3, 5, 48, 64) and ref.std() > 0.1
+    return m, z, ref, f
+
+
+@pytest.mark.parametrize("grid, frames", [((1, 2), None), ((2, 3), 1), ((3, 4), 2), ((2, 5), None), ((6, 8), None)],
+                         ids=["1x2", "2x3-t1", "3x4-t2", "2x5", "6x8-1px"])
+def test_091_style_timestep_noise_residual_equal_the_untiled_decode(ltx091, grid, frames):
+    """Timestep-conditioned mid blocks and last scale/shift, decode noise, inject_noise, a residual
+    depth-to-space with channel reduction, res_x_y (channel LayerNorm + 1x1x1 shortcut), patch 2:
+    the node's path (video_program) equals VideoVAE-style decode under the same seed, 1.0x FLOPs."""
+    m, z, ref, f_ref = ltx091
+    run, kw = vae.video_program(m)
+    torch.manual_seed(11)
+    f, out = _flops(lambda: run(**kw, latent=z, budget_bytes=1 << 30, grid=grid, frames=frames))
+    assert _rel(out, ref) <= 1e-5 and f / f_ref <= 1.001, (_rel(out, ref), f / f_ref)
+
+
+def test_091_style_noise_is_drawn_not_skipped(ltx091):
+    m, z, ref, _ = ltx091
+    torch.manual_seed(12)
+    with torch.no_grad():
+        other = vae_ltx.decode_ltx_tiled(m.decoder, z, vae=m, budget_bytes=1 << 30, grid=(2, 3))
+    assert vm.psnr(other, ref) < 45.0
+    # a bare torch LayerNorm over the last axis (W) is not LTX's channel LayerNorm: refused
+    import copy
+    bad = copy.deepcopy(m.decoder)
+    bad.up_blocks[2].norm3 = torch.nn.LayerNorm(8)
+    with pytest.raises(vae.VaeTilingError, match="up_blocks.2.norm3 is a LayerNorm"):
+        vae_ltx.check_ltx(bad)

@@ -53,7 +53,12 @@ def is_ltx(decoder: Any) -> bool:
     ups = getattr(decoder, "up_blocks", None)
     return (ups is not None and all(hasattr(decoder, n) for n in ("conv_in", "conv_norm_out", "conv_out"))
             and hasattr(getattr(decoder, "conv_in", None), "time_kernel_size")
-            and len(ups) > 0 and all(_cls(b) in _BLOCKS for b in ups))
+            and len(ups) > 0 and all(_kind(b) is not None for b in ups))
+
+
+def _kind(m: Any) -> str | None:
+    """The LTX block class m is (or derives from), by name: None if none."""
+    return next((k.__name__ for k in type(m).__mro__ if k.__name__ in _BLOCKS), None)
 
 
 def _check_conv(cc: Any, where: str) -> None:
@@ -70,6 +75,12 @@ def _check_conv(cc: Any, where: str) -> None:
 
 
 def _check_norm(m: Any, where: str) -> None:
+    import torch
+    # LTX's LayerNorm wraps a LayerNorm over channels (per voxel); a bare torch LayerNorm on a
+    # (B, C, T, H, W) map would normalise over W: not local
+    if _cls(m) == "LayerNorm" and (isinstance(m, torch.nn.LayerNorm)
+                                   or len(getattr(getattr(m, "norm", None), "normalized_shape", ())) != 1):
+        raise VaeTilingError(f"{where} is a LayerNorm that is not LTX's channel LayerNorm (a .norm over C)")
     if m is not None and _cls(m) not in _LOCAL_NORMS:
         raise VaeTilingError(f"{where} is {_cls(m)}: statistics over the whole video (only PixelNorm / channel "
                              "LayerNorm are per voxel); not tiled layer-synchronously")
@@ -89,7 +100,7 @@ def check_ltx(decoder: Any) -> None:
     _check_norm(decoder.conv_norm_out, "conv_norm_out")
     for i, blk in enumerate(decoder.up_blocks):
         name = f"up_blocks.{i}"
-        if _cls(blk) == "DepthToSpaceUpsample":
+        if _kind(blk) == "DepthToSpaceUpsample":
             _check_conv(blk.conv, name + ".conv")
             st = tuple(blk.stride)
             if len(st) != 3 or st[1] != st[2] or min(st) < 1 or st[0] > 2:
@@ -336,11 +347,11 @@ class _Compiler:
                        halo_t=_halo_t(d.conv_in, self.causal))
         for i, blk in enumerate(d.up_blocks):
             name = f"up_blocks.{i}"
-            if _cls(blk) == "DepthToSpaceUpsample":
+            if _kind(blk) == "DepthToSpaceUpsample":
                 cur = self.d2s(blk, name, cur)
                 continue
             temb = None
-            if self.tc and _cls(blk) == "UNetMidBlock3D" and getattr(blk, "timestep_conditioning", False):
+            if self.tc and _kind(blk) == "UNetMidBlock3D" and getattr(blk, "timestep_conditioning", False):
                 cache: dict[str, Any] = {}
 
                 def temb(device: Any, dtype: Any, blk: Any = blk, cache: dict = cache) -> Any:
