@@ -1276,7 +1276,8 @@ _NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Att
 
 
 def video_layout(decoder: Any) -> tuple[str, str | None]:
-    """("wan", None): the layer-synchronous Wan path; ("carried", None): HunyuanVideo-shaped
+    """("wan", None): the layer-synchronous Wan path; ("ltx", None): LTX-Video-shaped, layer-
+    synchronous in time and space (vae_ltx.decode_ltx_tiled); ("carried", None): HunyuanVideo-shaped
     (ComfyUI's Decoder with conv3d=True), layer-synchronous in its own time chunks; ("local", None):
     every op local, the halo path; ("mochi", None): Mochi-shaped (GroupNorm per frame), layer-
     synchronous; ("nonlocal", why): none of these (why names the modules)."""
@@ -1415,8 +1416,9 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
 
 
 def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
-    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan
-    path, or the halo path for a local decoder; VaeTilingError with the reason otherwise."""
+    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan,
+    LTX, Mochi or HunyuanVideo path, or the halo path for another local decoder; VaeTilingError
+    with the reason otherwise."""
     dec = getattr(first_stage_model, "decoder", None)
     if dec is None:
         raise VaeTilingError(f"{type(first_stage_model).__name__} has no decoder")
