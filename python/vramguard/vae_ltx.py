@@ -71,7 +71,8 @@ def _check_conv(cc: Any, where: str) -> None:
             or conv.padding[0] != 0 or k[1] != k[2] or k[1] % 2 == 0 or tuple(conv.padding[1:]) != (k[1] // 2,) * 2
             or getattr(cc, "time_kernel_size", k[0]) != k[0] or k[0] % 2 == 0 or k[1] != 3):
         raise VaeTilingError(f"{where}: unsupported conv (kernel {k}, stride {tuple(conv.stride)}, padding "
-                             f"{tuple(conv.padding)}): only 3x3 in space (odd in time), stride 1, 'same' spatial padding")
+                             f"{tuple(conv.padding)}): only 3x3 in space (odd in time), stride 1, 'same' "
+                             "spatial padding")
 
 
 def _check_norm(m: Any, where: str) -> None:
@@ -269,7 +270,7 @@ class _Compiler:
                 ada["v"] = v.unbind(dim=1)          # shift1, scale1, shift2, scale2
             return ada["v"]
 
-        def noise(key: str, scale_name: str) -> Callable[[Any, Any], None] | None:
+        def noise(key: str) -> Callable[[Any, Any], None] | None:
             if not getattr(res, "inject_noise", False):
                 return None
 
@@ -311,10 +312,10 @@ class _Compiler:
             return sc + y
 
         self.add(name=name + ".a", fn=first, inputs=(x,), output=h, out_channels=cout, in_channels=cin,
-                 halo_t=_halo_t(res.conv1, self.causal), pre=noise(name + ".n1", "per_channel_scale1"))
+                 halo_t=_halo_t(res.conv1, self.causal), pre=noise(name + ".n1"))
         return self.add(name=name + ".b", fn=second, inputs=(h, x), output=name + ".out", out_channels=cout,
                         in_channels=cin + cout, halo_t=_halo_t(res.conv2, self.causal),
-                        pre=noise(name + ".n2", "per_channel_scale2"))
+                        pre=noise(name + ".n2"))
 
     def d2s(self, blk: Any, name: str, x: str) -> str:
         st = tuple(int(v) for v in blk.stride)
@@ -339,7 +340,20 @@ class _Compiler:
         self.ts, self.r = self.ts * st[0], self.r * st[1]
         return out
 
-    def compile(self, lh: int, lw: int) -> tuple[list[_Step], str]:
+    def mid_embed(self, blk: Any) -> Callable[[Any, Any], Any] | None:
+        """A timestep-conditioned mid block's embedding (computed once, on first use), or None."""
+        if not (self.tc and _kind(blk) == "UNetMidBlock3D" and getattr(blk, "timestep_conditioning", False)):
+            return None
+        cache: dict[str, Any] = {}
+
+        def temb(device: Any, dtype: Any) -> Any:
+            if "e" not in cache:
+                cache["e"] = self.embed(blk.time_embedder, device, dtype)
+            return cache["e"]
+
+        return temb
+
+    def compile(self) -> tuple[list[_Step], str]:
         import torch.nn.functional as F
         d = self.d
         cur = self.add(name="conv_in", fn=lambda c, xs: self.conv(d.conv_in, xs, c), inputs=("z",), output="conv_in",
@@ -350,14 +364,7 @@ class _Compiler:
             if _kind(blk) == "DepthToSpaceUpsample":
                 cur = self.d2s(blk, name, cur)
                 continue
-            temb = None
-            if self.tc and _kind(blk) == "UNetMidBlock3D" and getattr(blk, "timestep_conditioning", False):
-                cache: dict[str, Any] = {}
-
-                def temb(device: Any, dtype: Any, blk: Any = blk, cache: dict = cache) -> Any:
-                    if "e" not in cache:
-                        cache["e"] = self.embed(blk.time_embedder, device, dtype)
-                    return cache["e"]
+            temb = self.mid_embed(blk)
             for j, res in enumerate(getattr(blk, "res_blocks", [blk])):
                 cur = self.resnet(res, f"{name}.{j}", cur, temb)
         last: dict[str, Any] = {}
@@ -378,8 +385,9 @@ class _Compiler:
 
         self.patch = int(getattr(d, "patch_size", 1))
         cw = d.conv_out.conv.weight
-        final = self.add(name="conv_out", fn=out, inputs=(cur,), output="out", out_channels=cw.shape[0] // self.patch ** 2,
-                         in_channels=cw.shape[1], up=self.patch, halo_t=_halo_t(d.conv_out, self.causal))
+        final = self.add(name="conv_out", fn=out, inputs=(cur,), output="out",
+                         out_channels=cw.shape[0] // self.patch ** 2, in_channels=cw.shape[1], up=self.patch,
+                         halo_t=_halo_t(d.conv_out, self.causal))
         return self.steps, final
 
 
@@ -427,9 +435,9 @@ class LtxPlan:
         return self.rows * self.cols * self.chunks
 
 
-def _compile(decoder: Any, lh: int, lw: int, batch: int, timestep: Any = 0.05) -> tuple[list[_Step], str, _Compiler]:
+def _compile(decoder: Any, batch: int, timestep: Any = 0.05) -> tuple[list[_Step], str, _Compiler]:
     comp = _Compiler(decoder, timestep, batch)
-    steps, final = comp.compile(lh, lw)
+    steps, final = comp.compile()
     return steps, final, comp
 
 
@@ -439,7 +447,7 @@ def plan_ltx(decoder: Any, t: int, h: int, w: int, *, budget_bytes: int, batch: 
     from .vae import _check_video_plan
     h, w, k, budget = _check_video_plan(h, w, batch, elem, t, budget_bytes)
     check_ltx(decoder)
-    steps, _, _ = _compile(decoder, h, w, batch)
+    steps, _, _ = _compile(decoder, batch)
     per_px, per_edge, per_frame = _cost(steps)
     r = _native_plan(w, h, fixed=0.0, per_px=per_px * k, per_edge=per_edge * k, per_frame=per_frame * k,
                      budget=budget, depth=t)
@@ -569,7 +577,7 @@ def decode_ltx_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tupl
     tc = bool(getattr(decoder, "timestep_conditioning", False))
     if timestep is None:
         timestep = getattr(vae, "decode_timestep", 0.05) if vae is not None else 0.05
-    steps, final, comp = _compile(decoder, lh, lw, b, timestep)
+    steps, final, comp = _compile(decoder, b, timestep)
     k = b * latent.element_size()
     if grid is not None or frames is not None:
         if grid is not None:
