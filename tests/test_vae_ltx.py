@@ -49,9 +49,11 @@ def test_layer_sync_boxes_equal_the_untiled_decode(ltx, grid, frames):
     assert f / f_ref <= 1.001, f / f_ref
 
 
-def test_node_path_costs_one_pass_where_the_halo_path_cost_10x(ltx):
+def test_node_path_costs_one_pass_where_the_halo_path_cost_several_x(ltx):
     """What the node runs for an LTX-shaped VAE (vae.video_program): <= 1.25x the FLOPs of one
-    untiled pass.  On the old code video_program gave decode_video_halo_tiled: 9.96x here."""
+    untiled pass.  On the old code video_program gave decode_video_halo_tiled and this fails: the
+    halo path costs 4.9-9.3x on a 5x12x20 latent at 2x3-3x4 tiles (more on its first call, which
+    measures the receptive field with two probe decodes)."""
     d, z, ref, f_ref = ltx
 
     class FSM(torch.nn.Module):
