@@ -614,7 +614,7 @@ def test_video_planner_splits_time_and_space_from_the_budget(wan6, caplog):
 
 def test_video_layouts_are_told_apart_with_reasons():
     assert vae.video_layout(vm.wan_decoder(seed=1)) == ("wan", None)
-    assert vae.video_layout(vm.ltx_decoder(seed=1)) == ("local", None)
+    assert vae.video_layout(vm.ltx_decoder(seed=1)) == ("ltx", None)
     assert vae.video_layout(vm.mochi_decoder(seed=1)) == ("mochi", None)
     kind, why = vae.video_layout(_unknown_video_decoder())
     assert kind == "nonlocal" and "GroupNorm at 1" in why
@@ -774,7 +774,7 @@ def test_comfyui_hunyuan_ltx_mochi_classes():
     z = torch.randn(1, 128, 3, 10, 12, generator=torch.Generator().manual_seed(19))
     with torch.no_grad():
         r = ltx.decode(z)
-    assert vae.video_layout(ltx.decoder) == ("local", None)
+    assert vae.video_layout(ltx.decoder) == ("ltx", None)
     o = vae.decode_video_halo_tiled(ltx.decoder, z, budget_bytes=1 << 30, grid=(2, 3), decode=ltx.decode)
     assert vm.psnr(o, r) >= 45.0
     assert vae.video_layout(ds["mochi"]) == ("mochi", None)
@@ -809,3 +809,69 @@ def test_receptive_field_refuses_hostile_sizes_before_decoding(kw, exc):
     with pytest.raises(exc):
         tv.receptive_field(lambda z: calls.append(1) or z, **kw)
     assert calls == []
+
+
+# ------------------------------------------------------------------ LTX-Video, layer-synchronous (vae_ltx)
+
+def _ltx_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        torch.manual_seed(123)          # VideoVAE.decode's noise and inject_noise: the same draws
+        out = fn()
+    return fc.get_total_flops(), out
+
+
+@pytest.mark.usefixtures("comfy_classes")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_comfyui_ltx_091_layer_sync_equals_videovae_decode(causal):
+    """ComfyUI's real VideoVAE in a 0.9.1-style layout (timestep conditioning, decode noise,
+    inject_noise, residual compress_all, compress_time/space, res_x_y): our layer-synchronous
+    boxes in time and space equal VideoVAE.decode to float rounding at one pass of FLOPs."""
+    from vramguard import vae_ltx
+    m = vm.comfy_ltx_vae_091(seed=3, causal=causal)
+    assert vae.video_layout(m.decoder) == ("ltx", None)
+    z = torch.randn(1, 128, 3, 8, 10, generator=torch.Generator().manual_seed(4))
+    f_ref, ref = _ltx_flops(lambda: m.decode(z))
+    assert ref.shape == (1, 3, 9, 128, 160) and ref.std() > 0.1
+    for grid, frames in [((1, 2), None), ((2, 3), None), ((3, 4), 1), ((2, 5), 2), ((8, 10), None)]:
+        f, out = _ltx_flops(lambda: vae_ltx.decode_ltx_tiled(m.decoder, z, vae=m, budget_bytes=1 << 30, grid=grid,
+                                                             frames=frames))
+        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5, (grid, frames)
+        assert f / f_ref <= 1.001, (grid, frames, f / f_ref)
+    # weights ComfyUI casts on the fly (Dynamic VRAM / lowvram set comfy_cast_weights on every op):
+    # the same valid convs with comfy.ops.cast_bias_weight's weights
+    cast = [mod for mod in m.decoder.modules() if hasattr(mod, "comfy_cast_weights")]
+    assert cast
+    for mod in cast:
+        mod.comfy_cast_weights = True
+    try:
+        f, out = _ltx_flops(lambda: vae_ltx.decode_ltx_tiled(m.decoder, z, vae=m, budget_bytes=1 << 30, grid=(2, 3),
+                                                             frames=2))
+    finally:
+        for mod in cast:
+            del mod.comfy_cast_weights        # back to the class's False
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5 and f / f_ref <= 1.001, f / f_ref
+    # the decode noise and inject_noise are part of it: other draws give another video
+    torch.manual_seed(7)
+    with torch.no_grad():
+        other = vae_ltx.decode_ltx_tiled(m.decoder, z, vae=m, budget_bytes=1 << 30, grid=(2, 3))
+    assert vm.psnr(other, ref) < 45.0
+
+
+@pytest.mark.usefixtures("comfy_classes")
+def test_comfyui_ltx_node_path_and_planner():
+    """The node's path for ComfyUI's LTX VideoVAE (version-0 layout) is the layer-synchronous one,
+    planned from the budget in time and space, <= 1.25x one pass (the halo path it replaced:
+    several x); planned from the budget it still equals VideoVAE.decode."""
+    from vramguard import vae_ltx
+    m = vm.comfy_ltx_vae(seed=18)
+    run, kw = vae.video_program(m)
+    assert run is vae_ltx.decode_ltx_tiled and kw["vae"] is m
+    z = torch.randn(1, 128, 5, 10, 12, generator=torch.Generator().manual_seed(19))
+    f_ref, ref = _ltx_flops(lambda: m.decode(z))
+    big = vae_ltx.plan_ltx(m.decoder, 5, 10, 12, budget_bytes=1 << 40)
+    small = vae_ltx.plan_ltx(m.decoder, 5, 10, 12, budget_bytes=big.tile_bytes // 20)
+    assert small.tiles > 1
+    f, out = _ltx_flops(lambda: run(**kw, latent=z, budget_bytes=big.tile_bytes // 20))
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert f / f_ref <= 1.25, f / f_ref

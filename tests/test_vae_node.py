@@ -83,7 +83,7 @@ def test_video_vaes_take_their_path_or_log_why_not(caplog):
     """Wan-, HunyuanVideo- and Mochi-shaped: layer-synchronous; LTX-shaped (every op local): halo
     tiles; each equals the untiled decode; an unknown layout with a GroupNorm: ComfyUI's own path,
     the reason logged."""
-    from vramguard import vae as vae_mod
+    from vramguard import vae as vae_mod, vae_ltx
 
     class _VFSM(torch.nn.Module):
         def __init__(self, d):
@@ -98,7 +98,7 @@ def test_video_vaes_take_their_path_or_log_why_not(caplog):
     assert comfyui._vae_program("decode", v, 5)[0] is vae_mod.decode_video_tiled
     v.first_stage_model = _VFSM(vm.ltx_decoder(seed=2))
     run, mods = comfyui._vae_program("decode", v, 5)
-    assert run is vae_mod.decode_video_halo_tiled
+    assert run is vae_ltx.decode_ltx_tiled      # layer-synchronous (was: the halo path)
     z = vm.video_latent(3, 8, 12, seed=3)
     with torch.no_grad():
         ref = v.first_stage_model.decode(z)

@@ -1070,3 +1070,213 @@ def comfy_video_decoders(seed: int = 0) -> dict:
     hy_enc = m.Encoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3,
                        resolution=64, z_channels=4, double_z=True, conv3d=True, time_compress=2)
     return {"hunyuan": sane_init(hy, seed), "mochi": sane_init(mochi, seed), "hunyuan_encoder": sane_init(hy_enc, seed)}
+
+
+def comfy_ltx_vae_091(seed: int = 0, causal: bool = False):
+    """ComfyUI's real LTX-Video VideoVAE in a 0.9.1-style layout, small: timestep conditioning
+    (decode noise, time embedders, per-block and last scale/shift tables), inject_noise res
+    blocks, a residual compress_all with multiplier 2, compress_time, compress_space and a res_x_y
+    (channel LayerNorm + 1x1x1 shortcut), PixelNorm, reflect padding, patch 4.  Decoder order:
+    res_x(2, noise) 32ch, compress_space, res_x_y 32->16, compress_time, res_x(1, noise),
+    compress_all (residual) 16->8, res_x(1); (T - 1) x 4 + 1 frames, 16 x the latent's size.
+    What ComfyUI leaves to the checkpoint (torch.empty or zeros) is drawn here, seeded: channel
+    LayerNorms, last_scale_shift_table, the noise scales and the latent statistics."""
+    _comfy_model()
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx
+    cfg = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128,
+           "decoder_blocks": [["res_x", {"num_layers": 1, "inject_noise": False}],
+                              ["compress_all", {"residual": True, "multiplier": 2}],
+                              ["res_x", {"num_layers": 1, "inject_noise": True}],
+                              ["compress_time", {"multiplier": 1}],
+                              ["res_x_y", {"multiplier": 2}],
+                              ["compress_space", {"multiplier": 1}],
+                              ["res_x", {"num_layers": 2, "inject_noise": True}]],
+           "encoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {}], ["res_x", {"num_layers": 1}]],
+           "decoder_base_channels": 8, "encoder_base_channels": 8, "scaling_factor": 1.0,
+           "norm_layer": "pixel_norm", "patch_size": 4, "latent_log_var": "uniform", "use_quant_conv": False,
+           "causal_decoder": causal, "timestep_conditioning": True}
+    m = sane_init(ltx.VideoVAE(config=cfg), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if ".norm3." in name or name.endswith("norm.weight") or name.endswith("norm.bias"):
+                p.copy_((1.0 if leaf == "weight" else 0.0) + (torch.rand(p.shape, generator=g) * 2 - 1) * 0.2)
+            elif leaf in ("last_scale_shift_table", "scale_shift_table"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif leaf.startswith("per_channel_scale"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+        for n, b in m.per_channel_statistics.named_buffers():
+            b.copy_(0.5 + torch.rand(b.shape, generator=g) if "std" in n else (torch.rand(b.shape, generator=g) - 0.5) * 0.4)
+    return m
+
+
+# LTX-Video 0.9.1-style stand-in (no ComfyUI needed): the math of ComfyUI's causal_video_autoencoder
+# with timestep conditioning (a time embedder per mid block and a last one, scale/shift tables),
+# decode noise, inject_noise (one whole-frame noise per conv), a residual depth-to-space block
+# with a channel reduction, a res_x_y block (channel LayerNorm + 1x1x1 shortcut) and patch 2.
+
+class LtxTimeEmbedder(nn.Module):
+    """Sinusoidal timestep features -> MLP; called as PixArtAlphaCombinedTimestepSizeEmbeddings is."""
+
+    def __init__(self, dim, feat=32):
+        super().__init__()
+        self.feat = feat
+        self.linear_1, self.linear_2 = nn.Linear(feat, dim), nn.Linear(dim, dim)
+
+    def forward(self, timestep, resolution=None, aspect_ratio=None, batch_size=1, hidden_dtype=None):
+        half = self.feat // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+        a = timestep.float()[:, None] * freqs[None]
+        e = torch.cat([torch.cos(a), torch.sin(a)], -1).to(hidden_dtype).expand(batch_size, -1)
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
+class LayerNorm(nn.Module):
+    """LTX's channel LayerNorm (per voxel over C), named as ComfyUI's class is."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+class ResnetBlock3D(nn.Module):
+    def __init__(self, cin, cout=None, timestep_conditioning=False, inject_noise=False):
+        super().__init__()
+        cout = cout or cin
+        self.norm1, self.conv1 = PixelNorm(), LtxCausalConv3d(cin, cout)
+        self.norm2, self.conv2 = PixelNorm(), LtxCausalConv3d(cout, cout)
+        self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.norm3 = LayerNorm(cin) if cin != cout else nn.Identity()
+        self.timestep_conditioning, self.inject_noise = timestep_conditioning, inject_noise
+        self.scale_shift_table = nn.Parameter(torch.randn(4, cin) / cin ** 0.5)
+        self.per_channel_scale1 = nn.Parameter(torch.zeros(cin, 1, 1))
+        self.per_channel_scale2 = nn.Parameter(torch.zeros(cin, 1, 1))
+
+    def _noise(self, h, scale):
+        n = torch.randn(h.shape[-2:], device=h.device, dtype=h.dtype)[None]
+        return h + (n * scale)[None, :, None]
+
+    def forward(self, x, timestep=None):
+        h = self.norm1(x)
+        if self.timestep_conditioning:
+            ada = self.scale_shift_table[None, ..., None, None, None] + timestep.reshape(x.shape[0], 4, -1, 1, 1, 1)
+            shift1, scale1, shift2, scale2 = ada.unbind(dim=1)
+            h = h * (1 + scale1) + shift1
+        h = self.conv1(F.silu(h))
+        if self.inject_noise:
+            h = self._noise(h, self.per_channel_scale1)
+        h = self.norm2(h)
+        if self.timestep_conditioning:
+            h = h * (1 + scale2) + shift2
+        h = self.conv2(F.silu(h))
+        if self.inject_noise:
+            h = self._noise(h, self.per_channel_scale2)
+        return self.conv_shortcut(self.norm3(x)) + h
+
+
+class UNetMidBlock3D(nn.Module):
+    def __init__(self, c, n, inject_noise=False):
+        super().__init__()
+        self.timestep_conditioning = True
+        self.time_embedder = LtxTimeEmbedder(4 * c)
+        self.res_blocks = nn.ModuleList([ResnetBlock3D(c, None, True, inject_noise) for _ in range(n)])
+
+    def forward(self, x, timestep):
+        e = self.time_embedder(timestep=timestep.flatten(), batch_size=x.shape[0], hidden_dtype=x.dtype)
+        e = e.view(x.shape[0], -1, 1, 1, 1)
+        for r in self.res_blocks:
+            x = r(x, e)
+        return x
+
+
+class LtxResidualDepthToSpace(DepthToSpaceUpsample):
+    """compress_all with residual=True, multiplier 2: conv to 8C/2 channels, depth-to-space, plus
+    the input itself rearranged and repeated (8 / 2 times), first frame dropped from both."""
+
+    def __init__(self, c):
+        nn.Module.__init__(self)
+        self.stride, self.residual, self.out_channels_reduction_factor = (2, 2, 2), True, 2
+        self.conv = LtxCausalConv3d(c, 8 * c // 2)
+
+    def forward(self, x):
+        y = DepthToSpaceUpsample.forward(self, x)
+        b, c, t, h, w = x.shape
+        xi = x.reshape(b, c // 8, 2, 2, 2, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c // 8, 2 * t, 2 * h, 2 * w)
+        return y + xi.repeat(1, 4, 1, 1, 1)[:, :, 1:]
+
+
+class LtxDecoder091(nn.Module):
+    """conv_in z -> c, mid(2 res blocks, inject_noise) c, residual compress_all c -> c/2, res_x_y
+    c/2 -> c/4, compress_space c/4 -> c/8, mid(1) c/8, PixelNorm + last scale/shift, conv_out,
+    unpatchify 2; out (B, 3, 1 + 2 (T - 1), 8 H, 8 W)."""
+
+    def __init__(self, z=4, c=32, patch=2):
+        super().__init__()
+        self.patch_size, self.causal, self.timestep_conditioning = patch, False, True
+        self.conv_in = LtxCausalConv3d(z, c)
+        self.up_blocks = nn.ModuleList([UNetMidBlock3D(c, 2, inject_noise=True), LtxResidualDepthToSpace(c),
+                                        ResnetBlock3D(c // 2, c // 4), DepthToSpaceUpsample(c // 4, (1, 2, 2)),
+                                        UNetMidBlock3D(c // 8, 1)])
+        self.conv_norm_out, self.conv_act = PixelNorm(), nn.SiLU()
+        self.conv_out = LtxCausalConv3d(c // 8, 3 * patch * patch)
+        self.timestep_scale_multiplier = nn.Parameter(torch.tensor(1000.0))
+        self.last_time_embedder = LtxTimeEmbedder(2 * (c // 8))
+        self.last_scale_shift_table = nn.Parameter(torch.randn(2, c // 8) * 0.1)
+
+    def forward(self, x, timestep=0.05):
+        st = timestep * self.timestep_scale_multiplier
+        x = self.conv_in(x)
+        for blk in self.up_blocks:
+            x = blk(x, st) if isinstance(blk, UNetMidBlock3D) else blk(x)
+        x = self.conv_norm_out(x)
+        e = self.last_time_embedder(timestep=st.flatten(), batch_size=x.shape[0], hidden_dtype=x.dtype)
+        shift, scale = (self.last_scale_shift_table[None, ..., None, None, None]
+                        + e.reshape(x.shape[0], 2, -1, 1, 1, 1)).unbind(dim=1)
+        y = self.conv_out(self.conv_act(x * (1 + scale) + shift))
+        b, c, f, h, w = y.shape
+        p = self.patch_size
+        return y.reshape(b, c // (p * p), p, p, f, h, w).permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c // (p * p), f, h * p,
+                                                                                             w * p)
+
+
+class LtxStatistics(nn.Module):
+    def __init__(self, z):
+        super().__init__()
+        self.register_buffer("std-of-means", torch.ones(z))
+        self.register_buffer("mean-of-means", torch.zeros(z))
+
+    def un_normalize(self, x):
+        return x * self.get_buffer("std-of-means").view(1, -1, 1, 1, 1) + self.get_buffer("mean-of-means").view(1, -1, 1, 1, 1)
+
+
+class LtxVae091(nn.Module):
+    """VideoVAE's decode around LtxDecoder091: decode noise mixed in, latent un-normalised."""
+
+    def __init__(self, z=4, c=32):
+        super().__init__()
+        self.decoder = LtxDecoder091(z, c)
+        self.per_channel_statistics = LtxStatistics(z)
+        self.timestep_conditioning, self.decode_noise_scale, self.decode_timestep = True, 0.025, 0.05
+
+    def decode(self, x):
+        x = torch.randn_like(x) * self.decode_noise_scale + (1.0 - self.decode_noise_scale) * x
+        return self.decoder(self.per_channel_statistics.un_normalize(x), timestep=self.decode_timestep)
+
+
+def ltx_vae_091(seed: int = 0, **kw) -> LtxVae091:
+    m = _video_init(LtxVae091(**kw), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("per_channel_scale"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+            elif name.endswith("scale_shift_table"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        st = m.per_channel_statistics
+        st.get_buffer("std-of-means").copy_(0.5 + torch.rand(st.get_buffer("std-of-means").shape, generator=g))
+        st.get_buffer("mean-of-means").uniform_(-0.2, 0.2, generator=g)
+    return m

@@ -1276,7 +1276,8 @@ _NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Att
 
 
 def video_layout(decoder: Any) -> tuple[str, str | None]:
-    """("wan", None): the layer-synchronous Wan path; ("carried", None): HunyuanVideo-shaped
+    """("wan", None): the layer-synchronous Wan path; ("ltx", None): LTX-Video-shaped, layer-
+    synchronous in time and space (vae_ltx.decode_ltx_tiled); ("carried", None): HunyuanVideo-shaped
     (ComfyUI's Decoder with conv3d=True), layer-synchronous in its own time chunks; ("local", None):
     every op local, the halo path; ("mochi", None): Mochi-shaped (GroupNorm per frame), layer-
     synchronous; ("nonlocal", why): none of these (why names the modules)."""
@@ -1288,6 +1289,13 @@ def video_layout(decoder: Any) -> tuple[str, str | None]:
         return "wan", None
     except VaeTilingError:
         pass
+    from .vae_ltx import VaeTilingError as _E, check_ltx, is_ltx
+    if is_ltx(decoder):
+        try:
+            check_ltx(decoder)
+            return "ltx", None      # LTX-Video-shaped: layer-synchronous in time and space (vae_ltx)
+        except _E:
+            pass                    # e.g. GroupNorm: judged below (halo path or ComfyUI's own)
     if _is_mochi(decoder):
         return "mochi", None
     if _carried(decoder):
@@ -1362,7 +1370,7 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
     _check_video_input(latent, "latent")
     budget = _check_budget(budget_bytes)
     kind, why = video_layout(decoder)
-    if kind != "local":
+    if kind not in ("local", "ltx"):
         raise VaeTilingError(why or f"{type(decoder).__name__} is Wan-shaped: use decode_video_tiled")
     if halo is not None and (isinstance(halo, bool) or not isinstance(halo, int) or halo < 0):
         raise ValueError(f"halo must be an int >= 0 (latent px), got {halo!r}")
@@ -1408,14 +1416,18 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
 
 
 def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
-    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan
-    path, or the halo path for a local decoder; VaeTilingError with the reason otherwise."""
+    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan,
+    LTX, Mochi or HunyuanVideo path, or the halo path for another local decoder; VaeTilingError
+    with the reason otherwise."""
     dec = getattr(first_stage_model, "decoder", None)
     if dec is None:
         raise VaeTilingError(f"{type(first_stage_model).__name__} has no decoder")
     kind, why = video_layout(dec)
     if kind == "wan":
         return decode_video_tiled, {"decoder": dec, "conv2": getattr(first_stage_model, "conv2", None)}
+    if kind == "ltx":
+        from .vae_ltx import decode_ltx_tiled
+        return decode_ltx_tiled, {"decoder": dec, "vae": first_stage_model}
     if kind == "local":
         fn = getattr(first_stage_model, "decode", None)
         return decode_video_halo_tiled, {"decoder": dec, "decode": fn if callable(fn) else None}
