@@ -342,6 +342,13 @@ def plan_wan22_encode_grid(encoder: Any, h: int, w: int, *, budget_bytes: int, b
 
 # ---------------------------------------------------------------------------------- public API
 
+def _grid_or_plan(grid: Any, lh: int, lw: int, plan: Callable[[], GridPlan]) -> tuple[int, int]:
+    if grid is not None:
+        return _grid_arg(grid, lh, lw)
+    p = plan()
+    return p.rows, p.cols
+
+
 def _devices(x: Any, device: Any, store_device: Any) -> tuple[Any, Any]:
     import torch
     return (torch.device(device) if device is not None else x.device,
@@ -363,11 +370,8 @@ def decode_wan22_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     budget = _check_budget(budget_bytes)
     check_wan22_decoder(decoder)
     b, _, t, lh, lw = latent.shape
-    if grid is not None:
-        rows, cols = _grid_arg(grid, lh, lw)
-    else:
-        plan = plan_wan22_grid(decoder, lh, lw, budget_bytes=budget, batch=b, elem=latent.element_size(), frames=t)
-        rows, cols = plan.rows, plan.cols
+    rows, cols = _grid_or_plan(grid, lh, lw, lambda: plan_wan22_grid(
+        decoder, lh, lw, budget_bytes=budget, batch=b, elem=latent.element_size(), frames=t))
     device, store = _devices(latent, device, store_device)
     run = _run(grid_rects(lh, lw, rows, cols), device, store, progress, decoder)
     with torch.no_grad():
@@ -397,12 +401,8 @@ def encode_wan22_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tup
     if hh % top or ww % top:
         raise ValueError(f"video {hh}x{ww} is not a multiple of the encoder's downscale {top} (patches included)")
     lh, lw = hh // top, ww // top
-    if grid is not None:
-        rows, cols = _grid_arg(grid, lh, lw)
-    else:
-        plan = plan_wan22_encode_grid(encoder, lh, lw, budget_bytes=budget, batch=b, elem=video.element_size(),
-                                      frames=t)
-        rows, cols = plan.rows, plan.cols
+    rows, cols = _grid_or_plan(grid, lh, lw, lambda: plan_wan22_encode_grid(
+        encoder, lh, lw, budget_bytes=budget, batch=b, elem=video.element_size(), frames=t))
     device, store = _devices(video, device, store_device)
     chunks = wan22_encode_chunks(t)
     n_steps = sum(1 for m in encoder.modules() if _cls(m) in ("CausalConv3d", "Resample", "AttentionBlock"))
