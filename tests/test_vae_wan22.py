@@ -76,7 +76,10 @@ def test_decode_matches_untiled(model, decoded, t, grid):
     out = v22.decode_wan22_tiled(dec, z, budget_bytes=1 << 30, grid=grid, conv2=conv2)
     assert out.shape == ref.shape
     assert _psnr(out, ref) >= 100.0 and (out - ref).abs().max() < 1e-4
-    if t > 1:
+    rows, cols = grid                                                   # no seam in space: border gradients
+    ys, xs = [LH * i // rows * 16 for i in range(1, rows)], [LW * j // cols * 16 for j in range(1, cols)]
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+    if t > 1:                                                           # nor in time: every frame is a chunk edge
         assert ((_steps(out) / _steps(ref) - 1).abs() < 1e-3).all()
 
 

@@ -375,7 +375,8 @@ def decode_wan22_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     device, store = _devices(latent, device, store_device)
     run = _run(grid_rects(lh, lw, rows, cols), device, store, progress, decoder)
     with torch.no_grad():
-        x = conv2(latent) if conv2 is not None else latent
+        # conv2 (1x1x1) on the compute device, where the weights are: ComfyUI's LATENT stays on the CPU
+        x = conv2(latent.to(device)).to(store) if conv2 is not None else latent
         outs = [_decode_chunk(run, decoder, x[:, :, i:i + 1].to(store), i == 0) for i in range(t)]
         out = _unpatchify(torch.cat(outs, 2))
     log.info("vramguard: tiled Wan 2.2 VAE decode %dx%dx%d latent: %d one-frame chunks x %d tiles", t, lh, lw, t,
