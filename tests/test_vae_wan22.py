@@ -182,9 +182,10 @@ def test_planned_from_the_budget_and_oom_replans(model, decoded, caplog, monkeyp
     assert _psnr(out, ref) >= 100.0
 
 
-def test_dispatch_video_program_and_node(model, decoded):
-    """video_layout / video_program / encode_tiled send Wan 2.2 here; the node's adapter picks it for
-    decode and encode (it fell back to ComfyUI's own path before)."""
+def test_dispatch_video_program_and_node(model, decoded, monkeypatch, caplog):
+    """video_layout / video_program / encode_tiled send Wan 2.2 here, and the VAE Decode / Encode (tiled,
+    auto) node's adapter takes this path end to end (it fell back to ComfyUI's own path before): IMAGE
+    frames out equal process_output(WanVAE.decode), the LATENT equals WanVAE.encode's mean."""
     from vramguard.adapters import comfyui
     enc, conv1, dec, conv2 = model
 
@@ -193,15 +194,32 @@ def test_dispatch_video_program_and_node(model, decoded):
             super().__init__()
             self.encoder, self.conv1, self.decoder, self.conv2 = enc, conv1, dec, conv2
 
-    fsm = FSM()
-    run, mods = vae.video_program(fsm)
+    class VAE:
+        first_stage_model, latent_dim, device, vae_dtype, patcher = FSM(), 3, torch.device("cpu"), torch.float32, None
+
+        def process_output(self, x):
+            return ((x + 1) / 2).clamp(0, 1)
+
+        def process_input(self, x):
+            return x * 2 - 1
+
+    run, mods = vae.video_program(VAE.first_stage_model)
     assert run is v22.decode_wan22_tiled and mods == {"decoder": dec, "conv2": conv2}
-    z, ref = decoded[5]
-    assert _psnr(run(**mods, latent=z, budget_bytes=1 << 30, grid=(1, 2)), ref) >= 100.0
-    vae_obj = type("VAE", (), {"first_stage_model": fsm, "latent_dim": 3})()
-    assert comfyui._vae_program("decode", vae_obj, 5)[0] is v22.decode_wan22_tiled
-    run, mods = comfyui._vae_program("encode", vae_obj, 5)
+    v = VAE()
+    assert comfyui._vae_program("decode", v, 5)[0] is v22.decode_wan22_tiled
+    run, mods = comfyui._vae_program("encode", v, 5)
     assert run is vae.encode_tiled and mods == {"encoder": enc, "quant_conv": conv1}
+    monkeypatch.setattr(comfyui, "_budget", lambda dev, reserve_gb: 1 << 20)       # a card small enough to tile
+    z, ref = decoded[5]
+    with caplog.at_level("INFO", logger="vramguard"):
+        img = comfyui.vae_tiled("decode", v, {"samples": z}, overlap=8)
+        frames = v.process_output(ref)[0].movedim(0, -1)                          # (T, H, W, 3)
+        lat = comfyui.vae_tiled("encode", v, frames[:9], overlap=8)["samples"]
+    assert "tiled Wan 2.2 VAE decode" in caplog.text and "tiled Wan 2.2 VAE encode" in caplog.text, caplog.text
+    assert "x 1 tiles" not in caplog.text, caplog.text
+    assert img.shape == frames.shape and vm.psnr(img * 2 - 1, frames * 2 - 1) >= 100.0
+    mean = vm.wan22_encode(enc, v.process_input(frames[:9]).movedim(-1, 0).unsqueeze(0), conv1)[:, :48]
+    assert lat.shape == mean.shape == (1, 48, 3, LH, LW) and _psnr(lat, mean) >= 100.0
 
 
 def test_unsupported_variants_raise_naming_the_module(model, caplog):
