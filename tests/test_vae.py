@@ -875,3 +875,29 @@ def test_comfyui_ltx_node_path_and_planner():
     f, out = _ltx_flops(lambda: run(**kw, latent=z, budget_bytes=big.tile_bytes // 20))
     assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     assert f / f_ref <= 1.25, f / f_ref
+
+@pytest.mark.usefixtures("comfy_classes")
+def test_comfyui_wan22_vae_decode_and_encode():
+    """ComfyUI's own vae2_2.WanVAE (48 latent channels, small width): its decode and encode (mean) equal
+    vramguard.vae_wan22's over its decoder/conv2 and encoder/conv1 at 2, 4 and 12 tiles, over chunk
+    boundaries in time; the Wan22 stand-in (tests/test_vae_wan22.py) with its weights is the same network."""
+    from vramguard import vae_wan22 as v22
+    m = vm.comfy_wan22_vae(seed=41)
+    assert vae.video_layout(m.decoder) == ("wan22", None)
+    assert vae.video_program(m)[0] is v22.decode_wan22_tiled
+    g = torch.Generator().manual_seed(42)
+    z = torch.randn(1, 48, 5, 4, 6, generator=g)
+    v = vm.video_frames(17, 64, 96, seed=43)
+    with torch.no_grad():
+        rd, re = m.decode(z), m.encode(v)
+    assert rd.shape == (1, 3, 17, 64, 96) and re.shape == (1, 48, 5, 4, 6) and rd.std() > 0.1 and re.std() > 0.1
+    for grid in [(1, 2), (2, 2), (3, 4)]:
+        od = v22.decode_wan22_tiled(m.decoder, z, budget_bytes=1 << 30, grid=grid, conv2=m.conv2)
+        oe = vae.encode_tiled(m.encoder, v, budget_bytes=1 << 30, grid=grid, quant_conv=m.conv1)[:, :48]
+        assert vm.psnr(od, rd, peak_to_peak=float(rd.max() - rd.min())) >= 100.0 and (od - rd).abs().max() < 1e-4
+        assert vm.psnr(oe, re, peak_to_peak=float(re.max() - re.min())) >= 100.0 and (oe - re).abs().max() < 1e-4
+    enc, conv1, dec, conv2 = vm.wan22_vae(seed=0)
+    for mine, theirs in ((enc, m.encoder), (conv1, m.conv1), (dec, m.decoder), (conv2, m.conv2)):
+        mine.load_state_dict(theirs.state_dict())
+    assert (vm.wan22_decode(dec, z, conv2) - rd).abs().max() < 1e-4
+    assert (vm.wan22_encode(enc, v, conv1)[:, :48] - re).abs().max() < 1e-4

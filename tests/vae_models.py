@@ -1280,3 +1280,262 @@ def ltx_vae_091(seed: int = 0, **kw) -> LtxVae091:
         st.get_buffer("std-of-means").copy_(0.5 + torch.rand(st.get_buffer("std-of-means").shape, generator=g))
         st.get_buffer("mean-of-means").uniform_(-0.2, 0.2, generator=g)
     return m
+
+# ------------------------------------------------------------------ a Wan 2.2-shaped video VAE
+# ComfyUI's comfy.ldm.wan.vae2_2 (0.30.0; 0.33.0 and 0.8.0 alike), written with plain torch layers and the
+# stand-ins above: the same class names (nested here so they do not shadow Wan 2.1's), attributes and
+# cache protocol -- 2x2 patches, Up_/Down_ResidualBlock with DupUp3D / AvgDown3D shortcuts, and a cache
+# that, for a one-frame chunk, keeps the previous cache's last frame before it.
+
+def _keep22(x, old):
+    """vae2_2's cache of a layer's input x: its last 2 frames; a lone frame after the previous cache's
+    last one (zeros after "Rep")."""
+    cache_x = x[:, :, -CACHE_T:].clone()
+    if cache_x.shape[2] < 2 and old is not None:
+        first = torch.zeros_like(cache_x) if isinstance(old, str) else old[:, :, -1:].to(cache_x.device)
+        cache_x = torch.cat([first, cache_x], 2)
+    return cache_x
+
+
+def _cached22(conv, x, feat_cache, feat_idx):
+    idx = feat_idx[0]
+    cache_x = _keep22(x, feat_cache[idx])
+    x = conv(x, feat_cache[idx])
+    feat_cache[idx] = cache_x
+    feat_idx[0] += 1
+    return x
+
+
+class Wan22:
+    """Namespace of the Wan 2.2 stand-in classes."""
+
+    class Resample(nn.Module):
+        def __init__(self, dim, mode):
+            super().__init__()
+            self.dim, self.mode = dim, mode
+            if mode.startswith("down"):
+                self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+                if mode == "downsample3d":
+                    self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+            elif mode.startswith("up"):
+                self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                              nn.Conv2d(dim, dim, 3, padding=1))
+                if mode == "upsample3d":
+                    self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+            else:
+                self.resample = nn.Identity()
+
+        def forward(self, x, feat_cache=None, feat_idx=[0]):
+            b, c, t, h, w = x.shape
+            if self.mode == "upsample3d" and feat_cache is not None:
+                idx = feat_idx[0]
+                if feat_cache[idx] is None:
+                    feat_cache[idx] = "Rep"
+                else:
+                    cache_x = _keep22(x, feat_cache[idx])
+                    x = self.time_conv(x) if isinstance(feat_cache[idx], str) else self.time_conv(x, feat_cache[idx])
+                    feat_cache[idx] = cache_x
+                    x = x.reshape(b, 2, c, t, h, w)
+                    x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)
+                feat_idx[0] += 1
+            t = x.shape[2]
+            x = _unframes(self.resample(_frames(x)), b, t)
+            if self.mode == "downsample3d" and feat_cache is not None:
+                idx = feat_idx[0]
+                if feat_cache[idx] is None:
+                    feat_cache[idx] = x.clone()
+                else:
+                    cache_x = x[:, :, -1:].clone()
+                    x = self.time_conv(torch.cat([feat_cache[idx][:, :, -1:], x], 2))
+                    feat_cache[idx] = cache_x
+                feat_idx[0] += 1
+            return x
+
+    class ResidualBlock(nn.Module):
+        def __init__(self, in_dim, out_dim):
+            super().__init__()
+            self.residual = nn.Sequential(RMS_norm(in_dim, images=False), nn.SiLU(),
+                                          CausalConv3d(in_dim, out_dim, 3, padding=1),
+                                          RMS_norm(out_dim, images=False), nn.SiLU(), nn.Dropout(0.0),
+                                          CausalConv3d(out_dim, out_dim, 3, padding=1))
+            self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+        def forward(self, x, feat_cache=None, feat_idx=[0]):
+            old_x = x
+            for layer in self.residual:
+                if isinstance(layer, CausalConv3d) and feat_cache is not None:
+                    x = _cached22(layer, x, feat_cache, feat_idx)
+                else:
+                    x = layer(x)
+            return x + self.shortcut(old_x)
+
+    class AvgDown3D(nn.Module):
+        def __init__(self, in_channels, out_channels, factor_t, factor_s=1):
+            super().__init__()
+            self.in_channels, self.out_channels, self.factor_t, self.factor_s = in_channels, out_channels, factor_t, factor_s
+            self.factor = factor_t * factor_s * factor_s
+            self.group_size = in_channels * self.factor // out_channels
+
+        def forward(self, x):
+            x = F.pad(x, (0, 0, 0, 0, (self.factor_t - x.shape[2] % self.factor_t) % self.factor_t, 0))
+            b, c, t, h, w = x.shape
+            ft, fs = self.factor_t, self.factor_s
+            x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+            x = x.reshape(b, self.out_channels, self.group_size, t // ft, h // fs, w // fs)
+            return x.mean(dim=2)
+
+    class DupUp3D(nn.Module):
+        def __init__(self, in_channels, out_channels, factor_t, factor_s=1):
+            super().__init__()
+            self.in_channels, self.out_channels, self.factor_t, self.factor_s = in_channels, out_channels, factor_t, factor_s
+            self.repeats = out_channels * factor_t * factor_s * factor_s // in_channels
+
+        def forward(self, x, first_chunk=False):
+            b, _, t, h, w = x.shape
+            ft, fs = self.factor_t, self.factor_s
+            x = x.repeat_interleave(self.repeats, dim=1).view(b, self.out_channels, ft, fs, fs, t, h, w)
+            x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_channels, t * ft, h * fs, w * fs)
+            return x[:, :, ft - 1:] if first_chunk else x
+
+    class Down_ResidualBlock(nn.Module):
+        def __init__(self, in_dim, out_dim, mult, temperal_downsample=False, down_flag=False):
+            super().__init__()
+            self.avg_shortcut = Wan22.AvgDown3D(in_dim, out_dim, 2 if temperal_downsample else 1, 2 if down_flag else 1)
+            layers = []
+            for _ in range(mult):
+                layers.append(Wan22.ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if down_flag:
+                layers.append(Wan22.Resample(out_dim, "downsample3d" if temperal_downsample else "downsample2d"))
+            self.downsamples = nn.Sequential(*layers)
+
+        def forward(self, x, feat_cache=None, feat_idx=[0]):
+            x_copy = x
+            for m in self.downsamples:
+                x = m(x, feat_cache, feat_idx)
+            return x + self.avg_shortcut(x_copy)
+
+    class Up_ResidualBlock(nn.Module):
+        def __init__(self, in_dim, out_dim, mult, temperal_upsample=False, up_flag=False):
+            super().__init__()
+            self.avg_shortcut = (Wan22.DupUp3D(in_dim, out_dim, 2 if temperal_upsample else 1, 2) if up_flag else None)
+            layers = []
+            for _ in range(mult):
+                layers.append(Wan22.ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if up_flag:
+                layers.append(Wan22.Resample(out_dim, "upsample3d" if temperal_upsample else "upsample2d"))
+            self.upsamples = nn.Sequential(*layers)
+
+        def forward(self, x, feat_cache=None, feat_idx=[0], first_chunk=False):
+            x_main = x
+            for m in self.upsamples:
+                x_main = m(x_main, feat_cache, feat_idx)
+            return x_main if self.avg_shortcut is None else x_main + self.avg_shortcut(x, first_chunk)
+
+    class Encoder3d(nn.Module):
+        def __init__(self, dim=16, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                     temperal_downsample=(False, True, True)):
+            super().__init__()
+            dims = [dim * u for u in [1, *dim_mult]]
+            self.conv1 = CausalConv3d(12, dims[0], 3, padding=1)
+            self.downsamples = nn.Sequential(*[
+                Wan22.Down_ResidualBlock(a, b, num_res_blocks, i < len(temperal_downsample) and temperal_downsample[i],
+                                         i != len(dim_mult) - 1) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))])
+            out = dims[-1]
+            self.middle = nn.Sequential(Wan22.ResidualBlock(out, out), AttentionBlock(out), Wan22.ResidualBlock(out, out))
+            self.head = nn.Sequential(RMS_norm(out, images=False), nn.SiLU(), CausalConv3d(out, z_dim, 3, padding=1))
+
+        def forward(self, x, feat_cache=None, feat_idx=[0]):
+            x = _cached22(self.conv1, x, feat_cache, feat_idx)
+            for m in self.downsamples:
+                x = m(x, feat_cache, feat_idx)
+            for m in self.middle:
+                x = m(x, feat_cache, feat_idx) if isinstance(m, Wan22.ResidualBlock) else m(x)
+            x = self.head[1](self.head[0](x))
+            return _cached22(self.head[2], x, feat_cache, feat_idx)
+
+    class Decoder3d(nn.Module):
+        def __init__(self, dim=16, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                     temperal_upsample=(True, True, False)):
+            super().__init__()
+            dims = [dim * u for u in [dim_mult[-1], *dim_mult[::-1]]]
+            self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+            self.middle = nn.Sequential(Wan22.ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                        Wan22.ResidualBlock(dims[0], dims[0]))
+            self.upsamples = nn.Sequential(*[
+                Wan22.Up_ResidualBlock(a, b, num_res_blocks + 1, i < len(temperal_upsample) and temperal_upsample[i],
+                                       i != len(dim_mult) - 1) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))])
+            out = dims[-1]
+            self.head = nn.Sequential(RMS_norm(out, images=False), nn.SiLU(), CausalConv3d(out, 12, 3, padding=1))
+
+        def forward(self, x, feat_cache=None, feat_idx=[0], first_chunk=False):
+            x = _cached22(self.conv1, x, feat_cache, feat_idx)
+            for m in self.middle:
+                x = m(x, feat_cache, feat_idx) if isinstance(m, Wan22.ResidualBlock) else m(x)
+            for m in self.upsamples:
+                x = m(x, feat_cache, feat_idx, first_chunk)
+            x = self.head[1](self.head[0](x))
+            return _cached22(self.head[2], x, feat_cache, feat_idx)
+
+
+def patchify22(x):
+    """b c f (h q) (w r) -> b (c r q) f h w, written as strided slices (not the tiler's reshape)."""
+    b, c, f, h, w = x.shape
+    parts = [x[:, :, :, q::2, r::2] for r in range(2) for q in range(2)]
+    return torch.stack(parts, 2).reshape(b, c * 4, f, h // 2, w // 2)
+
+
+def unpatchify22(x):
+    b, c4, f, h, w = x.shape
+    x = x.reshape(b, c4 // 4, 4, f, h, w)
+    out = x.new_empty(b, c4 // 4, f, h * 2, w * 2)
+    for i, (r, q) in enumerate((r, q) for r in range(2) for q in range(2)):
+        out[:, :, :, q::2, r::2] = x[:, :, i]
+    return out
+
+
+def _n_conv3d(m):
+    return sum(1 for mod in m.modules() if type(mod).__name__ == "CausalConv3d")
+
+
+def wan22_decode(decoder, z, conv2=None):
+    """WanVAE.decode's loop (vae2_2): conv2, the decoder on each latent frame alone (the first with
+    first_chunk=True) with the caches, unpatchify; works on our Decoder3d and on ComfyUI's."""
+    feat = [None] * _n_conv3d(decoder)
+    with torch.no_grad():
+        x = conv2(z) if conv2 is not None else z
+        out = [decoder(x[:, :, i:i + 1], feat_cache=feat, feat_idx=[0], first_chunk=i == 0) for i in range(x.shape[2])]
+        return unpatchify22(torch.cat(out, 2))
+
+
+def wan22_encode(encoder, x, conv1=None):
+    """WanVAE.encode's loop (vae2_2): patchify, frame 0, then 4-frame chunks with the caches, conv1."""
+    feat = [None] * _n_conv3d(encoder)
+    with torch.no_grad():
+        x = patchify22(x)
+        chunks = [(0, 1)] + [(1 + 4 * (i - 1), 1 + 4 * i) for i in range(1, 1 + (x.shape[2] - 1) // 4)]
+        out = torch.cat([encoder(x[:, :, a:b], feat_cache=feat, feat_idx=[0]) for a, b in chunks], 2)
+        return conv1(out) if conv1 is not None else out
+
+
+def wan22_vae(seed: int = 0, dim: int = 16, z_dim: int = 48, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1):
+    """(encoder, conv1, decoder, conv2) of our Wan 2.2 stand-in, in ComfyUI's sd.py order of time
+    down/upsampling (temperal_downsample [False, True, True]), sanely initialised."""
+    enc = Wan22.Encoder3d(dim, 2 * z_dim, dim_mult, num_res_blocks, (False, True, True))
+    dec = Wan22.Decoder3d(dim, z_dim, dim_mult, num_res_blocks, (True, True, False))
+    conv1, conv2 = CausalConv3d(2 * z_dim, 2 * z_dim, 1), CausalConv3d(z_dim, z_dim, 1)
+    parts = nn.ModuleList([enc, conv1, dec, conv2])
+    sane_init(parts, seed)
+    _rms_gammas(parts, seed)
+    return enc.eval(), conv1.eval(), dec.eval(), conv2.eval()
+
+
+def comfy_wan22_vae(seed: int = 0, dim: int = 16, z_dim: int = 48, dim_mult=(1, 2, 2, 2), num_res_blocks: int = 1):
+    """ComfyUI's own vae2_2.WanVAE at small width (dec_dim = dim), its sd.py time order, sanely initialised."""
+    _comfy_model()
+    import comfy.ldm.wan.vae2_2 as w
+    m = w.WanVAE(dim=dim, dec_dim=dim, z_dim=z_dim, dim_mult=list(dim_mult), num_res_blocks=num_res_blocks,
+                 attn_scales=[], temperal_downsample=[False, True, True])
+    sane_init(m, seed)
+    return _rms_gammas(m, seed).eval()

@@ -745,6 +745,11 @@ def encode_tiled(encoder: Any, image: Any, *, budget_bytes: int, tile: int | tup
     are in latent px. Returns the encoder (+quant_conv) output: mean and logvar channels.
     """
     import torch
+    if isinstance(image, torch.Tensor) and image.ndim == 5:
+        from .vae_wan22 import encode_wan22_tiled, is_wan22
+        if is_wan22(encoder):
+            return encode_wan22_tiled(encoder, image, budget_bytes=budget_bytes, grid=grid, conv1=quant_conv,
+                                      device=device, store_device=store_device, progress=progress)
     if isinstance(image, torch.Tensor) and image.ndim == 5 and not _carried(encoder):
         return encode_video_tiled(encoder, image, budget_bytes=budget_bytes, grid=grid, conv1=quant_conv,
                                   device=device, store_device=store_device, progress=progress)
@@ -1276,8 +1281,9 @@ _NONLOCAL = ("GroupNorm", "BatchNorm", "InstanceNorm", "LayerNorm", "Attn", "Att
 
 
 def video_layout(decoder: Any) -> tuple[str, str | None]:
-    """("wan", None): the layer-synchronous Wan path; ("ltx", None): LTX-Video-shaped, layer-
-    synchronous in time and space (vae_ltx.decode_ltx_tiled); ("carried", None): HunyuanVideo-shaped
+    """("wan", None): the layer-synchronous Wan 2.1 path; ("wan22", None): Wan 2.2's (vae_wan22);
+    ("ltx", None): LTX-Video-shaped, layer-synchronous in time and space (vae_ltx.decode_ltx_tiled);
+    ("carried", None): HunyuanVideo-shaped
     (ComfyUI's Decoder with conv3d=True), layer-synchronous in its own time chunks; ("local", None):
     every op local, the halo path; ("mochi", None): Mochi-shaped (GroupNorm per frame), layer-
     synchronous; ("nonlocal", why): none of these (why names the modules)."""
@@ -1289,6 +1295,13 @@ def video_layout(decoder: Any) -> tuple[str, str | None]:
         return "wan", None
     except VaeTilingError:
         pass
+    from .vae_wan22 import check_wan22_decoder, is_wan22
+    if is_wan22(decoder):
+        try:
+            check_wan22_decoder(decoder)
+            return "wan22", None
+        except VaeTilingError as e:
+            return "nonlocal", f"{type(decoder).__name__}: Wan 2.2-shaped but {e}"
     from .vae_ltx import VaeTilingError as _E, check_ltx, is_ltx
     if is_ltx(decoder):
         try:
@@ -1416,15 +1429,18 @@ def decode_video_halo_tiled(decoder: Any, latent: Any, *, budget_bytes: int, gri
 
 
 def video_program(first_stage_model: Any) -> tuple[Callable[..., Any], dict]:
-    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan,
-    LTX, Mochi or HunyuanVideo path, or the halo path for another local decoder; VaeTilingError
-    with the reason otherwise."""
+    """(function, module kwargs) for a video VAE's first_stage_model: the layer-synchronous Wan
+    2.1 / 2.2, LTX, Mochi or HunyuanVideo path, or the halo path for another local decoder;
+    VaeTilingError with the reason otherwise."""
     dec = getattr(first_stage_model, "decoder", None)
     if dec is None:
         raise VaeTilingError(f"{type(first_stage_model).__name__} has no decoder")
     kind, why = video_layout(dec)
     if kind == "wan":
         return decode_video_tiled, {"decoder": dec, "conv2": getattr(first_stage_model, "conv2", None)}
+    if kind == "wan22":
+        from .vae_wan22 import decode_wan22_tiled
+        return decode_wan22_tiled, {"decoder": dec, "conv2": getattr(first_stage_model, "conv2", None)}
     if kind == "ltx":
         from .vae_ltx import decode_ltx_tiled
         return decode_ltx_tiled, {"decoder": dec, "vae": first_stage_model}

@@ -696,8 +696,10 @@ def _vae_program(direction: str, vae: Any, ndim: int) -> tuple[Any, dict] | None
             return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "quant_conv", None)}
         if direction == "decode" and ndim == 5:
             return vae_mod.video_program(fsm)   # Wan: layer-synchronous; local (LTX-shaped): halo tiles
-        if direction == "encode" and ndim == 5 and vae_mod.video_layout(getattr(fsm, "decoder", fsm))[0] == "wan":
-            vae_mod.check_wan_encoder(fsm.encoder)      # Wan 2.1-shaped: its own chunks and caches, tiled
+        kind = vae_mod.video_layout(getattr(fsm, "decoder", fsm))[0] if direction == "encode" and ndim == 5 else ""
+        if kind in ("wan", "wan22"):     # Wan 2.1 / 2.2-shaped: its own chunks and caches, tiled
+            from .. import vae_wan22
+            (vae_mod.check_wan_encoder if kind == "wan" else vae_wan22.check_wan22_encoder)(fsm.encoder)
             return vae_mod.encode_tiled, {"encoder": fsm.encoder, "quant_conv": getattr(fsm, "conv1", None)}
         if direction == "encode" and ndim == 5:   # HunyuanVideo-shaped (Encoder with conv3d=True)
             vae_mod.compile_carried_encoder(fsm.encoder, part="down")
