@@ -322,7 +322,7 @@ def step_bench(st: Step, ctx: dict, limit: float) -> None:
 # bench/vae.py at sizes that fit the step's share of the budget: the GPU run, and the CPU smoke
 VAE_ARGS = ["--latent", "16x24", "--grids", "1x2,2x3,4x4", "--video-latent", "3x8x12", "--video-grids", "1x2,2x3",
             "--repeat", "3"]
-VAE_SMOKE_ARGS = ["--no-comfy", "--latent", "8x8", "--grids", "1x2", "--video-latent", "3x4x4", "--video-grids", "1x2",
+VAE_SMOKE_ARGS = ["--quick", "--no-comfy", "--threads", "1", "--latent", "8x8", "--grids", "1x2", "--video-latent", "3x4x4", "--video-grids", "1x2",
                   "--video-models", "wan", "--repeat", "3"]
 
 
@@ -333,7 +333,7 @@ def step_vae(st: Step, ctx: dict, limit: float) -> None:
     smoke = ctx["smoke"]
     dev = "cpu" if smoke else "cuda"
     cmd = [ctx["py"], script, "--device", dev, *(VAE_SMOKE_ARGS if smoke else VAE_ARGS), *ctx["bench_args"].get("vae", [])]
-    lim = min(limit, 90) if smoke else limit
+    lim = min(limit, 150) if smoke else limit
     rc, out, secs = run(cmd, lim, ctx["env"], ctx["log"], "vae-smoke" if smoke else "vae")
     res = last_json(out)
     if isinstance(res, dict) and "psnr_min_db" in res:

@@ -61,6 +61,7 @@ from vramguard import vae  # noqa: E402
 GRIDS = [(1, 2), (2, 2), (2, 3), (3, 3), (4, 4), (3, 5)]      # --grids
 BIG = 1 << 40       # "no budget": an explicit grid decides the tiles
 DEV = torch.device("cpu")
+QUICK = False       # --quick: the CPU smoke (per-row LiveBytes peaks left out, fewer budgets)
 
 
 def sync() -> None:
@@ -100,9 +101,12 @@ def flops(fn):
     return fc.get_total_flops()
 
 
-def device_peak(fn):
+def device_peak(fn, row=True):
     """(peak bytes, largest tensor or None): CUDA: max_memory_allocated over the call above the
-    bytes allocated before it; CPU: LiveBytes (live tensor bytes torch ops created)."""
+    bytes allocated before it; CPU: LiveBytes (live tensor bytes torch ops created); (None, None)
+    for a table row under --quick on a CPU (LiveBytes sees every op: the slow part of a CPU run)."""
+    if QUICK and row and DEV.type == "cpu":
+        return None, None
     if DEV.type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats(DEV)
@@ -221,7 +225,7 @@ def bench_model(label, dec, z, args, has_comfy, rows_out):
     fns = dict(cands)
     ref, m0 = m["untiled"]["out"], m["untiled"]
     f_ref = flops(fns["untiled"])
-    p_ref, big_ref = device_peak(fns["untiled"])
+    p_ref, big_ref = device_peak(fns["untiled"], row=False)
     print(f"\n{label}: latent {lh}x{lw} -> {ref.shape[2]}x{ref.shape[3]} on {DEV}, untiled cpu {m0['cpu'][0]:.2f}-"
           f"{m0['cpu'][1]:.2f} s, wall {m0['wall'][0]:.3f}/{m0['wall'][1]:.3f}/{m0['wall'][2]:.3f} s, "
           f"{f_ref / 1e9:.2f} GFLOP, peak {mb(p_ref)} MiB, largest tensor {mb(big_ref)} MiB")
@@ -233,18 +237,19 @@ def bench_model(label, dec, z, args, has_comfy, rows_out):
         r = row(label, f"{rows}x{cols}", rows * cols, path, m[key]["out"], ref, ys, xs,
                 vm.seam_ratio(cpu(ref), ys, xs), m[key], m0, flops(fn) / f_ref)
         r["peak"], r["largest"] = device_peak(fn)
-        r["peak_vs_untiled"] = r["peak"] / p_ref
-        r["tile_peak"] = ours_tile_peak(fn) if path == "ours" and DEV.type == "cpu" else None
+        r["peak_vs_untiled"] = r["peak"] / p_ref if r["peak"] is not None else None
+        r["tile_peak"] = ours_tile_peak(fn) if path == "ours" and DEV.type == "cpu" and not QUICK else None
         rows_out.append(r)
         line(r)
     return ref
 
 
-def peak_table(title, rows_spec, peak_of):
+def peak_table(title, rows_spec, peak_of, head=True):
     """rows_spec: [(budget, planned or None, run)]: measured device peak of run() against the
     budget it was planned from.  peak_of(run) -> bytes."""
-    print(f"\n{title}")
-    print(f"{'budget MiB':>10} {'planned MiB':>11} {'measured MiB':>12} {'meas/budget':>11} {'meas/planned':>12}  check")
+    if head:
+        print(f"\n{title}")
+        print(f"{'budget MiB':>10} {'planned MiB':>11} {'measured MiB':>12} {'meas/budget':>11} {'meas/planned':>12}  check")
     out = []
     for budget, planned, run in rows_spec:
         try:
@@ -279,7 +284,7 @@ def bench_peak(dec, z):
     full = vae.plan_grid(p, lh, lw, budget_bytes=BIG).tile_bytes
     zc = z.cpu()
     spec = []
-    for div in (1, 3, 10, 30):
+    for div in (1, 10) if QUICK else (1, 3, 10, 30):
         budget = full // div
         try:
             g = vae.plan_grid(p, lh, lw, budget_bytes=budget)
@@ -538,7 +543,7 @@ def bench_video_model(label, fsm, z, bounds, args, has_comfy, out, grids):
     fns = dict(cands)
     ref, m0 = m["untiled"]["out"], m["untiled"]
     f_ref = flops(fns["untiled"])
-    p_ref = device_peak(fns["untiled"])[0]
+    p_ref = device_peak(fns["untiled"], row=False)[0]
     tref = time_seam(cpu(ref), bounds)
     out["paths"][label] = path
     print(f"\nvideo {label}: latent {lt}x{lh}x{lw} -> {tuple(ref.shape[2:])} on {DEV}, untiled wall "
@@ -553,7 +558,7 @@ def bench_video_model(label, fsm, z, bounds, args, has_comfy, out, grids):
         pk = device_peak(f)[0]
         r = vrow(label, f"{rows}x{cols}", name, m[key]["out"], ref, ys, xs, sref, m[key], m0, flops(f) / f_ref,
                  bounds, tref, pk)
-        r["peak_vs_untiled"], r["fn"] = pk / p_ref, path
+        r["peak_vs_untiled"], r["fn"] = (pk / p_ref if pk is not None else None), path
         out["rows"].append(r)
     # the budget table: planned from the budget (no grid), store on the host, as the node runs it
     zc = z.cpu()
@@ -563,11 +568,11 @@ def bench_video_model(label, fsm, z, bounds, args, has_comfy, out, grids):
 
     title = (f"{label}: measured device peak vs the budget it was planned from (budgets: the untiled peak x 4, "
              f"x 1, / 4, then x 32, x 256 ... while the planner refuses all; store on the host)")
-    got = peak_table(title, [(max(1, int(p_ref * f)), None, at(max(1, int(p_ref * f)))) for f in (4, 1, 0.25)],
-                     run_peak)
+    got = peak_table(title, [(max(1, int(p_ref * f)), None, at(max(1, int(p_ref * f))))
+                             for f in ((1,) if QUICK else (4, 1, 0.25))], run_peak)
     f = 32
     while not got and f <= 32 * 8 ** 4:     # the planner's estimate is above every budget so far
-        got = peak_table(title, [(int(p_ref * f), None, at(int(p_ref * f)))], run_peak)
+        got = peak_table(title, [(int(p_ref * f), None, at(int(p_ref * f)))], run_peak, head=False)
         f *= 8
     out["peaks"] += got
     g = grids[-1]
@@ -795,7 +800,7 @@ def summarize(args, has_comfy, rows, enc_rows, peaks, traffic, video):
 
 
 def main(argv=None):
-    global DEV
+    global DEV, QUICK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when torch.cuda.is_available())")
     ap.add_argument("--threads", type=int, default=2)
@@ -803,6 +808,8 @@ def main(argv=None):
     ap.add_argument("--latent", default="16x24")
     ap.add_argument("--png", default=None)
     ap.add_argument("--no-comfy", action="store_true", help="leave ComfyUI's classes and tiled algorithms out")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU smoke: no per-row LiveBytes peaks, fewer budgets in the peak tables")
     ap.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 in convs/matmuls (default off: fp32 exact)")
     ap.add_argument("--video-latent", default="5x8x12", help="T x H x W latent frames/px")
     ap.add_argument("--no-video", action="store_true")
@@ -830,6 +837,7 @@ def main(argv=None):
                                      f"CUDA {torch.version.cuda})"}))
         return 3
     DEV = torch.device(dev)
+    QUICK = args.quick
     if DEV.type == "cuda":
         torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="bench/vae.py needs torch")
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "vae.py"
-TOY = ["--no-comfy", "--latent", "8x8", "--grids", "1x2", "--video-latent", "3x4x4", "--video-grids", "1x2",
+TOY = ["--quick", "--no-comfy", "--threads", "1", "--latent", "8x8", "--grids", "1x2", "--video-latent", "3x4x4", "--video-grids", "1x2",
        "--video-models", "wan,wan22", "--repeat", "3"]
 
 
