@@ -518,6 +518,33 @@ VHEAD = (f"{'grid':<5} {'path':>7} {'PSNR dB':>8} {'max err':>9} {'seam xy':>7} 
          f"{'wall s min/med/max':>20} {'xFLOP':>6} {'xcpu':>5} {'xwall':>5} {'peak MiB':>7}")
 
 
+def video_measure(untiled, ours, comfy, what, grids, lh, lw, has_comfy, repeat):
+    """Candidates untiled / ours(grid) / comfy(tx, ty, ov) per grid, measured interleaved:
+    (cands, measurements, reference output, its measurement, its FLOPs)."""
+    cands = [("untiled", untiled)] + [(("ours", g), lambda g=g: ours(g)) for g in grids]
+    for g in grids if has_comfy else ():
+        tx, ty, ov = comfy_tile(lh, lw, *g)
+        if comfy_fits(tx, ty, ov, what):
+            cands.append((("comfy", g), lambda tx=tx, ty=ty, ov=ov: comfy(tx, ty, ov)))
+    m = measure(cands, repeat)
+    return cands, m, m["untiled"]["out"], m["untiled"], flops(untiled)
+
+
+def video_rows(label, cands, m, ref, m0, f_ref, yx, bounds, tref, span, direction, path, out, p_ref=None):
+    """One printed row per tiled candidate (ours and ComfyUI's) against the untiled reference;
+    yx(rows, cols) -> the tile borders (rows, columns) in the output's px."""
+    for key, f in cands[1:]:
+        name, (rows, cols) = key
+        ys, xs = yx(rows, cols)
+        sref = vm.seam_ratio(cpu(ref).flatten(1, 2), ys, xs)
+        pk = device_peak(f)[0]
+        r = vrow(label, f"{rows}x{cols}", name, m[key]["out"], ref, ys, xs, sref, m[key], m0, flops(f) / f_ref,
+                 bounds, tref, pk, span, direction)
+        r["fn"] = path
+        r["peak_vs_untiled"] = pk / p_ref if pk is not None and p_ref else None
+        out["rows"].append(r)
+
+
 def bench_video_model(label, fsm, z, bounds, args, has_comfy, out, grids):
     """Decode rows of one video first_stage_model: ours through video_program, its own decode
     (untiled, the reference), ComfyUI's decode_tiled_3d algorithm."""
@@ -527,22 +554,16 @@ def bench_video_model(label, fsm, z, bounds, args, has_comfy, out, grids):
         out["skipped"][label] = path
         return None
     lt, lh, lw = z.shape[2:]
-    cands = [("untiled", lambda: fsm.decode(z))]
-    for g in grids:
-        cands.append((("ours", g), lambda g=g: fn(**kw, latent=z, budget_bytes=BIG, grid=g)))
     with torch.no_grad():
         probe = fsm.decode(z)
     t_scale = (probe.shape[2] - 1) // max(1, lt - 1) if lt > 1 else 1
     s = probe.shape[-1] // lw
     del probe
-    for g in grids if has_comfy else ():
-        tx, ty, ov = comfy_tile(lh, lw, *g)
-        if comfy_fits(tx, ty, ov, "decode_tiled_3d"):
-            cands.append((("comfy", g), lambda tx=tx, ty=ty, ov=ov: comfy_tiled_3d(fsm.decode, z, tx, ty, ov, t_scale, s)))
-    m = measure(cands, args.repeat)
+    cands, m, ref, m0, f_ref = video_measure(
+        lambda: fsm.decode(z), lambda g: fn(**kw, latent=z, budget_bytes=BIG, grid=g),
+        lambda tx, ty, ov: comfy_tiled_3d(fsm.decode, z, tx, ty, ov, t_scale, s), "decode_tiled_3d",
+        grids, lh, lw, has_comfy, args.repeat)
     fns = dict(cands)
-    ref, m0 = m["untiled"]["out"], m["untiled"]
-    f_ref = flops(fns["untiled"])
     p_ref = device_peak(fns["untiled"], row=False)[0]
     tref = time_seam(cpu(ref), bounds)
     out["paths"][label] = path
@@ -550,16 +571,11 @@ def bench_video_model(label, fsm, z, bounds, args, has_comfy, out, grids):
           f"{m0['wall'][0]:.3f}/{m0['wall'][1]:.3f}/{m0['wall'][2]:.3f} s, {f_ref / 1e9:.2f} GFLOP, peak {mb(p_ref)} MiB; "
           f"ours: {path} (video_program); time-chunk starts at output frames {bounds}")
     print(VHEAD)
-    for key, f in cands[1:]:
-        name, (rows, cols) = key
+    def yx(rows, cols):
         ys, xs = borders(rows, cols, lh, lw)
-        ys, xs = [y // 8 * s for y in ys], [x // 8 * s for x in xs]
-        sref = vm.seam_ratio(cpu(ref).flatten(1, 2), ys, xs)
-        pk = device_peak(f)[0]
-        r = vrow(label, f"{rows}x{cols}", name, m[key]["out"], ref, ys, xs, sref, m[key], m0, flops(f) / f_ref,
-                 bounds, tref, pk)
-        r["peak_vs_untiled"], r["fn"] = (pk / p_ref if pk is not None else None), path
-        out["rows"].append(r)
+        return [y // 8 * s for y in ys], [x // 8 * s for x in xs]
+
+    video_rows(label, cands, m, ref, m0, f_ref, yx, bounds, tref, 2.0, "decode", path, out, p_ref)
     # the budget table: planned from the budget (no grid), store on the host, as the node runs it
     zc = z.cpu()
 
@@ -596,17 +612,10 @@ def bench_video_encode(label, fsm, video, args, has_comfy, out, grids):
     s = video.shape[-1] // probe.shape[-1]
     lh, lw = probe.shape[-2:]
     del probe
-    cands = [("untiled", lambda: fsm.encode(video))]
-    for g in grids:
-        cands.append((("ours", g), lambda g=g: fn(**kw, image=video, budget_bytes=BIG, grid=g)[:, :zc]))
-    for g in grids if has_comfy else ():
-        tx, ty, ov = comfy_tile(lh, lw, *g)
-        if comfy_fits(tx, ty, ov, "encode_tiled_3d"):
-            cands.append((("comfy", g), lambda tx=tx, ty=ty, ov=ov: comfy_encode_3d(fsm.encode, video, tx, ty, ov, s, zc)))
-    m = measure(cands, args.repeat)
-    fns = dict(cands)
-    ref, m0 = m["untiled"]["out"], m["untiled"]
-    f_ref = flops(fns["untiled"])
+    cands, m, ref, m0, f_ref = video_measure(
+        lambda: fsm.encode(video), lambda g: fn(**kw, image=video, budget_bytes=BIG, grid=g)[:, :zc],
+        lambda tx, ty, ov: comfy_encode_3d(fsm.encode, video, tx, ty, ov, s, zc), "encode_tiled_3d",
+        grids, lh, lw, has_comfy, args.repeat)
     span = (ref.max() - ref.min()).item()
     # every latent frame starts a time chunk (Wan: frame 0, then 4 frames each): "seam t" is the worst
     # frame-to-frame change over the untiled one's, per latent frame boundary (1.00 = no seam in time)
@@ -615,14 +624,9 @@ def bench_video_encode(label, fsm, video, args, has_comfy, out, grids):
           f"untiled wall {m0['wall'][1]:.3f} s, {f_ref / 1e9:.2f} GFLOP; ours: {path} (the node's encode dispatch); "
           f"PSNR over the mean's range {span:.2f}")
     print(VHEAD)
-    for key, f in cands[1:]:
-        name, (rows, cols) = key
-        ys, xs = [lh * i // rows for i in range(1, rows)], [lw * j // cols for j in range(1, cols)]
-        sref = vm.seam_ratio(cpu(ref).flatten(1, 2), ys, xs)
-        r = vrow(label + " encode", f"{rows}x{cols}", name, m[key]["out"], ref, ys, xs, sref, m[key], m0,
-                 flops(f) / f_ref, bounds, tref, device_peak(f)[0], span, "encode")
-        r["fn"] = path
-        out["rows"].append(r)
+    video_rows(label + " encode", cands, m, ref, m0, f_ref,
+               lambda rows, cols: ([lh * i // rows for i in range(1, rows)], [lw * j // cols for j in range(1, cols)]),
+               bounds, tref, span, "encode", path, out)
     tr = store_traffic(label + " encode", lambda st: fn(**kw, image=video, budget_bytes=BIG, grid=grids[-1],
                                                         store_device=st), args.repeat)
     if tr is not None:
@@ -676,9 +680,11 @@ def bench_video(args, has_comfy, out):
     models = []     # (label, fsm, latent, time-chunk starts (output frames), encode too)
     if "wan" in which:
         dec, enc = _dev(vm.wan_decoder(seed=5)), _dev(vm.wan_encoder(seed=7))
+        # WanVAE's 1x1x1 convs around the latent: conv1 after the encoder, conv2 before the decoder
         conv1 = _dev(vm.sane_init(vm.CausalConv3d(8, 8, 1), seed=8))
-        fsm = Fsm(lambda a, d=dec: vm.wan_decode(d, a), lambda x, e=enc, c=conv1: vm.wan_encode(e, x, c)[:, :4],
-                  decoder=dec, encoder=enc, conv1=conv1, conv2=None)
+        conv2 = _dev(vm.sane_init(vm.CausalConv3d(4, 4, 1), seed=10))
+        fsm = Fsm(lambda a, d=dec, c=conv2: vm.wan_decode(d, a, c), lambda x, e=enc, c=conv1: vm.wan_encode(e, x, c)[:, :4],
+                  decoder=dec, encoder=enc, conv1=conv1, conv2=conv2)
         models.append(("ours-Wan2.1-shaped", fsm, z4, wan_bounds, True))
         if has_comfy:
             models.append(("ComfyUI Wan2.1 WanVAE", _dev(vm.comfy_wan_vae(seed=5)), z4, wan_bounds, True))
