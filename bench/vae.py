@@ -266,7 +266,7 @@ def peak_table(title, rows_spec, peak_of, head=True):
             print(f"{mb(budget):>10} {mb(planned):>11}  FAIL: {err}")
             continue
         print(f"{mb(budget):>10} {mb(planned):>11} {mb(measured):>12} {measured / budget:11.3f} "
-              f"{(measured / planned if planned else float('nan')):12.3f}  {'PASS' if ok else 'FAIL'}")
+              f"{(f'{measured / planned:12.3f}' if planned else '           -')}  {'PASS' if ok else 'FAIL'}")
     return out
 
 
