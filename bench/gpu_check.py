@@ -11,11 +11,12 @@ leaves one):
   tests      pytest -m gpu over tests/ (tests/test_gpu.py and any other test marked gpu)
   snapshot   bench/gpu_snapshot.py     upscale    bench/gpu_upscale.py
   calibrate  bench/gpu_calibrate.py    gc         bench/gpu_gc.py
-  vae, tiling  bench/vae.py / bench/tiling.py with --device cuda, when their --help offers it
+  vae        bench/vae.py --device cuda at small sizes (figures and checks into the report)
+  tiling     bench/tiling.py with --device cuda, when its --help offers it
 --cpu-smoke (no GPU needed): every GPU step is reported as skipped with the reason, and what can
 run on a CPU runs instead: the build, pytest -m gpu on tests/test_gpu.py (its tests skip, with
-their reasons), each GPU bench's --smoke mode (tiny sizes on the CPU, OOMs injected) and the
---device probe of bench/vae.py and bench/tiling.py.
+their reasons), each GPU bench's --smoke mode (tiny sizes on the CPU, OOMs injected),
+bench/vae.py --device cpu at toy sizes, and the --device probe of bench/tiling.py.
 Report: $OUT/gpu_report.md and $OUT/gpu_report.json (JSON lines) when OUT is set, else
 ./gpu_report.md and ./gpu_report.json; step logs in gpu_check_logs.txt beside them.
 Exit status: 0 when no step failed or timed out, 1 otherwise, 2 for bad arguments.
@@ -64,7 +65,8 @@ def make_steps() -> list[Step]:
         Step("upscale", True, 200, "bench/gpu_upscale.py: x4 of 2048^2, ESRGAN-size, ours vs fixed 512 + halving"),
         Step("calibrate", True, 60, "bench/gpu_calibrate.py: default / calibrated cost model vs measured peak"),
         Step("gc", True, 120, "bench/gpu_gc.py: GC profiles replayed with real CUDA allocations"),
-        Step("vae", True, 90, "bench/vae.py --device cuda (when offered)"),
+        Step("vae", True, 90, "bench/vae.py --device cuda, small sizes: ours vs ComfyUI's tiled algorithm vs untiled "
+                              "(PSNR, FLOPs, wall time, device peak vs the planned budget, host-store traffic)"),
         Step("tiling", True, 90, "bench/tiling.py --device cuda (when offered)"),
     ]
 
@@ -317,9 +319,62 @@ def step_bench(st: Step, ctx: dict, limit: float) -> None:
         st.log_tail = tail(out, 30)
 
 
+# bench/vae.py at sizes that fit the step's share of the budget: the GPU run, and the CPU smoke
+VAE_ARGS = ["--latent", "16x24", "--grids", "1x2,2x3,4x4", "--video-latent", "3x8x12", "--video-grids", "1x2,2x3",
+            "--repeat", "3"]
+VAE_SMOKE_ARGS = ["--quick", "--no-comfy", "--threads", "1", "--latent", "8x8", "--grids", "1x2", "--video-latent", "3x4x4", "--video-grids", "1x2",
+                  "--video-models", "wan", "--repeat", "3"]
+
+
+def step_vae(st: Step, ctx: dict, limit: float) -> None:
+    """bench/vae.py --device cuda (the smoke: --device cpu at toy sizes); its JSON line is the result,
+    with checks for the report's table."""
+    script = "bench/vae.py"
+    smoke = ctx["smoke"]
+    dev = "cpu" if smoke else "cuda"
+    cmd = [ctx["py"], script, "--device", dev, *(VAE_SMOKE_ARGS if smoke else VAE_ARGS), *ctx["bench_args"].get("vae", [])]
+    lim = min(limit, 150) if smoke else limit
+    rc, out, secs = run(cmd, lim, ctx["env"], ctx["log"], "vae-smoke" if smoke else "vae")
+    res = last_json(out)
+    if isinstance(res, dict) and "psnr_min_db" in res:
+        res["checks"] = vae_checks(res)
+    if smoke:
+        st.smoke = {"status": "ok" if rc == 0 and res and res.get("device") == "cpu" else
+                    ("timeout" if rc is None else f"exit {rc}" if rc else "no JSON line"),
+                    "what": f"{script} --device cpu at toy sizes", "seconds": round(secs, 1), "result": res}
+        if st.smoke["status"] != "ok":
+            st.smoke["log_tail"] = tail(out, 20)
+        return
+    st.result = res
+    if rc == 0 and res is not None:
+        st.status = "passed"
+        if not all((res.get("checks") or {}).values()):
+            st.reason = "ran; some checks failed: see Targets and checks"
+    elif rc is None:
+        st.status, st.reason = "timeout", f"ran past {lim:.0f} s"
+        st.log_tail = tail(out, 30)
+    elif rc == 3 and res and res.get("skipped"):
+        st.status, st.reason = "skipped", str(res["skipped"])
+    else:
+        st.status, st.reason = "failed", f"exit {rc}" + ("" if res else ", no JSON line")
+        st.log_tail = tail(out, 30)
+
+
+def vae_checks(res: dict) -> dict:
+    """The issue's targets that a small run can check: PSNR >= 45 dB against untiled (image, video
+    decode and encode) and the device peak under the budget the plan was made for."""
+    c = {}
+    for k in ("psnr_min_db", "video_decode_psnr_min_db", "video_encode_psnr_min_db"):
+        if res.get(k) is not None:
+            c[f"{k} >= 45"] = res[k] >= 45.0
+    if res.get("peak_budget_pass") is not None:
+        c["device peak <= planned budget (every row)"] = bool(res["peak_budget_pass"])
+    return c
+
+
 def step_other_bench(st: Step, ctx: dict, limit: float) -> None:
-    """bench/vae.py and bench/tiling.py are other engineers' files: only called, and only with
-    --device cuda when their --help offers --device."""
+    """bench/tiling.py is another engineer's file: only called, and only with --device cuda when
+    its --help offers --device."""
     script = f"bench/{st.name}.py"
     if not os.path.exists(os.path.join(REPO, script)):
         st.status, st.reason = "skipped", f"{script} not in this checkout"
@@ -397,6 +452,12 @@ def headline(st: Step) -> str:
         if st.name == "calibrate":
             return ", ".join(f"{k} planned/measured {v.get('min')}..{v.get('max')}"
                              for k, v in r.get("planned_over_measured", {}).items())
+        if st.name == "vae":
+            return (f"{r.get('device_name')}: PSNR min image {r.get('psnr_min_db')} / video decode "
+                    f"{r.get('video_decode_psnr_min_db')} / encode {r.get('video_encode_psnr_min_db')} dB; xFLOP max "
+                    f"{r.get('compute_vs_untiled_max')}; wall vs untiled max {r.get('wall_median_vs_untiled_max')}; "
+                    f"peak <= budget: {r.get('peak_budget_pass')} ({r.get('peak_budget_rows')} rows, worst "
+                    f"{r.get('peak_vs_budget_max')} of the budget)")
         if st.name == "tests":
             return r.get("summary", "")
         if st.name == "build":
@@ -508,8 +569,8 @@ def main(argv: list[str]) -> int:
     bench_args: dict[str, list[str]] = {}
     for spec in a.bench_args:
         k, _, v = spec.partition("=")
-        if k not in BENCH:
-            ap.error(f"--bench-args: {k!r} is not a bench step ({', '.join(BENCH)})")
+        if k not in BENCH and k != "vae":
+            ap.error(f"--bench-args: {k!r} is not a bench step ({', '.join([*BENCH, 'vae'])})")
         bench_args.setdefault(k, []).extend(v.split())
     out_dir = a.out or os.environ.get("OUT") or os.getcwd()
     os.makedirs(out_dir, exist_ok=True)
@@ -558,7 +619,7 @@ def main(argv: list[str]) -> int:
                     else:
                         st.reason = f"needs an NVIDIA GPU: {why}"
                     if ctx["smoke"]:
-                        {"tests": step_tests, "vae": step_other_bench, "tiling": step_other_bench}.get(
+                        {"tests": step_tests, "vae": step_vae, "tiling": step_other_bench}.get(
                             st.name, step_bench)(st, ctx, limit)
                 elif st.name == "facts":
                     step_facts(st, ctx)
@@ -568,6 +629,8 @@ def main(argv: list[str]) -> int:
                     step_tests(st, ctx, limit)
                 elif st.name in BENCH:
                     step_bench(st, ctx, limit)
+                elif st.name == "vae":
+                    step_vae(st, ctx, limit)
                 else:
                     step_other_bench(st, ctx, limit)
             except Exception as e:  # the driver itself must not stop the run
