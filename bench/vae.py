@@ -637,6 +637,20 @@ def _dev(m):
     return m.to(DEV) if m is not None else None
 
 
+class _Wan22Stage(torch.nn.Module):
+    """The Wan 2.2 stand-in's parts as WanVAE holds them: decode = conv2 then the decoder."""
+
+    def __init__(self, encoder, conv1, decoder, conv2):
+        super().__init__()
+        self.encoder, self.conv1, self.decoder, self.conv2 = encoder, conv1, decoder, conv2
+
+    def decode(self, z):
+        return vm.wan22_decode(self.decoder, z, self.conv2)
+
+    def encode(self, x):
+        return vm.wan22_encode(self.encoder, x, self.conv1)
+
+
 def wan22_fsm(has_comfy):
     """[(label, fsm)] for Wan 2.2 from tests/vae_models.py builders (a stand-in named wan22_* that
     returns a first_stage_model with decode, and ComfyUI's comfy_wan22_vae), and [(label, reason)]
@@ -645,6 +659,8 @@ def wan22_fsm(has_comfy):
     ours = [n for n in ("wan22_vae", "wan22_model", "wan22_first_stage") if callable(getattr(vm, n, None))]
     if ours:
         m = getattr(vm, ours[0])(seed=31)
+        if isinstance(m, tuple) and len(m) == 4:    # wan22_vae: (encoder, conv1, decoder, conv2)
+            m = _Wan22Stage(*m)
         if callable(getattr(m, "decode", None)) and hasattr(m, "decoder"):
             found.append(("ours-Wan2.2-shaped", _dev(m)))
         else:
