@@ -1,0 +1,90 @@
+"""Video VAE paths at small tiles: compute close to one untiled pass (tiles merged at low-resolution
+steps) and Mochi's time chunks (causal convs carried across chunks, peak with the chunk).
+
+    .venv/bin/python tests/test_vae_vmerge.py      # prints the FLOPs table (ratio to one untiled pass)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch") if __name__ != "__main__" else __import__("torch")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import vae_models as vm  # noqa: E402
+from vramguard import vae  # noqa: E402
+
+# latent 16x24: grids down to 4x6 tiles of 4x4 latent px (the smallest the issue names)
+LT, LH, LW = 3, 16, 24
+GRIDS = [(1, 2), (2, 3), (3, 4), (4, 6)]
+
+
+def flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fn()
+    return fc.get_total_flops()
+
+
+def mochi_8x(seed: int = 21):
+    """Mochi's real shape scaled down: 3 up blocks (time x3, x2, x1; space x2 each: 8x), channels
+    1:2:4:6 as ComfyUI's VideoVAE decoder (base 128 there, 8 here)."""
+    return vm.mochi_decoder(seed=seed, c=8, mults=(1, 2, 4, 6), texp=(1, 2, 3), sexp=(2, 2, 2), nres=(1, 1, 1, 1, 1))
+
+
+def cases():
+    """(label, untiled(), tiled(grid)) per model, as bench/vae.py calls them."""
+    wan = vm.wan_decoder(seed=5)
+    zw = vm.video_latent(LT, LH, LW, seed=6)
+    enc = vm.wan_encoder(seed=7)
+    v = vm.video_frames(5, LH * 8, LW * 8, seed=9)
+    hy = vm.hunyuan_decoder(seed=14, ch=8, ch_mult=(1, 2, 4, 4))
+    zh = vm.video_latent(5, LH, LW, seed=15)
+    mo = mochi_8x()
+    zm = vm.video_latent(LT, LH, LW, seed=22)
+    return [
+        ("Wan 2.1 decode", lambda: vm.wan_decode(wan, zw),
+         lambda g: vae.decode_video_tiled(wan, zw, budget_bytes=1 << 40, grid=g)),
+        ("Wan 2.1 encode", lambda: vm.wan_encode(enc, v),
+         lambda g: vae.encode_video_tiled(enc, v, budget_bytes=1 << 40, grid=g)),
+        ("Hunyuan-shaped decode", lambda: hy(zh),
+         lambda g: vae.decode_tiled(hy, zh, budget_bytes=1 << 40, grid=g)),
+        ("Mochi-shaped decode (8x)", lambda: mo(zm),
+         lambda g: vae.decode_mochi_tiled(mo, zm, budget_bytes=1 << 40, grid=g)),
+    ]
+
+
+_CASES: dict = {}
+
+
+def _case(label):
+    if not _CASES:
+        _CASES.update({c[0]: c for c in cases()})
+    return _CASES[label]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("label", ["Wan 2.1 decode", "Wan 2.1 encode", "Hunyuan-shaped decode",
+                                   "Mochi-shaped decode (8x)"])
+def test_video_compute_close_to_one_pass(label, grid):
+    """FLOPs (torch's counter) of the tiled video decode/encode within 1.25x of one untiled pass,
+    down to 4x4-latent-px tiles, and the result unchanged."""
+    _, untiled, tiled = _case(label)
+    with torch.no_grad():
+        ref = untiled()
+        out = tiled(grid)
+    assert out.shape == ref.shape
+    span = (ref.max() - ref.min()).item()
+    assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0, vm.psnr(out, ref, peak_to_peak=span)
+    ratio = flops(lambda: tiled(grid)) / flops(untiled)
+    assert ratio <= 1.25, ratio
+
+
+if __name__ == "__main__":
+    for label, untiled, tiled in cases():
+        base = flops(untiled)
+        ratios = [flops(lambda: tiled(g)) / base for g in GRIDS]
+        print(f"{label:28s} {base / 1e9:7.3f} GFLOP  " +
+              "  ".join(f"{g[0]}x{g[1]} {r:.3f}" for g, r in zip(GRIDS, ratios)))
