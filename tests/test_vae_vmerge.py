@@ -82,6 +82,84 @@ def test_video_compute_close_to_one_pass(label, grid):
     assert ratio <= 1.25, ratio
 
 
+# ------------------------------------------------------------------ Mochi: time chunks
+
+MT, MH, MW = 5, 6, 8        # stand-in: time x2, space x2 -> 9 x 12 x 16
+
+
+@pytest.fixture(scope="module")
+def mochi():
+    d = vm.mochi_decoder(seed=21)
+    z = vm.video_latent(MT, MH, MW, seed=22)
+    with torch.no_grad():
+        return d, z, d(z)
+
+
+def time_seam(v, bounds):
+    """Frame-difference energy across the given output-frame boundaries over the mean elsewhere."""
+    d = (v[:, :, 1:] - v[:, :, :-1]).double() ** 2
+    m = torch.zeros(d.shape[2], dtype=torch.bool)
+    m[[f - 1 for f in bounds]] = True
+    return float(d[:, :, m].mean() / d[:, :, ~m].mean())
+
+
+def mochi_bounds(t: int, td: int, expand: int) -> list[int]:
+    """Output frames where each time chunk after the first starts (latent a -> expand (a - 1) + 1)."""
+    return [expand * (a - 1) + 1 for a in range(td, t, td)]
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_mochi_time_chunks_equal_the_untiled_decode(mochi, frames):
+    """Chunks of 1-3 latent frames (causal convs carried, the first frames dropped once): the
+    untiled video to float rounding, no seam across the chunks in time or the tiles in space."""
+    d, z, ref = mochi
+    out = vae.decode_mochi_tiled(d, z, budget_bytes=1 << 30, grid=(2, 3), frames=frames)
+    assert out.shape == ref.shape == (1, 3, 2 * MT - 1, 2 * MH, 2 * MW)
+    assert (out - ref).abs().max() < 1e-4 and vm.psnr(out, ref) >= 100.0
+    bounds = mochi_bounds(MT, frames, 2)
+    assert bounds and abs(time_seam(out, bounds) / time_seam(ref, bounds) - 1) < 1e-3
+    ys, xs = [MH // 2 * 2], [MW // 3 * 2, 2 * MW // 3 * 2]
+    assert abs(vm.seam_ratio(out.flatten(1, 2), ys, xs) / vm.seam_ratio(ref.flatten(1, 2), ys, xs) - 1) < 1e-3
+
+
+def test_mochi_time_chunks_without_carries_show(mochi, monkeypatch):
+    """The carried frames are what make chunks exact: each chunk padded as if it began the video
+    (frame replicated) differs, and the time-seam metric sees it at the chunk starts."""
+    d, z, ref = mochi
+    real = vae._pconv
+    monkeypatch.setattr(vae, "_pconv", lambda conv, a, carry: real(conv, a, None))
+    out = vae.decode_mochi_tiled(d, z, budget_bytes=1 << 30, grid=(1, 2), frames=2)
+    assert vm.psnr(out, ref) < 45.0
+    assert abs(time_seam(out, mochi_bounds(MT, 2, 2)) / time_seam(ref, mochi_bounds(MT, 2, 2)) - 1) > 0.01
+
+
+def test_mochi_planned_in_time_and_peak_scales_with_the_chunk(monkeypatch, caplog):
+    """The C planner splits time (its depth axis) when the budget is short; each tile's measured
+    working set stays under the plan, and shrinks with the chunk length."""
+    d = vm.mochi_decoder(seed=21)
+    z = vm.video_latent(12, MH, MW, seed=23)
+    with torch.no_grad():
+        ref = d(z)
+    whole = vae.plan_mochi_grid(d, MH, MW, budget_bytes=1 << 40, frames=12)
+    assert whole.tiles == 1 and whole.frames == 12
+    plan = vae.plan_mochi_grid(d, MH, MW, budget_bytes=whole.tile_bytes // 4, frames=12)
+    assert plan.chunks > 1 and plan.frames < 12 and plan.tile_bytes <= whole.tile_bytes // 4
+    peaks: dict = {}
+    for key, kw in (("planned", dict(budget_bytes=whole.tile_bytes // 4)), ("1", dict(grid=(1, 1), frames=1)),
+                    ("all", dict(grid=(1, 1)))):
+        got: list = []
+        monkeypatch.setattr(vae, "_tile_scope", vm.tile_peak_scope(got))
+        with caplog.at_level("INFO", logger="vramguard"):
+            out = vae.decode_mochi_tiled(d, z, **{"budget_bytes": 1 << 30, **kw})
+        assert (out - ref).abs().max() < 1e-4
+        peaks[key] = max(got)
+    assert f"{plan.chunks} time chunks of {plan.frames} latent frames" in caplog.text
+    assert peaks["planned"] <= plan.tile_bytes, (peaks, plan)
+    assert peaks["1"] * 3 < peaks["all"], peaks
+    with pytest.raises(ValueError, match="frames"):
+        vae.decode_mochi_tiled(d, z, budget_bytes=1 << 30, frames=0)
+
+
 if __name__ == "__main__":
     for label, untiled, tiled in cases():
         base = flops(untiled)
