@@ -794,6 +794,29 @@ def test_comfyui_hunyuan_ltx_mochi_classes():
         assert (mine_e(v) - rz).abs().max() < 1e-4
 
 
+@pytest.mark.usefixtures("comfy_classes")
+@pytest.mark.parametrize("frames", [1, 2, None], ids=lambda f: f"frames{f}")
+def test_comfyui_mochi_time_chunks(frames):
+    """ComfyUI's real Mochi Decoder (PConv3d, GroupNormSpatial, DepthToSpaceTime) decoded in time
+    chunks with the causal convs carried: its untiled video to float rounding, no seam in time."""
+    d = vm.comfy_video_decoders(seed=1)["mochi"]
+    z = vm.video_latent(5, 6, 8, seed=24)
+    with torch.no_grad():
+        ref = d(z)
+    if frames is None:      # planned: a budget that needs time chunks
+        whole = vae.plan_mochi_grid(d, 6, 8, budget_bytes=1 << 40, frames=5)
+        plan = vae.plan_mochi_grid(d, 6, 8, budget_bytes=whole.tile_bytes // 3, frames=5)
+        assert plan.chunks > 1
+        out = vae.decode_mochi_tiled(d, z, budget_bytes=whole.tile_bytes // 3)
+        frames = plan.frames
+    else:
+        out = vae.decode_mochi_tiled(d, z, budget_bytes=1 << 30, grid=(2, 3), frames=frames)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-4 and vm.psnr(out, ref) >= 100.0
+    bounds = [2 * (a - 1) + 1 for a in range(frames, 5, frames)]
+    assert bounds and abs(_time_seam(out, bounds) / _time_seam(ref, bounds) - 1) < 1e-3
+
+
 @pytest.mark.parametrize("kw, exc", [
     (dict(channels=4096, frames=1), ValueError), (dict(channels=4, frames=1023), ValueError),
     (dict(channels=1024, frames=64), ValueError),  # 2**26 values: over the probe's bound
