@@ -2,6 +2,7 @@
 SD-shaped VAEs (tests/vae_models.py) and, where a checkout imports, ComfyUI's real classes."""
 import logging
 import os
+import re
 
 import pytest
 
@@ -486,7 +487,8 @@ def test_wan_encode_planned_from_the_budget_and_oom_replans(wan_enc, caplog, mon
             out = vae.encode_video_tiled(e, v, budget_bytes=1 << 30, grid=(2, 2), conv1=conv1)
     finally:
         del conv.forward
-    assert "2 tiles done" in caplog.text, caplog.text
+    # the finished tiles are kept (how many: the step's grid, which may be merged at that step)
+    assert re.search(r"out of memory at tile .*; [1-9]\d* tiles done, re-planned", caplog.text), caplog.text
     assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0
 
 

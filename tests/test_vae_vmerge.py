@@ -82,6 +82,60 @@ def test_video_compute_close_to_one_pass(label, grid):
     assert ratio <= 1.25, ratio
 
 
+def test_merged_steps_stay_in_the_planned_working_set(monkeypatch):
+    """Wan decode planned from a short budget: steps merge tiles (fewer tile runs than the grid's)
+    and every tile's measured working set stays under the plan's."""
+    d = vm.wan_decoder(seed=5)
+    z = vm.video_latent(4, LH, LW, seed=6)
+    ref = vm.wan_decode(d, z)
+    whole = vae.plan_video_grid(d, LH, LW, budget_bytes=1 << 40, frames=4)
+    budget = whole.tile_bytes // 20
+    plan = vae.plan_video_grid(d, LH, LW, budget_bytes=budget, frames=4)
+    assert plan.rows * plan.cols >= 12
+    runs = {}
+    for merge in (True, False):
+        got: list = []
+        monkeypatch.setattr(vae, "_tile_scope", vm.tile_peak_scope(got))
+        if not merge:
+            monkeypatch.setattr(vae._VideoRun, "_merged", lambda self, *a: self.rects)
+        out = vae.decode_video_tiled(d, z, budget_bytes=budget)
+        assert (out - ref).abs().max() < 1e-4
+        assert max(got) <= plan.tile_bytes, (max(got), plan.tile_bytes)
+        runs[merge] = len(got)
+    assert runs[True] * 2 < runs[False], runs
+
+
+def test_oom_in_a_merged_step_keeps_finished_tiles(caplog, monkeypatch):
+    """An OOM in a merged low-resolution step (run_program's 5-D path): the step's finished tiles
+    are kept, the rest split, later steps keep the planned grid; the video is unchanged."""
+    d = mochi_8x()
+    z = vm.video_latent(2, LH, LW, seed=22)
+    with torch.no_grad():
+        ref = d(z)
+    real_pconv, real_coarsest, n = vae._pconv, vae._coarsest, {"k": 0}
+    counts: list = []
+
+    def coarsest(p, s, base, *a):          # every merged step: 2x3 tiles (of the 4x6 grid)
+        rects = real_coarsest(p, s, base, *a)
+        out = rects if rects is base else vae.grid_rects(LH, LW, 2, 3)
+        counts.append(len(out))
+        return out
+
+    def flaky(conv, a, carry):
+        n["k"] += 1          # the 3rd call: the first res block's first conv (latent res: merged)
+        if n["k"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_pconv(conv, a, carry)
+
+    monkeypatch.setattr(vae, "_pconv", flaky)
+    monkeypatch.setattr(vae, "_coarsest", coarsest)
+    with caplog.at_level("WARNING", logger="vramguard"):
+        out = vae.decode_mochi_tiled(d, z, budget_bytes=1 << 40, grid=(4, 6))
+    assert "step first.0.a out of memory" in caplog.text and "2 tiles done, re-planned" in caplog.text, caplog.text
+    assert (out - ref).abs().max() < 1e-4
+    assert len(counts) == 2 and counts[1] == 6      # later steps: the planned grid, merged no more
+
+
 # ------------------------------------------------------------------ Mochi: time chunks
 
 MT, MH, MW = 5, 6, 8        # stand-in: time x2, space x2 -> 9 x 12 x 16
@@ -160,9 +214,25 @@ def test_mochi_planned_in_time_and_peak_scales_with_the_chunk(monkeypatch, caplo
         vae.decode_mochi_tiled(d, z, budget_bytes=1 << 30, frames=0)
 
 
+def bench_cases():
+    """bench/vae.py's video stand-ins at its default latent (5x8x12) and grids: 4x (Hunyuan) and 2x
+    (Mochi) spatial upscale, so tiles of 2-4 latent px are 4-16 output px at full resolution."""
+    z = vm.video_latent(5, 8, 12, seed=6)
+    wan, hy, mo = vm.wan_decoder(seed=5), vm.hunyuan_decoder(seed=14), vm.mochi_decoder(seed=21)
+    return [
+        ("bench Wan-shaped", lambda: vm.wan_decode(wan, z),
+         lambda g: vae.decode_video_tiled(wan, z, budget_bytes=1 << 40, grid=g)),
+        ("bench Hunyuan-shaped (4x)", lambda: hy(z), lambda g: vae.decode_tiled(hy, z, budget_bytes=1 << 40, grid=g)),
+        ("bench Mochi-shaped (2x)", lambda: mo(z),
+         lambda g: vae.decode_mochi_tiled(mo, z, budget_bytes=1 << 40, grid=g)),
+    ]
+
+
 if __name__ == "__main__":
-    for label, untiled, tiled in cases():
+    which = sys.argv[1:] or ["models", "bench"]
+    for label, untiled, tiled in (cases() if "models" in which else []) + (bench_cases() if "bench" in which else []):
+        grids = GRIDS if not label.startswith("bench") else [(1, 2), (2, 3), (3, 4)]
         base = flops(untiled)
-        ratios = [flops(lambda: tiled(g)) / base for g in GRIDS]
+        ratios = [flops(lambda: tiled(g)) / base for g in grids]
         print(f"{label:28s} {base / 1e9:7.3f} GFLOP  " +
-              "  ".join(f"{g[0]}x{g[1]} {r:.3f}" for g, r in zip(GRIDS, ratios)))
+              "  ".join(f"{g[0]}x{g[1]} {r:.3f}" for g, r in zip(grids, ratios)), flush=True)
