@@ -284,6 +284,9 @@ class _Ctx:
     def __init__(self, stats: dict[str, _Stats]) -> None:
         self.stats = stats
         self.cache: dict[tuple[int, str], tuple[Any, Any]] = {}
+        # the halo px the current tile's input slice has (top, bottom, left, right; 0 at the map's
+        # border): a step may compute its tile's output only (see run_program) instead of the slice's
+        self.sides = (0, 0, 0, 0)
 
     def gn(self, norm: Any, x: Any, key: str) -> Any:
         """GroupNorm of a tile with the statistics of the whole map `key`."""
@@ -587,6 +590,7 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                     ins = [maps[n][..., iy0 * (f := maps[n].shape[-2] // Hi):iy1 * f, ix0 * f:ix1 * f].to(device)
                            for n in s.inputs]
                     c = None
+                    ctx.sides = (y0 * s.res_in - iy0, iy1 - y1 * s.res_in, x0 * s.res_in - ix0, ix1 - x1 * s.res_in)
                     if s.kind == "attn":
                         y = _attn_tile(ctx, s, ins[0], kv)
                     elif s.carry is not None:
@@ -595,7 +599,10 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                         y = s.fn(ctx, *ins)
                     r_num, r_den = s.res_out, s.res_in
                     py, px = iy0 * r_num // r_den, ix0 * r_num // r_den
-                    y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    # the output over the whole input slice, cropped -- or exactly the tile's (a step
+                    # that skips the halo's outputs; with a halo the two sizes differ)
+                    if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0:
+                        y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
                     if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2:-2] != out.shape[2:-2]:
                         raise VaeTilingError(f"step {s.name}: tile output {tuple(y.shape)} does not cover "
                                              f"{tuple(out.shape[2:-2])} x {oy1 - oy0}x{ox1 - ox0}")
@@ -1523,14 +1530,35 @@ def _carried(decoder: Any) -> bool:
     return bool(getattr(decoder, "carried", False)) and _cls(getattr(decoder, "conv_in", None)) == "CarriedConv3d"
 
 
-def _causal_conv(conv: Any, a: Any, carry: Any) -> tuple[Any, Any]:
+def _causal_conv(conv: Any, a: Any, carry: Any, sides: tuple[int, int, int, int] | None = None) -> tuple[Any, Any]:
     """ComfyUI's conv_carry_causal_3d on a tile: a = the conv's input (tile + halo), carry = the
     previous chunk's last 2 padded input frames (same slice) or None (the first chunk: frame 0
-    twice).  Returns (output, this chunk's carry)."""
+    twice).  Returns (output, this chunk's carry (aligned with a)).  sides: a's halo px (top,
+    bottom, left, right): the output is then the tile's only (1 px of halo read, the map's border
+    replicate-padded), so a small tile costs no recomputed halo outputs."""
     import torch
     import torch.nn.functional as F
     padded = torch.cat([carry.to(a), a], 2) if carry is not None else torch.cat([a[:, :, :1], a[:, :, :1], a], 2)
-    return conv.conv(F.pad(padded, (1, 1, 1, 1, 0, 0), mode="replicate")), padded[:, :, -2:]
+    return conv.conv(_exact_pad(padded, sides, "replicate")), padded[:, :, -2:]
+
+
+def _exact_pad(a: Any, sides: tuple[int, int, int, int] | None, mode: str) -> Any:
+    """A 3x3 (padding 1) conv's input for exactly the tile: 1 px of a's halo kept where a has one,
+    1 px of `mode` padding at the map's border (sides None: padding all round, the whole slice)."""
+    import torch.nn.functional as F
+    if sides is None:
+        return F.pad(a, (1, 1, 1, 1, 0, 0), mode=mode)
+    t, b, l, r = sides
+    h, w = a.shape[-2], a.shape[-1]
+    a = a[..., max(0, t - 1):h - max(0, b - 1), max(0, l - 1):w - max(0, r - 1)]
+    pad = (0 if l else 1, 0 if r else 1, 0 if t else 1, 0 if b else 1, 0, 0)
+    return F.pad(a, pad, mode=mode) if any(pad) else a
+
+
+def _crop(x: Any, sides: tuple[int, int, int, int]) -> Any:
+    """x (aligned with a tile's input slice) on the tile only."""
+    t, b, l, r = sides
+    return x[..., t:x.shape[-2] - b, l:x.shape[-1] - r]
 
 
 def _carry_names(name: str, later: bool, keep: bool) -> tuple[tuple[str, ...], str | None]:
@@ -1546,11 +1574,12 @@ def _resnet3d(blk: Any, name: str, x: str, res: int, steps: list[Step], later: b
     in2, out2 = _carry_names(name + ".conv2", later, keep)
 
     def first(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(blk.conv1, _silu(ctx.gn(blk.norm1, xs, x)), cs)
+        y, c = _causal_conv(blk.conv1, _silu(ctx.gn(blk.norm1, xs, x)), cs, ctx.sides)
         return (y, c) if keep else y
 
     def second(ctx: _Ctx, xs: Any, hs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(blk.conv2, _silu(ctx.gn(blk.norm2, hs, h)), cs)
+        y, c = _causal_conv(blk.conv2, _silu(ctx.gn(blk.norm2, hs, h)), cs, ctx.sides)
+        xs = _crop(xs, ctx.sides)
         sc = blk.nin_shortcut(xs) if getattr(blk, "nin_shortcut", None) is not None else xs
         return (sc + y, c) if keep else sc + y
 
@@ -1575,7 +1604,7 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
                               post_quant_conv.weight.shape[0], 1, 1, halo=(0, 0),
                               in_channels=post_quant_conv.weight.shape[1]))
             cur = "pq"
-        steps.append(Step("conv_in", lambda ctx, xs: _causal_conv(decoder.conv_in, xs, None)[0], (cur,), "conv_in",
+        steps.append(Step("conv_in", lambda ctx, xs: _causal_conv(decoder.conv_in, xs, None, ctx.sides)[0], (cur,), "conv_in",
                           decoder.conv_in.conv.weight.shape[0], 1, 1, in_channels=decoder.conv_in.conv.weight.shape[1]))
         cur = _resnet3d(decoder.mid.block_1, "mid.block_1", "conv_in", 1, steps, False, False)
         cur = _attn_step(decoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
@@ -1605,7 +1634,7 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
                     rest = xs[:, :, 1:]
                 if rest.shape[2] > 0:
                     parts.append(F.interpolate(rest, scale_factor=(2.0 if t_up else 1.0, 2.0, 2.0), mode="nearest"))
-                y, c = _causal_conv(us.conv, torch.cat(parts, 2), cs)
+                y, c = _causal_conv(us.conv, torch.cat(parts, 2), cs, tuple(2 * v for v in ctx.sides))
                 return (y, c) if keep else y
 
             def t_out(t: int, t_up: bool = t_up) -> int:
@@ -1620,7 +1649,7 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
     tanh = bool(getattr(decoder, "tanh_out", False))
 
     def tail(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(decoder.conv_out, _silu(ctx.gn(decoder.norm_out, xs, name_in)), cs)
+        y, c = _causal_conv(decoder.conv_out, _silu(ctx.gn(decoder.norm_out, xs, name_in)), cs, ctx.sides)
         y = y.tanh() if tanh else y
         return (y, c) if keep else y
 
@@ -1651,7 +1680,7 @@ def compile_carried_encoder(encoder: Any, quant_conv: Any = None, *, part: str, 
         name_in = cur
 
         def tail(ctx: _Ctx, xs: Any) -> Any:
-            y = _causal_conv(encoder.conv_out, _silu(ctx.gn(encoder.norm_out, xs, name_in)), None)[0]
+            y = _causal_conv(encoder.conv_out, _silu(ctx.gn(encoder.norm_out, xs, name_in)), None, ctx.sides)[0]
             return quant_conv(y) if quant_conv is not None else y
 
         cout = (quant_conv.weight.shape[0] if quant_conv is not None else encoder.conv_out.conv.weight.shape[0])
@@ -1665,7 +1694,7 @@ def compile_carried_encoder(encoder: Any, quant_conv: Any = None, *, part: str, 
     cin_, cout_ = _carry_names("conv_in", later, keep)
 
     def head(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(encoder.conv_in, xs, cs)
+        y, c = _causal_conv(encoder.conv_in, xs, cs, ctx.sides)
         return (y, c) if keep else y
 
     steps.append(Step("conv_in", head, ("x", *cin_), "conv_in", encoder.conv_in.conv.weight.shape[0], res, res,
@@ -1853,16 +1882,27 @@ def _mochi_whole_video(decoder: Any) -> str | None:
     return None
 
 
-def _pconv(conv: Any, a: Any, carry: Any) -> tuple[Any, Any]:
+def _pconv(conv: Any, a: Any, carry: Any, sides: tuple[int, int, int, int] | None = None) -> tuple[Any, Any]:
     """PConv3d on a tile: a = its input (tile + halo), carry = the previous chunk's last k - 1 input
-    frames (same slice) or None (the first chunk: frame 0 replicated, as PConv3d pads).  The conv's
-    own forward (the module's parent class: ComfyUI's weight casting, replicate padding in space)
-    runs on the time-padded input.  Returns (output, this chunk's carry)."""
+    frames (same slice) or None (the first chunk: frame 0 replicated, as PConv3d pads).  Returns
+    (output, this chunk's carry).  With sides (a's halo px) and plain weights (a's dtype and
+    device, no ComfyUI weight casting) the output is the tile's only (_exact_pad: no recomputed
+    halo outputs); otherwise the conv's own forward (the module's parent class: ComfyUI's weight
+    casting, replicate padding in space) over the whole slice."""
     import torch
     import torch.nn.functional as F
     k = conv.kernel_size[0]          # 3 (_mochi_res checks)
     padded = torch.cat([carry.to(a), a], 2) if carry is not None else F.pad(a, (0, 0, 0, 0, k - 1, 0), mode="replicate")
-    return super(type(conv), conv).forward(padded), padded[:, :, -(k - 1):]
+    w, bias = conv.weight, conv.bias
+    plain = (sides is not None and not getattr(conv, "comfy_cast_weights", False)
+             and not getattr(conv, "weight_function", None) and w.dtype == a.dtype and w.device == a.device
+             and conv.padding_mode == "replicate" and tuple(conv.padding) == (0, 1, 1) and conv.groups == 1
+             and tuple(conv.dilation) == (1, 1, 1))
+    if plain:
+        y = F.conv3d(_exact_pad(padded, sides, "replicate"), w, bias)
+    else:
+        y = super(type(conv), conv).forward(padded)
+    return y, padded[:, :, -(k - 1):]
 
 
 def _mochi_res(blk: Any, name: str, x: str, res: int, steps: list[Step], later: bool, keep: bool) -> str:
@@ -1876,11 +1916,13 @@ def _mochi_res(blk: Any, name: str, x: str, res: int, steps: list[Step], later: 
     in2, out2 = _carry_names(name + ".conv2", later, keep)
 
     def first(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, cy = _pconv(c1, _silu(ctx.gn(n1, xs, x)), cs)
+        y, cy = _pconv(c1, _silu(ctx.gn(n1, xs, x)), cs, ctx.sides)
         return (y, cy) if keep else y
 
     def second(ctx: _Ctx, xs: Any, hs: Any, cs: Any = None) -> Any:
-        y, cy = _pconv(c2, _silu(ctx.gn(n2, hs, h)), cs)
+        y, cy = _pconv(c2, _silu(ctx.gn(n2, hs, h)), cs, ctx.sides)
+        if y.shape[-1] != xs.shape[-1] or y.shape[-2] != xs.shape[-2]:
+            xs = _crop(xs, ctx.sides)
         return (xs + y, cy) if keep else xs + y
 
     steps.append(Step(name + ".a", first, (x, *in1), h, c1.out_channels, res, res, in_channels=c, normed=(x,),
