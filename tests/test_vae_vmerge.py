@@ -128,11 +128,11 @@ def test_oom_in_a_merged_step_keeps_finished_tiles(caplog, monkeypatch):
         counts.append(len(out))
         return out
 
-    def flaky(conv, a, carry):
+    def flaky(conv, a, carry, *rest):
         n["k"] += 1          # the 3rd call: the first res block's first conv (latent res: merged)
         if n["k"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_pconv(conv, a, carry)
+        return real_pconv(conv, a, carry, *rest)
 
     monkeypatch.setattr(vae, "_pconv", flaky)
     monkeypatch.setattr(vae, "_coarsest", coarsest)
@@ -150,10 +150,10 @@ MT, MH, MW = 5, 6, 8        # stand-in: time x2, space x2 -> 9 x 12 x 16
 
 @pytest.fixture(scope="module")
 def mochi():
-    d = vm.mochi_decoder(seed=21)
-    z = vm.video_latent(MT, MH, MW, seed=22)
+    d, z = vm.mochi_decoder(seed=21), vm.video_latent(MT, MH, MW, seed=22)
     with torch.no_grad():
-        return d, z, d(z)
+        ref = d(z)
+    return d, z, ref
 
 
 def time_seam(v, bounds):
@@ -188,7 +188,7 @@ def test_mochi_time_chunks_without_carries_show(mochi, monkeypatch):
     (frame replicated) differs, and the time-seam metric sees it at the chunk starts."""
     d, z, ref = mochi
     real = vae._pconv
-    monkeypatch.setattr(vae, "_pconv", lambda conv, a, carry: real(conv, a, None))
+    monkeypatch.setattr(vae, "_pconv", lambda conv, a, carry, *rest: real(conv, a, None, *rest))
     out = vae.decode_mochi_tiled(d, z, budget_bytes=1 << 30, grid=(1, 2), frames=2)
     assert vm.psnr(out, ref) < 45.0
     assert abs(time_seam(out, mochi_bounds(MT, 2, 2)) / time_seam(ref, mochi_bounds(MT, 2, 2)) - 1) > 0.01
