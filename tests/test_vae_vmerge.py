@@ -89,6 +89,18 @@ def test_video_compute_close_to_one_pass(label, grid):
     assert base > 0 and n / base <= 1.25, n / base
 
 
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["wan", "hunyuan4x", "mochi2x"])
+def test_bench_shapes_compute_close_to_one_pass(which):
+    """bench/vae.py's stand-ins at its latent and finest grid (3x4 on 8x12: 2-3 latent px tiles,
+    8-12 output px at 4x, 4-6 at 2x): merging cannot help the full-resolution steps there, only
+    computing each tile's own outputs does (Hunyuan/Mochi)."""
+    label, untiled, tiled = bench_cases()[which]
+    ref, base = counted(untiled)
+    out, n = counted(lambda: tiled((3, 4)))
+    assert (out - ref).abs().max() < 1e-4
+    assert n / base <= 1.25, (label, n / base)
+
+
 def test_merged_steps_stay_in_the_planned_working_set(monkeypatch):
     """Wan decode planned from a short budget: steps merge tiles (fewer tile runs than the grid's)
     and every tile's measured working set stays under the plan's."""
