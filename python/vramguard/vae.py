@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 __all__ = ["decode_tiled", "encode_tiled", "decode_video_tiled", "encode_video_tiled", "plan_wan_encode_grid",
-           "check_wan_encoder", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "decode_mochi_tiled", "video_layout",
+           "check_wan_encoder", "decode_video_halo_tiled", "decode_carried_tiled", "encode_carried_tiled", "decode_mochi_tiled", "plan_mochi_grid", "video_layout",
            "video_program", "receptive_field", "plan_grid", "plan_video_grid", "VaeTilingError", "Step",
            "compile_decoder", "compile_encoder", "run_program"]
 
@@ -284,6 +284,9 @@ class _Ctx:
     def __init__(self, stats: dict[str, _Stats]) -> None:
         self.stats = stats
         self.cache: dict[tuple[int, str], tuple[Any, Any]] = {}
+        # the halo px the current tile's input slice has (top, bottom, left, right; 0 at the map's
+        # border): a step may compute its tile's output only (see run_program) instead of the slice's
+        self.sides = (0, 0, 0, 0)
 
     def gn(self, norm: Any, x: Any, key: str) -> Any:
         """GroupNorm of a tile with the statistics of the whole map `key`."""
@@ -507,6 +510,22 @@ def _coarsest(p: Program, s: Step, base: list[Rect], grid: tuple[int, int] | Non
     return base
 
 
+def _video_cap(p: Program, frames: int, lh: int, lw: int, grid: tuple[int, int], batch: int, elem: int,
+               budget: int) -> int:
+    """The working set (bytes) a 5-D program's grid is planned for: the largest step on a grid
+    tile at the step's own frame count (from `frames` input frames), as run_program's _coarsest
+    counts a step; capped at the budget.  Steps that fit it over fewer tiles merge them."""
+    th, tw = -(-lh // grid[0]), -(-lw // grid[1])
+    t = {p.input: frames}
+    worst = 0
+    for s in p.steps:
+        t_in = t.get(s.inputs[0], frames)
+        t[s.output] = s.t_out(t_in) if s.t_out is not None else t_in
+        if s.kind != "attn":
+            worst = max(worst, _step_bytes(s, th, tw) * max(t_in, t[s.output]))
+    return min(budget, worst * batch * elem)
+
+
 def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, store_device: Any = None,
                 progress: Callable[[int, int], None] | None = None, budget: int | None = None,
                 grid: tuple[int, int] | None = None, carries: dict[str, Any] | None = None) -> Any:
@@ -554,7 +573,9 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
         if s.kind == "attn":
             kv = _attn_kv(ctx, s, maps[s.inputs[0]], device)
         per = maps[p.input].element_size() * max([1, *frames, *maps[s.inputs[0]].shape[2:-2]])
-        rects = base if replanned else _coarsest(p, s, base, grid, lh, lw, budget, b, per)
+        # a video's attention (no halo: nothing to save) keeps the grid's query tiles
+        keep = replanned or (x.ndim == 5 and s.kind == "attn")
+        rects = base if keep else _coarsest(p, s, base, grid, lh, lw, budget, b, per)
         total += len(rects)
         k = 0
         while k < len(rects):
@@ -569,6 +590,7 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                     ins = [maps[n][..., iy0 * (f := maps[n].shape[-2] // Hi):iy1 * f, ix0 * f:ix1 * f].to(device)
                            for n in s.inputs]
                     c = None
+                    ctx.sides = (y0 * s.res_in - iy0, iy1 - y1 * s.res_in, x0 * s.res_in - ix0, ix1 - x1 * s.res_in)
                     if s.kind == "attn":
                         y = _attn_tile(ctx, s, ins[0], kv)
                     elif s.carry is not None:
@@ -577,7 +599,10 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
                         y = s.fn(ctx, *ins)
                     r_num, r_den = s.res_out, s.res_in
                     py, px = iy0 * r_num // r_den, ix0 * r_num // r_den
-                    y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
+                    # the output over the whole input slice, cropped -- or exactly the tile's (a step
+                    # that skips the halo's outputs; with a halo the two sizes differ)
+                    if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0:
+                        y = y[..., oy0 - py:oy1 - py, ox0 - px:ox1 - px]
                     if y.shape[-2] != oy1 - oy0 or y.shape[-1] != ox1 - ox0 or y.shape[2:-2] != out.shape[2:-2]:
                         raise VaeTilingError(f"step {s.name}: tile output {tuple(y.shape)} does not cover "
                                              f"{tuple(out.shape[2:-2])} x {oy1 - oy0}x{ox1 - ox0}")
@@ -600,8 +625,11 @@ def run_program(p: Program, x: Any, *, rects: list[Rect], device: Any = None, st
             if oom:
                 refined = _refine_after_oom(rects, k, f"VAE step {s.name}")
                 total += len(refined) - len(rects)
+                # later steps: the same (finer) cover; a video's merged step leaves the grid as it was
+                if x.ndim == 4 or rects is base:
+                    base = refined
                 rects = refined
-                base, replanned = rects, True       # later steps: the same (finer) cover
+                replanned = True
                 continue
             k += 1
             done_units += 1
@@ -804,15 +832,47 @@ def _check_video(decoder: Any) -> None:
 
 
 class _VideoRun:
-    """Runs one Wan decoder chunk layer by layer over spatial tiles; owns the caches (whole frames)."""
+    """Runs one Wan decoder chunk layer by layer over spatial tiles; owns the caches (whole frames).
 
-    def __init__(self, rects: list[Rect], device: Any, store: Any, progress: Any) -> None:
+    grid/cap: the planned (rows, cols) and the working set (bytes) its tiles were planned for: a
+    step whose own working set fits cap over fewer, larger tiles of the same grid (merged f x f)
+    runs on those, as run_program's steps do -- at low resolution a 4-latent-px tile is mostly
+    halo, and merging saves that recompute without raising the planned peak."""
+
+    def __init__(self, rects: list[Rect], device: Any, store: Any, progress: Any,
+                 grid: tuple[int, int] | None = None, cap: int = 0) -> None:
         self.rects = rects
         self.device = device
         self.store = store
         self.cache: dict[int, Any] = {}       # id(conv) -> last input frames (full size), or "Rep"
         self.progress = progress
         self.done = 0
+        self.grid = grid
+        self.cap = cap
+        self.base = rects
+        self.lh = max((r[1] for r in rects), default=0)
+        self.lw = max((r[3] for r in rects), default=0)
+
+    def _merged(self, ins: list[Any], res: int, scale: int, den: int, out_c: int, out_frames: int,
+                hb: int, ha: int) -> list[Rect]:
+        """The step's tiles: the coarsest f x f merge of the grid whose working set (every input
+        slice with its halo and the output, x3 for temporaries, as _video_cost counts) fits cap."""
+        import torch
+        if self.grid is None or self.cap <= 0 or hb + ha == 0 or self.rects is not self.base:
+            return self.rects
+        rows, cols = self.grid
+        x0 = ins[0]
+        elem = x0.shape[0] * x0.element_size()
+        chans = sum(t.shape[1] * t.shape[2] for t in ins if isinstance(t, torch.Tensor))
+        e_out = (hb + ha) * scale / den + 2
+        for f in range(max(rows, cols), 1, -1):
+            r2, c2 = -(-rows // f), -(-cols // f)
+            th, tw = -(-self.lh // r2), -(-self.lw // c2)
+            need = 3.0 * (chans * (th * res + hb + ha) * (tw * res + hb + ha)
+                          + out_c * out_frames * (th * res * scale / den + e_out) * (tw * res * scale / den + e_out))
+            if need * elem <= self.cap:
+                return grid_rects(self.lh, self.lw, r2, c2)
+        return self.rects
 
     # one layer-synchronous step over all tiles: out[tile] = fn(slices of the inputs with halo)
     def step(self, fn: Callable[..., Any], ins: list[Any], res: int, scale: int, out_c: int,
@@ -826,7 +886,7 @@ class _VideoRun:
         out = torch.empty(b, out_c, out_frames, hi * scale // den, wi * scale // den, dtype=x0.dtype,
                           device=self.store)
         k = 0
-        rects = self.rects
+        rects = self._merged(ins, res, scale, den, out_c, out_frames, hb, ha)
         while k < len(rects):
             y0, y1, c0, c1 = rects[k]
             rs = res * scale
@@ -851,7 +911,11 @@ class _VideoRun:
                     raise
                 oom = True
             if oom:
-                rects = self.rects = _refine_after_oom(rects, k, "video VAE")
+                merged = rects is not self.rects
+                rects = _refine_after_oom(rects, k, "video VAE")
+                if not merged:        # later steps: the same (finer) cover, merged no more
+                    self.rects = rects
+                self.base = None
                 continue
             k += 1
             self.done += 1
@@ -1087,7 +1151,13 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
         frames = frames or max(2, plan.frames)
     device = torch.device(device) if device is not None else latent.device
     store = torch.device(store_device) if store_device is not None else latent.device
-    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress)
+    # the working set the grid is planned for (the largest chunk, every step; attention's K/V
+    # apart): steps that fit it over fewer tiles merge them
+    fixed, _, per_px, per_edge = _video_cost(decoder, lh, lw)
+    th, tw = -(-lh // rows), -(-lw // cols)
+    cap = min(budget, int((fixed + per_px * th * tw + per_edge * (th + tw)) * frames * latent.shape[0]
+                          * latent.element_size()))
+    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress, grid=(rows, cols), cap=cap)
     with torch.no_grad():
         x = conv2(latent) if conv2 is not None else latent
         outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2], frames)]
@@ -1251,7 +1321,10 @@ def encode_video_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tup
     n_steps = sum(1 for m in encoder.modules() if _cls(m) in ("CausalConv3d", "Resample", "AttentionBlock"))
     total = len(chunks) * n_steps * rows * cols
     tick = (lambda done: progress(done, max(total, done))) if progress is not None else None
-    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, tick)
+    fixed, _, per_px, per_edge = _wan_encode_cost(encoder, lh, lw)
+    th, tw = -(-lh // rows), -(-lw // cols)
+    cap = min(budget, int((fixed + per_px * th * tw + per_edge * (th + tw)) * 2 * b * video.element_size()))
+    run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, tick, grid=(rows, cols), cap=cap)
     outs = []
     with torch.no_grad():
         for i, (a, e) in enumerate(chunks):
@@ -1485,14 +1558,35 @@ def _carried(decoder: Any) -> bool:
     return bool(getattr(decoder, "carried", False)) and _cls(getattr(decoder, "conv_in", None)) == "CarriedConv3d"
 
 
-def _causal_conv(conv: Any, a: Any, carry: Any) -> tuple[Any, Any]:
+def _causal_conv(conv: Any, a: Any, carry: Any, sides: tuple[int, int, int, int] | None = None) -> tuple[Any, Any]:
     """ComfyUI's conv_carry_causal_3d on a tile: a = the conv's input (tile + halo), carry = the
     previous chunk's last 2 padded input frames (same slice) or None (the first chunk: frame 0
-    twice).  Returns (output, this chunk's carry)."""
+    twice).  Returns (output, this chunk's carry (aligned with a)).  sides: a's halo px (top,
+    bottom, left, right): the output is then the tile's only (1 px of halo read, the map's border
+    replicate-padded), so a small tile costs no recomputed halo outputs."""
     import torch
     import torch.nn.functional as F
     padded = torch.cat([carry.to(a), a], 2) if carry is not None else torch.cat([a[:, :, :1], a[:, :, :1], a], 2)
-    return conv.conv(F.pad(padded, (1, 1, 1, 1, 0, 0), mode="replicate")), padded[:, :, -2:]
+    return conv.conv(_exact_pad(padded, sides, "replicate")), padded[:, :, -2:]
+
+
+def _exact_pad(a: Any, sides: tuple[int, int, int, int] | None, mode: str) -> Any:
+    """A 3x3 (padding 1) conv's input for exactly the tile: 1 px of a's halo kept where a has one,
+    1 px of `mode` padding at the map's border (sides None: padding all round, the whole slice)."""
+    import torch.nn.functional as F
+    if sides is None:
+        return F.pad(a, (1, 1, 1, 1, 0, 0), mode=mode)
+    t, b, l, r = sides
+    h, w = a.shape[-2], a.shape[-1]
+    a = a[..., max(0, t - 1):h - max(0, b - 1), max(0, l - 1):w - max(0, r - 1)]
+    pad = (0 if l else 1, 0 if r else 1, 0 if t else 1, 0 if b else 1, 0, 0)
+    return F.pad(a, pad, mode=mode) if any(pad) else a
+
+
+def _crop(x: Any, sides: tuple[int, int, int, int]) -> Any:
+    """x (aligned with a tile's input slice) on the tile only."""
+    t, b, l, r = sides
+    return x[..., t:x.shape[-2] - b, l:x.shape[-1] - r]
 
 
 def _carry_names(name: str, later: bool, keep: bool) -> tuple[tuple[str, ...], str | None]:
@@ -1508,11 +1602,12 @@ def _resnet3d(blk: Any, name: str, x: str, res: int, steps: list[Step], later: b
     in2, out2 = _carry_names(name + ".conv2", later, keep)
 
     def first(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(blk.conv1, _silu(ctx.gn(blk.norm1, xs, x)), cs)
+        y, c = _causal_conv(blk.conv1, _silu(ctx.gn(blk.norm1, xs, x)), cs, ctx.sides)
         return (y, c) if keep else y
 
     def second(ctx: _Ctx, xs: Any, hs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(blk.conv2, _silu(ctx.gn(blk.norm2, hs, h)), cs)
+        y, c = _causal_conv(blk.conv2, _silu(ctx.gn(blk.norm2, hs, h)), cs, ctx.sides)
+        xs = _crop(xs, ctx.sides)
         sc = blk.nin_shortcut(xs) if getattr(blk, "nin_shortcut", None) is not None else xs
         return (sc + y, c) if keep else sc + y
 
@@ -1537,7 +1632,7 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
                               post_quant_conv.weight.shape[0], 1, 1, halo=(0, 0),
                               in_channels=post_quant_conv.weight.shape[1]))
             cur = "pq"
-        steps.append(Step("conv_in", lambda ctx, xs: _causal_conv(decoder.conv_in, xs, None)[0], (cur,), "conv_in",
+        steps.append(Step("conv_in", lambda ctx, xs: _causal_conv(decoder.conv_in, xs, None, ctx.sides)[0], (cur,), "conv_in",
                           decoder.conv_in.conv.weight.shape[0], 1, 1, in_channels=decoder.conv_in.conv.weight.shape[1]))
         cur = _resnet3d(decoder.mid.block_1, "mid.block_1", "conv_in", 1, steps, False, False)
         cur = _attn_step(decoder.mid.attn_1, "mid.attn_1", cur, 1, steps)
@@ -1567,7 +1662,7 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
                     rest = xs[:, :, 1:]
                 if rest.shape[2] > 0:
                     parts.append(F.interpolate(rest, scale_factor=(2.0 if t_up else 1.0, 2.0, 2.0), mode="nearest"))
-                y, c = _causal_conv(us.conv, torch.cat(parts, 2), cs)
+                y, c = _causal_conv(us.conv, torch.cat(parts, 2), cs, tuple(2 * v for v in ctx.sides))
                 return (y, c) if keep else y
 
             def t_out(t: int, t_up: bool = t_up) -> int:
@@ -1582,7 +1677,7 @@ def compile_carried(decoder: Any, post_quant_conv: Any = None, *, part: str, fir
     tanh = bool(getattr(decoder, "tanh_out", False))
 
     def tail(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(decoder.conv_out, _silu(ctx.gn(decoder.norm_out, xs, name_in)), cs)
+        y, c = _causal_conv(decoder.conv_out, _silu(ctx.gn(decoder.norm_out, xs, name_in)), cs, ctx.sides)
         y = y.tanh() if tanh else y
         return (y, c) if keep else y
 
@@ -1613,7 +1708,7 @@ def compile_carried_encoder(encoder: Any, quant_conv: Any = None, *, part: str, 
         name_in = cur
 
         def tail(ctx: _Ctx, xs: Any) -> Any:
-            y = _causal_conv(encoder.conv_out, _silu(ctx.gn(encoder.norm_out, xs, name_in)), None)[0]
+            y = _causal_conv(encoder.conv_out, _silu(ctx.gn(encoder.norm_out, xs, name_in)), None, ctx.sides)[0]
             return quant_conv(y) if quant_conv is not None else y
 
         cout = (quant_conv.weight.shape[0] if quant_conv is not None else encoder.conv_out.conv.weight.shape[0])
@@ -1627,7 +1722,7 @@ def compile_carried_encoder(encoder: Any, quant_conv: Any = None, *, part: str, 
     cin_, cout_ = _carry_names("conv_in", later, keep)
 
     def head(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
-        y, c = _causal_conv(encoder.conv_in, xs, cs)
+        y, c = _causal_conv(encoder.conv_in, xs, cs, ctx.sides)
         return (y, c) if keep else y
 
     steps.append(Step("conv_in", head, ("x", *cin_), "conv_in", encoder.conv_in.conv.weight.shape[0], res, res,
@@ -1692,23 +1787,28 @@ def encode_carried_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: t
     store = torch.device(store_device) if store_device is not None else video.device
     with torch.no_grad():
         outs = _run_chunks(lambda first, last: compile_carried_encoder(encoder, part="down", first=first, last=last),
-                           video, chunks, grid_rects(lh, lw, *g_down), device, store, progress)
-        out = run_program(mid, torch.cat(outs, 2), rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
-                          progress=progress)
+                           video, chunks, g_down, device, store, progress, budget)
+        z = torch.cat(outs, 2)
+        out = run_program(mid, z, rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
+                          progress=progress, grid=g_mid, budget=_video_cap(mid, z.shape[2], lh, lw, g_mid, b,
+                                                                            video.element_size(), budget))
     log.info("vramguard: tiled HunyuanVideo-shaped VAE encode %dx%dx%d video: %d chunks x %dx%d tiles, mid %dx%d",
              t, hh, ww, len(chunks), g_down[0], g_down[1], g_mid[0], g_mid[1])
     return out
 
 
 def _run_chunks(compile_chunk: Callable[[bool, bool], Program], x: Any, chunks: list[tuple[int, int]],
-                rects: list[Rect], device: Any, store: Any, progress: Any) -> list[Any]:
-    """Each time chunk's program over the spatial tiles, the carries one chunk writes read by the next."""
+                grid: tuple[int, int], device: Any, store: Any, progress: Any, budget: int) -> list[Any]:
+    """Each time chunk's program over the spatial tiles (grid, merged at steps that fit in what the
+    grid is planned for), the carries one chunk writes read by the next."""
     carries: dict[str, Any] = {}
     outs = []
     for i, (a, e) in enumerate(chunks):
         p = compile_chunk(i == 0, i == len(chunks) - 1)
-        outs.append(run_program(p, x[:, :, a:e], rects=rects, device=device, store_device=store, progress=progress,
-                                carries=carries))
+        lh, lw = x.shape[-2] // p.latent_scale, x.shape[-1] // p.latent_scale
+        cap = _video_cap(p, e - a, lh, lw, grid, x.shape[0], x.element_size(), budget)
+        outs.append(run_program(p, x[:, :, a:e], rects=grid_rects(lh, lw, *grid), device=device, store_device=store,
+                                progress=progress, carries=carries, budget=cap, grid=grid))
         carries = {n.replace("carry_next:", "carry:", 1): v for n, v in carries.items() if n.startswith("carry_next:")}
     return outs
 
@@ -1770,10 +1870,11 @@ def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: 
     store = torch.device(store_device) if store_device is not None else latent.device
     with torch.no_grad():
         h = run_program(mid, latent, rects=grid_rects(lh, lw, *g_mid), device=device, store_device=store,
-                        progress=progress)
+                        progress=progress, grid=g_mid, budget=_video_cap(mid, t, lh, lw, g_mid, b,
+                                                                         latent.element_size(), budget))
         chunks = [(a, min(t, a + 2)) for a in range(0, t, 2)]
         outs = _run_chunks(lambda first, last: compile_carried(decoder, part="up", first=first, last=last), h, chunks,
-                           grid_rects(lh, lw, *g_up), device, store, progress)
+                           g_up, device, store, progress, budget)
     log.info("vramguard: tiled HunyuanVideo-shaped VAE %dx%dx%d latent: mid block %dx%d tiles, %d chunks x %dx%d tiles",
              t, lh, lw, g_mid[0], g_mid[1], len(chunks), g_up[0], g_up[1])
     return torch.cat(outs, 2)
@@ -1784,9 +1885,13 @@ def decode_carried_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: 
 # Mochi's decoder (comfy.ldm.genmo.vae.model.Decoder) decodes the whole video at once: causal
 # PConv3d (first frame replicated in time, replicate padding in space), GroupNormSpatial (a
 # GroupNorm per frame over the whole frame), Conv1x1 projections and DepthToSpaceTime (dropping
-# the first st - 1 frames).  Every layer runs layer-synchronously over spatial tiles (all frames),
-# each GroupNorm with per-frame statistics gathered over the whole frame.  Time is not tiled
-# (the model has no time chunks of its own; its causal convs would allow carried chunks).
+# the first st - 1 frames of the video).  Every layer runs layer-synchronously over spatial tiles,
+# each GroupNorm with per-frame statistics gathered over the whole frame.  Nothing in it looks
+# ahead in time and its norms are per frame, so time is tiled too: chunks of latent frames (planned
+# with the spatial tiles, the planner's depth axis), each causal conv carrying the last k - 1
+# frames of its input to the next chunk (the first chunk replicates frame 0, as PConv3d pads), and
+# only the first chunk dropping DepthToSpaceTime's first st - 1 frames.  A Mochi-shaped decoder
+# with time attention (ComfyUI's decoder has none) or a non-causal conv runs all frames at once.
 
 def _is_mochi(decoder: Any) -> bool:
     blocks = getattr(decoder, "blocks", None)
@@ -1795,53 +1900,116 @@ def _is_mochi(decoder: Any) -> bool:
             and any(_cls(m) == "GroupNormSpatial" for m in decoder.modules()))
 
 
-def _mochi_res(blk: Any, name: str, x: str, res: int, steps: list[Step]) -> str:
+def _mochi_whole_video(decoder: Any) -> str | None:
+    """Why the decoder's time cannot be chunked (None: it can)."""
+    for name, m in decoder.named_modules():
+        if _cls(m) == "AttentionBlock":
+            return f"{name}: attention over all frames"
+        if _cls(m) == "PConv3d" and not getattr(m, "causal", True):
+            return f"{name}: a non-causal time conv"
+    return None
+
+
+def _pconv(conv: Any, a: Any, carry: Any, sides: tuple[int, int, int, int] | None = None) -> tuple[Any, Any]:
+    """PConv3d on a tile: a = its input (tile + halo), carry = the previous chunk's last k - 1 input
+    frames (same slice) or None (the first chunk: frame 0 replicated, as PConv3d pads).  Returns
+    (output, this chunk's carry).  With sides (a's halo px) and plain weights (a's dtype and
+    device, no ComfyUI weight casting) the output is the tile's only (_exact_pad: no recomputed
+    halo outputs); otherwise the conv's own forward (the module's parent class: ComfyUI's weight
+    casting, replicate padding in space) over the whole slice."""
+    import torch
+    import torch.nn.functional as F
+    k = conv.kernel_size[0]          # 3 (_mochi_res checks)
+    padded = torch.cat([carry.to(a), a], 2) if carry is not None else F.pad(a, (0, 0, 0, 0, k - 1, 0), mode="replicate")
+    w, bias = conv.weight, conv.bias
+    plain = (sides is not None and not getattr(conv, "comfy_cast_weights", False)
+             and not getattr(conv, "weight_function", None) and w.dtype == a.dtype and w.device == a.device
+             and conv.padding_mode == "replicate" and tuple(conv.padding) == (0, 1, 1) and conv.groups == 1
+             and tuple(conv.dilation) == (1, 1, 1))
+    if plain:
+        y = F.conv3d(_exact_pad(padded, sides, "replicate"), w, bias)
+    else:
+        y = super(type(conv), conv).forward(padded)
+    return y, padded[:, :, -(k - 1):]
+
+
+def _mochi_res(blk: Any, name: str, x: str, res: int, steps: list[Step], later: bool, keep: bool) -> str:
     n1, _, c1, n2, _, c2 = list(blk.stack)
-    if _cls(c1) != "PConv3d" or tuple(c1.kernel_size[1:]) != (3, 3) or tuple(c1.stride) != (1, 1, 1):
-        raise VaeTilingError(f"{name}: not a 3x3x3 stride-1 PConv3d residual stack")
+    for c in (c1, c2):
+        if _cls(c) != "PConv3d" or tuple(c.kernel_size) != (3, 3, 3) or tuple(c.stride) != (1, 1, 1):
+            raise VaeTilingError(f"{name}: not a 3x3x3 stride-1 PConv3d residual stack")
     c = blk.channels
     h, out = name + ".h", name + ".out"
-    steps.append(Step(name + ".a", lambda ctx, xs: c1(_silu(ctx.gn(n1, xs, x))), (x,), h, c1.out_channels, res, res,
-                      in_channels=c, normed=(x,)))
-    steps.append(Step(name + ".b", lambda ctx, xs, hs: xs + c2(_silu(ctx.gn(n2, hs, h))), (x, h), out, c, res, res,
-                      in_channels=2 * c, normed=(h,)))
+    in1, out1 = _carry_names(name + ".conv1", later, keep)
+    in2, out2 = _carry_names(name + ".conv2", later, keep)
+
+    def first(ctx: _Ctx, xs: Any, cs: Any = None) -> Any:
+        y, cy = _pconv(c1, _silu(ctx.gn(n1, xs, x)), cs, ctx.sides)
+        return (y, cy) if keep else y
+
+    def second(ctx: _Ctx, xs: Any, hs: Any, cs: Any = None) -> Any:
+        y, cy = _pconv(c2, _silu(ctx.gn(n2, hs, h)), cs, ctx.sides)
+        if y.shape[-1] != xs.shape[-1] or y.shape[-2] != xs.shape[-2]:
+            xs = _crop(xs, ctx.sides)
+        return (xs + y, cy) if keep else xs + y
+
+    steps.append(Step(name + ".a", first, (x, *in1), h, c1.out_channels, res, res, in_channels=c, normed=(x,),
+                      carry=out1))
+    steps.append(Step(name + ".b", second, (x, h, *in2), out, c, res, res, in_channels=2 * c, normed=(h,),
+                      carry=out2))
     attn = blk.attn_block
     if _cls(attn) == "Identity":
         return out
     if _cls(attn) != "AttentionBlock":
         raise VaeTilingError(f"{name}: unsupported attention block {_cls(attn)}")
+    if later or keep:
+        raise VaeTilingError(f"{name}: attention over all frames: time cannot be chunked")
     # Mochi's attention is over time, per pixel: local in space (its norm is per frame)
     steps.append(Step(name + ".attn", lambda ctx, xs: xs + attn.attn(ctx.gn(attn.norm, xs, out)), (out,),
                       name + ".att", c, res, res, halo=(0, 0), in_channels=c, normed=(out,)))
     return name + ".att"
 
 
-def compile_mochi(decoder: Any) -> Program:
-    """Mochi's decoder as one layer-synchronous 5-D program (per-frame GroupNorm statistics)."""
+def _depth_to_space_time(x: Any, st: int, s: int) -> Any:
+    """DepthToSpaceTime's rearrange (B (C st s s) T H W -> B C (T st) (H s) (W s)) without its drop
+    of the first st - 1 frames: a later time chunk keeps them (the drop is the video's, not the chunk's)."""
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c // (st * s * s), st, s, s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c // (st * s * s), t * st, h * s, w * s)
+
+
+def compile_mochi(decoder: Any, *, first: bool = True, last: bool = True) -> Program:
+    """Mochi's decoder as a layer-synchronous 5-D program (per-frame GroupNorm statistics) for one
+    time chunk: first / last decide the carries read and written and DepthToSpaceTime's drop of the
+    first frames (first=last=True: the whole video)."""
     if not _is_mochi(decoder):
         raise VaeTilingError(f"{type(decoder).__name__} is not a Mochi-shaped decoder")
+    later, keep = not first, not last
     blocks = list(decoder.blocks)
-    first, ups, last = list(blocks[0]), blocks[1:-1], list(blocks[-1])
-    conv_in = first[0]
+    head, ups, tail = list(blocks[0]), blocks[1:-1], list(blocks[-1])
+    conv_in = head[0]
     steps = [Step("conv_in", lambda ctx, xs: conv_in(xs), ("z",), "conv_in", conv_in.weight.shape[0], 1, 1,
                   halo=(0, 0), in_channels=conv_in.weight.shape[1])]
     cur, res = "conv_in", 1
-    for i, blk in enumerate(first[1:]):
-        cur = _mochi_res(blk, f"first.{i}", cur, res, steps)
+    for i, blk in enumerate(head[1:]):
+        cur = _mochi_res(blk, f"first.{i}", cur, res, steps, later, keep)
     for j, up in enumerate(ups):
         for i, blk in enumerate(up.blocks):
-            cur = _mochi_res(blk, f"up{j}.{i}", cur, res, steps)
+            cur = _mochi_res(blk, f"up{j}.{i}", cur, res, steps, later, keep)
         st, sx = up.d2st.temporal_expansion, up.d2st.spatial_expansion
         cout = up.proj.weight.shape[0] // (st * sx * sx)
 
         def t_out(t: int, st: int = st) -> int:
-            return t * st - (st - 1)
+            return t * st - (st - 1) if first else t * st
 
-        steps.append(Step(f"up{j}.d2st", lambda ctx, xs, up=up: up.d2st(up.proj(xs)), (cur,), f"up{j}.out", cout, res,
-                          res * sx, halo=(0, 0), in_channels=up.proj.weight.shape[1], t_out=t_out, work=4.0))
+        def d2st(ctx: _Ctx, xs: Any, up: Any = up, st: int = st, sx: int = sx) -> Any:
+            return up.d2st(up.proj(xs)) if first else _depth_to_space_time(up.proj(xs), st, sx)
+
+        steps.append(Step(f"up{j}.d2st", d2st, (cur,), f"up{j}.out", cout, res, res * sx, halo=(0, 0),
+                          in_channels=up.proj.weight.shape[1], t_out=t_out, work=4.0))
         cur, res = f"up{j}.out", res * sx
-    for i, blk in enumerate(last):
-        cur = _mochi_res(blk, f"last.{i}", cur, res, steps)
+    for i, blk in enumerate(tail):
+        cur = _mochi_res(blk, f"last.{i}", cur, res, steps, later, keep)
     silu = getattr(decoder, "output_nonlinearity", "silu") == "silu"
     proj = decoder.output_proj
     steps.append(Step("output_proj", lambda ctx, xs: proj(_silu(xs) if silu else xs), (cur,), "out",
@@ -1851,29 +2019,66 @@ def compile_mochi(decoder: Any) -> Program:
     return p
 
 
+def _mochi_cost(p: Program, h: int, w: int) -> tuple[float, float, float]:
+    """(fixed, per_px, per_edge) of a Mochi chunk program's working set per latent frame of the
+    chunk (elements, batch 1): each step's _linear_cost at its frames per latent frame (time
+    expansions so far) plus the k - 1 = 2 carried frames a chunk of >= 1 latent frame adds."""
+    m = {p.input: 1}
+    fixed = per_px = per_edge = 0.0
+    for s in p.steps:
+        m_in = m.get(s.inputs[0], 1)
+        m[s.output] = s.t_out(m_in) if s.t_out is not None else m_in
+        f, a, e = _linear_cost(Program([s], p.input, s.output, 1, s.out_channels), h, w)
+        mult = max(m_in, m[s.output]) + 2
+        fixed, per_px, per_edge = max(fixed, f * mult), max(per_px, a * mult), max(per_edge, e * mult)
+    return fixed, per_px, per_edge
+
+
+def plan_mochi_grid(decoder: Any, h: int, w: int, *, budget_bytes: int, batch: int = 1, elem: int = 4,
+                    frames: int = 1) -> GridPlan:
+    """Spatial tiles and time chunks (latent frames each) for a Mochi-shaped decoder on an
+    frames x h x w latent, planned by the C planner in space and time (depth = the latent frames;
+    the whole video when the decoder attends over time): the fewest tiles whose working set fits."""
+    h, w, k, budget_bytes = _check_video_plan(h, w, batch, elem, frames, budget_bytes)
+    whole = _mochi_whole_video(decoder) is not None
+    fixed, per_px, per_edge = _mochi_cost(compile_mochi(decoder, first=whole, last=whole), h, w)
+    r = _native_plan(w, h, fixed=0.0, per_px=per_px * k, per_edge=per_edge * k, per_frame=fixed * k,
+                     budget=budget_bytes, depth=frames, depth_min=frames if whole else 1)
+    cols, rows, chunks = r["grid"]
+    return GridPlan(rows, cols, int(math.ceil(r["predicted_peak_bytes"])), frames=r["tile"][2], chunks=chunks)
+
+
 def decode_mochi_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tuple[int, int] | None = None,
-                       device: Any = None, store_device: Any = None,
+                       frames: int | None = None, device: Any = None, store_device: Any = None,
                        progress: Callable[[int, int], None] | None = None) -> Any:
     """Decode a (B, C, T, H, W) latent with a Mochi-shaped decoder: equals decoder(latent) to float
-    rounding.  Spatial tiles (every frame in each) from the C planner or grid=."""
+    rounding.  Spatial tiles and time chunks (latent frames each, causal convs carried across
+    them) from the C planner; grid= fixes the spatial tiles (then every frame at once unless
+    frames= is given), frames= the chunk length."""
     import torch
     _check_video_input(latent, "latent")
     budget = _check_budget(budget_bytes)
-    p = compile_mochi(decoder)
+    if not _is_mochi(decoder):
+        raise VaeTilingError(f"{type(decoder).__name__} is not a Mochi-shaped decoder")
     b, _, t, lh, lw = latent.shape
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ValueError(f"frames must be an int >= 1 (latent frames per chunk), got {frames!r}")
+    whole = _mochi_whole_video(decoder)
     if grid is not None:
         rows, cols = _grid_arg(grid, lh, lw)
+        td = frames or t
     else:
-        frames = t
-        for s in p.steps:
-            if s.t_out is not None:
-                frames = s.t_out(frames)
-        k = b * latent.element_size() * frames     # every step at the most frames: an upper bound
-        fixed, per_px, per_edge = _linear_cost(p, lh, lw)
-        cols, rows = _native_plan(lw, lh, fixed=fixed * k, per_px=per_px * k, per_edge=per_edge * k, budget=budget)["grid"]
+        plan = plan_mochi_grid(decoder, lh, lw, budget_bytes=budget, batch=b, elem=latent.element_size(), frames=t)
+        rows, cols, td = plan.rows, plan.cols, frames or plan.frames
+    if whole is not None and td < t:
+        log.info("vramguard: Mochi-shaped VAE decoded with all frames at once (%s)", whole)
+        td = t
+    chunks = [(a, min(t, a + td)) for a in range(0, t, td)]
+    device = torch.device(device) if device is not None else latent.device
+    store = torch.device(store_device) if store_device is not None else latent.device
     with torch.no_grad():
-        out = run_program(p, latent, rects=grid_rects(lh, lw, rows, cols), device=device, store_device=store_device,
-                          progress=progress)
-    log.info("vramguard: tiled Mochi-shaped VAE %dx%dx%d latent as %dx%d tiles (all frames each)", t, lh, lw, rows,
-             cols)
-    return out
+        outs = _run_chunks(lambda first, last: compile_mochi(decoder, first=first, last=last), latent, chunks,
+                           (rows, cols), device, store, progress, budget)
+    log.info("vramguard: tiled Mochi-shaped VAE %dx%dx%d latent as %dx%d tiles, %d time chunks of %d latent frames",
+             t, lh, lw, rows, cols, len(chunks), td)
+    return torch.cat(outs, 2)
