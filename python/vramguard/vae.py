@@ -1159,7 +1159,8 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
                           * latent.element_size()))
     run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress, grid=(rows, cols), cap=cap)
     with torch.no_grad():
-        x = conv2(latent) if conv2 is not None else latent
+        # conv2 (1x1x1) on the compute device, where the weights are: ComfyUI's LATENT stays on the CPU
+        x = conv2(latent.to(device)).to(store) if conv2 is not None else latent
         outs = [_wan_chunk(run, decoder, x[:, :, a:b].to(store)) for a, b in video_chunks(x.shape[2], frames)]
     log.info("vramguard: tiled video VAE %dx%dx%d latent, %d chunks (%d latent frames after the first) x %d tiles",
              x.shape[2], lh, lw, len(outs), frames, len(run.rects))
