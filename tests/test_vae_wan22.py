@@ -256,3 +256,18 @@ def test_unsupported_variants_raise_naming_the_module(model, caplog):
     with pytest.raises(vae.VaeTilingError, match="nothing fits"):
         v22.plan_wan22_grid(dec, LH, LW, budget_bytes=1 << 10, frames=5)
     assert not v22.is_wan22(vm.wan_decoder(seed=1)) and not v22.is_wan22(object())
+
+
+@pytest.mark.parametrize("fn", ["vae_wan22.wan22_encode_chunks", "vae.wan_encode_chunks", "vae.video_chunks"])
+@pytest.mark.parametrize("t", [0, -1, 2**63 - 2, 2**64 - 1, 9007199254740993, True, 1.0])
+def test_chunk_lists_refuse_hostile_frame_counts_at_once(fn, t):
+    """The fuzzer's finding: a chunk list for t = 2**63 took minutes to build (a hang)."""
+    import time
+    from vramguard import vae, vae_wan22  # noqa: F401
+    mod, name = fn.split(".")
+    f = getattr({"vae": vae, "vae_wan22": vae_wan22}[mod], name)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"t must be an int 1\.\.1048576"):
+        f(t)
+    assert time.perf_counter() - t0 < 0.5
+    assert f(1) == [(0, 1)] and len(f(1 << 20)) > 1000

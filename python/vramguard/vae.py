@@ -1045,10 +1045,22 @@ def _wan_chunk(run: _VideoRun, decoder: Any, x: Any) -> Any:
     return _wan_walk(run, decoder, [*decoder.middle, *decoder.upsamples], x, 1, _wan_resample)
 
 
+MAX_FRAMES = 1 << 20   # frames of one video: the planner's longest side, beyond any real video
+
+
+def check_frames(t: Any, what: str = "t") -> int:
+    """t as an int 1..MAX_FRAMES, else ValueError naming the value (a chunk list of a hostile
+    length would take minutes and gigabytes to build)."""
+    if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_FRAMES:
+        raise ValueError(f"{what} must be an int 1..{MAX_FRAMES}, got {t!r}"[:200])
+    return t
+
+
 def video_chunks(t: int, frames: int = 2) -> list[tuple[int, int]]:
     """Latent-frame chunks: [0, 1) alone (Wan's first chunk: no time upsampling), then `frames` at a
     time (WanVAE.decode: 2).  Any frames >= 2 gives the same video: every cache holds the last two
     input frames of a layer, which a chunk of >= 2 frames always has (the last chunk may be 1)."""
+    check_frames(t)
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
         raise ValueError(f"frames must be an int >= 2, got {frames!r}")
     return [(0, 1)] + [(a, min(t, a + frames)) for a in range(1, t, frames)]
@@ -1236,8 +1248,7 @@ def _wan_encode_chunk(run: _VideoRun, encoder: Any, x: Any, final: bool) -> Any:
 
 def wan_encode_chunks(t: int) -> list[tuple[int, int]]:
     """WanVAE.encode's input-frame chunks: frame 0, then 2 frames at a time up to 1 + 4 ((t - 1) // 4)."""
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-        raise ValueError(f"t must be an int >= 1, got {t!r}")
+    check_frames(t)
     usable = 1 + ((t - 1) // 4) * 4
     return [(0, 1)] + [(a, a + 2) for a in range(1, usable, 2)]
 

@@ -26,7 +26,7 @@ import math
 from typing import Any, Callable
 
 from .vae import (GridPlan, VaeTilingError, _check_budget, _check_video_input, _check_video_plan, _cls, _grid_arg,
-                  _VideoRun, _wan_downsample, _wan_resample, _wan_residual, _wan_walk, grid_rects)
+                  _VideoRun, _wan_downsample, _wan_resample, _wan_residual, _wan_walk, check_frames, grid_rects)
 
 __all__ = ["decode_wan22_tiled", "encode_wan22_tiled", "plan_wan22_grid", "plan_wan22_encode_grid",
            "check_wan22_decoder", "check_wan22_encoder", "is_wan22", "wan22_encode_chunks", "PATCH"]
@@ -228,8 +228,7 @@ def _encode_chunk(run: _VideoRun, encoder: Any, x: Any) -> Any:
 
 def wan22_encode_chunks(t: int) -> list[tuple[int, int]]:
     """WanVAE.encode's (vae2_2) input-frame chunks: frame 0, then 4 at a time up to 1 + 4 ((t - 1) // 4)."""
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-        raise ValueError(f"t must be an int >= 1, got {t!r}")
+    check_frames(t)
     return [(0, 1)] + [(1 + 4 * (i - 1), 1 + 4 * i) for i in range(1, 1 + (t - 1) // 4)]
 
 
