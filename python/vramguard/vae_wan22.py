@@ -52,8 +52,9 @@ class _History(dict):
         super().__setitem__(k, v)
 
 
-def _run(rects: list, device: Any, store: Any, progress: Any, model: Any) -> _VideoRun:
-    run = _VideoRun(rects, device, store, progress)
+def _run(rects: list, device: Any, store: Any, progress: Any, model: Any, grid: tuple[int, int] | None = None,
+         cap: int = 0) -> _VideoRun:
+    run = _VideoRun(rects, device, store, progress, grid=grid, cap=cap)
     keys = {id(m) for m in model.modules()
             if (_cls(m) == "CausalConv3d" and m.weight.shape[2] > 1) or getattr(m, "mode", None) == "upsample3d"}
     run.cache = _History(keys)
@@ -310,6 +311,13 @@ def _encode_cost(encoder: Any, h: int, w: int) -> _Cost:
     return k
 
 
+def _cap(k: _Cost, lh: int, lw: int, rows: int, cols: int, mult: int, budget: int) -> int:
+    """The working set (bytes) a rows x cols grid's tile was planned for: a step whose own working
+    set fits it over fewer, larger tiles runs on those (_VideoRun merges, as for Wan 2.1)."""
+    th, tw = -(-lh // rows), -(-lw // cols)
+    return min(budget, int((k.fixed + k.per_frame + k.per_px * th * tw + k.per_edge * (th + tw)) * mult))
+
+
 def _plan(k: _Cost, h: int, w: int, chunks: int, mult: int, budget: int, what: str) -> GridPlan:
     from . import _native
     r = _native.plan(w, h, overlap=0, align=1, feather=0.0, per_px_bytes=k.per_px * mult,
@@ -372,7 +380,8 @@ def decode_wan22_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     rows, cols = _grid_or_plan(grid, lh, lw, lambda: plan_wan22_grid(
         decoder, lh, lw, budget_bytes=budget, batch=b, elem=latent.element_size(), frames=t))
     device, store = _devices(latent, device, store_device)
-    run = _run(grid_rects(lh, lw, rows, cols), device, store, progress, decoder)
+    cap = _cap(_decode_cost(decoder, lh, lw), lh, lw, rows, cols, b * latent.element_size(), budget)
+    run = _run(grid_rects(lh, lw, rows, cols), device, store, progress, decoder, (rows, cols), cap)
     with torch.no_grad():
         # conv2 (1x1x1) on the compute device, where the weights are: ComfyUI's LATENT stays on the CPU
         x = conv2(latent.to(device)).to(store) if conv2 is not None else latent
@@ -409,7 +418,8 @@ def encode_wan22_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tup
     n_steps += 2 * len(encoder.downsamples)
     total = len(chunks) * n_steps * rows * cols
     tick = (lambda done: progress(done, max(total, done))) if progress is not None else None
-    run = _run(grid_rects(lh, lw, rows, cols), device, store, tick, encoder)
+    cap = _cap(_encode_cost(encoder, lh, lw), lh, lw, rows, cols, b * video.element_size(), budget)
+    run = _run(grid_rects(lh, lw, rows, cols), device, store, tick, encoder, (rows, cols), cap)
     with torch.no_grad():
         x = _patchify(video.to(store))
         out = torch.cat([_encode_chunk(run, encoder, x[:, :, a:e]) for a, e in chunks], 2)
