@@ -1,6 +1,7 @@
 """Tiled VAE benchmark: vramguard.vae vs ComfyUI's tiled decode/encode vs untiled, side by side in one process.
 
     python bench/vae.py [--device cuda|cpu] [--threads 2] [--repeat 3] [--latent 16x24] [--png out.png]
+                        [--video-png frames.png]
     python bench/vae.py --device cuda --latent 16x24 --video-latent 3x8x12 --video-grids 1x2,2x3  # gpu_check
     # with ComfyUI's classes and its tiled algorithms (the checkout + its requirements in this venv):
     VRAMGUARD_COMFYUI=~/.cache/vramguard-comfyui/ComfyUI .venv/bin/python bench/vae.py
@@ -372,8 +373,25 @@ def bench_encode(enc, img, args, rows_out):
     return min(r["psnr"] for r in rows_out)
 
 
-def write_png(path, dec, has_comfy, lh, lw):
+def _png_grid(path, names, rows):
+    """Save rows of (C, H, W) images in [-1, 1] side by side, a column name above each."""
     from PIL import Image, ImageDraw
+    h, w = rows[0][0].shape[-2], rows[0][0].shape[-1]
+    pad, head = 6, 18
+    canvas = Image.new("RGB", (len(names) * (w + pad) + pad, len(rows) * (h + pad) + pad + head), (40, 40, 40))
+    d = ImageDraw.Draw(canvas)
+    for j, n in enumerate(names):
+        d.text((pad + j * (w + pad), 3), n, fill=(230, 230, 230))
+    for i, trow in enumerate(rows):
+        for j, t in enumerate(trow):
+            a = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(a), (pad + j * (w + pad), head + pad + i * (h + pad)))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
+    print(f"\nwrote {path} ({canvas.size[0]}x{canvas.size[1]})")
+
+
+def write_png(path, dec, has_comfy, lh, lw):
     rows, cols = 3, 3
     tx, ty, ov = comfy_tile(lh, lw, rows, cols)
     tiles = []
@@ -383,22 +401,39 @@ def write_png(path, dec, has_comfy, lh, lw):
             ref = cpu(dec(lat))
         ours = cpu(vae.decode_tiled(dec, lat, budget_bytes=BIG, grid=(rows, cols)))
         comfy = cpu(comfy_tiled(dec, lat, tx, ty, ov)) if has_comfy else torch.zeros_like(ref)
-        tiles.append([ref, ours, comfy, (ours - ref).abs() * 1e4 - 1, (comfy - ref).abs() * 10 - 1])
-    h, w = tiles[0][0].shape[2], tiles[0][0].shape[3]
-    pad, head = 6, 18
-    canvas = Image.new("RGB", (5 * (w + pad) + pad, 2 * (h + pad) + pad + head), (40, 40, 40))
-    d = ImageDraw.Draw(canvas)
-    names = ["untiled", "ours 3x3", "ComfyUI tiled 3x3" if has_comfy else "(no ComfyUI)",
-             "|ours-untiled| x1e4", "|comfy-untiled| x10"]
-    for j, n in enumerate(names):
-        d.text((pad + j * (w + pad), 3), n, fill=(230, 230, 230))
-    for i, trow in enumerate(tiles):
-        for j, t in enumerate(trow):
-            a = ((t[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            canvas.paste(Image.fromarray(a), (pad + j * (w + pad), head + pad + i * (h + pad)))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
-    print(f"\nwrote {path} ({canvas.size[0]}x{canvas.size[1]})")
+        tiles.append([t[0] for t in (ref, ours, comfy, (ours - ref).abs() * 1e4 - 1, (comfy - ref).abs() * 10 - 1)])
+    _png_grid(path, ["untiled", "ours 3x3", "ComfyUI tiled 3x3" if has_comfy else "(no ComfyUI)",
+                     "|ours-untiled| x1e4", "|comfy-untiled| x10"], tiles)
+
+
+def write_video_png(path, has_comfy, lt=5, lh=16, lw=24, grid=(2, 3)):
+    """A Wan 2.1 video (ComfyUI's own WanVAE when a checkout imports, else the stand-in) decoded
+    untiled, by ours (the node's dispatch) and by ComfyUI's decode_tiled_3d algorithm on the same
+    grid: the frames on both sides of each time-chunk boundary, one row each, and the differences."""
+    m = _dev(vm.comfy_wan_vae(seed=5)) if has_comfy else None
+    if m is None:
+        dec, conv2 = _dev(vm.wan_decoder(seed=5)), _dev(vm.sane_init(vm.CausalConv3d(4, 4, 1), seed=10))
+        m = Fsm(lambda a: vm.wan_decode(dec, a, conv2), decoder=dec, conv2=conv2)
+    z = vm.video_latent(lt, lh, lw, seed=6)
+    c = latent_channels(m)
+    z = z.repeat(1, -(-c // z.shape[1]), 1, 1, 1)[:, :c].to(DEV)
+    fn, kw, _ = video_dispatch(m)
+    with torch.no_grad():
+        ref = cpu(m.decode(z))
+        ours = cpu(fn(**kw, latent=z, budget_bytes=BIG, grid=grid))
+        s, t_scale = ref.shape[-1] // lw, (ref.shape[2] - 1) // max(1, lt - 1)
+        tx, ty, ov = comfy_tile(lh, lw, *grid)
+        comfy = cpu(comfy_tiled_3d(m.decode, z, tx, ty, ov, t_scale, s)) if has_comfy else torch.zeros_like(ref)
+    bounds = [1 + 4 * (a - 1) for a, _ in vae.video_chunks(lt)[1:]]
+    frames = sorted({f for b in bounds for f in (b - 1, b) if 0 <= f < ref.shape[2]})
+    cdiff = (comfy - ref).abs() * 10 - 1 if has_comfy else torch.full_like(ref, -1.0)
+    rows = [[t[0, :, f] for t in (ref, ours, comfy, (ours - ref).abs() * 1e4 - 1, cdiff)] for f in frames]
+    g = f"{grid[0]}x{grid[1]}"
+    _png_grid(path, ["untiled", f"ours {g}", f"ComfyUI 3-D tiled {g}" if has_comfy else "(no ComfyUI)",
+                     "|ours-untiled| x1e4", "|comfy-untiled| x10"], rows)
+    print(f"video frames {frames} (time-chunk starts {bounds}): max |ours-untiled| "
+          f"{float((ours - ref).abs().max()):.2e}"
+          + (f", max |comfy-untiled| {float((comfy - ref).abs().max()):.2e}" if has_comfy else ""))
 
 
 # ---------------------------------------------------------------------------------- video
@@ -829,6 +864,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per path, interleaved (>= 3)")
     ap.add_argument("--latent", default="16x24")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--video-png", default=None, help="write Wan video frames at time-chunk boundaries: untiled, "
+                    "ours, ComfyUI's 3-D tiled, differences")
     ap.add_argument("--no-comfy", action="store_true", help="leave ComfyUI's classes and tiled algorithms out")
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke: no per-row LiveBytes peaks, fewer budgets in the peak tables")
@@ -890,6 +927,8 @@ def main(argv=None):
         bench_video(args, has_comfy, video)
     if args.png:
         write_png(args.png, _dev(vm.comfy_decoder(seed=11)) if has_comfy else dec, has_comfy, lh, lw)
+    if args.video_png:
+        write_video_png(args.video_png, has_comfy)
     print(json.dumps(summarize(args, has_comfy, rows, enc_rows, peaks, traffic, video)))
     return 0
 
