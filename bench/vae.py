@@ -406,7 +406,7 @@ def write_png(path, dec, has_comfy, lh, lw):
                      "|ours-untiled| x1e4", "|comfy-untiled| x10"], tiles)
 
 
-def write_video_png(path, has_comfy, lt=5, lh=16, lw=24, grid=(2, 3)):
+def write_video_png(path, has_comfy, lt=5, lh=12, lw=18, grid=(2, 3)):
     """A Wan 2.1 video (ComfyUI's own WanVAE when a checkout imports, else the stand-in) decoded
     untiled, by ours (the node's dispatch) and by ComfyUI's decode_tiled_3d algorithm on the same
     grid: the frames on both sides of each time-chunk boundary, one row each, and the differences."""
