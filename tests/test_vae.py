@@ -336,20 +336,8 @@ def test_video_metrics_catch_dropped_caches(wan):
 
 def test_video_oom_replans(wan):
     d, zv, ref = wan
-    conv = d.upsamples[-1].residual[2]
-    real, n = conv.forward, {"k": 0}
-
-    def flaky(*a, **kw):
-        n["k"] += 1
-        if n["k"] == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **kw)
-
-    conv.forward = flaky
-    try:
+    with vm.oom_on_call(d.upsamples[-1].residual[2], 2):
         out = vae.decode_video_tiled(d, zv, budget_bytes=1 << 30, grid=(2, 2))
-    finally:
-        del conv.forward
     assert vm.psnr(out, ref) >= 45.0
 
 
@@ -472,21 +460,9 @@ def test_wan_encode_planned_from_the_budget_and_oom_replans(wan_enc, caplog, mon
     # measured: live bytes one tile's work allocates stay under the planned working set
     assert small.tile_bytes // 20 < max(peaks) <= small.tile_bytes, (max(peaks), small.tile_bytes)
     conv = next(m for m in e.downsamples if type(m).__name__ == "Resample").resample[1]   # the first stride-2 conv
-    real, n = conv.forward, {"k": 0}
-
-    def flaky(*a, **kw):
-        n["k"] += 1
-        if n["k"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*a, **kw)
-
-    conv.forward = flaky
     caplog.clear()
-    try:
-        with caplog.at_level("WARNING", logger="vramguard"):
-            out = vae.encode_video_tiled(e, v, budget_bytes=1 << 30, grid=(2, 2), conv1=conv1)
-    finally:
-        del conv.forward
+    with vm.oom_on_call(conv, 3), caplog.at_level("WARNING", logger="vramguard"):
+        out = vae.encode_video_tiled(e, v, budget_bytes=1 << 30, grid=(2, 2), conv1=conv1)
     # the finished tiles are kept (how many: the step's grid, which may be merged at that step)
     assert re.search(r"out of memory at tile .*; [1-9]\d* tiles done, re-planned", caplog.text), caplog.text
     assert vm.psnr(out, ref, peak_to_peak=span) >= 100.0

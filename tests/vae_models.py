@@ -7,6 +7,7 @@ at $VRAMGUARD_COMFYUI or /work/comfy/ComfyUI (None otherwise), with the same ini
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -288,6 +289,25 @@ def tile_peak_scope(peaks: list):
             self.lb.__exit__(*e)
             peaks.append(self.lb.peak)
     return Scope
+
+
+@contextlib.contextmanager
+def oom_on_call(module: nn.Module, k: int):
+    """Inside the block, module's k-th forward call raises torch.OutOfMemoryError (an injected
+    CUDA OOM); the other calls run as usual.  The module's own forward is back afterwards."""
+    real, n = module.forward, {"k": 0}
+
+    def flaky(*a, **kw):
+        n["k"] += 1
+        if n["k"] == k:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **kw)
+
+    module.forward = flaky
+    try:
+        yield n
+    finally:
+        del module.forward
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
