@@ -672,20 +672,6 @@ def _dev(m):
     return m.to(DEV) if m is not None else None
 
 
-class _Wan22Stage(torch.nn.Module):
-    """The Wan 2.2 stand-in's parts as WanVAE holds them: decode = conv2 then the decoder."""
-
-    def __init__(self, encoder, conv1, decoder, conv2):
-        super().__init__()
-        self.encoder, self.conv1, self.decoder, self.conv2 = encoder, conv1, decoder, conv2
-
-    def decode(self, z):
-        return vm.wan22_decode(self.decoder, z, self.conv2)
-
-    def encode(self, x):
-        return vm.wan22_encode(self.encoder, x, self.conv1)
-
-
 def wan22_fsm(has_comfy):
     """[(label, fsm)] for Wan 2.2 from tests/vae_models.py builders (a stand-in named wan22_* that
     returns a first_stage_model with decode, and ComfyUI's comfy_wan22_vae), and [(label, reason)]
@@ -694,10 +680,14 @@ def wan22_fsm(has_comfy):
     ours = [n for n in ("wan22_vae", "wan22_model", "wan22_first_stage") if callable(getattr(vm, n, None))]
     if ours:
         m = getattr(vm, ours[0])(seed=31)
-        if isinstance(m, tuple) and len(m) == 4:    # wan22_vae: (encoder, conv1, decoder, conv2)
-            m = _Wan22Stage(*m)
+        if isinstance(m, tuple) and len(m) == 4:    # wan22_vae: (encoder, conv1, decoder, conv2), as WanVAE holds them
+            enc, conv1, dec, conv2 = (_dev(x) for x in m)
+            m = Fsm(lambda a, d=dec, c=conv2: vm.wan22_decode(d, a, c), lambda x, e=enc, c=conv1: vm.wan22_encode(e, x, c),
+                    decoder=dec, encoder=enc, conv1=conv1, conv2=conv2)
+        elif isinstance(m, torch.nn.Module):
+            m = _dev(m)
         if callable(getattr(m, "decode", None)) and hasattr(m, "decoder"):
-            found.append(("ours-Wan2.2-shaped", _dev(m)))
+            found.append(("ours-Wan2.2-shaped", m))
         else:
             missing.append(("ours-Wan2.2-shaped", f"tests/vae_models.{ours[0]} returned {type(m).__name__}, not a "
                                                   "first_stage_model with decoder and decode"))
