@@ -831,6 +831,14 @@ def _check_video(decoder: Any) -> None:
     _check_wan_layout(decoder, "decoder", ("middle", "upsamples"), ("upsample2d", "upsample3d", "none"))
 
 
+def _grid_cap(fixed: float, per_px: float, per_edge: float, lh: int, lw: int, rows: int, cols: int, mult: int,
+              budget: int) -> int:
+    """The working set (bytes) one tile of a rows x cols grid on an lh x lw latent was planned for
+    (fixed + per_px area + per_edge perimeter, x mult), at most the budget: _VideoRun's cap."""
+    th, tw = -(-lh // rows), -(-lw // cols)
+    return min(budget, int((fixed + per_px * th * tw + per_edge * (th + tw)) * mult))
+
+
 class _VideoRun:
     """Runs one Wan decoder chunk layer by layer over spatial tiles; owns the caches (whole frames).
 
@@ -1166,9 +1174,8 @@ def decode_video_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     # the working set the grid is planned for (the largest chunk, every step; attention's K/V
     # apart): steps that fit it over fewer tiles merge them
     fixed, _, per_px, per_edge = _video_cost(decoder, lh, lw)
-    th, tw = -(-lh // rows), -(-lw // cols)
-    cap = min(budget, int((fixed + per_px * th * tw + per_edge * (th + tw)) * frames * latent.shape[0]
-                          * latent.element_size()))
+    cap = _grid_cap(fixed, per_px, per_edge, lh, lw, rows, cols, frames * latent.shape[0] * latent.element_size(),
+                    budget)
     run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, progress, grid=(rows, cols), cap=cap)
     with torch.no_grad():
         # conv2 (1x1x1) on the compute device, where the weights are: ComfyUI's LATENT stays on the CPU
@@ -1334,8 +1341,7 @@ def encode_video_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tup
     total = len(chunks) * n_steps * rows * cols
     tick = (lambda done: progress(done, max(total, done))) if progress is not None else None
     fixed, _, per_px, per_edge = _wan_encode_cost(encoder, lh, lw)
-    th, tw = -(-lh // rows), -(-lw // cols)
-    cap = min(budget, int((fixed + per_px * th * tw + per_edge * (th + tw)) * 2 * b * video.element_size()))
+    cap = _grid_cap(fixed, per_px, per_edge, lh, lw, rows, cols, 2 * b * video.element_size(), budget)
     run = _VideoRun(grid_rects(lh, lw, rows, cols), device, store, tick, grid=(rows, cols), cap=cap)
     outs = []
     with torch.no_grad():
@@ -1577,7 +1583,6 @@ def _causal_conv(conv: Any, a: Any, carry: Any, sides: tuple[int, int, int, int]
     bottom, left, right): the output is then the tile's only (1 px of halo read, the map's border
     replicate-padded), so a small tile costs no recomputed halo outputs."""
     import torch
-    import torch.nn.functional as F
     padded = torch.cat([carry.to(a), a], 2) if carry is not None else torch.cat([a[:, :, :1], a[:, :, :1], a], 2)
     return conv.conv(_exact_pad(padded, sides, "replicate")), padded[:, :, -2:]
 

@@ -26,7 +26,8 @@ import math
 from typing import Any, Callable
 
 from .vae import (GridPlan, VaeTilingError, _check_budget, _check_video_input, _check_video_plan, _cls, _grid_arg,
-                  _VideoRun, _wan_downsample, _wan_resample, _wan_residual, _wan_walk, check_frames, grid_rects)
+                  _grid_cap, _VideoRun, _wan_downsample, _wan_resample, _wan_residual, _wan_walk, check_frames,
+                  grid_rects)
 
 __all__ = ["decode_wan22_tiled", "encode_wan22_tiled", "plan_wan22_grid", "plan_wan22_encode_grid",
            "check_wan22_decoder", "check_wan22_encoder", "is_wan22", "wan22_encode_chunks", "PATCH"]
@@ -311,13 +312,6 @@ def _encode_cost(encoder: Any, h: int, w: int) -> _Cost:
     return k
 
 
-def _cap(k: _Cost, lh: int, lw: int, rows: int, cols: int, mult: int, budget: int) -> int:
-    """The working set (bytes) a rows x cols grid's tile was planned for: a step whose own working
-    set fits it over fewer, larger tiles runs on those (_VideoRun merges, as for Wan 2.1)."""
-    th, tw = -(-lh // rows), -(-lw // cols)
-    return min(budget, int((k.fixed + k.per_frame + k.per_px * th * tw + k.per_edge * (th + tw)) * mult))
-
-
 def _plan(k: _Cost, h: int, w: int, chunks: int, mult: int, budget: int, what: str) -> GridPlan:
     from . import _native
     r = _native.plan(w, h, overlap=0, align=1, feather=0.0, per_px_bytes=k.per_px * mult,
@@ -380,7 +374,9 @@ def decode_wan22_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
     rows, cols = _grid_or_plan(grid, lh, lw, lambda: plan_wan22_grid(
         decoder, lh, lw, budget_bytes=budget, batch=b, elem=latent.element_size(), frames=t))
     device, store = _devices(latent, device, store_device)
-    cap = _cap(_decode_cost(decoder, lh, lw), lh, lw, rows, cols, b * latent.element_size(), budget)
+    k = _decode_cost(decoder, lh, lw)
+    cap = _grid_cap(k.fixed + k.per_frame, k.per_px, k.per_edge, lh, lw, rows, cols, b * latent.element_size(),
+                    budget)
     run = _run(grid_rects(lh, lw, rows, cols), device, store, progress, decoder, (rows, cols), cap)
     with torch.no_grad():
         # conv2 (1x1x1) on the compute device, where the weights are: ComfyUI's LATENT stays on the CPU
@@ -418,7 +414,9 @@ def encode_wan22_tiled(encoder: Any, video: Any, *, budget_bytes: int, grid: tup
     n_steps += 2 * len(encoder.downsamples)
     total = len(chunks) * n_steps * rows * cols
     tick = (lambda done: progress(done, max(total, done))) if progress is not None else None
-    cap = _cap(_encode_cost(encoder, lh, lw), lh, lw, rows, cols, b * video.element_size(), budget)
+    k = _encode_cost(encoder, lh, lw)
+    cap = _grid_cap(k.fixed + k.per_frame, k.per_px, k.per_edge, lh, lw, rows, cols, b * video.element_size(),
+                    budget)
     run = _run(grid_rects(lh, lw, rows, cols), device, store, tick, encoder, (rows, cols), cap)
     with torch.no_grad():
         x = _patchify(video.to(store))
