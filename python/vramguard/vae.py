@@ -35,6 +35,7 @@ kept, the rest of the grid is split finer and the run goes on: the result is unc
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import weakref
@@ -344,13 +345,30 @@ def _refine_after_oom(rects: list[Rect], k: int, what: str) -> list[Rect]:
     return rects[:k] + finer
 
 
+def _halves(b: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """b = (lo0, hi0, lo1, hi1, ...) halved along each axis longer than 1, first axis outermost;
+    [] when every axis is 1 long (a rect (y0, y1, x0, x1) or a box (t0, t1, y0, y1, x0, x1))."""
+    cuts = [[a, e] if e - a < 2 else [a, (a + e) // 2, e] for a, e in zip(b[::2], b[1::2])]
+    if all(len(c) == 2 for c in cuts):
+        return []
+    return [tuple(v for c, i in zip(cuts, idx) for v in (c[i], c[i + 1]))
+            for idx in itertools.product(*(range(len(c) - 1) for c in cuts))]
+
+
 def _split(r: Rect) -> list[Rect]:
-    y0, y1, x0, x1 = r
-    ys = [y0, y1] if y1 - y0 < 2 else [y0, (y0 + y1) // 2, y1]
-    xs = [x0, x1] if x1 - x0 < 2 else [x0, (x0 + x1) // 2, x1]
-    if len(ys) == 2 and len(xs) == 2:
+    out = _halves(r)
+    if not out:
         raise VaeTilingError(f"out of memory at the smallest tile (1 latent px at {r})")
-    return [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(len(ys) - 1) for j in range(len(xs) - 1)]
+    return out
+
+
+def _unpatchify(y: Any, p: int) -> Any:
+    """b (c r q) f h w -> b c f (h q) (w r): the unpatchify of LTX (patch_size_t 1) and of Wan 2.2."""
+    if p == 1:
+        return y
+    b, c, f, h, w = y.shape
+    y = y.reshape(b, c // (p * p), p, p, f, h, w).permute(0, 1, 4, 5, 3, 6, 2)   # c r q -> c f h q w r
+    return y.reshape(b, c // (p * p), f, h * p, w * p)
 
 
 def grid_rects(h: int, w: int, rows: int, cols: int) -> list[Rect]:

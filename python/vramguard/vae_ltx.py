@@ -32,7 +32,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .vae import (VaeTilingError, _check_budget, _check_video_input, _grid_arg, _is_oom, _native_plan, _release)
+from .vae import (VaeTilingError, _check_budget, _check_video_input, _cls, _grid_arg, _halves, _is_oom, _native_plan,
+                  _release, _unpatchify)
 
 __all__ = ["decode_ltx_tiled", "plan_ltx", "check_ltx", "is_ltx"]
 
@@ -42,10 +43,6 @@ _BLOCKS = ("UNetMidBlock3D", "ResnetBlock3D", "DepthToSpaceUpsample", "LtxResBlo
 _LOCAL_NORMS = ("PixelNorm", "LayerNorm", "Identity")
 
 Box = tuple[int, int, int, int, int, int]     # t0, t1, y0, y1, x0, x1 on the latent grid
-
-
-def _cls(m: Any) -> str:
-    return type(m).__name__
 
 
 def is_ltx(decoder: Any) -> bool:
@@ -191,15 +188,6 @@ def _d2s(y: Any, st: tuple[int, int, int]) -> Any:
     p1, p2, p3 = st
     y = y.reshape(b, c // (p1 * p2 * p3), p1, p2, p3, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     return y.reshape(b, c // (p1 * p2 * p3), d * p1, h * p2, w * p3)
-
-
-def _unpatchify(y: Any, p: int) -> Any:
-    """b (c r q) f h w -> b c f (h q) (w r), as LTX's unpatchify with patch_size_t 1."""
-    if p == 1:
-        return y
-    b, c, f, h, w = y.shape
-    y = y.reshape(b, c // (p * p), p, p, f, h, w).permute(0, 1, 4, 5, 3, 6, 2)   # c r q -> c f h q w r
-    return y.reshape(b, c // (p * p), f, h * p, w * p)
 
 
 class _Compiler:
@@ -465,13 +453,10 @@ def _boxes(t: int, h: int, w: int, nt: int, ny: int, nx: int) -> list[Box]:
 
 def _split(b: Box) -> list[Box]:
     """A box halved along each axis longer than 1 (OOM: the rest of the step goes finer)."""
-    t0, t1, y0, y1, x0, x1 = b
-    cuts = [[a, e] if e - a < 2 else [a, (a + e) // 2, e] for a, e in ((t0, t1), (y0, y1), (x0, x1))]
-    if all(len(c) == 2 for c in cuts):
+    out = _halves(b)
+    if not out:
         raise VaeTilingError(f"out of memory at the smallest box (1 latent frame x 1 px at {b})")
-    ct, cy, cx = cuts
-    return [(ct[a], ct[a + 1], cy[i], cy[i + 1], cx[j], cx[j + 1]) for a in range(len(ct) - 1)
-            for i in range(len(cy) - 1) for j in range(len(cx) - 1)]
+    return out
 
 
 def _step_boxes(s: _Step, grid: tuple[int, int, int], t: int, lh: int, lw: int, cap: int | None, k: int) -> list[Box]:

@@ -26,8 +26,8 @@ import math
 from typing import Any, Callable
 
 from .vae import (GridPlan, VaeTilingError, _check_budget, _check_video_input, _check_video_plan, _cls, _grid_arg,
-                  _grid_cap, _VideoRun, _wan_downsample, _wan_resample, _wan_residual, _wan_walk, check_frames,
-                  grid_rects)
+                  _grid_cap, _unpatchify, _VideoRun, _wan_downsample, _wan_resample, _wan_residual, _wan_walk,
+                  check_frames, grid_rects)
 
 __all__ = ["decode_wan22_tiled", "encode_wan22_tiled", "plan_wan22_grid", "plan_wan22_encode_grid",
            "check_wan22_decoder", "check_wan22_encoder", "is_wan22", "wan22_encode_chunks", "PATCH"]
@@ -173,14 +173,6 @@ def _patchify(x: Any) -> Any:
     b, c, f, h, w = x.shape
     x = x.reshape(b, c, f, h // PATCH, PATCH, w // PATCH, PATCH)
     return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * PATCH * PATCH, f, h // PATCH, w // PATCH)
-
-
-def _unpatchify(x: Any) -> Any:
-    """vae2_2.unpatchify: b (c r q) f h w -> b c f (h q) (w r)."""
-    b, crq, f, h, w = x.shape
-    c = crq // (PATCH * PATCH)
-    x = x.reshape(b, c, PATCH, PATCH, f, h, w)          # c, r, q
-    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c, f, h * PATCH, w * PATCH)
 
 
 # ---------------------------------------------------------------------------------- the walks
@@ -382,7 +374,7 @@ def decode_wan22_tiled(decoder: Any, latent: Any, *, budget_bytes: int, grid: tu
         # conv2 (1x1x1) on the compute device, where the weights are: ComfyUI's LATENT stays on the CPU
         x = conv2(latent.to(device)).to(store) if conv2 is not None else latent
         outs = [_decode_chunk(run, decoder, x[:, :, i:i + 1].to(store), i == 0) for i in range(t)]
-        out = _unpatchify(torch.cat(outs, 2))
+        out = _unpatchify(torch.cat(outs, 2), PATCH)
     log.info("vramguard: tiled Wan 2.2 VAE decode %dx%dx%d latent: %d one-frame chunks x %d tiles", t, lh, lw, t,
              len(run.rects))
     return out
