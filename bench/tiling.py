@@ -9,8 +9,9 @@ Stitchers (fn returns a ready result, so only the stitch is measured; every one 
 NHWC float32 output of the same grid, that of vramguard's planner):
   * ours          vramguard.tiled (C canvas, smoothstep ramps that sum to one, no weight buffer)
                   with band=True as the upscale node runs it: a row of tiles blended row by row
-                  (the output written in address order), the output prefaulted by a thread of
-                  the canvas from the end backwards
+                  (the output written in address order) into a fresh output, each 2 MiB of
+                  it faulted in at its end just before the stitch writes there (the canvas's
+                  prefault thread waits for a 5 ms pause between tiles, which never comes here)
   * ours_reused   the same into a caller's pre-faulted output (out=)
   * ours_tile_order  tile by tile (band=False, tiled()'s default for results fn may overwrite)
   * torch         competent torch: precomputed 1-D ramps, one outer product per tile, addcmul_
@@ -214,7 +215,7 @@ def stitch_bench(torch, comfy_utils, name, H, W, scale, tile, overlap, dtype, ha
         # here fn returns views of one constant buffer, which banding reads correctly too)
         "ours": lambda: vg.tiled(fn, img, out=np.empty(shape, out_dtype), band=True, **kw),
         "ours_reused": lambda: vg.tiled(fn, img, out=reused, band=True, **kw),
-        # tile by tile (tiled()'s default for results fn might overwrite), prefault still on
+        # tile by tile (tiled()'s default for results fn might overwrite)
         "ours_tile_order": lambda: vg.tiled(fn, img, out=np.empty(shape, out_dtype), band=False, **kw),
         "memcpy_reused": lambda: np.copyto(mem_dst, mem_src),
         "memcpy_fresh": lambda: np.copyto(np.empty_like(mem_src), mem_src),

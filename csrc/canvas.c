@@ -19,8 +19,9 @@
  *
  * Write order: put() blends one tile; put_band() a row of tiles, row by row across them, so the
  * output is written in address order as one copy writes it (plain stores there: each page is
- * still in cache after the kernel zeroed it), with exactly the values puts in order give.  A big
- * output is faulted in by a thread of its own, from its end backwards (prefault_thread).
+ * still in cache after the kernel zeroed it), with exactly the values puts in order give.  Each
+ * 2 MiB of a fresh output is faulted in at its end just before its first row is written
+ * (populate_region), and a thread of the canvas faults the rest in while no put runs.
  *
  * Row kernels (see "row kernels" below): SSE2 / AVX2+F16C / AVX-512F / NEON picked at run time,
  * bit-identical to the scalar path; the interior of a first write is a streamed copy; tiles of
@@ -37,6 +38,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef MADV_POPULATE_WRITE
@@ -128,33 +130,153 @@ typedef struct {
     /* The prefault thread (see prefault_thread): running while pf_pid is this process's. */
     pthread_t pf;
     pid_t pf_pid;
-    atomic_int pf_stop, pf_done;
+    atomic_int pf_stop;
+    atomic_int writing; /* puts running: the prefault thread waits (see prefault_thread) */
+    _Atomic int64_t quiet_since; /* CLOCK_MONOTONIC ns when the last put ended (or the canvas was made) */
+    pthread_mutex_t fault_lock; /* one populate at a time (made again with `lock` after a fork) */
+    /* Regions (2 MiB of address space, huge-page aligned) of out's bytes [pf_base, pf_base +
+     * pf_len) that a writer or the prefault thread has populated: one flag each, NULL for a
+     * small output. */
+    atomic_uchar *reg;
+    uintptr_t reg_lo; /* pf_base rounded down to 2 MiB */
+    size_t nreg;
     char *pf_base;
     size_t pf_len;
 } Canvas;
 
 /* A fresh output costs its page faults: the kernel zeroes every page on first touch, as much
- * CPU again as the stitch itself (17 ms for 201 MB here), and a tile writes only its part of
- * each page.  So a big output is faulted in ahead of the tiles by a thread of its own, from the
- * end backwards (the tiles come top-down: the two meet in the middle), 2 MiB at a time with
- * MADV_POPULATE_WRITE (contents untouched; on a reused output the pages are present and it
- * costs a page-table walk).  In a real upscale it runs while the model computes the tiles.
+ * CPU as the stitch itself (17 ms for 201 MB here).  Where the fault lands matters: the kernel
+ * zeroes a huge page's 4 KiB pages with the faulting one's neighbours last, so they are the ones
+ * still in cache.  A writer that faults a 2 MiB region at its start (as a forward write does)
+ * then writes into zeroes that have left the cache, and pays for them twice (26 ms to copy
+ * 201 MB into a fresh buffer, against 16 ms into a present one); one that first faults the
+ * region at its end writes into cache (16-17 ms, the cost of the faults alone: glibc's memcpy
+ * gets there by copying backwards).  So each writer populates a region at its last page
+ * (MADV_POPULATE_WRITE: contents untouched) before its first row there, once per region
+ * (populate_region).
+ *
+ * In a put on several threads, one of them populates (stitch_rows) and the threads write
+ * chunks of rows in turn, just behind it: here two threads each faulting its own half of a
+ * fresh 201 MB output took 14-247 ms, against 16.4-17.7 ms for one thread alone.
+ *
+ * A big output is also faulted in by a thread of its own, from its end backwards, once no put
+ * has run for 5 ms: in a real upscale the model computes between puts, and the stitch then
+ * writes into present pages, all its threads each on its own rows.  During a put it waits.
  * It touches only memory of `out`, which the canvas holds; finish() and clear stop and join it
- * before letting go of out. */
+ * before letting go of out.  fault_lock keeps its last region and a put's apart. */
+#define VG_REGION_SHIFT 21
+#define VG_REGION_MIN ((size_t)4 << 20) /* outputs below this: the faults cost next to nothing */
+
+/* Populate region k of the output (see above) unless it is, or is being, populated; `whole`
+ * populates all of it (the prefault thread), else only its last page (a writer: the huge page
+ * comes in whole, its last part in cache).  Errors are ignored: the writes then fault. */
+static void populate_region(Canvas *cv, size_t k, int whole)
+{
+    unsigned char zero = 0;
+    if (atomic_load_explicit(&cv->reg[k], memory_order_relaxed) ||
+        !atomic_compare_exchange_strong(&cv->reg[k], &zero, 1))
+        return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), lo = (uintptr_t)cv->pf_base,
+              hi = lo + cv->pf_len, start = cv->reg_lo + ((uintptr_t)k << VG_REGION_SHIFT),
+              end = start + ((uintptr_t)1 << VG_REGION_SHIFT);
+    if (end > hi)
+        end = hi;
+    if (start < lo)
+        start = lo;
+    start = whole ? start & ~(page - 1) : (end - 1) & ~(page - 1);
+    pthread_mutex_lock(&cv->fault_lock);
+    (void)madvise((void *)start, end - start, MADV_POPULATE_WRITE);
+    pthread_mutex_unlock(&cv->fault_lock);
+    atomic_store_explicit(&cv->reg[k], 2, memory_order_release);
+}
+
+/* Wait until region k is populated (by the put's populating thread, or the prefault thread
+ * that had it in hand when the put began), for a second at most: the writes are right either
+ * way, and a wait must never hang the host.  0 when it gave up. */
+static int await_region(Canvas *cv, size_t k)
+{
+    int spin = 0;
+    for (; atomic_load_explicit(&cv->reg[k], memory_order_acquire) != 2; spin++) {
+        if (spin == 256 + 20000)
+            return 0;
+        if (spin < 256) {
+#ifdef VG_X86
+            _mm_pause();
+#endif
+        } else {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return 1;
+}
+
+/* A writer is about to write bytes [p, p + n) of the output: populate their regions first
+ * (`wait`: wait for another thread to do it; 0 when a wait gave up). */
+static int populate_ahead(Canvas *cv, const char *p, size_t n, int wait)
+{
+    if (cv->reg == NULL || n == 0)
+        return 1;
+    uintptr_t a = (uintptr_t)p, b = a + n, lo = (uintptr_t)cv->pf_base;
+    if (a < lo || b > lo + cv->pf_len) /* out is no longer where the canvas found it */
+        return 1;
+    for (size_t k = (a - cv->reg_lo) >> VG_REGION_SHIFT; k <= (b - 1 - cv->reg_lo) >> VG_REGION_SHIFT; k++)
+        if (!wait)
+            populate_region(cv, k, 0);
+        else if (!await_region(cv, k))
+            return 0;
+    return 1;
+}
+
+/* Will a put writing bytes [p, p + n) of the output fault?  Regions not yet known to be
+ * populated are asked (mincore of their last page, where a writer populates them); those found
+ * present are marked.  1 when some region is not present. */
+static int range_faults(Canvas *cv, const char *p, size_t n)
+{
+    if (cv->reg == NULL || n == 0)
+        return 0;
+    uintptr_t a = (uintptr_t)p, b = a + n, lo = (uintptr_t)cv->pf_base, hi = lo + cv->pf_len,
+              page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    if (a < lo || b > hi)
+        return 0;
+    int faults = 0;
+    for (size_t k = (a - cv->reg_lo) >> VG_REGION_SHIFT; k <= (b - 1 - cv->reg_lo) >> VG_REGION_SHIFT; k++) {
+        if (atomic_load_explicit(&cv->reg[k], memory_order_relaxed))
+            continue;
+        uintptr_t end = cv->reg_lo + ((uintptr_t)(k + 1) << VG_REGION_SHIFT);
+        unsigned char vec = 0;
+        if (mincore((void *)(((end > hi ? hi : end) - 1) & ~(page - 1)), 1, &vec) == 0 && (vec & 1))
+            atomic_store_explicit(&cv->reg[k], 2, memory_order_relaxed);
+        else
+            faults = 1;
+    }
+    return faults;
+}
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The prefault thread waits until no put has run for this long: tiles that come back to back
+ * (results ready, a fast model) find the writer faster alone; a model that computes between
+ * puts leaves it all the time it takes. */
+#define VG_QUIET_NS 5000000
+
 static void *prefault_thread(void *arg)
 {
     Canvas *cv = arg;
-    const uintptr_t huge = (uintptr_t)2 << 20, page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t lo = (uintptr_t)cv->pf_base & ~(page - 1), end = (uintptr_t)cv->pf_base + cv->pf_len;
-    while (end > lo && !atomic_load_explicit(&cv->pf_stop, memory_order_relaxed)) {
-        uintptr_t start = (end - 1) & ~(huge - 1);
-        if (start < lo)
-            start = lo;
-        if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) != 0)
-            break; /* an old kernel, a mapping that cannot be populated: the tiles fault it */
-        end = start;
+    for (size_t k = cv->nreg; k-- > 0 && !atomic_load_explicit(&cv->pf_stop, memory_order_relaxed);) {
+        while (!atomic_load_explicit(&cv->pf_stop, memory_order_relaxed) &&
+               (atomic_load_explicit(&cv->writing, memory_order_relaxed) ||
+                mono_ns() - atomic_load_explicit(&cv->quiet_since, memory_order_relaxed) < VG_QUIET_NS)) {
+            struct timespec ts = {0, 500000};
+            nanosleep(&ts, NULL);
+        }
+        populate_region(cv, k, 1);
     }
-    atomic_store(&cv->pf_done, 1);
     return NULL;
 }
 
@@ -644,6 +766,7 @@ typedef struct {
     const put_job *jobs;
     int njobs;
     npy_intp row_lo, row_hi;
+    npy_intp chunk, step; /* interleaved: rows [lo + i*step, +chunk) for i = 0, 1, ... (step 0: all) */
 } put_share;
 
 /* Pixels [x0, x1) of one tile row into d (that row's first output pixel), C values a pixel
@@ -730,15 +853,57 @@ static inline void stitch_row(const put_job *j, npy_intp r)
         *cov = j->ox + j->w;
 }
 
+/* Populate (or wait for: `wait`) the output rows of the jobs' row r; 0 when a wait gave up. */
+static int prepare_row(const put_job *j, npy_intp r, int wait)
+{
+    Canvas *cv = j->cv;
+    if (cv->reg == NULL)
+        return 1;
+    size_t es = cv->is_half ? 2 : 4;
+    npy_intp b = j->b0 + r / j->h, Y = j->oy + r % j->h;
+    if (!cv->nchw)
+        return populate_ahead(cv, j->out + (b * cv->H + Y) * cv->W * cv->C * es, (size_t)(cv->W * cv->C) * es,
+                              wait);
+    for (npy_intp c = 0; c < cv->C; c++)
+        if (!populate_ahead(cv, j->out + ((b * cv->C + c) * cv->H + Y) * cv->W * es, (size_t)cv->W * es, wait))
+            return 0;
+    return 1;
+}
+
+static void stitch_row_all(const put_share *sh, npy_intp r)
+{
+    for (int k = 0; k < sh->njobs; k++)
+        stitch_row(&sh->jobs[k], r);
+}
+
 /* One thread's rows: for each row, every job in put order, so a band of tiles writes each
  * output row left to right as one copy would (the order of additions, and so every value, is
- * that of putting the tiles one by one).  Not inlined and never cloned: bench/tiling.py counts
- * the instructions spent here (and in tile_weights) under callgrind, by these names. */
+ * that of putting the tiles one by one).  Into pages not yet present the threads take chunks
+ * of rows in turn, and thread 0 alone populates (see items_run): it populates every thread's
+ * chunk of a turn before writing its own, the others wait for their regions.  Not inlined and
+ * never cloned: bench/tiling.py counts the instructions spent here (and in tile_weights) under
+ * callgrind, by these names. */
 __attribute__((noinline, noclone)) static void stitch_rows(const put_share *sh)
 {
-    for (npy_intp r = sh->row_lo; r < sh->row_hi; r++)
-        for (int k = 0; k < sh->njobs; k++)
-            stitch_row(&sh->jobs[k], r);
+    const put_job *j = &sh->jobs[0];
+    if (sh->step == 0) {
+        for (npy_intp r = sh->row_lo; r < sh->row_hi; r++) {
+            prepare_row(j, r, 0);
+            stitch_row_all(sh, r);
+        }
+    } else {
+        int first = sh->row_lo < sh->chunk, wait = 1; /* thread 0 populates, the others wait */
+        for (npy_intp r0 = sh->row_lo; r0 < sh->row_hi; r0 += sh->step) {
+            if (first)
+                for (npy_intp r = r0; r < r0 + sh->step && r < sh->row_hi; r++)
+                    prepare_row(j, r, 0);
+            for (npy_intp r = r0; r < r0 + sh->chunk && r < sh->row_hi; r++) {
+                if (!first && !prepare_row(j, r, wait))
+                    wait = 0; /* gave up: from here on this thread populates its own */
+                stitch_row_all(sh, r);
+            }
+        }
+    }
 #ifdef VG_X86
     _mm_sfence(); /* the copies' non-temporal stores are visible before put() returns */
 #endif
@@ -837,6 +1002,7 @@ static void canvas_lock(Canvas *cv)
     pid_t pid = getpid();
     if (cv->lock_pid != pid) { /* a forked child: whoever held it does not exist here */
         pthread_mutex_init(&cv->lock, NULL);
+        pthread_mutex_init(&cv->fault_lock, NULL);
         cv->lock_pid = pid;
     }
     if (pthread_mutex_trylock(&cv->lock) != 0) {
@@ -957,6 +1123,7 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     cv->isa = isa;
     cv->row_bytes = (cv->W + 7) / 8;
     pthread_mutex_init(&cv->lock, NULL);
+    pthread_mutex_init(&cv->fault_lock, NULL);
     cv->lock_pid = getpid();
     /* B * H <= the array's element count, which NumPy keeps below NPY_MAX_INTP */
     cv->covered = PyMem_Calloc((size_t)cv->B * (size_t)cv->H, sizeof(int64_t));
@@ -965,18 +1132,26 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return PyErr_NoMemory();
     }
     cv->out = (PyArrayObject *)Py_NewRef(arr);
+    size_t bytes = (size_t)PyArray_NBYTES(a);
+    cv->pf_base = PyArray_BYTES(a), cv->pf_len = bytes;
+    atomic_init(&cv->pf_stop, 0);
+    atomic_init(&cv->writing, 0);
+    atomic_init(&cv->quiet_since, mono_ns());
+    if (bytes >= VG_REGION_MIN) {
+        cv->reg_lo = (uintptr_t)cv->pf_base & ~(((uintptr_t)1 << VG_REGION_SHIFT) - 1);
+        cv->nreg = (((uintptr_t)cv->pf_base + bytes - 1 - cv->reg_lo) >> VG_REGION_SHIFT) + 1;
+        cv->reg = PyMem_Calloc(cv->nreg, sizeof(atomic_uchar));
+        if (cv->reg == NULL) {
+            Py_DECREF(cv);
+            return PyErr_NoMemory();
+        }
+    }
     /* auto: an output of 32 MiB or more (below that the faults cost well under a millisecond)
      * on a machine with a second CPU for the thread */
-    size_t bytes = (size_t)PyArray_NBYTES(a);
     if (prefault < 0)
         prefault = bytes >= ((size_t)32 << 20) && sysconf(_SC_NPROCESSORS_ONLN) >= 2;
-    if (prefault) {
-        cv->pf_base = PyArray_BYTES(a), cv->pf_len = bytes;
-        atomic_init(&cv->pf_stop, 0);
-        atomic_init(&cv->pf_done, 0);
-        if (pthread_create(&cv->pf, NULL, prefault_thread, cv) == 0)
-            cv->pf_pid = getpid();
-    }
+    if (prefault && cv->reg != NULL && pthread_create(&cv->pf, NULL, prefault_thread, cv) == 0)
+        cv->pf_pid = getpid();
     return (PyObject *)cv;
 }
 
@@ -1001,8 +1176,11 @@ static void Canvas_dealloc(Canvas *cv)
     Canvas_clear(cv);
     PyMem_Free(cv->covered);
     PyMem_Free(cv->bits);
-    if (cv->lock_pid != 0)
+    PyMem_Free((void *)cv->reg);
+    if (cv->lock_pid != 0) {
         pthread_mutex_destroy(&cv->lock);
+        pthread_mutex_destroy(&cv->fault_lock);
+    }
     tp->tp_free((PyObject *)cv);
     Py_DECREF(tp);
 }
@@ -1229,11 +1407,22 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
                             it->nones, rowk, copyk, stridedk};
         work += (double)it->w * (double)rows * (double)cv->C;
     }
-    int nt = cv->nthreads;
-    /* while the prefault thread runs it has one of the CPUs (the blend is memory-bound: one
-     * thread fewer costs it little) */
-    if (nt > 1 && cv->pf_pid == getpid() && !atomic_load(&cv->pf_done))
-        nt--;
+    int nt = cv->nthreads, fresh = 0;
+    /* Into pages not yet present, one thread populates (stitch_rows): with two threads each
+     * faulting its own half, some runs took 10x as long as one thread alone (bench/tiling.py,
+     * 201 MB fresh output: 16.4-17.7 ms with one thread, 14-247 ms with two), and the threads
+     * write chunks of rows in turn, so that they write where it just populated.  The rows of
+     * the first and last image hold every row between. */
+    if (nt > 1) {
+        size_t es = cv->is_half ? 2 : 4, pl = (size_t)cv->H * (size_t)cv->W * es; /* a plane */
+        const char *base = PyArray_BYTES(out);
+        size_t first = cv->nchw ? (size_t)(f->b0 * cv->C) * pl + (size_t)(f->oy * cv->W) * es
+                                : ((size_t)(f->b0 * cv->H + f->oy) * (size_t)cv->W) * (size_t)cv->C * es;
+        size_t last = cv->nchw ? (size_t)((f->b0 + f->nb) * cv->C - 1) * pl + (size_t)((f->oy + f->h) * cv->W) * es
+                               : ((size_t)((f->b0 + f->nb - 1) * cv->H + f->oy + f->h) * (size_t)cv->W) *
+                                     (size_t)cv->C * es;
+        fresh = range_faults(cv, base + first, last - first);
+    }
     /* threads pay off only on big tiles (~1 ms of work per extra thread) */
     if (work < (double)nt * 262144.0)
         nt = (int)(work / 262144.0) + 1;
@@ -1241,10 +1430,12 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
         nt = (int)rows;
     put_share sh[VG_MAX_THREADS];
     for (int i = 0; i < nt; i++)
-        sh[i] = (put_share){jobs, n, rows * i / nt, rows * (i + 1) / nt};
+        sh[i] = fresh ? (put_share){jobs, n, (npy_intp)i * 8, rows, 8, (npy_intp)nt * 8}
+                      : (put_share){jobs, n, rows * i / nt, rows * (i + 1) / nt, 0, 0};
     pthread_t th[VG_MAX_THREADS];
     int started = 0;
     Py_BEGIN_ALLOW_THREADS
+    atomic_fetch_add(&cv->writing, 1);
     for (int i = 1; i < nt; i++) {
         if (pthread_create(&th[i], NULL, put_thread, &sh[i]) != 0)
             break;
@@ -1255,6 +1446,8 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
         pthread_join(th[i], NULL);
     for (int i = started + 1; i < nt; i++) /* threads that could not start: do it here */
         stitch_rows(&sh[i]);
+    atomic_store(&cv->quiet_since, mono_ns());
+    atomic_fetch_sub(&cv->writing, 1);
     Py_END_ALLOW_THREADS
     PyMem_Free(jobs);
     cv->puts += n;

@@ -276,3 +276,81 @@ def test_prefault_argument_whose_truth_raises_is_refused():
     with pytest.raises(ValueError, match="no truth here"):
         _native.Canvas(out, prefault=Bad())
     assert _native.Canvas(out, prefault=False).puts == 0
+
+
+# ------------------------------------------------------------------ writing into fresh pages
+def _resident(arr_addr, length):
+    """mincore() of [arr_addr, arr_addr + length): one bool per page."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGESIZE")
+    lo = arr_addr & ~(page - 1)
+    n = (arr_addr + length - lo + page - 1) // page
+    vec = (ctypes.c_ubyte * n)()
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(n * page), vec) == 0, ctypes.get_errno()
+    return lo, page, [bool(v & 1) for v in vec]
+
+
+def _fresh(shape, dtype=np.float32):
+    """An array on pages never touched: an anonymous mapping of its own (np.empty may reuse
+    malloc's heap)."""
+    import mmap
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, n), dtype).reshape(shape)
+
+
+def _no_huge_pages(arr):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGESIZE")
+    lo = arr.ctypes.data & ~(page - 1)
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(arr.ctypes.data + arr.nbytes - lo), 15)  # NOHUGEPAGE
+
+
+@pytest.mark.skipif(not _populate_write_supported(), reason="MADV_POPULATE_WRITE needs Linux >= 5.14")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_writer_faults_each_2mib_region_in_at_its_end_first(threads):
+    """Before its first row in a 2 MiB region of a fresh output, the writer faults the region in
+    at its last page (the kernel zeroes a huge page with the faulting part last, so the rows land
+    in cache); regions no row reaches stay untouched.  Seen with 4 KiB pages (huge pages off for
+    this buffer), where only what was touched is resident."""
+    W, C = 1024, 4                                   # 16 KiB a row: 128 rows a region
+    out = _fresh((1, 1024, W, C))                    # 16 MiB
+    _no_huge_pages(out)
+    cv = _native.Canvas(out, threads=threads, prefault=False)
+    tile = np.ones((1, 40, W, C), np.float32)
+    base = out.ctypes.data
+    region = 2 << 20
+    first_end = (base // region + 1) * region        # the first region's end (or the output's)
+    lo, page, before = _resident(base, out.nbytes)
+    last_page = (first_end - 1 - lo) // page
+    assert not before[last_page]
+    cv.put(tile, 0, 0, 0, [], [])                    # rows 0..39: within the first region or two
+    _, _, after = _resident(base, out.nbytes)
+    written_to = base + 40 * W * C * 4
+    assert after[last_page], "the first region's last page was not faulted in first"
+    far = (base + out.nbytes // 2 - lo) // page      # a region no row reached
+    assert not after[far] and written_to < base + out.nbytes // 2
+    cv.put(np.ones((1, 1024 - 40, W, C), np.float32), 0, 0, 40, [], [])
+    np.testing.assert_array_equal(cv.finish(), 1.0)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fresh_output_on_threads_equals_a_present_one_on_one_thread(layout, threads):
+    """Into pages not yet present the threads take chunks of rows in turn behind one populating
+    thread: every row is written once, by one thread, to the same values as one thread writing a
+    present output (a row skipped would stay zero, a row written twice would double)."""
+    rng = np.random.default_rng(threads)
+    B, H, W, C = 2, 700, 1100, 3                     # 18 MiB of float32: regions of 2 MiB
+    shape = (B, H, W, C) if layout == "nhwc" else (B, C, H, W)
+    bands = grid_items(rng, layout, np.float32, B, H, W, C, cols=3, rows=4, ov=24)
+    fresh = _native.Canvas(_fresh(shape), layout, threads, prefault=False)
+    present = _native.Canvas(np.full(shape, 7.0, np.float32), layout, 1, prefault=False)
+    for band in bands:
+        fresh.put_band(band)
+        for it in band:
+            present.put(*it)
+    np.testing.assert_array_equal(fresh.finish(), present.finish())
