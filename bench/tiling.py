@@ -32,7 +32,8 @@ Runs are interleaved round by round (so load drift hits every stitcher alike); e
 min/median/max over --repeat rounds (>= 3), wall and process CPU time; ratios are per round.
 The box these figures come from is shared and loaded, so wall times are noisy: the
 load-independent figure is `instructions_per_value`, the instructions executed in the canvas's
-stitch functions (stitch_rows, tile_weights and what they call) under
+stitch functions (stitch_rows, tile_weights and what they call, less a thread's waits for
+pages in await_region) under
 `valgrind --tool=callgrind --toggle-collect`, over the output's values, for the first shape
 (a child process; skipped with the reason when valgrind is missing).  Valgrind emulates no
 AVX-512, so that count is of the AVX2 kernels.
@@ -302,8 +303,10 @@ def callgrind_bench(handoffs, res) -> None:
     for h in handoffs:
         with tempfile.TemporaryDirectory() as d:
             outf = os.path.join(d, "cg.out")
+            # await_region toggles collection off again: a thread waiting for pages is not stitching
             cmd = [vgbin, "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=stitch_rows",
-                   "--toggle-collect=tile_weights", f"--callgrind-out-file={outf}", sys.executable,
+                   "--toggle-collect=tile_weights", "--toggle-collect=await_region",
+                   f"--callgrind-out-file={outf}", sys.executable,
                    os.path.abspath(__file__), "--callgrind-child", h]
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if p.returncode != 0 or not os.path.exists(outf):

@@ -34,6 +34,7 @@
 #include "vg.h"
 #include "vg_numpy.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -42,7 +43,7 @@
 #include <unistd.h>
 
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels say EINVAL and the prefault stops */
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels say EINVAL: see populate_region */
 #endif
 
 #define VG_MAX_RAMPS 32
@@ -127,16 +128,18 @@ typedef struct {
     pthread_mutex_t lock;
     pid_t lock_pid;
     int64_t puts;
-    /* The prefault thread (see prefault_thread): running while pf_pid is this process's. */
+    /* The prefault thread (see prefault_thread): started, and not yet joined, while pf_pid is
+     * this process's. */
     pthread_t pf;
     pid_t pf_pid;
     atomic_int pf_stop;
     atomic_int writing; /* puts running: the prefault thread waits (see prefault_thread) */
     _Atomic int64_t quiet_since; /* CLOCK_MONOTONIC ns when the last put ended (or the canvas was made) */
     pthread_mutex_t fault_lock; /* one populate at a time (made again with `lock` after a fork) */
+    atomic_int no_populate;     /* the kernel refused MADV_POPULATE_WRITE (older than 5.14) */
     /* Regions (2 MiB of address space, huge-page aligned) of out's bytes [pf_base, pf_base +
-     * pf_len) that a writer or the prefault thread has populated: one flag each, NULL for a
-     * small output. */
+     * pf_len): 0 untouched, 1 being populated, 2 done with (populated, found present, or the
+     * kernel refused).  NULL for a small output. */
     atomic_uchar *reg;
     uintptr_t reg_lo; /* pf_base rounded down to 2 MiB */
     size_t nreg;
@@ -161,15 +164,18 @@ typedef struct {
  *
  * A big output is also faulted in by a thread of its own, from its end backwards, once no put
  * has run for 5 ms: in a real upscale the model computes between puts, and the stitch then
- * writes into present pages, all its threads each on its own rows.  During a put it waits.
- * It touches only memory of `out`, which the canvas holds; finish() and clear stop and join it
- * before letting go of out.  fault_lock keeps its last region and a put's apart. */
+ * writes into present pages, all its threads each on its own rows.  It starts no region while
+ * a put runs.  It touches only memory of `out`, which the canvas holds; finish() and clear stop
+ * and join it before letting go of out.  fault_lock keeps its last region and a put's apart. */
 #define VG_REGION_SHIFT 21
 #define VG_REGION_MIN ((size_t)4 << 20) /* outputs below this: the faults cost next to nothing */
 
 /* Populate region k of the output (see above) unless it is, or is being, populated; `whole`
- * populates all of it (the prefault thread), else only its last page (a writer: the huge page
- * comes in whole, its last part in cache).  Errors are ignored: the writes then fault. */
+ * populates all of it (the prefault thread), else its last page first (a writer: the huge page
+ * comes in whole, its last part in cache) and then, where that brought no huge page in (huge
+ * pages off, a region only partly in out's mapping), the rest in order, so that other threads
+ * writing there do not fault.  A kernel without MADV_POPULATE_WRITE (EINVAL) turns it off for
+ * the canvas: the writes then fault, and puts split their rows as for present pages. */
 static void populate_region(Canvas *cv, size_t k, int whole)
 {
     unsigned char zero = 0;
@@ -183,30 +189,47 @@ static void populate_region(Canvas *cv, size_t k, int whole)
         end = hi;
     if (start < lo)
         start = lo;
-    start = whole ? start & ~(page - 1) : (end - 1) & ~(page - 1);
+    start &= ~(page - 1);
+    uintptr_t last = (end - 1) & ~(page - 1);
     pthread_mutex_lock(&cv->fault_lock);
-    (void)madvise((void *)start, end - start, MADV_POPULATE_WRITE);
+    int rc = madvise((void *)(whole ? start : last), end - (whole ? start : last), MADV_POPULATE_WRITE);
+    unsigned char vec = 1;
+    if (rc == 0 && !whole && start < last && (mincore((void *)start, 1, &vec) != 0 || !(vec & 1)))
+        rc = madvise((void *)start, last - start, MADV_POPULATE_WRITE);
     pthread_mutex_unlock(&cv->fault_lock);
+    if (rc != 0 && errno == EINVAL)
+        atomic_store(&cv->no_populate, 1);
     atomic_store_explicit(&cv->reg[k], 2, memory_order_release);
+}
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* Wait until region k is populated (by the put's populating thread, or the prefault thread
  * that had it in hand when the put began), for a second at most: the writes are right either
- * way, and a wait must never hang the host.  0 when it gave up. */
-static int await_region(Canvas *cv, size_t k)
+ * way, and a wait must never hang the host.  0 when it gave up.  Not inlined: bench/tiling.py
+ * leaves its spinning out of the stitch's instruction count. */
+__attribute__((noinline, noclone)) static int await_region(Canvas *cv, size_t k)
 {
-    int spin = 0;
-    for (; atomic_load_explicit(&cv->reg[k], memory_order_acquire) != 2; spin++) {
-        if (spin == 256 + 20000)
-            return 0;
+    int64_t deadline = 0;
+    for (int spin = 0; atomic_load_explicit(&cv->reg[k], memory_order_acquire) != 2; spin++) {
         if (spin < 256) {
 #ifdef VG_X86
             _mm_pause();
 #endif
-        } else {
-            struct timespec ts = {0, 50000};
-            nanosleep(&ts, NULL);
+            continue;
         }
+        int64_t now = mono_ns();
+        if (deadline == 0)
+            deadline = now + 1000000000;
+        else if (now > deadline)
+            return 0;
+        struct timespec ts = {0, 50000};
+        nanosleep(&ts, NULL);
     }
     return 1;
 }
@@ -229,8 +252,8 @@ static int populate_ahead(Canvas *cv, const char *p, size_t n, int wait)
 }
 
 /* Will a put writing bytes [p, p + n) of the output fault?  Regions not yet known to be
- * populated are asked (mincore of their last page, where a writer populates them); those found
- * present are marked.  1 when some region is not present. */
+ * populated are asked (mincore of their first and last pages: a writer populates the last
+ * first); those found present are marked.  1 at the first region not present. */
 static int range_faults(Canvas *cv, const char *p, size_t n)
 {
     if (cv->reg == NULL || n == 0)
@@ -239,25 +262,20 @@ static int range_faults(Canvas *cv, const char *p, size_t n)
               page = (uintptr_t)sysconf(_SC_PAGESIZE);
     if (a < lo || b > hi)
         return 0;
-    int faults = 0;
     for (size_t k = (a - cv->reg_lo) >> VG_REGION_SHIFT; k <= (b - 1 - cv->reg_lo) >> VG_REGION_SHIFT; k++) {
         if (atomic_load_explicit(&cv->reg[k], memory_order_relaxed))
             continue;
-        uintptr_t end = cv->reg_lo + ((uintptr_t)(k + 1) << VG_REGION_SHIFT);
-        unsigned char vec = 0;
-        if (mincore((void *)(((end > hi ? hi : end) - 1) & ~(page - 1)), 1, &vec) == 0 && (vec & 1))
-            atomic_store_explicit(&cv->reg[k], 2, memory_order_relaxed);
-        else
-            faults = 1;
+        uintptr_t start = cv->reg_lo + ((uintptr_t)k << VG_REGION_SHIFT),
+                  end = start + ((uintptr_t)1 << VG_REGION_SHIFT);
+        start = (start < lo ? lo : start) & ~(page - 1);
+        unsigned char v0 = 0, v1 = 0;
+        if (mincore((void *)start, 1, &v0) != 0 || !(v0 & 1) ||
+            mincore((void *)(((end > hi ? hi : end) - 1) & ~(page - 1)), 1, &v1) != 0 || !(v1 & 1))
+            return 1;
+        unsigned char zero = 0;
+        atomic_compare_exchange_strong(&cv->reg[k], &zero, 2);
     }
-    return faults;
-}
-
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return 0;
 }
 
 /* The prefault thread waits until no put has run for this long: tiles that come back to back
@@ -272,7 +290,7 @@ static void *prefault_thread(void *arg)
         while (!atomic_load_explicit(&cv->pf_stop, memory_order_relaxed) &&
                (atomic_load_explicit(&cv->writing, memory_order_relaxed) ||
                 mono_ns() - atomic_load_explicit(&cv->quiet_since, memory_order_relaxed) < VG_QUIET_NS)) {
-            struct timespec ts = {0, 500000};
+            struct timespec ts = {0, 1000000};
             nanosleep(&ts, NULL);
         }
         populate_region(cv, k, 1);
@@ -767,6 +785,7 @@ typedef struct {
     int njobs;
     npy_intp row_lo, row_hi;
     npy_intp chunk, step; /* interleaved: rows [lo + i*step, +chunk) for i = 0, 1, ... (step 0: all) */
+    int populator;        /* interleaved: this thread populates the whole turn before its chunk */
 } put_share;
 
 /* Pixels [x0, x1) of one tile row into d (that row's first output pixel), C values a pixel
@@ -879,8 +898,9 @@ static void stitch_row_all(const put_share *sh, npy_intp r)
 /* One thread's rows: for each row, every job in put order, so a band of tiles writes each
  * output row left to right as one copy would (the order of additions, and so every value, is
  * that of putting the tiles one by one).  Into pages not yet present the threads take chunks
- * of rows in turn, and thread 0 alone populates (see items_run): it populates every thread's
- * chunk of a turn before writing its own, the others wait for their regions.  Not inlined and
+ * of rows in turn, and thread 0 populates (see items_run): every thread's chunk of a turn
+ * before writing its own (half the others' rows: it faults too), while the others wait for
+ * their regions (one whose wait gave up populates its own from then on).  Not inlined and
  * never cloned: bench/tiling.py counts the instructions spent here (and in tile_weights) under
  * callgrind, by these names. */
 __attribute__((noinline, noclone)) static void stitch_rows(const put_share *sh)
@@ -892,7 +912,7 @@ __attribute__((noinline, noclone)) static void stitch_rows(const put_share *sh)
             stitch_row_all(sh, r);
         }
     } else {
-        int first = sh->row_lo < sh->chunk, wait = 1; /* thread 0 populates, the others wait */
+        int first = sh->populator, wait = 1; /* thread 0 populates, the others wait */
         for (npy_intp r0 = sh->row_lo; r0 < sh->row_hi; r0 += sh->step) {
             if (first)
                 for (npy_intp r = r0; r < r0 + sh->step && r < sh->row_hi; r++)
@@ -1003,6 +1023,11 @@ static void canvas_lock(Canvas *cv)
     if (cv->lock_pid != pid) { /* a forked child: whoever held it does not exist here */
         pthread_mutex_init(&cv->lock, NULL);
         pthread_mutex_init(&cv->fault_lock, NULL);
+        /* nor does a thread that had a region in hand: nobody would finish it */
+        for (size_t k = 0; cv->reg != NULL && k < cv->nreg; k++) {
+            unsigned char busy = 1;
+            atomic_compare_exchange_strong(&cv->reg[k], &busy, 0);
+        }
         cv->lock_pid = pid;
     }
     if (pthread_mutex_trylock(&cv->lock) != 0) {
@@ -1136,8 +1161,9 @@ static PyObject *Canvas_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     cv->pf_base = PyArray_BYTES(a), cv->pf_len = bytes;
     atomic_init(&cv->pf_stop, 0);
     atomic_init(&cv->writing, 0);
+    atomic_init(&cv->no_populate, 0);
     atomic_init(&cv->quiet_since, mono_ns());
-    if (bytes >= VG_REGION_MIN) {
+    if (bytes >= VG_REGION_MIN || prefault > 0) {
         cv->reg_lo = (uintptr_t)cv->pf_base & ~(((uintptr_t)1 << VG_REGION_SHIFT) - 1);
         cv->nreg = (((uintptr_t)cv->pf_base + bytes - 1 - cv->reg_lo) >> VG_REGION_SHIFT) + 1;
         cv->reg = PyMem_Calloc(cv->nreg, sizeof(atomic_uchar));
@@ -1411,17 +1437,16 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
     /* Into pages not yet present, one thread populates (stitch_rows): with two threads each
      * faulting its own half, some runs took 10x as long as one thread alone (bench/tiling.py,
      * 201 MB fresh output: 16.4-17.7 ms with one thread, 14-247 ms with two), and the threads
-     * write chunks of rows in turn, so that they write where it just populated.  The rows of
-     * the first and last image hold every row between. */
-    if (nt > 1) {
-        size_t es = cv->is_half ? 2 : 4, pl = (size_t)cv->H * (size_t)cv->W * es; /* a plane */
+     * write chunks of rows in turn, so that they write where it just populated.  Each image's
+     * (NCHW: each plane's) rows of the band are asked. */
+    if (nt > 1 && cv->reg != NULL && !atomic_load(&cv->no_populate)) {
+        size_t es = cv->is_half ? 2 : 4, rowb = (size_t)cv->W * es * (cv->nchw ? 1 : (size_t)cv->C);
         const char *base = PyArray_BYTES(out);
-        size_t first = cv->nchw ? (size_t)(f->b0 * cv->C) * pl + (size_t)(f->oy * cv->W) * es
-                                : ((size_t)(f->b0 * cv->H + f->oy) * (size_t)cv->W) * (size_t)cv->C * es;
-        size_t last = cv->nchw ? (size_t)((f->b0 + f->nb) * cv->C - 1) * pl + (size_t)((f->oy + f->h) * cv->W) * es
-                               : ((size_t)((f->b0 + f->nb - 1) * cv->H + f->oy + f->h) * (size_t)cv->W) *
-                                     (size_t)cv->C * es;
-        fresh = range_faults(cv, base + first, last - first);
+        for (npy_intp b = f->b0; b < f->b0 + f->nb && !fresh; b++)
+            for (npy_intp c = 0; c < (cv->nchw ? cv->C : 1) && !fresh; c++) {
+                size_t plane = (size_t)(cv->nchw ? b * cv->C + c : b) * (size_t)cv->H; /* its first row */
+                fresh = range_faults(cv, base + (plane + (size_t)f->oy) * rowb, (size_t)f->h * rowb);
+            }
     }
     /* threads pay off only on big tiles (~1 ms of work per extra thread) */
     if (work < (double)nt * 262144.0)
@@ -1430,8 +1455,9 @@ static int items_run(Canvas *cv, PyArrayObject *out, const put_item *items, int 
         nt = (int)rows;
     put_share sh[VG_MAX_THREADS];
     for (int i = 0; i < nt; i++)
-        sh[i] = fresh ? (put_share){jobs, n, (npy_intp)i * 8, rows, 8, (npy_intp)nt * 8}
-                      : (put_share){jobs, n, rows * i / nt, rows * (i + 1) / nt, 0, 0};
+        sh[i] = fresh ? (put_share){jobs, n, i == 0 ? 0 : 4 + (npy_intp)(i - 1) * 8, rows, i == 0 ? 4 : 8,
+                                    4 + (npy_intp)(nt - 1) * 8, i == 0}
+                      : (put_share){jobs, n, rows * i / nt, rows * (i + 1) / nt, 0, 0, 0};
     pthread_t th[VG_MAX_THREADS];
     int started = 0;
     Py_BEGIN_ALLOW_THREADS

@@ -354,3 +354,33 @@ def test_fresh_output_on_threads_equals_a_present_one_on_one_thread(layout, thre
         for it in band:
             present.put(*it)
     np.testing.assert_array_equal(fresh.finish(), present.finish())
+
+
+@pytest.mark.skipif(not _populate_write_supported() or not hasattr(os, "fork"),
+                    reason="MADV_POPULATE_WRITE needs Linux >= 5.14; fork needed")
+def test_a_region_in_hand_at_fork_is_not_waited_for_in_the_child():
+    """A fork while the prefault thread has a region in hand: in the child nobody will finish
+    it, so a put there must not wait for it (it waited ~1 s a region before the fix)."""
+    code = textwrap.dedent("""
+        import os, time, numpy as np
+        from vramguard import _native
+        shape = (1, 4096, 4096, 4)                           # 256 MiB: ~20 ms of prefaulting
+        tile = np.ones(shape, np.float32)
+        for i in range(4):
+            out = np.empty(shape, np.float32)                # fresh pages (mmap'd: above malloc's threshold)
+            cv = _native.Canvas(out, threads=2, prefault=True)
+            time.sleep(0.012)                                # 5 ms quiet, then it runs
+            pid = os.fork()
+            if pid == 0:
+                t = time.perf_counter()
+                cv.put_band([(tile, 0, 0, 0, [], [])])
+                took = time.perf_counter() - t
+                ok = float(cv.finish().min()) == 1.0
+                os._exit(0 if ok and took < 0.8 else 3)
+            _, st = os.waitpid(pid, 0)
+            assert os.WEXITSTATUS(st) == 0, ("child put waited", i)
+            del cv, out
+        print("ok")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stdout + p.stderr
